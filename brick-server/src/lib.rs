@@ -1,0 +1,8 @@
+//! A mortar brick: stores chunks and a replica of the volume's metadata in RocksDB, replicates
+//! chunk writes to its replica set, and runs the metadata group with openraft.
+
+pub mod chunk;
+pub mod namespace;
+pub mod raft;
+pub mod server;
+pub mod store;

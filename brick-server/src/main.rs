@@ -1,0 +1,88 @@
+use anyhow::{Context, Result};
+use clap::Parser;
+use mortar_brick::raft::{self, LogStore, Network, StateMachine};
+use mortar_brick::server::Brick;
+use mortar_brick::store::Store;
+use mortar_proto::tls::Identity;
+use mortar_proto::transport::{server_endpoint, Pool};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// mortar brick server: stores a volume's chunks and metadata and replicates them.
+#[derive(Parser, Debug)]
+#[command(name = "mortar-brick", version)]
+struct Args {
+    /// Directory for this brick's RocksDB (created if missing).
+    #[arg(long)]
+    data: PathBuf,
+    /// UDP address to listen on for QUIC, e.g. 127.0.0.1:7001.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// This brick's certificate (role brick), PEM.
+    #[arg(long)]
+    cert: PathBuf,
+    /// This brick's private key, PEM.
+    #[arg(long)]
+    key: PathBuf,
+    /// The volume CA certificate, PEM.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let identity = Identity::load(&args.cert, &args.key, &args.ca)
+        .context("cannot load the brick's TLS identity")?;
+    let (role, name) = mortar_proto::tls::role_of(&identity.chain[0]).context("reading --cert")?;
+    anyhow::ensure!(
+        role == mortar_proto::tls::Role::Brick,
+        "--cert is a {role} certificate ('{name}'); a brick needs one issued with --role brick"
+    );
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("cannot create data directory {}", args.data.display()))?;
+    let store = Arc::new(Store::open(&args.data).context("cannot open the brick store")?);
+    let id = store.brick_id().context("cannot read the brick id")?;
+
+    let endpoint = server_endpoint(args.listen, &identity)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let pool = Pool::new(endpoint.clone());
+    let volume = Arc::default();
+    let sm = StateMachine::new(store.clone(), Arc::clone(&volume)).context("cannot read the namespace")?;
+    let config = Arc::new(raft::config().validate().context("raft configuration")?);
+    let raft = raft::Raft::new(id, config, Network { pool: pool.clone() }, LogStore::new(store.clone()), sm)
+        .await
+        .context("cannot start the metadata group")?;
+
+    let brick = Arc::new(Brick { id, store, raft: raft.clone(), pool, volume, data_dir: args.data.clone() });
+    tracing::info!(brick = id, listen = %args.listen, data = %args.data.display(), "brick serving");
+    let server = tokio::spawn(brick.clone().serve(endpoint.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+    endpoint.close(0u32.into(), b"brick shutting down");
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "metadata group did not stop cleanly");
+    }
+    server.abort();
+    brick.store.db.flush_wal(true).context("cannot sync the write-ahead log")?;
+    tracing::info!("brick stopped");
+    Ok(())
+}

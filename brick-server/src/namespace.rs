@@ -1,0 +1,787 @@
+//! The replicated namespace: how each metadata operation changes inodes and dentries, and how
+//! queries read them. Pure logic over a key-value view, so it runs the same under Raft on
+//! RocksDB and in unit tests on a map. An operation either succeeds with all its writes or
+//! fails with none: writes collect in a [`Txn`] that is discarded on error.
+
+use mortar_proto::wire::{MetaOp, MetaOk, Query, SetAttr, TimeSet, XattrMode};
+use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
+use mortar_proto::{
+    validate_name, Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, Timestamp,
+    VolumeConfig, ROOT_INODE, SYMLINK_MAX, XATTR_VALUE_MAX,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Which part of the namespace a key belongs to (one column family each on a brick).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Table {
+    Inodes,
+    Dentries,
+    Sys,
+}
+
+pub const TABLES: [Table; 3] = [Table::Inodes, Table::Dentries, Table::Sys];
+
+/// Read access to committed namespace state.
+pub trait MetaRead {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, FsError>;
+    /// Keys with `prefix`, after `after` (exclusive), up to `limit`, in key order.
+    fn scan(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsError>;
+}
+
+/// How an inode is stored: the client-visible inode plus, for directories, the parent (for
+/// rename loop checks).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Stored {
+    inode: Inode,
+    parent: InodeId,
+}
+
+const KEY_VOLUME: &[u8] = b"volume";
+const KEY_NEXT_INO: &[u8] = b"next_ino";
+const KEY_INODE_COUNT: &[u8] = b"inode_count";
+
+fn ino_key(ino: InodeId) -> [u8; 8] {
+    ino.to_be_bytes()
+}
+
+fn dentry_key(parent: InodeId, name: &[u8]) -> Vec<u8> {
+    let mut k = parent.to_be_bytes().to_vec();
+    k.extend_from_slice(name);
+    k
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    mortar_proto::wire::encode(v)
+}
+
+fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, FsError> {
+    mortar_proto::wire::decode(b).map_err(|e| FsError::Io(format!("stored value: {e}")))
+}
+
+fn u64_of(b: Option<Vec<u8>>) -> u64 {
+    b.and_then(|v| v.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+/// Writes of one operation, readable before they are committed.
+pub struct Txn<'a, R: MetaRead> {
+    base: &'a R,
+    pub writes: BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+}
+
+impl<'a, R: MetaRead> Txn<'a, R> {
+    pub fn new(base: &'a R) -> Self {
+        Txn {
+            base,
+            writes: BTreeMap::new(),
+        }
+    }
+
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, FsError> {
+        match self.writes.get(&(table, key.to_vec())) {
+            Some(v) => Ok(v.clone()),
+            None => self.base.get(table, key),
+        }
+    }
+    fn put(&mut self, table: Table, key: &[u8], value: Vec<u8>) {
+        self.writes.insert((table, key.to_vec()), Some(value));
+    }
+    fn delete(&mut self, table: Table, key: &[u8]) {
+        self.writes.insert((table, key.to_vec()), None);
+    }
+
+    fn stored(&self, ino: InodeId) -> Result<Stored, FsError> {
+        match self.get(Table::Inodes, &ino_key(ino))? {
+            Some(b) => dec(&b),
+            None => Err(FsError::NotFound),
+        }
+    }
+    fn save(&mut self, s: &Stored) {
+        self.put(Table::Inodes, &ino_key(s.inode.attr.ino), enc(s));
+    }
+    fn dir(&self, ino: InodeId) -> Result<Stored, FsError> {
+        let s = self.stored(ino)?;
+        if s.inode.attr.kind != FileKind::Directory {
+            return Err(FsError::NotDir);
+        }
+        Ok(s)
+    }
+    fn child(&self, parent: InodeId, name: &[u8]) -> Result<Option<InodeId>, FsError> {
+        Ok(self
+            .get(Table::Dentries, &dentry_key(parent, name))?
+            .map(|b| u64_of(Some(b))))
+    }
+    fn set_child(&mut self, parent: InodeId, name: &[u8], ino: InodeId) {
+        self.put(Table::Dentries, &dentry_key(parent, name), ino.to_be_bytes().to_vec());
+    }
+    fn is_empty_dir(&self, ino: InodeId) -> Result<bool, FsError> {
+        // Entries removed in this transaction do not count; entries added do.
+        let prefix = ino.to_be_bytes();
+        let added = self
+            .writes
+            .iter()
+            .any(|((t, k), v)| *t == Table::Dentries && k.starts_with(&prefix) && v.is_some());
+        if added {
+            return Ok(false);
+        }
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.base.scan(Table::Dentries, &prefix, after.as_deref(), 64)?;
+            if page.is_empty() {
+                return Ok(true);
+            }
+            for (k, _) in &page {
+                if !matches!(self.writes.get(&(Table::Dentries, k.clone())), Some(None)) {
+                    return Ok(false);
+                }
+            }
+            after = page.last().map(|(k, _)| k.clone());
+        }
+    }
+    fn new_ino(&mut self) -> Result<InodeId, FsError> {
+        let next = u64_of(self.get(Table::Sys, KEY_NEXT_INO)?).max(ROOT_INODE + 1);
+        self.put(Table::Sys, KEY_NEXT_INO, (next + 1).to_be_bytes().to_vec());
+        let count = u64_of(self.get(Table::Sys, KEY_INODE_COUNT)?);
+        self.put(Table::Sys, KEY_INODE_COUNT, (count + 1).to_be_bytes().to_vec());
+        Ok(next)
+    }
+    /// Drop one link; free the inode when none is left.
+    fn drop_link(&mut self, mut s: Stored, now: Timestamp) -> Result<(), FsError> {
+        let dir = s.inode.attr.kind == FileKind::Directory;
+        if dir || s.inode.attr.nlink <= 1 {
+            self.delete(Table::Inodes, &ino_key(s.inode.attr.ino));
+            let count = u64_of(self.get(Table::Sys, KEY_INODE_COUNT)?);
+            self.put(
+                Table::Sys,
+                KEY_INODE_COUNT,
+                count.saturating_sub(1).to_be_bytes().to_vec(),
+            );
+        } else {
+            s.inode.attr.nlink -= 1;
+            s.inode.attr.ctime = now;
+            self.save(&s);
+        }
+        Ok(())
+    }
+    fn touch_dir(&mut self, ino: InodeId, nlink_delta: i32, now: Timestamp) -> Result<(), FsError> {
+        let mut d = self.stored(ino)?;
+        d.inode.attr.nlink = (d.inode.attr.nlink as i64 + nlink_delta as i64).max(0) as u32;
+        d.inode.attr.mtime = now;
+        d.inode.attr.ctime = now;
+        self.save(&d);
+        Ok(())
+    }
+    fn volume(&self) -> Result<VolumeConfig, FsError> {
+        match self.get(Table::Sys, KEY_VOLUME)? {
+            Some(b) => dec(&b),
+            None => Err(FsError::NoVolume),
+        }
+    }
+}
+
+fn new_inode(ino: InodeId, kind: FileKind, perm: u32, uid: u32, gid: u32, now: Timestamp) -> Attr {
+    Attr {
+        ino,
+        kind,
+        perm: perm & 0o7777,
+        uid,
+        gid,
+        size: 0,
+        nlink: if kind == FileKind::Directory { 2 } else { 1 },
+        rdev: 0,
+        atime: now,
+        mtime: now,
+        ctime: now,
+        version: 0,
+    }
+}
+
+fn resolve(t: TimeSet, now: Timestamp) -> Timestamp {
+    match t {
+        TimeSet::Now => now,
+        TimeSet::At(ts) => ts,
+    }
+}
+
+/// Apply one operation. On error nothing in `txn` may be committed.
+pub fn apply<R: MetaRead>(txn: &mut Txn<'_, R>, op: &MetaOp, now: Timestamp) -> Result<MetaOk, FsError> {
+    match op {
+        MetaOp::CreateVolume(config) => {
+            if txn.get(Table::Sys, KEY_VOLUME)?.is_some() {
+                return Err(FsError::Exists);
+            }
+            txn.put(Table::Sys, KEY_VOLUME, enc(config));
+            let root = Stored {
+                inode: Inode {
+                    attr: new_inode(ROOT_INODE, FileKind::Directory, 0o755, 0, 0, now),
+                    content: Content::None,
+                    xattrs: Vec::new(),
+                },
+                parent: ROOT_INODE,
+            };
+            txn.save(&root);
+            txn.put(Table::Sys, KEY_NEXT_INO, (ROOT_INODE + 1).to_be_bytes().to_vec());
+            txn.put(Table::Sys, KEY_INODE_COUNT, 1u64.to_be_bytes().to_vec());
+            Ok(MetaOk::Done)
+        }
+        MetaOp::Mknod { parent, name, kind, perm, uid, gid, rdev, exclusive } => {
+            validate_name(name)?;
+            if *kind == FileKind::Directory || *kind == FileKind::Symlink {
+                return Err(FsError::Invalid("mknod cannot make directories or symlinks".into()));
+            }
+            txn.dir(*parent)?;
+            if let Some(existing) = txn.child(*parent, name)? {
+                let s = txn.stored(existing)?;
+                if *exclusive || s.inode.attr.kind != FileKind::Regular || *kind != FileKind::Regular {
+                    return Err(FsError::Exists);
+                }
+                return Ok(MetaOk::Attr(s.inode.attr));
+            }
+            let ino = txn.new_ino()?;
+            let mut attr = new_inode(ino, *kind, *perm, *uid, *gid, now);
+            attr.rdev = *rdev;
+            let content = if *kind == FileKind::Regular {
+                Content::Inline(Vec::new())
+            } else {
+                Content::None
+            };
+            txn.save(&Stored { inode: Inode { attr: attr.clone(), content, xattrs: Vec::new() }, parent: *parent });
+            txn.set_child(*parent, name, ino);
+            txn.touch_dir(*parent, 0, now)?;
+            Ok(MetaOk::Attr(attr))
+        }
+        MetaOp::Mkdir { parent, name, perm, uid, gid } => {
+            validate_name(name)?;
+            txn.dir(*parent)?;
+            if txn.child(*parent, name)?.is_some() {
+                return Err(FsError::Exists);
+            }
+            let ino = txn.new_ino()?;
+            let attr = new_inode(ino, FileKind::Directory, *perm, *uid, *gid, now);
+            txn.save(&Stored { inode: Inode { attr: attr.clone(), content: Content::None, xattrs: Vec::new() }, parent: *parent });
+            txn.set_child(*parent, name, ino);
+            txn.touch_dir(*parent, 1, now)?;
+            Ok(MetaOk::Attr(attr))
+        }
+        MetaOp::Symlink { parent, name, target, uid, gid } => {
+            validate_name(name)?;
+            if target.is_empty() {
+                return Err(FsError::NotFound);
+            }
+            if target.len() > SYMLINK_MAX || target.contains(&0) {
+                return Err(FsError::NameTooLong);
+            }
+            txn.dir(*parent)?;
+            if txn.child(*parent, name)?.is_some() {
+                return Err(FsError::Exists);
+            }
+            let ino = txn.new_ino()?;
+            let mut attr = new_inode(ino, FileKind::Symlink, 0o777, *uid, *gid, now);
+            attr.size = target.len() as u64;
+            txn.save(&Stored { inode: Inode { attr: attr.clone(), content: Content::Symlink(target.clone()), xattrs: Vec::new() }, parent: *parent });
+            txn.set_child(*parent, name, ino);
+            txn.touch_dir(*parent, 0, now)?;
+            Ok(MetaOk::Attr(attr))
+        }
+        MetaOp::Link { ino, new_parent, new_name } => {
+            validate_name(new_name)?;
+            let mut s = txn.stored(*ino)?;
+            if s.inode.attr.kind == FileKind::Directory {
+                return Err(FsError::NotPermitted("hard links to directories".into()));
+            }
+            txn.dir(*new_parent)?;
+            if txn.child(*new_parent, new_name)?.is_some() {
+                return Err(FsError::Exists);
+            }
+            s.inode.attr.nlink += 1;
+            s.inode.attr.ctime = now;
+            txn.save(&s);
+            txn.set_child(*new_parent, new_name, *ino);
+            txn.touch_dir(*new_parent, 0, now)?;
+            Ok(MetaOk::Attr(s.inode.attr))
+        }
+        MetaOp::Unlink { parent, name } => {
+            validate_name(name)?;
+            txn.dir(*parent)?;
+            let ino = txn.child(*parent, name)?.ok_or(FsError::NotFound)?;
+            let s = txn.stored(ino)?;
+            if s.inode.attr.kind == FileKind::Directory {
+                return Err(FsError::IsDir);
+            }
+            txn.delete(Table::Dentries, &dentry_key(*parent, name));
+            txn.drop_link(s, now)?;
+            txn.touch_dir(*parent, 0, now)?;
+            Ok(MetaOk::Done)
+        }
+        MetaOp::Rmdir { parent, name } => {
+            validate_name(name)?;
+            txn.dir(*parent)?;
+            let ino = txn.child(*parent, name)?.ok_or(FsError::NotFound)?;
+            let s = txn.stored(ino)?;
+            if s.inode.attr.kind != FileKind::Directory {
+                return Err(FsError::NotDir);
+            }
+            if !txn.is_empty_dir(ino)? {
+                return Err(FsError::NotEmpty);
+            }
+            txn.delete(Table::Dentries, &dentry_key(*parent, name));
+            txn.drop_link(s, now)?;
+            txn.touch_dir(*parent, -1, now)?;
+            Ok(MetaOk::Done)
+        }
+        MetaOp::Rename { parent, name, new_parent, new_name, flags } => {
+            rename(txn, *parent, name, *new_parent, new_name, *flags, now)
+        }
+        MetaOp::SetAttr { ino, set } => {
+            let mut s = txn.stored(*ino)?;
+            apply_setattr(&mut s.inode.attr, set, now);
+            txn.save(&s);
+            Ok(MetaOk::Attr(s.inode.attr))
+        }
+        MetaOp::SetXattr { ino, name, value, mode } => {
+            check_xattr_name(name)?;
+            if value.len() > XATTR_VALUE_MAX {
+                return Err(FsError::TooLarge(format!("xattr value of {} bytes", value.len())));
+            }
+            let mut s = txn.stored(*ino)?;
+            let pos = s.inode.xattrs.iter().position(|(n, _)| n == name);
+            match (pos, mode) {
+                (Some(_), XattrMode::Create) => return Err(FsError::Exists),
+                (None, XattrMode::Replace) => return Err(FsError::NoXattr),
+                (Some(i), _) => s.inode.xattrs[i].1 = value.clone(),
+                (None, _) => {
+                    s.inode.xattrs.push((name.clone(), value.clone()));
+                    s.inode.xattrs.sort();
+                }
+            }
+            s.inode.attr.ctime = now;
+            txn.save(&s);
+            Ok(MetaOk::Done)
+        }
+        MetaOp::RemoveXattr { ino, name } => {
+            check_xattr_name(name)?;
+            let mut s = txn.stored(*ino)?;
+            let pos = s.inode.xattrs.iter().position(|(n, _)| n == name).ok_or(FsError::NoXattr)?;
+            s.inode.xattrs.remove(pos);
+            s.inode.attr.ctime = now;
+            txn.save(&s);
+            Ok(MetaOk::Done)
+        }
+        MetaOp::SetContent { ino, expect_version, size, content } => {
+            let mut s = txn.stored(*ino)?;
+            match s.inode.attr.kind {
+                FileKind::Regular => {}
+                FileKind::Directory => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid("not a regular file".into())),
+            }
+            if s.inode.attr.version != *expect_version {
+                return Err(FsError::Conflict(s.inode.attr.version));
+            }
+            match content {
+                Content::Inline(b) if b.len() as u64 != *size => {
+                    return Err(FsError::Invalid("inline content length differs from size".into()))
+                }
+                Content::Inline(_) | Content::Chunks(_) => {}
+                _ => return Err(FsError::Invalid("file content must be inline or chunks".into())),
+            }
+            s.inode.content = content.clone();
+            s.inode.attr.size = *size;
+            s.inode.attr.mtime = now;
+            s.inode.attr.ctime = now;
+            s.inode.attr.version += 1;
+            txn.save(&s);
+            Ok(MetaOk::Attr(s.inode.attr))
+        }
+    }
+}
+
+fn check_xattr_name(name: &[u8]) -> Result<(), FsError> {
+    if name.is_empty() || name.contains(&0) {
+        return Err(FsError::Invalid("empty xattr name".into()));
+    }
+    if name.len() > 255 {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
+}
+
+fn apply_setattr(attr: &mut Attr, set: &SetAttr, now: Timestamp) {
+    if let Some(p) = set.perm {
+        attr.perm = p & 0o7777;
+    }
+    if let Some(u) = set.uid {
+        attr.uid = u;
+    }
+    if let Some(g) = set.gid {
+        attr.gid = g;
+    }
+    if let Some(t) = set.atime {
+        attr.atime = resolve(t, now);
+    }
+    if let Some(t) = set.mtime {
+        attr.mtime = resolve(t, now);
+    }
+    attr.ctime = now;
+}
+
+fn rename<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    parent: InodeId,
+    name: &[u8],
+    new_parent: InodeId,
+    new_name: &[u8],
+    flags: u32,
+    now: Timestamp,
+) -> Result<MetaOk, FsError> {
+    validate_name(name)?;
+    validate_name(new_name)?;
+    if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+        || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+    {
+        return Err(FsError::Invalid(format!("rename flags {flags:#x}")));
+    }
+    txn.dir(parent)?;
+    txn.dir(new_parent)?;
+    let src_ino = txn.child(parent, name)?.ok_or(FsError::NotFound)?;
+    let src = txn.stored(src_ino)?;
+    let dst_ino = txn.child(new_parent, new_name)?;
+    let src_is_dir = src.inode.attr.kind == FileKind::Directory;
+
+    // A directory must not move below itself.
+    let would_loop = |txn: &Txn<'_, R>, moving: InodeId, into: InodeId| -> Result<bool, FsError> {
+        let mut cur = into;
+        loop {
+            if cur == moving {
+                return Ok(true);
+            }
+            if cur == ROOT_INODE {
+                return Ok(false);
+            }
+            cur = txn.stored(cur)?.parent;
+        }
+    };
+
+    if flags & RENAME_EXCHANGE != 0 {
+        let dst_ino = dst_ino.ok_or(FsError::NotFound)?;
+        if dst_ino == src_ino {
+            return Ok(MetaOk::Done);
+        }
+        let dst = txn.stored(dst_ino)?;
+        let dst_is_dir = dst.inode.attr.kind == FileKind::Directory;
+        if (src_is_dir && would_loop(txn, src_ino, new_parent)?)
+            || (dst_is_dir && would_loop(txn, dst_ino, parent)?)
+        {
+            return Err(FsError::Invalid("cannot move a directory below itself".into()));
+        }
+        txn.set_child(parent, name, dst_ino);
+        txn.set_child(new_parent, new_name, src_ino);
+        for (mut s, to) in [(src, new_parent), (dst, parent)] {
+            s.inode.attr.ctime = now;
+            if s.inode.attr.kind == FileKind::Directory {
+                s.parent = to;
+            }
+            txn.save(&s);
+        }
+        if parent != new_parent && src_is_dir != dst_is_dir {
+            let d = if src_is_dir { 1 } else { -1 };
+            txn.touch_dir(new_parent, d, now)?;
+            txn.touch_dir(parent, -d, now)?;
+        } else {
+            txn.touch_dir(parent, 0, now)?;
+            txn.touch_dir(new_parent, 0, now)?;
+        }
+        return Ok(MetaOk::Done);
+    }
+
+    if let Some(dst_ino) = dst_ino {
+        if flags & RENAME_NOREPLACE != 0 {
+            return Err(FsError::Exists);
+        }
+        if dst_ino == src_ino {
+            // Two names of one inode: POSIX says do nothing.
+            return Ok(MetaOk::Done);
+        }
+        let dst = txn.stored(dst_ino)?;
+        let dst_is_dir = dst.inode.attr.kind == FileKind::Directory;
+        match (src_is_dir, dst_is_dir) {
+            (true, false) => return Err(FsError::NotDir),
+            (false, true) => return Err(FsError::IsDir),
+            (true, true) if !txn.is_empty_dir(dst_ino)? => return Err(FsError::NotEmpty),
+            _ => {}
+        }
+        if src_is_dir && would_loop(txn, src_ino, new_parent)? {
+            return Err(FsError::Invalid("cannot move a directory below itself".into()));
+        }
+        txn.drop_link(dst, now)?;
+        if dst_is_dir {
+            txn.touch_dir(new_parent, -1, now)?;
+        }
+    } else if src_is_dir && would_loop(txn, src_ino, new_parent)? {
+        return Err(FsError::Invalid("cannot move a directory below itself".into()));
+    }
+
+    txn.delete(Table::Dentries, &dentry_key(parent, name));
+    txn.set_child(new_parent, new_name, src_ino);
+    let mut moved = txn.stored(src_ino)?;
+    moved.inode.attr.ctime = now;
+    if src_is_dir {
+        moved.parent = new_parent;
+    }
+    txn.save(&moved);
+    let d = if src_is_dir && parent != new_parent { 1 } else { 0 };
+    txn.touch_dir(parent, -d, now)?;
+    txn.touch_dir(new_parent, d, now)?;
+    Ok(MetaOk::Done)
+}
+
+/// Answer a read from committed state.
+pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
+    let txn = Txn::new(r);
+    match q {
+        Query::Lookup { parent, name } => {
+            validate_name(name)?;
+            txn.dir(*parent)?;
+            let ino = txn.child(*parent, name)?.ok_or(FsError::NotFound)?;
+            Ok(MetaOk::Attr(txn.stored(ino)?.inode.attr))
+        }
+        Query::GetAttr { ino } => Ok(MetaOk::Attr(txn.stored(*ino)?.inode.attr)),
+        Query::GetInode { ino } => Ok(MetaOk::Inode(txn.stored(*ino)?.inode)),
+        Query::ReadDir { ino, after, limit } => {
+            txn.dir(*ino)?;
+            let prefix = ino.to_be_bytes();
+            let after_key = after.as_ref().map(|n| dentry_key(*ino, n));
+            let limit = (*limit).clamp(1, 4096) as usize;
+            let mut out = Vec::new();
+            for (k, v) in r.scan(Table::Dentries, &prefix, after_key.as_deref(), limit)? {
+                let child = u64_of(Some(v));
+                // A dentry whose inode vanished would be a bug; skip rather than fail the listing.
+                if let Ok(s) = txn.stored(child) {
+                    out.push(DirEntry { name: k[8..].to_vec(), attr: s.inode.attr });
+                }
+            }
+            Ok(MetaOk::Entries(out))
+        }
+        Query::Volume => Ok(MetaOk::Volume(txn.volume()?)),
+        Query::StatFs => Err(FsError::Invalid("statfs is answered by the brick".into())),
+    }
+}
+
+pub fn inode_count<R: MetaRead>(r: &R) -> Result<u64, FsError> {
+    Ok(u64_of(r.get(Table::Sys, KEY_INODE_COUNT)?))
+}
+
+pub fn volume<R: MetaRead>(r: &R) -> Result<Option<VolumeConfig>, FsError> {
+    match r.get(Table::Sys, KEY_VOLUME)? {
+        Some(b) => Ok(Some(dec(&b)?)),
+        None => Ok(None),
+    }
+}
+
+/// An in-memory namespace for tests.
+#[cfg(test)]
+#[derive(Default)]
+pub struct MemMeta {
+    pub data: BTreeMap<(Table, Vec<u8>), Vec<u8>>,
+}
+
+#[cfg(test)]
+impl MetaRead for MemMeta {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, FsError> {
+        Ok(self.data.get(&(table, key.to_vec())).cloned())
+    }
+    fn scan(&self, table: Table, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsError> {
+        Ok(self
+            .data
+            .range((table, prefix.to_vec())..)
+            .take_while(|((t, k), _)| *t == table && k.starts_with(prefix))
+            .filter(|((_, k), _)| after.is_none_or(|a| k.as_slice() > a))
+            .take(limit)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+impl MemMeta {
+    pub fn run(&mut self, op: MetaOp) -> Result<MetaOk, FsError> {
+        let writes = {
+            let mut txn = Txn::new(&*self);
+            let out = apply(&mut txn, &op, Timestamp { secs: 1, nanos: 0 });
+            match out {
+                Ok(ok) => (txn.writes, ok),
+                Err(e) => return Err(e),
+            }
+        };
+        for ((t, k), v) in writes.0 {
+            match v {
+                Some(v) => self.data.insert((t, k), v),
+                None => self.data.remove(&(t, k)),
+            };
+        }
+        Ok(writes.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mortar_proto::BrickRef;
+
+    fn vol() -> MemMeta {
+        let mut m = MemMeta::default();
+        m.run(MetaOp::CreateVolume(VolumeConfig {
+            name: "t".into(),
+            chunk_size: 1 << 20,
+            replica_sets: vec![vec![BrickRef { id: 1, addr: "a:1".into() }]],
+            created: Timestamp::default(),
+        }))
+        .unwrap();
+        m
+    }
+    fn attr(ok: MetaOk) -> Attr {
+        match ok {
+            MetaOk::Attr(a) => a,
+            other => panic!("expected attr, got {other:?}"),
+        }
+    }
+    fn mkdir(m: &mut MemMeta, parent: InodeId, name: &str) -> Result<Attr, FsError> {
+        m.run(MetaOp::Mkdir { parent, name: name.into(), perm: 0o755, uid: 0, gid: 0 }).map(attr)
+    }
+    fn create(m: &mut MemMeta, parent: InodeId, name: &str) -> Result<Attr, FsError> {
+        m.run(MetaOp::Mknod { parent, name: name.into(), kind: FileKind::Regular, perm: 0o644, uid: 0, gid: 0, rdev: 0, exclusive: true }).map(attr)
+    }
+    fn lookup(m: &MemMeta, parent: InodeId, name: &str) -> Result<Attr, FsError> {
+        query(m, &Query::Lookup { parent, name: name.into() }).map(attr)
+    }
+    fn rename(m: &mut MemMeta, p: InodeId, n: &str, np: InodeId, nn: &str, flags: u32) -> Result<MetaOk, FsError> {
+        m.run(MetaOp::Rename { parent: p, name: n.into(), new_parent: np, new_name: nn.into(), flags })
+    }
+
+    #[test]
+    fn create_lookup_unlink() {
+        let mut m = vol();
+        let f = create(&mut m, ROOT_INODE, "a").unwrap();
+        assert_eq!(lookup(&m, ROOT_INODE, "a").unwrap().ino, f.ino);
+        assert_eq!(create(&mut m, ROOT_INODE, "a"), Err(FsError::Exists));
+        assert_eq!(m.run(MetaOp::Unlink { parent: ROOT_INODE, name: "a".into() }), Ok(MetaOk::Done));
+        assert_eq!(lookup(&m, ROOT_INODE, "a"), Err(FsError::NotFound));
+        assert_eq!(query(&m, &Query::GetAttr { ino: f.ino }), Err(FsError::NotFound));
+        assert_eq!(inode_count(&m).unwrap(), 1);
+    }
+
+    #[test]
+    fn name_checks() {
+        let mut m = vol();
+        assert_eq!(create(&mut m, ROOT_INODE, &"x".repeat(256)), Err(FsError::NameTooLong));
+        assert_eq!(create(&mut m, ROOT_INODE, "a/b"), Err(FsError::InvalidName));
+        let f = create(&mut m, ROOT_INODE, "f").unwrap();
+        assert_eq!(create(&mut m, f.ino, "x"), Err(FsError::NotDir));
+    }
+
+    #[test]
+    fn rmdir_requires_empty_and_fixes_nlink() {
+        let mut m = vol();
+        let d = mkdir(&mut m, ROOT_INODE, "d").unwrap();
+        assert_eq!(lookup(&m, ROOT_INODE, "d").unwrap().nlink, 2);
+        assert_eq!(query(&m, &Query::GetAttr { ino: ROOT_INODE }).map(attr).unwrap().nlink, 3);
+        create(&mut m, d.ino, "f").unwrap();
+        assert_eq!(m.run(MetaOp::Rmdir { parent: ROOT_INODE, name: "d".into() }), Err(FsError::NotEmpty));
+        assert_eq!(m.run(MetaOp::Unlink { parent: ROOT_INODE, name: "d".into() }), Err(FsError::IsDir));
+        m.run(MetaOp::Unlink { parent: d.ino, name: "f".into() }).unwrap();
+        m.run(MetaOp::Rmdir { parent: ROOT_INODE, name: "d".into() }).unwrap();
+        assert_eq!(query(&m, &Query::GetAttr { ino: ROOT_INODE }).map(attr).unwrap().nlink, 2);
+    }
+
+    #[test]
+    fn hard_links_share_one_inode() {
+        let mut m = vol();
+        let f = create(&mut m, ROOT_INODE, "a").unwrap();
+        let l = attr(m.run(MetaOp::Link { ino: f.ino, new_parent: ROOT_INODE, new_name: "b".into() }).unwrap());
+        assert_eq!(l.nlink, 2);
+        m.run(MetaOp::SetAttr { ino: f.ino, set: SetAttr { perm: Some(0o600), ..Default::default() } }).unwrap();
+        assert_eq!(lookup(&m, ROOT_INODE, "b").unwrap().perm, 0o600);
+        m.run(MetaOp::Unlink { parent: ROOT_INODE, name: "a".into() }).unwrap();
+        assert_eq!(lookup(&m, ROOT_INODE, "b").unwrap().nlink, 1);
+    }
+
+    #[test]
+    fn rename_replace_noreplace_exchange_and_loops() {
+        let mut m = vol();
+        let a = create(&mut m, ROOT_INODE, "a").unwrap();
+        let b = create(&mut m, ROOT_INODE, "b").unwrap();
+        assert_eq!(rename(&mut m, ROOT_INODE, "a", ROOT_INODE, "b", RENAME_NOREPLACE), Err(FsError::Exists));
+        rename(&mut m, ROOT_INODE, "a", ROOT_INODE, "b", RENAME_EXCHANGE).unwrap();
+        assert_eq!(lookup(&m, ROOT_INODE, "b").unwrap().ino, a.ino);
+        assert_eq!(lookup(&m, ROOT_INODE, "a").unwrap().ino, b.ino);
+        rename(&mut m, ROOT_INODE, "a", ROOT_INODE, "b", 0).unwrap();
+        assert_eq!(lookup(&m, ROOT_INODE, "b").unwrap().ino, b.ino);
+        assert_eq!(lookup(&m, ROOT_INODE, "a"), Err(FsError::NotFound));
+        assert_eq!(query(&m, &Query::GetAttr { ino: a.ino }), Err(FsError::NotFound));
+
+        let d1 = mkdir(&mut m, ROOT_INODE, "d1").unwrap();
+        let d2 = mkdir(&mut m, d1.ino, "d2").unwrap();
+        assert!(matches!(rename(&mut m, ROOT_INODE, "d1", d2.ino, "x", 0), Err(FsError::Invalid(_))));
+        assert_eq!(rename(&mut m, ROOT_INODE, "b", ROOT_INODE, "d1", 0), Err(FsError::IsDir));
+        assert_eq!(rename(&mut m, d1.ino, "d2", ROOT_INODE, "b", 0), Err(FsError::NotDir));
+        assert_eq!(rename(&mut m, ROOT_INODE, "d1", ROOT_INODE, "d1", 0), Ok(MetaOk::Done));
+        // Moving d2 up: nlink moves from d1 to root.
+        rename(&mut m, d1.ino, "d2", ROOT_INODE, "d2", 0).unwrap();
+        assert_eq!(lookup(&m, ROOT_INODE, "d1").unwrap().nlink, 2);
+        assert_eq!(query(&m, &Query::GetAttr { ino: ROOT_INODE }).map(attr).unwrap().nlink, 4);
+        // Replacing an empty directory with a directory.
+        rename(&mut m, ROOT_INODE, "d2", ROOT_INODE, "d1", 0).unwrap();
+        assert_eq!(query(&m, &Query::GetAttr { ino: ROOT_INODE }).map(attr).unwrap().nlink, 3);
+        assert_eq!(query(&m, &Query::GetAttr { ino: d1.ino }), Err(FsError::NotFound));
+    }
+
+    #[test]
+    fn set_content_checks_version() {
+        let mut m = vol();
+        let f = create(&mut m, ROOT_INODE, "f").unwrap();
+        let set = |v, data: &[u8]| MetaOp::SetContent { ino: f.ino, expect_version: v, size: data.len() as u64, content: Content::Inline(data.to_vec()) };
+        let a = attr(m.run(set(0, b"hello")).unwrap());
+        assert_eq!((a.size, a.version), (5, 1));
+        assert_eq!(m.run(set(0, b"x")), Err(FsError::Conflict(1)));
+        let bad = MetaOp::SetContent { ino: f.ino, expect_version: 1, size: 9, content: Content::Inline(b"x".to_vec()) };
+        assert!(matches!(m.run(bad), Err(FsError::Invalid(_))));
+        match query(&m, &Query::GetInode { ino: f.ino }).unwrap() {
+            MetaOk::Inode(i) => assert_eq!(i.content, Content::Inline(b"hello".to_vec())),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn readdir_pages_by_name() {
+        let mut m = vol();
+        for i in 0..10 {
+            create(&mut m, ROOT_INODE, &format!("f{i}")).unwrap();
+        }
+        let page = |after: Option<&str>| match query(&m, &Query::ReadDir { ino: ROOT_INODE, after: after.map(|a| a.into()), limit: 4 }).unwrap() {
+            MetaOk::Entries(e) => e.into_iter().map(|e| String::from_utf8(e.name).unwrap()).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(page(None), ["f0", "f1", "f2", "f3"]);
+        assert_eq!(page(Some("f3")), ["f4", "f5", "f6", "f7"]);
+        assert_eq!(page(Some("f8")), ["f9"]);
+    }
+
+    #[test]
+    fn xattrs_create_replace_remove() {
+        let mut m = vol();
+        let f = create(&mut m, ROOT_INODE, "f").unwrap();
+        let set = |mode| MetaOp::SetXattr { ino: f.ino, name: b"user.a".to_vec(), value: b"1".to_vec(), mode };
+        assert_eq!(m.run(set(XattrMode::Replace)), Err(FsError::NoXattr));
+        m.run(set(XattrMode::Create)).unwrap();
+        assert_eq!(m.run(set(XattrMode::Create)), Err(FsError::Exists));
+        m.run(MetaOp::RemoveXattr { ino: f.ino, name: b"user.a".to_vec() }).unwrap();
+        assert_eq!(m.run(MetaOp::RemoveXattr { ino: f.ino, name: b"user.a".to_vec() }), Err(FsError::NoXattr));
+    }
+}

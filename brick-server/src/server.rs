@@ -1,0 +1,324 @@
+//! The brick's request service: accepts QUIC connections, reads the peer's role from its
+//! certificate, and answers one request per stream.
+
+use crate::chunk;
+use crate::namespace;
+use crate::raft::{self, Command, DbMeta, Raft, SharedVolume};
+use crate::store::{Store, CF_HEAL_INDEX};
+use mortar_proto::tls::{peer_identity, Role};
+use mortar_proto::transport::Pool;
+use mortar_proto::wire::{
+    read_frame, write_frame, AdminRequest, BrickHello, BrickStatus, FrameError, MetaOk, MetaOp,
+    Query, Reply, Request, Response,
+};
+use mortar_proto::{BrickId, BrickRef, FsError, StatFs, Timestamp, VolumeConfig, NAME_MAX};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a metadata request waits for a leader (election, quorum) before failing.
+pub const META_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per-hop timeout when a follower forwards to the leader.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Brick {
+    pub id: BrickId,
+    pub store: Arc<Store>,
+    pub raft: Raft,
+    pub pool: Pool,
+    pub volume: SharedVolume,
+    pub data_dir: PathBuf,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> FsError {
+    FsError::Unavailable(e.to_string())
+}
+
+impl Brick {
+    /// Accept connections until the endpoint closes.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let brick = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(%remote, error = %e, "refused connection (TLS handshake failed)");
+                        return;
+                    }
+                };
+                let (role, name) = match peer_identity(&conn) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        tracing::warn!(%remote, error = %e, "refused connection");
+                        conn.close(1u32.into(), b"certificate has no mortar role");
+                        return;
+                    }
+                };
+                tracing::debug!(%remote, %role, %name, "connection");
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    let brick = brick.clone();
+                    tokio::spawn(async move { brick.serve_stream(role, send, recv).await });
+                }
+            });
+        }
+    }
+
+    async fn serve_stream(&self, role: Role, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let response = match read_frame::<Request>(&mut recv).await {
+            Ok(req) => self.dispatch(role, req).await,
+            Err(FrameError::Read(e)) => {
+                tracing::debug!(error = %e, "stream ended before a request");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "rejected malformed request");
+                let _ = recv.stop(1u32.into());
+                Err(FsError::Invalid(e.to_string()))
+            }
+        };
+        if let Err(e) = write_frame(&mut send, &response).await {
+            tracing::debug!(error = %e, "could not send response");
+        }
+        let _ = send.finish();
+    }
+
+    pub async fn dispatch(&self, role: Role, req: Request) -> Response {
+        let need = |wanted: &[Role]| {
+            if wanted.contains(&role) {
+                Ok(())
+            } else {
+                Err(FsError::NotPermitted(format!("a {role} certificate may not do this")))
+            }
+        };
+        match req {
+            Request::Hello => Ok(Reply::Hello(BrickHello {
+                id: self.id,
+                volume: self.volume().ok().map(|v| v.name),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })),
+            Request::PutChunk(p) => {
+                if p.replicate {
+                    let volume = self.volume()?;
+                    let copies = chunk::put_replicated(&self.store, &self.pool, self.id, &volume, p).await?;
+                    Ok(Reply::ChunkStored { copies })
+                } else {
+                    need(&[Role::Brick])?;
+                    chunk::verify(&p)?;
+                    self.store.put_chunk(&p.id, &p.data, p.sync)?;
+                    Ok(Reply::ChunkStored { copies: 1 })
+                }
+            }
+            Request::GetChunk { id } => match self.store.get_chunk(&id)? {
+                Some(data) => Ok(Reply::Chunk(data)),
+                None => Err(FsError::NotFound),
+            },
+            Request::Meta(op) => {
+                if matches!(op, MetaOp::CreateVolume(_)) {
+                    need(&[Role::Brick])?;
+                }
+                Ok(self.meta_write(op).await)
+            }
+            Request::Query(q) => Ok(self.query(q).await),
+            Request::Raft(rpc) => {
+                need(&[Role::Brick])?;
+                raft::serve_rpc(&self.raft, rpc).await
+            }
+            Request::Admin(a) => self.admin(role, a).await,
+        }
+    }
+
+    pub fn volume(&self) -> Result<VolumeConfig, FsError> {
+        self.volume.read().expect("volume lock").clone().ok_or(FsError::NoVolume)
+    }
+
+    fn leader(&self) -> Option<BrickRef> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?;
+        Some(BrickRef { id, addr: node.addr.clone() })
+    }
+
+    /// Wait for a known leader (an election may be under way).
+    async fn await_leader(&self, deadline: Instant) -> Result<BrickRef, FsError> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(FsError::Unavailable("no metadata leader elected".into()));
+            }
+            let _ = tokio::time::timeout(left, metrics.changed()).await;
+        }
+    }
+
+    async fn forward(&self, leader: &BrickRef, req: &Request) -> Reply {
+        match self.pool.call(&leader.addr, req, FORWARD_TIMEOUT).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => Reply::Meta { result: Err(e), leader: Some(leader.clone()) },
+            Err(e) => Reply::Meta { result: Err(unavailable(e)), leader: None },
+        }
+    }
+
+    /// Commit a namespace change through the leader: locally if we lead, else one hop.
+    pub async fn meta_write(&self, op: MetaOp) -> Reply {
+        let deadline = Instant::now() + META_TIMEOUT;
+        loop {
+            let leader = match self.await_leader(deadline).await {
+                Ok(l) => l,
+                Err(e) => return Reply::Meta { result: Err(e), leader: None },
+            };
+            if leader.id != self.id {
+                return self.forward(&leader, &Request::Meta(op)).await;
+            }
+            let cmd = Command { op: op.clone(), now: Timestamp::now() };
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.raft.client_write(cmd)).await {
+                Ok(Ok(resp)) => return Reply::Meta { result: resp.data, leader: Some(leader) },
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                    // Leadership moved between our check and the write; look again.
+                    continue;
+                }
+                Ok(Err(e)) => return Reply::Meta { result: Err(unavailable(e)), leader: None },
+                Err(_) => {
+                    return Reply::Meta {
+                        result: Err(FsError::Unavailable(format!(
+                            "metadata write not committed within {META_TIMEOUT:?} (no quorum?)"
+                        ))),
+                        leader: None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answer a namespace read on the leader, so it reflects every acknowledged change.
+    pub async fn query(&self, q: Query) -> Reply {
+        let deadline = Instant::now() + META_TIMEOUT;
+        let leader = match self.await_leader(deadline).await {
+            Ok(l) => l,
+            Err(e) => return Reply::Meta { result: Err(e), leader: None },
+        };
+        if leader.id != self.id {
+            return self.forward(&leader, &Request::Query(q)).await;
+        }
+        let result = match q {
+            Query::StatFs => self.statfs(),
+            q => namespace::query(&DbMeta(&self.store), &q),
+        };
+        Reply::Meta { result, leader: Some(leader) }
+    }
+
+    fn statfs(&self) -> Result<MetaOk, FsError> {
+        let path = std::ffi::CString::new(self.data_dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| FsError::Io("data dir path has NUL".into()))?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: path is a valid C string and st a properly sized out-parameter.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(FsError::Io(std::io::Error::last_os_error().to_string()));
+        }
+        let frsize = st.f_frsize as u64;
+        Ok(MetaOk::StatFs(StatFs {
+            total_bytes: st.f_blocks as u64 * frsize,
+            free_bytes: st.f_bavail as u64 * frsize,
+            files: namespace::inode_count(&DbMeta(&self.store))?,
+            block_size: 4096,
+            name_max: NAME_MAX as u32,
+        }))
+    }
+
+    async fn admin(&self, role: Role, req: AdminRequest) -> Response {
+        let need = |wanted: &[Role]| {
+            if wanted.contains(&role) {
+                Ok(())
+            } else {
+                Err(FsError::NotPermitted(format!("a {role} certificate may not do this")))
+            }
+        };
+        match req {
+            AdminRequest::Status => Ok(Reply::Status(self.status()?)),
+            AdminRequest::InitVolume(config) => {
+                need(&[Role::Admin])?;
+                self.init_volume(config).await
+            }
+            AdminRequest::ListChunks { after, limit } => {
+                need(&[Role::Admin, Role::Brick])?;
+                let limit = limit.clamp(1, 100_000) as usize;
+                Ok(Reply::Chunks(self.store.list_chunks(after.as_ref(), limit)?))
+            }
+            AdminRequest::ListHealIndex { after, limit } => {
+                need(&[Role::Admin, Role::Brick])?;
+                let limit = limit.clamp(1, 100_000) as usize;
+                Ok(Reply::HealIndex(self.store.list_heal_index(after, limit)?))
+            }
+            AdminRequest::RecordMisses(misses) => {
+                need(&[Role::Brick])?;
+                self.store.record_misses(&misses)?;
+                Ok(Reply::Done)
+            }
+        }
+    }
+
+    pub fn status(&self) -> Result<BrickStatus, FsError> {
+        let m = self.raft.metrics().borrow().clone();
+        let (chunk_count, chunk_bytes) = self.store.chunk_totals()?;
+        let initialized = m.membership_config.membership().voter_ids().next().is_some();
+        let raft_role = match (initialized, m.state) {
+            (false, _) => "none",
+            (true, ServerState::Leader) => "leader",
+            (true, ServerState::Follower) => "follower",
+            (true, ServerState::Candidate) => "candidate",
+            (true, ServerState::Learner) => "learner",
+            (true, ServerState::Shutdown) => "shutdown",
+        };
+        Ok(BrickStatus {
+            id: self.id,
+            volume: self.volume().ok().map(|v| v.name),
+            raft_role: raft_role.to_string(),
+            leader: m.current_leader,
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            chunk_count,
+            chunk_bytes,
+            heal_backlog: self.store.count(CF_HEAL_INDEX)?,
+        })
+    }
+
+    /// Start the metadata group over the volume's bricks and store the volume in it. Safe to
+    /// repeat with the same configuration; refused if this brick already serves another group.
+    async fn init_volume(&self, config: VolumeConfig) -> Response {
+        let set = config
+            .replica_sets
+            .first()
+            .filter(|s| s.len() == 3 && config.replica_sets.len() == 1)
+            .ok_or_else(|| FsError::Invalid("a new volume has exactly one replica set of 3".into()))?;
+        if !set.iter().any(|b| b.id == self.id) {
+            return Err(FsError::Invalid("this brick is not in the volume's replica set".into()));
+        }
+        let members: BTreeMap<u64, BasicNode> =
+            set.iter().map(|b| (b.id, BasicNode::new(&b.addr))).collect();
+        let current = self.raft.metrics().borrow().membership_config.membership().clone();
+        let current_nodes: BTreeMap<u64, BasicNode> =
+            current.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        if current_nodes.is_empty() {
+            self.raft.initialize(members).await.map_err(unavailable)?;
+        } else if current_nodes != members {
+            return Err(FsError::Exists);
+        }
+        match self.meta_write(MetaOp::CreateVolume(config.clone())).await {
+            Reply::Meta { result: Ok(_), .. } => Ok(Reply::Done),
+            Reply::Meta { result: Err(FsError::Exists), .. } => match self.volume() {
+                Ok(v) if v.name == config.name && v.replica_sets == config.replica_sets => Ok(Reply::Done),
+                _ => Err(FsError::Exists),
+            },
+            Reply::Meta { result: Err(e), .. } => Err(e),
+            other => Err(FsError::Io(format!("unexpected reply {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! File data: chunks placed by the layout, written read-modify-write and committed with a
+//! version check, read with verification and fallback to other replicas.
+//!
+//! Invariant: chunk `i` of a file holds at most `min(chunk_size, size - i * chunk_size)` bytes;
+//! bytes past a chunk's end (and holes) read as zeros. Truncating down therefore rewrites the
+//! last partial chunk, and extending a file never needs to touch data.
+
+use crate::{expect_attr, Volume, REQUEST_TIMEOUT};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use mortar_proto::layout;
+use mortar_proto::wire::{MetaOp, PutChunk, Reply, Request};
+use mortar_proto::{Attr, ChunkId, Content, FsError, Inode, InodeId, INLINE_MAX};
+use std::sync::atomic::Ordering;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Chunk transfers in flight per file operation.
+const CHUNK_PARALLELISM: usize = 4;
+/// Commits retried on version conflicts before giving up.
+const MAX_CONFLICT_RETRIES: usize = 64;
+
+impl Volume {
+    pub fn chunk_size(&self) -> u64 {
+        self.config.chunk_size as u64
+    }
+
+    /// Store one chunk on its replica set (quorum-durable on return). Any brick of the set can
+    /// take it; we try them in turn.
+    pub async fn put_chunk(&self, data: Vec<u8>, sync: bool) -> Result<ChunkId, FsError> {
+        let id = ChunkId::of(&data);
+        let set = layout::replica_set(&self.config, &id);
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let req = Request::PutChunk(PutChunk { id, data, replicate: true, sync });
+        let mut last = FsError::Unavailable("no brick of the replica set answered".into());
+        for k in 0..set.len() {
+            let brick = &set[(start + k) % set.len()];
+            match self.pool.call(&brick.addr, &req, REQUEST_TIMEOUT).await {
+                Ok(Ok(Reply::ChunkStored { .. })) => return Ok(id),
+                Ok(Ok(other)) => last = FsError::Io(format!("unexpected reply {other:?}")),
+                Ok(Err(e @ (FsError::HashMismatch(_) | FsError::TooLarge(_)))) => return Err(e),
+                Ok(Err(e)) => last = e,
+                Err(e) => last = e.into(),
+            }
+        }
+        Err(last)
+    }
+
+    /// Fetch a chunk from any replica that has a copy matching its id.
+    pub async fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, FsError> {
+        let set = layout::replica_set(&self.config, id);
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let req = Request::GetChunk { id: *id };
+        let mut last = FsError::Io(format!("chunk {id} unavailable on every replica"));
+        for k in 0..set.len() {
+            let brick = &set[(start + k) % set.len()];
+            match self.pool.call(&brick.addr, &req, REQUEST_TIMEOUT).await {
+                Ok(Ok(Reply::Chunk(data))) if id.matches(&data) => return Ok(data),
+                Ok(Ok(Reply::Chunk(_))) => {
+                    tracing::error!(chunk = %id, brick = brick.id, "corrupt chunk copy; reading another replica");
+                    last = FsError::HashMismatch(id.to_hex());
+                }
+                Ok(Ok(other)) => last = FsError::Io(format!("unexpected reply {other:?}")),
+                Ok(Err(e)) => last = e,
+                Err(e) => last = e.into(),
+            }
+        }
+        Err(match last {
+            FsError::NotFound | FsError::HashMismatch(_) => FsError::Io(format!("no good copy of chunk {id}")),
+            other => other,
+        })
+    }
+
+    /// Read `len` bytes at `offset` of a file whose inode the caller holds.
+    pub async fn read_inode(&self, inode: &Inode, offset: u64, len: u64) -> Result<Vec<u8>, FsError> {
+        let size = inode.attr.size;
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = size.min(offset.saturating_add(len));
+        match &inode.content {
+            Content::Inline(b) => {
+                let mut out = b.get(offset as usize..(end as usize).min(b.len())).unwrap_or(&[]).to_vec();
+                out.resize((end - offset) as usize, 0);
+                Ok(out)
+            }
+            Content::Chunks(chunks) => {
+                let cs = self.chunk_size();
+                let first = offset / cs;
+                let last = (end - 1) / cs;
+                let pieces: Vec<Vec<u8>> = stream::iter(first..=last)
+                    .map(|i| async move {
+                        let lo = (i * cs).max(offset);
+                        let hi = ((i + 1) * cs).min(end);
+                        let mut piece = vec![0u8; (hi - lo) as usize];
+                        if let Some(Some(id)) = chunks.get(i as usize) {
+                            let data = self.get_chunk(id).await?;
+                            let from = (lo - i * cs) as usize;
+                            if from < data.len() {
+                                let n = (data.len() - from).min(piece.len());
+                                piece[..n].copy_from_slice(&data[from..from + n]);
+                            }
+                        }
+                        Ok::<_, FsError>(piece)
+                    })
+                    .buffered(CHUNK_PARALLELISM)
+                    .try_collect()
+                    .await?;
+                Ok(pieces.concat())
+            }
+            Content::None | Content::Symlink(_) => Err(FsError::Invalid("not a regular file".into())),
+        }
+    }
+
+    pub async fn read(&self, ino: InodeId, offset: u64, len: u64) -> Result<Vec<u8>, FsError> {
+        let inode = self.inode(ino).await?;
+        if inode.attr.kind == mortar_proto::FileKind::Directory {
+            return Err(FsError::IsDir);
+        }
+        self.read_inode(&inode, offset, len).await
+    }
+
+    /// Current bytes of chunk `i` as a mutable buffer (empty for a hole).
+    async fn chunk_bytes(&self, chunks: &[Option<ChunkId>], i: usize) -> Result<Vec<u8>, FsError> {
+        match chunks.get(i) {
+            Some(Some(id)) => self.get_chunk(id).await,
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Commit `update` against the file's current content, retrying on concurrent changes.
+    async fn commit_with<F, Fut>(&self, ino: InodeId, update: F) -> Result<Attr, FsError>
+    where
+        F: Fn(Inode) -> Fut,
+        Fut: std::future::Future<Output = Result<(u64, Content), FsError>>,
+    {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let inode = self.inode(ino).await?;
+            match inode.attr.kind {
+                mortar_proto::FileKind::Regular => {}
+                mortar_proto::FileKind::Directory => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid("not a regular file".into())),
+            }
+            let version = inode.attr.version;
+            let (size, content) = update(inode).await?;
+            let op = MetaOp::SetContent { ino, expect_version: version, size, content };
+            match self.write_op(op).await {
+                Err(FsError::Conflict(_)) => continue,
+                other => return expect_attr(other?),
+            }
+        }
+        Err(FsError::Unavailable("file kept changing under concurrent writers".into()))
+    }
+
+    /// Write `data` at `offset`. Durable on a quorum on return; `sync` also syncs the bricks'
+    /// write-ahead logs (fsync).
+    pub async fn write(&self, ino: InodeId, offset: u64, data: &[u8], sync: bool) -> Result<Attr, FsError> {
+        self.write_ranges(ino, &[(offset, data)], sync).await
+    }
+
+    /// Apply several writes to one file in one commit (the FUSE layer flushes its buffer so).
+    pub async fn write_ranges(&self, ino: InodeId, ranges: &[(u64, &[u8])], sync: bool) -> Result<Attr, FsError> {
+        let end = ranges.iter().map(|(o, d)| o + d.len() as u64).max().unwrap_or(0);
+        self.commit_with(ino, |inode| async move {
+            let size = inode.attr.size.max(end);
+            let cs = self.chunk_size();
+            let mut chunks = match inode.content {
+                Content::Inline(b) if size as usize <= INLINE_MAX => {
+                    let mut b = b;
+                    b.resize(size as usize, 0);
+                    for (o, d) in ranges {
+                        b[*o as usize..*o as usize + d.len()].copy_from_slice(d);
+                    }
+                    return Ok((size, Content::Inline(b)));
+                }
+                Content::Inline(b) if b.is_empty() => Vec::new(),
+                Content::Inline(b) => vec![Some(self.put_chunk(b, sync).await?)],
+                Content::Chunks(c) => c,
+                _ => return Err(FsError::Invalid("not a regular file".into())),
+            };
+            let n_chunks = size.div_ceil(cs) as usize;
+            if chunks.len() < n_chunks {
+                chunks.resize(n_chunks, None);
+            }
+            let mut touched: Vec<usize> = ranges
+                .iter()
+                .filter(|(_, d)| !d.is_empty())
+                .flat_map(|(o, d)| (o / cs) as usize..=((o + d.len() as u64 - 1) / cs) as usize)
+                .collect();
+            touched.sort_unstable();
+            touched.dedup();
+            let old = &chunks;
+            let new_ids: Vec<(usize, ChunkId)> = stream::iter(touched)
+                .map(|i| async move {
+                    let mut buf = self.chunk_bytes(old, i).await?;
+                    let base = i as u64 * cs;
+                    for (o, d) in ranges {
+                        let lo = (*o).max(base);
+                        let hi = (o + d.len() as u64).min(base + cs);
+                        if lo >= hi {
+                            continue;
+                        }
+                        let (from, to) = ((lo - base) as usize, (hi - base) as usize);
+                        if buf.len() < to {
+                            buf.resize(to, 0);
+                        }
+                        buf[from..to].copy_from_slice(&d[(lo - o) as usize..(hi - o) as usize]);
+                    }
+                    Ok::<_, FsError>((i, self.put_chunk(buf, sync).await?))
+                })
+                .buffer_unordered(CHUNK_PARALLELISM)
+                .try_collect()
+                .await?;
+            for (i, id) in new_ids {
+                chunks[i] = Some(id);
+            }
+            Ok((size, Content::Chunks(chunks)))
+        })
+        .await
+    }
+
+    /// Set a file's size, cutting or extending with zeros.
+    pub async fn truncate(&self, ino: InodeId, new_size: u64) -> Result<Attr, FsError> {
+        self.commit_with(ino, |inode| async move {
+            let cs = self.chunk_size();
+            match inode.content {
+                Content::Inline(mut b) if new_size as usize <= INLINE_MAX => {
+                    b.resize(new_size as usize, 0);
+                    Ok((new_size, Content::Inline(b)))
+                }
+                Content::Inline(b) => {
+                    // Growing past the inline limit: the old bytes become chunk 0.
+                    let mut chunks = vec![None; new_size.div_ceil(cs) as usize];
+                    if !b.is_empty() {
+                        chunks[0] = Some(self.put_chunk(b, false).await?);
+                    }
+                    Ok((new_size, Content::Chunks(chunks)))
+                }
+                Content::Chunks(mut chunks) => {
+                    let keep = new_size.div_ceil(cs) as usize;
+                    chunks.resize(keep, None);
+                    let tail = (new_size % cs) as usize;
+                    if new_size < inode.attr.size && tail != 0 {
+                        if let Some(Some(id)) = chunks.get(keep - 1) {
+                            let mut last = self.get_chunk(id).await?;
+                            if last.len() > tail {
+                                last.truncate(tail);
+                                chunks[keep - 1] = Some(self.put_chunk(last, false).await?);
+                            }
+                        }
+                    }
+                    Ok((new_size, Content::Chunks(chunks)))
+                }
+                _ => Err(FsError::Invalid("not a regular file".into())),
+            }
+        })
+        .await
+    }
+
+    /// Replace a file's content with everything `reader` yields, holding at most a few chunks in
+    /// memory. Committed once at the end, so readers see the old or the new file, never a mix.
+    pub async fn write_from<R: AsyncRead + Unpin>(&self, ino: InodeId, mut reader: R, sync: bool) -> Result<Attr, FsError> {
+        let version = self.inode(ino).await?.attr.version;
+        let cs = self.chunk_size() as usize;
+        let mut size = 0u64;
+        let mut first = read_full(&mut reader, cs).await?;
+        size += first.len() as u64;
+        if first.len() <= INLINE_MAX && first.len() < cs {
+            let content = Content::Inline(std::mem::take(&mut first));
+            return expect_attr(self.write_op(MetaOp::SetContent { ino, expect_version: version, size, content }).await?);
+        }
+        let mut pending = futures::stream::FuturesOrdered::new();
+        let mut ids = Vec::new();
+        let mut block = first;
+        loop {
+            let done = block.len() < cs;
+            if !block.is_empty() {
+                pending.push_back(self.put_chunk(block, sync));
+            }
+            while pending.len() >= CHUNK_PARALLELISM || (done && !pending.is_empty()) {
+                let id = pending.next().await.expect("non-empty")?;
+                ids.push(Some(id));
+            }
+            if done {
+                break;
+            }
+            block = read_full(&mut reader, cs).await?;
+            size += block.len() as u64;
+        }
+        let op = MetaOp::SetContent { ino, expect_version: version, size, content: Content::Chunks(ids) };
+        expect_attr(self.write_op(op).await?)
+    }
+
+    /// Stream a whole file to `writer`, a chunk at a time.
+    pub async fn read_to<W: AsyncWrite + Unpin>(&self, ino: InodeId, writer: &mut W) -> Result<u64, FsError> {
+        let inode = self.inode(ino).await?;
+        let cs = self.chunk_size();
+        let mut offset = 0;
+        while offset < inode.attr.size {
+            let piece = self.read_inode(&inode, offset, cs).await?;
+            writer.write_all(&piece).await.map_err(|e| FsError::Io(e.to_string()))?;
+            offset += piece.len() as u64;
+        }
+        writer.flush().await.map_err(|e| FsError::Io(e.to_string()))?;
+        Ok(offset)
+    }
+}
+
+async fn read_full<R: AsyncRead + Unpin>(reader: &mut R, n: usize) -> Result<Vec<u8>, FsError> {
+    let mut buf = Vec::with_capacity(n);
+    (&mut *reader)
+        .take(n as u64)
+        .read_to_end(&mut buf)
+        .await
+        .map_err(|e| FsError::Io(e.to_string()))?;
+    Ok(buf)
+}

@@ -1,0 +1,262 @@
+//! The mortar volume client: learns the layout from any brick, sends namespace operations to
+//! the metadata leader (following it across elections), and reads and writes file data as
+//! content-addressed chunks on the replica sets, verifying every chunk it reads.
+//!
+//! Errors are [`FsError`]s, so every failure carries an errno for the FUSE layer.
+
+mod data;
+pub mod volume_admin;
+
+use mortar_proto::tls::Identity;
+use mortar_proto::transport::{client_endpoint, Pool};
+use mortar_proto::wire::{MetaOk, MetaOp, Query, Reply, Request, SetAttr, XattrMode};
+use mortar_proto::{
+    Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs, VolumeConfig,
+};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub use mortar_proto;
+
+/// How long one request may take at one brick before we try another.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a namespace operation keeps retrying (leader changes, brick restarts) before failing.
+pub const META_DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct Volume {
+    pool: Pool,
+    seeds: Vec<String>,
+    config: VolumeConfig,
+    /// Address of the metadata leader as last reported by a brick.
+    leader: Mutex<Option<String>>,
+    next: AtomicUsize,
+}
+
+fn expect_attr(ok: MetaOk) -> Result<Attr, FsError> {
+    match ok {
+        MetaOk::Attr(a) => Ok(a),
+        other => Err(FsError::Io(format!("unexpected answer {other:?}"))),
+    }
+}
+
+impl Volume {
+    /// Connect to a volume through any of `seeds` (HOST:PORT of its bricks).
+    pub async fn connect(seeds: &[String], volume: &str, identity: &Identity) -> Result<Volume, FsError> {
+        if seeds.is_empty() {
+            return Err(FsError::Invalid("no brick addresses given".into()));
+        }
+        let endpoint = client_endpoint(identity).map_err(FsError::from)?;
+        Self::with_pool(Pool::new(endpoint), seeds, volume).await
+    }
+
+    pub async fn with_pool(pool: Pool, seeds: &[String], volume: &str) -> Result<Volume, FsError> {
+        let mut partial = Volume {
+            pool,
+            seeds: seeds.to_vec(),
+            config: VolumeConfig {
+                name: String::new(),
+                chunk_size: mortar_proto::DEFAULT_CHUNK_SIZE,
+                replica_sets: Vec::new(),
+                created: Default::default(),
+            },
+            leader: Mutex::new(None),
+            next: AtomicUsize::new(0),
+        };
+        let config = match partial.meta(Request::Query(Query::Volume)).await? {
+            MetaOk::Volume(v) => v,
+            other => return Err(FsError::Io(format!("unexpected answer {other:?}"))),
+        };
+        if config.name != volume {
+            return Err(FsError::Invalid(format!(
+                "volume '{volume}' not found; these bricks serve volume '{}'",
+                config.name
+            )));
+        }
+        // Later requests may go to any brick of the volume, not only the seeds.
+        for b in config.bricks() {
+            if !partial.seeds.contains(&b.addr) {
+                partial.seeds.push(b.addr.clone());
+            }
+        }
+        partial.config = config;
+        Ok(partial)
+    }
+
+    pub fn config(&self) -> &VolumeConfig {
+        &self.config
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Send a namespace request to the leader (or any brick, which forwards it), retrying on
+    /// other bricks while the deadline allows.
+    async fn meta(&self, req: Request) -> Result<MetaOk, FsError> {
+        let deadline = Instant::now() + META_DEADLINE;
+        let mut last_err;
+        loop {
+            let target = self.leader.lock().expect("leader lock").clone().unwrap_or_else(|| {
+                let i = self.next.fetch_add(1, Ordering::Relaxed);
+                self.seeds[i % self.seeds.len()].clone()
+            });
+            match self.pool.call(&target, &req, REQUEST_TIMEOUT).await {
+                Ok(Ok(Reply::Meta { result, leader })) => {
+                    *self.leader.lock().expect("leader lock") = leader.map(|l| l.addr);
+                    match result {
+                        Err(FsError::Unavailable(e)) => last_err = FsError::Unavailable(e),
+                        other => return other,
+                    }
+                }
+                Ok(Ok(other)) => return Err(FsError::Io(format!("unexpected reply {other:?}"))),
+                Ok(Err(e @ (FsError::Unavailable(_) | FsError::NoVolume))) => {
+                    *self.leader.lock().expect("leader lock") = None;
+                    last_err = e;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(e) if e.is_refused() => return Err(FsError::NotPermitted(e.to_string())),
+                Err(e) => {
+                    tracing::debug!(%target, error = %e, "brick did not answer; trying another");
+                    *self.leader.lock().expect("leader lock") = None;
+                    last_err = e.into();
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(last_err);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn write_op(&self, op: MetaOp) -> Result<MetaOk, FsError> {
+        self.meta(Request::Meta(op)).await
+    }
+
+    async fn query(&self, q: Query) -> Result<MetaOk, FsError> {
+        self.meta(Request::Query(q)).await
+    }
+
+    pub async fn lookup(&self, parent: InodeId, name: &[u8]) -> Result<Attr, FsError> {
+        expect_attr(self.query(Query::Lookup { parent, name: name.to_vec() }).await?)
+    }
+
+    pub async fn getattr(&self, ino: InodeId) -> Result<Attr, FsError> {
+        expect_attr(self.query(Query::GetAttr { ino }).await?)
+    }
+
+    pub async fn inode(&self, ino: InodeId) -> Result<Inode, FsError> {
+        match self.query(Query::GetInode { ino }).await? {
+            MetaOk::Inode(i) => Ok(i),
+            other => Err(FsError::Io(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// One page of a directory, sorted by name, after `after`.
+    pub async fn readdir(&self, ino: InodeId, after: Option<&[u8]>, limit: u32) -> Result<Vec<DirEntry>, FsError> {
+        match self.query(Query::ReadDir { ino, after: after.map(<[u8]>::to_vec), limit }).await? {
+            MetaOk::Entries(e) => Ok(e),
+            other => Err(FsError::Io(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    pub async fn readdir_all(&self, ino: InodeId) -> Result<Vec<DirEntry>, FsError> {
+        let mut all: Vec<DirEntry> = Vec::new();
+        loop {
+            let after = all.last().map(|e| e.name.clone());
+            let page = self.readdir(ino, after.as_deref(), 1024).await?;
+            if page.is_empty() {
+                return Ok(all);
+            }
+            all.extend(page);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn mknod(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        kind: FileKind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        exclusive: bool,
+    ) -> Result<Attr, FsError> {
+        let op = MetaOp::Mknod { parent, name: name.to_vec(), kind, perm, uid, gid, rdev, exclusive };
+        expect_attr(self.write_op(op).await?)
+    }
+
+    pub async fn create(&self, parent: InodeId, name: &[u8], perm: u32, uid: u32, gid: u32) -> Result<Attr, FsError> {
+        self.mknod(parent, name, FileKind::Regular, perm, uid, gid, 0, true).await
+    }
+
+    pub async fn mkdir(&self, parent: InodeId, name: &[u8], perm: u32, uid: u32, gid: u32) -> Result<Attr, FsError> {
+        expect_attr(self.write_op(MetaOp::Mkdir { parent, name: name.to_vec(), perm, uid, gid }).await?)
+    }
+
+    pub async fn symlink(&self, parent: InodeId, name: &[u8], target: &[u8], uid: u32, gid: u32) -> Result<Attr, FsError> {
+        let op = MetaOp::Symlink { parent, name: name.to_vec(), target: target.to_vec(), uid, gid };
+        expect_attr(self.write_op(op).await?)
+    }
+
+    pub async fn readlink(&self, ino: InodeId) -> Result<Vec<u8>, FsError> {
+        match self.inode(ino).await?.content {
+            Content::Symlink(t) => Ok(t),
+            _ => Err(FsError::Invalid("not a symlink".into())),
+        }
+    }
+
+    pub async fn link(&self, ino: InodeId, new_parent: InodeId, new_name: &[u8]) -> Result<Attr, FsError> {
+        expect_attr(self.write_op(MetaOp::Link { ino, new_parent, new_name: new_name.to_vec() }).await?)
+    }
+
+    pub async fn unlink(&self, parent: InodeId, name: &[u8]) -> Result<(), FsError> {
+        self.write_op(MetaOp::Unlink { parent, name: name.to_vec() }).await.map(|_| ())
+    }
+
+    pub async fn rmdir(&self, parent: InodeId, name: &[u8]) -> Result<(), FsError> {
+        self.write_op(MetaOp::Rmdir { parent, name: name.to_vec() }).await.map(|_| ())
+    }
+
+    /// Atomic rename; `flags` is 0, RENAME_NOREPLACE or RENAME_EXCHANGE.
+    pub async fn rename(&self, parent: InodeId, name: &[u8], new_parent: InodeId, new_name: &[u8], flags: u32) -> Result<(), FsError> {
+        let op = MetaOp::Rename { parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags };
+        self.write_op(op).await.map(|_| ())
+    }
+
+    pub async fn setattr(&self, ino: InodeId, set: SetAttr) -> Result<Attr, FsError> {
+        expect_attr(self.write_op(MetaOp::SetAttr { ino, set }).await?)
+    }
+
+    pub async fn setxattr(&self, ino: InodeId, name: &[u8], value: &[u8], mode: XattrMode) -> Result<(), FsError> {
+        let op = MetaOp::SetXattr { ino, name: name.to_vec(), value: value.to_vec(), mode };
+        self.write_op(op).await.map(|_| ())
+    }
+
+    pub async fn getxattr(&self, ino: InodeId, name: &[u8]) -> Result<Vec<u8>, FsError> {
+        self.inode(ino)
+            .await?
+            .xattrs
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or(FsError::NoXattr)
+    }
+
+    pub async fn listxattr(&self, ino: InodeId) -> Result<Vec<Vec<u8>>, FsError> {
+        Ok(self.inode(ino).await?.xattrs.into_iter().map(|(n, _)| n).collect())
+    }
+
+    pub async fn removexattr(&self, ino: InodeId, name: &[u8]) -> Result<(), FsError> {
+        self.write_op(MetaOp::RemoveXattr { ino, name: name.to_vec() }).await.map(|_| ())
+    }
+
+    pub async fn statfs(&self) -> Result<StatFs, FsError> {
+        match self.query(Query::StatFs).await? {
+            MetaOk::StatFs(s) => Ok(s),
+            other => Err(FsError::Io(format!("unexpected answer {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Filesystem errors as they travel on the wire. Every variant maps to one errno, so whatever
+//! reaches FUSE or a CLI carries a precise code.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("is a directory")]
+    IsDir,
+    #[error("not a directory")]
+    NotDir,
+    #[error("file name too long (more than 255 bytes)")]
+    NameTooLong,
+    #[error("invalid name (empty, '.', '..', or contains '/' or NUL)")]
+    InvalidName,
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("no such extended attribute")]
+    NoXattr,
+    #[error("value too large: {0}")]
+    TooLarge(String),
+    #[error("operation not permitted: {0}")]
+    NotPermitted(String),
+    #[error("operation not supported: {0}")]
+    NotSupported(String),
+    #[error("read-only: {0}")]
+    ReadOnly(String),
+    #[error("no space left on brick: {0}")]
+    NoSpace(String),
+    /// Another writer changed the file between our read and our commit; retry.
+    #[error("file changed concurrently (version {0})")]
+    Conflict(u64),
+    #[error("chunk bytes do not match id {0}")]
+    HashMismatch(String),
+    #[error("volume not available: {0}")]
+    Unavailable(String),
+    #[error("volume not initialised")]
+    NoVolume,
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::InvalidName | FsError::Invalid(_) => libc::EINVAL,
+            FsError::NoXattr => libc::ENODATA,
+            FsError::TooLarge(_) => libc::E2BIG,
+            FsError::NotPermitted(_) => libc::EPERM,
+            FsError::NotSupported(_) => libc::EOPNOTSUPP,
+            FsError::ReadOnly(_) => libc::EROFS,
+            FsError::NoSpace(_) => libc::ENOSPC,
+            FsError::Conflict(_) => libc::EAGAIN,
+            FsError::HashMismatch(_) | FsError::Io(_) => libc::EIO,
+            FsError::Unavailable(_) | FsError::NoVolume => libc::ENOTCONN,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errnos_are_the_posix_ones() {
+        assert_eq!(FsError::NameTooLong.errno(), libc::ENAMETOOLONG);
+        assert_eq!(FsError::InvalidName.errno(), libc::EINVAL);
+        assert_eq!(FsError::NotEmpty.errno(), libc::ENOTEMPTY);
+        assert_eq!(FsError::ReadOnly("x".into()).errno(), libc::EROFS);
+    }
+}

@@ -1,0 +1,12 @@
+//! Shared by every mortar part: wire messages and framing, QUIC transport with mutual TLS,
+//! identifiers, chunk placement and errno-carrying errors.
+
+pub mod error;
+pub mod layout;
+pub mod tls;
+pub mod transport;
+pub mod types;
+pub mod wire;
+
+pub use error::FsError;
+pub use types::*;

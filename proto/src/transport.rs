@@ -1,0 +1,294 @@
+//! QUIC endpoints and a connection pool that sends one request per stream.
+
+use crate::error::FsError;
+use crate::tls::{Identity, TlsError, BRICK_SERVER_NAME};
+use crate::wire::{read_frame, write_frame, FrameError, Request, Response};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Keep-alives well inside the idle timeout, so a silent peer is noticed within seconds instead
+/// of GlusterFS's 42-second ping timeout.
+pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// After a failed connect, a brick is treated as down (requests fail at once) while a background
+/// probe reconnects; probes back off from this delay up to [`MAX_PROBE_BACKOFF`].
+pub const PROBE_BACKOFF: Duration = Duration::from_millis(250);
+pub const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(2);
+
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt"),
+    ));
+    t.max_concurrent_bidi_streams(1024u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Room for several 1 MiB chunks in flight on one connection.
+    t.stream_receive_window((16u32 * 1024 * 1024).into());
+    t.receive_window((64u32 * 1024 * 1024).into());
+    t.send_window(64 * 1024 * 1024);
+    t
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot resolve '{0}'")]
+    Resolve(String),
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{addr} refused our certificate ({reason})")]
+    Refused { addr: String, reason: String },
+    #[error("connection to {addr} lost: {reason}")]
+    Lost { addr: String, reason: String },
+    #[error("request to {addr} timed out after {after:?}")]
+    Timeout { addr: String, after: Duration },
+    #[error("bad frame from {addr}: {err}")]
+    Frame { addr: String, err: FrameError },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot open UDP socket: {0}")]
+    Socket(std::io::Error),
+}
+
+impl From<TransportError> for FsError {
+    fn from(e: TransportError) -> FsError {
+        FsError::Unavailable(e.to_string())
+    }
+}
+
+impl TransportError {
+    /// Our certificate was refused: retrying elsewhere will not help.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, TransportError::Refused { .. })
+    }
+}
+
+/// A brick's endpoint: accepts peers and also dials other bricks with the same certificate.
+pub fn server_endpoint(listen: SocketAddr, id: &Identity) -> Result<quinn::Endpoint, TransportError> {
+    let mut ep = quinn::Endpoint::server(id.server_config()?, listen).map_err(TransportError::Socket)?;
+    ep.set_default_client_config(id.client_config()?);
+    Ok(ep)
+}
+
+pub fn client_endpoint(id: &Identity) -> Result<quinn::Endpoint, TransportError> {
+    let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid literal");
+    let mut ep = quinn::Endpoint::client(bind).map_err(TransportError::Socket)?;
+    ep.set_default_client_config(id.client_config()?);
+    Ok(ep)
+}
+
+/// TLS alerts arrive as CONNECTION_CLOSE with a crypto error code (0x100 + alert).
+fn is_tls_refusal(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code) & !0xff == 0x100,
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code) & !0xff == 0x100,
+        _ => false,
+    }
+}
+
+fn conn_error(addr: &str, e: quinn::ConnectionError) -> TransportError {
+    if is_tls_refusal(&e) {
+        TransportError::Refused {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        }
+    } else {
+        TransportError::Lost {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, TransportError> {
+    if let Ok(sa) = addr.parse() {
+        return Ok(sa);
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| TransportError::Resolve(addr.to_string()))
+}
+
+#[derive(Default)]
+struct PoolState {
+    conns: HashMap<String, quinn::Connection>,
+    /// Bricks whose last connect failed: how many times in a row, and whether a probe runs.
+    down: HashMap<String, Down>,
+}
+
+struct Down {
+    failures: u32,
+    since: std::time::Instant,
+    probing: bool,
+}
+
+/// Connections to bricks by address, opened on first use and replaced when they die. A brick
+/// that cannot be reached is marked down: requests to it fail at once instead of each waiting
+/// for a connect timeout, and a background probe reconnects when it returns.
+#[derive(Clone)]
+pub struct Pool {
+    endpoint: quinn::Endpoint,
+    state: Arc<Mutex<PoolState>>,
+}
+
+impl Pool {
+    pub fn new(endpoint: quinn::Endpoint) -> Pool {
+        Pool {
+            endpoint,
+            state: Arc::default(),
+        }
+    }
+
+    /// True while `addr` is marked down.
+    pub fn is_down(&self, addr: &str) -> bool {
+        self.state.lock().expect("pool lock").down.contains_key(addr)
+    }
+
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    pub async fn connection(&self, addr: &str) -> Result<quinn::Connection, TransportError> {
+        {
+            let mut st = self.state.lock().expect("pool lock");
+            if let Some(c) = st.conns.get(addr) {
+                if c.close_reason().is_none() {
+                    return Ok(c.clone());
+                }
+            }
+            if let Some(d) = st.down.get_mut(addr) {
+                if !d.probing {
+                    d.probing = true;
+                    let pool = self.clone();
+                    let addr = addr.to_string();
+                    tokio::spawn(async move { pool.probe(addr).await });
+                }
+                return Err(TransportError::Connect {
+                    addr: addr.to_string(),
+                    reason: format!("down for {:?}; reconnecting in the background", d.since.elapsed()),
+                });
+            }
+        }
+        match self.connect(addr).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                if !e.is_refused() {
+                    self.state.lock().expect("pool lock").down.entry(addr.to_string()).or_insert(Down {
+                        failures: 1,
+                        since: std::time::Instant::now(),
+                        probing: false,
+                    });
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn probe(&self, addr: String) {
+        loop {
+            let failures = match self.state.lock().expect("pool lock").down.get(&addr) {
+                Some(d) => d.failures,
+                None => return,
+            };
+            let backoff = (PROBE_BACKOFF * 2u32.saturating_pow(failures.min(8))).min(MAX_PROBE_BACKOFF);
+            tokio::time::sleep(backoff).await;
+            match self.connect(&addr).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "probe failed");
+                    let mut st = self.state.lock().expect("pool lock");
+                    match st.down.get_mut(&addr) {
+                        Some(d) => d.failures += 1,
+                        None => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Open a new connection and make it the pooled one.
+    async fn connect(&self, addr: &str) -> Result<quinn::Connection, TransportError> {
+        let sa = resolve(addr).await?;
+        let connecting = self
+            .endpoint
+            .connect(sa, BRICK_SERVER_NAME)
+            .map_err(|e| TransportError::Connect {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Err(_) => {
+                return Err(TransportError::Connect {
+                    addr: addr.to_string(),
+                    reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
+                })
+            }
+            Ok(Err(e)) if is_tls_refusal(&e) => return Err(conn_error(addr, e)),
+            Ok(Err(e)) => {
+                return Err(TransportError::Connect {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+            Ok(Ok(c)) => c,
+        };
+        let mut st = self.state.lock().expect("pool lock");
+        st.down.remove(addr);
+        st.conns.insert(addr.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    fn forget(&self, addr: &str) {
+        self.state.lock().expect("pool lock").conns.remove(addr);
+    }
+
+    /// Send one request and wait up to `timeout` for its answer.
+    pub async fn call(
+        &self,
+        addr: &str,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Response, TransportError> {
+        let result = tokio::time::timeout(timeout, self.call_inner(addr, req)).await;
+        match result {
+            Err(_) => Err(TransportError::Timeout {
+                addr: addr.to_string(),
+                after: timeout,
+            }),
+            Ok(Err(e)) => {
+                if matches!(
+                    e,
+                    TransportError::Lost { .. } | TransportError::Refused { .. }
+                ) {
+                    self.forget(addr);
+                }
+                Err(e)
+            }
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    async fn call_inner(&self, addr: &str, req: &Request) -> Result<Response, TransportError> {
+        let conn = self.connection(addr).await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| conn_error(addr, e))?;
+        let lost = |conn: &quinn::Connection, err: FrameError| match conn.close_reason() {
+            Some(reason) => conn_error(addr, reason),
+            None => TransportError::Frame {
+                addr: addr.to_string(),
+                err,
+            },
+        };
+        write_frame(&mut send, req)
+            .await
+            .map_err(|e| lost(&conn, e))?;
+        let _ = send.finish();
+        read_frame::<Response>(&mut recv)
+            .await
+            .map_err(|e| lost(&conn, e))
+    }
+}

@@ -1,0 +1,211 @@
+//! Identifiers and attribute types shared by bricks and clients.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Inode number. 1 is the volume root, as FUSE expects.
+pub type InodeId = u64;
+pub const ROOT_INODE: InodeId = 1;
+
+/// Raft node id of a brick; random, chosen once when the brick's data directory is created.
+pub type BrickId = u64;
+
+/// Longest name component, as in Linux (NAME_MAX).
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target (PATH_MAX).
+pub const SYMLINK_MAX: usize = 4096;
+/// Largest extended attribute value (XATTR_SIZE_MAX).
+pub const XATTR_VALUE_MAX: usize = 64 * 1024;
+/// Default volume chunk size.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
+/// Largest chunk size a volume may be created with.
+pub const MAX_CHUNK_SIZE: u32 = 8 * 1024 * 1024;
+/// Files up to this size are kept inline in their inode (no chunk round trips).
+pub const INLINE_MAX: usize = 16 * 1024;
+
+/// Content address of an immutable chunk: the blake3 hash of its bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    pub fn of(bytes: &[u8]) -> ChunkId {
+        ChunkId(*blake3::hash(bytes).as_bytes())
+    }
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        ChunkId::of(bytes) == *self
+    }
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", &self.to_hex()[..16])
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    Regular,
+    Directory,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl FileKind {
+    /// The S_IFMT bits for this kind.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            FileKind::Regular => libc::S_IFREG,
+            FileKind::Directory => libc::S_IFDIR,
+            FileKind::Symlink => libc::S_IFLNK,
+            FileKind::Fifo => libc::S_IFIFO,
+            FileKind::Socket => libc::S_IFSOCK,
+            FileKind::CharDevice => libc::S_IFCHR,
+            FileKind::BlockDevice => libc::S_IFBLK,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        }
+    }
+}
+
+/// Attributes of an inode as clients see them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: InodeId,
+    pub kind: FileKind,
+    /// Permission bits only (07777); the kind carries the type.
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    /// Bumped on every change of content; lets writers detect concurrent updates.
+    pub version: u64,
+}
+
+/// How a file's bytes are held.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Content {
+    /// Directories, FIFOs, devices, sockets.
+    None,
+    Symlink(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Small files live in the inode itself.
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// One entry per chunk-size slice of the file; `None` is a hole that reads as zeros.
+    Chunks(Vec<Option<ChunkId>>),
+}
+
+/// A whole inode: what the client needs to read a file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub attr: Attr,
+    pub content: Content,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    pub attr: Attr,
+}
+
+/// One brick as the volume layout names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrickRef {
+    pub id: BrickId,
+    pub addr: String,
+}
+
+/// The volume's configuration, held in the metadata group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub chunk_size: u32,
+    /// Replica sets of three bricks; the first one also runs the metadata group.
+    pub replica_sets: Vec<Vec<BrickRef>>,
+    pub created: Timestamp,
+}
+
+impl VolumeConfig {
+    pub fn bricks(&self) -> impl Iterator<Item = &BrickRef> {
+        self.replica_sets.iter().flatten()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatFs {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub files: u64,
+    pub block_size: u32,
+    pub name_max: u32,
+}
+
+/// Check a single path component the way the kernel would before it reaches us.
+pub fn validate_name(name: &[u8]) -> Result<(), crate::FsError> {
+    if name.len() > NAME_MAX {
+        return Err(crate::FsError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(crate::FsError::InvalidName);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FsError;
+
+    #[test]
+    fn names_are_checked_like_the_kernel() {
+        assert!(validate_name(b"index.php").is_ok());
+        assert!(validate_name(&[b'a'; 255]).is_ok());
+        assert_eq!(validate_name(&[b'a'; 256]), Err(FsError::NameTooLong));
+        assert_eq!(validate_name(b"a/b"), Err(FsError::InvalidName));
+        assert_eq!(validate_name(b"a\0b"), Err(FsError::InvalidName));
+        assert_eq!(validate_name(b""), Err(FsError::InvalidName));
+        assert_eq!(validate_name(b".."), Err(FsError::InvalidName));
+    }
+
+    #[test]
+    fn chunk_id_is_blake3() {
+        let id = ChunkId::of(b"hello");
+        assert!(id.matches(b"hello"));
+        assert!(!id.matches(b"hellO"));
+        assert_eq!(id.to_hex().len(), 64);
+    }
+}

@@ -1,0 +1,355 @@
+//! Wire messages and their framing. One request per bidirectional QUIC stream: the caller writes
+//! one frame and finishes its side, the brick answers with one frame. A frame is a big-endian u32
+//! length followed by that many bytes of bincode; both the length and the decode are bounded.
+
+use crate::error::FsError;
+use crate::types::*;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Largest frame either side accepts: a full chunk plus headroom, or a batch of Raft entries.
+pub const MAX_FRAME: usize = 32 * 1024 * 1024;
+
+pub const ALPN: &[u8] = b"mortar/1";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    Hello,
+    PutChunk(PutChunk),
+    GetChunk { id: ChunkId },
+    /// A namespace change; committed through the metadata group's leader.
+    Meta(MetaOp),
+    /// A namespace read; answered by the leader so it reflects every acknowledged change.
+    Query(Query),
+    /// Brick to brick only: openraft RPCs, encoded by the brick.
+    Raft(RaftRpc),
+    Admin(AdminRequest),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PutChunk {
+    pub id: ChunkId,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+    /// True when a client sends it: the receiving brick stores it and forwards it to the rest
+    /// of the replica set. False on the forwarded copies (brick certificates only).
+    pub replicate: bool,
+    /// Sync the brick's write-ahead log before answering (fsync from the application).
+    pub sync: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeSet {
+    Now,
+    At(Timestamp),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttr {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum XattrMode {
+    Any,
+    /// XATTR_CREATE: fail with EEXIST if present.
+    Create,
+    /// XATTR_REPLACE: fail with ENODATA if absent.
+    Replace,
+}
+
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const RENAME_EXCHANGE: u32 = 2;
+
+/// A namespace change. The leader stamps the time when it proposes the entry, so every replica
+/// applies the same bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaOp {
+    /// Create a regular file, FIFO, socket or device node.
+    Mknod {
+        parent: InodeId,
+        name: Vec<u8>,
+        kind: FileKind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        /// O_EXCL: fail with EEXIST if the name exists; otherwise an existing file is returned.
+        exclusive: bool,
+    },
+    Mkdir {
+        parent: InodeId,
+        name: Vec<u8>,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Symlink {
+        parent: InodeId,
+        name: Vec<u8>,
+        target: Vec<u8>,
+        uid: u32,
+        gid: u32,
+    },
+    Link {
+        ino: InodeId,
+        new_parent: InodeId,
+        new_name: Vec<u8>,
+    },
+    Unlink {
+        parent: InodeId,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: InodeId,
+        name: Vec<u8>,
+    },
+    Rename {
+        parent: InodeId,
+        name: Vec<u8>,
+        new_parent: InodeId,
+        new_name: Vec<u8>,
+        flags: u32,
+    },
+    SetAttr {
+        ino: InodeId,
+        set: SetAttr,
+    },
+    SetXattr {
+        ino: InodeId,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        mode: XattrMode,
+    },
+    RemoveXattr {
+        ino: InodeId,
+        name: Vec<u8>,
+    },
+    /// Replace a regular file's content and size, if nobody changed it since `expect_version`.
+    /// Chunks named here must already be durable on a quorum.
+    SetContent {
+        ino: InodeId,
+        expect_version: u64,
+        size: u64,
+        content: Content,
+    },
+    /// Internal: written once by volume creation; refused from the network.
+    CreateVolume(VolumeConfig),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Query {
+    Lookup {
+        parent: InodeId,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        ino: InodeId,
+    },
+    GetInode {
+        ino: InodeId,
+    },
+    /// Entries sorted by name, starting after `after`; stable under concurrent changes.
+    ReadDir {
+        ino: InodeId,
+        after: Option<Vec<u8>>,
+        limit: u32,
+    },
+    StatFs,
+    Volume,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaOk {
+    Attr(Attr),
+    Inode(Inode),
+    Entries(Vec<DirEntry>),
+    StatFs(StatFs),
+    Volume(VolumeConfig),
+    Done,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RaftKind {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RaftRpc {
+    pub kind: RaftKind,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// Sent to one fresh brick: start the metadata group over the named bricks and store the
+    /// volume configuration in it.
+    InitVolume(VolumeConfig),
+    Status,
+    ListChunks { after: Option<ChunkId>, limit: u32 },
+    ListHealIndex { after: Option<(BrickId, ChunkId)>, limit: u32 },
+    /// Brick to brick: chunks a peer missed during a replicated write.
+    RecordMisses(Vec<(BrickId, ChunkId)>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrickHello {
+    pub id: BrickId,
+    pub volume: Option<String>,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrickStatus {
+    pub id: BrickId,
+    pub volume: Option<String>,
+    /// "leader", "follower", "candidate", "learner" or "none".
+    pub raft_role: String,
+    pub leader: Option<BrickId>,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub chunk_count: u64,
+    pub chunk_bytes: u64,
+    pub heal_backlog: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Reply {
+    Hello(BrickHello),
+    ChunkStored {
+        copies: u8,
+    },
+    Chunk(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A namespace answer, with the leader that produced it so the client can go there directly.
+    Meta {
+        result: Result<MetaOk, FsError>,
+        leader: Option<BrickRef>,
+    },
+    Raft(#[serde(with = "serde_bytes")] Vec<u8>),
+    Status(BrickStatus),
+    Chunks(Vec<ChunkId>),
+    HealIndex(Vec<(BrickId, ChunkId)>),
+    Done,
+}
+
+/// What a brick answers on a stream: a reply, or an error that carries an errno.
+pub type Response = Result<Reply, FsError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("frame does not decode: {0}")]
+    Decode(String),
+    #[error("stream read failed: {0}")]
+    Read(String),
+    #[error("stream write failed: {0}")]
+    Write(String),
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Encoding our own plain types into a Vec cannot fail.
+    bincode::serde::encode_to_vec(msg, bincode_config()).expect("wire types always encode")
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
+    if bytes.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(bytes.len()));
+    }
+    let (msg, used) = bincode::serde::decode_from_slice(bytes, bincode_config())
+        .map_err(|e| FrameError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(FrameError::Decode(format!(
+            "{} trailing bytes",
+            bytes.len() - used
+        )));
+    }
+    Ok(msg)
+}
+
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), FrameError> {
+    let body = encode(msg);
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    send.write_all(&frame)
+        .await
+        .map_err(|e| FrameError::Write(e.to_string()))
+}
+
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len)
+        .await
+        .map_err(|e| FrameError::Read(e.to_string()))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| FrameError::Read(e.to_string()))?;
+    decode(&body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let req = Request::Meta(MetaOp::Rename {
+            parent: 1,
+            name: b"a".to_vec(),
+            new_parent: 7,
+            new_name: b"b".to_vec(),
+            flags: RENAME_EXCHANGE,
+        });
+        let back: Request = decode(&encode(&req)).unwrap();
+        assert!(matches!(back, Request::Meta(MetaOp::Rename { new_parent: 7, .. })));
+        let put = Request::PutChunk(PutChunk {
+            id: ChunkId::of(b"x"),
+            data: b"x".to_vec(),
+            replicate: true,
+            sync: false,
+        });
+        let back: Request = decode(&encode(&put)).unwrap();
+        assert!(matches!(back, Request::PutChunk(p) if p.data == b"x"));
+    }
+
+    #[test]
+    fn garbage_and_hostile_lengths_are_errors_not_panics() {
+        assert!(decode::<Request>(&[0xff; 16]).is_err());
+        // A length prefix claiming 2^60 elements must not allocate.
+        let mut hostile = vec![2u8]; // variant PutChunk
+        hostile.extend_from_slice(&[0u8; 32]);
+        hostile.push(0xff);
+        hostile.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode::<Request>(&hostile).is_err());
+        let mut valid = encode(&Request::Hello);
+        valid.push(0);
+        assert!(matches!(
+            decode::<Request>(&valid),
+            Err(FrameError::Decode(_))
+        ));
+    }
+}

@@ -1,0 +1,265 @@
+//! Issue "Bricks that keep every write on three replicas": real brick processes on loopback,
+//! real QUIC with mutual TLS, real RocksDB.
+
+use mortar_tests::mortar_client::volume_admin;
+use mortar_tests::mortar_proto::tls::Role;
+use mortar_tests::mortar_proto::wire::{self, PutChunk, Reply, Request, Response};
+use mortar_tests::mortar_proto::{ChunkId, FsError, ROOT_INODE};
+use mortar_tests::tree::{self, TreeSpec};
+use mortar_tests::{wait_for, Cluster, DEADLINE};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Every chunk id each brick holds, through the admin API.
+async fn chunks_per_brick(c: &Cluster) -> Vec<BTreeSet<ChunkId>> {
+    let pool = c.admin_pool();
+    let mut out = Vec::new();
+    for a in c.addrs() {
+        out.push(volume_admin::list_chunks(&pool, &a).await.unwrap().into_iter().collect());
+    }
+    out
+}
+
+/// Acceptance 1, 2, 3: a 2,500-entry tree written and read back exactly; every chunk on all
+/// three bricks; identical after all bricks restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tree_round_trips_is_on_every_brick_and_survives_full_restart() {
+    let mut c = Cluster::start(3);
+    let src = c.dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let spec = TreeSpec::docroot();
+    tree::make_tree(&src, &spec, 42);
+    assert_eq!(tree::walk(&src).len(), spec.entries());
+
+    let vol = c.create_volume("www", 1 << 20).await;
+    tree::upload(&vol, &src).await;
+    assert_eq!(tree::verify(&vol, &src).await, spec.entries());
+
+    let referenced = tree::referenced_chunks(&vol).await;
+    assert!(referenced.len() > 500, "only {} chunks referenced", referenced.len());
+    for (i, held) in chunks_per_brick(&c).await.iter().enumerate() {
+        let missing: Vec<_> = referenced.difference(held).collect();
+        assert!(missing.is_empty(), "brick{i} lacks {} of {} chunks", missing.len(), referenced.len());
+    }
+    // The same through the operator CLI.
+    let out = c.cli(&["volume", "status", "www", "--bricks", &c.addrs().join(","), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        assert_eq!(r["up"], true);
+        assert!(r["status"]["chunk_count"].as_u64().unwrap() >= referenced.len() as u64);
+        assert_eq!(r["status"]["heal_backlog"], 0);
+    }
+    let roles: BTreeSet<String> = rows.iter().map(|r| r["status"]["raft_role"].as_str().unwrap().to_string()).collect();
+    assert_eq!(roles, BTreeSet::from(["leader".to_string(), "follower".to_string()]));
+    drop(vol);
+
+    for b in &mut c.bricks {
+        b.stop();
+    }
+    for b in &mut c.bricks {
+        b.start();
+    }
+    let vol = c.client("www").await;
+    assert_eq!(tree::verify(&vol, &src).await, spec.entries());
+    assert_eq!(tree::referenced_chunks(&vol).await, referenced);
+    let info = c.cli(&["volume", "info", "--bricks", &c.addrs()[2]]);
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("Volume Name: www") && info.contains("1 x 3 = 3"), "{info}");
+}
+
+/// Acceptance 4: SIGKILL of a brick while a writer runs; the writer sees no error, metadata
+/// keeps committing on two bricks, and the restarted brick catches up and is listed for heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_rides_through_a_killed_brick_which_catches_up() {
+    let mut c = Cluster::start(3);
+    let vol = Arc::new(c.create_volume("www", 64 * 1024).await);
+    let pool = c.admin_pool();
+    let victim = 2;
+    let victim_id = volume_admin::status(&pool, &c.addrs()[victim]).await.unwrap().id;
+
+    let written = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (vol, written, stop) = (vol.clone(), written.clone(), stop.clone());
+        tokio::spawn(async move {
+            let dir = vol.mkdir(ROOT_INODE, b"w", 0o755, 0, 0).await?;
+            let mut files = Vec::new();
+            let mut i = 0usize;
+            // Write until told to stop, and at least 60 files.
+            while !stop.load(Ordering::Relaxed) || i < 60 {
+                let data: Vec<u8> = (0..(150_000 + i * 13)).map(|k| (k * 31 + i) as u8).collect();
+                let a = vol.create(dir.ino, format!("f{i}").as_bytes(), 0o644, 0, 0).await?;
+                vol.write(a.ino, 0, &data, false).await?;
+                files.push((a.ino, data));
+                i += 1;
+                written.store(i, Ordering::Relaxed);
+            }
+            Ok::<_, FsError>(files)
+        })
+    };
+    wait_for("writer to make progress", DEADLINE, || {
+        let n = written.load(Ordering::Relaxed);
+        async move { (n >= 10).then_some(()) }
+    })
+    .await;
+    c.bricks[victim].kill();
+    let at_kill = written.load(Ordering::Relaxed);
+    wait_for("writer to continue on two bricks", DEADLINE, || {
+        let n = written.load(Ordering::Relaxed);
+        async move { (n >= at_kill + 25).then_some(()) }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let files = writer.await.unwrap().expect("writer saw no error");
+
+    c.bricks[victim].start();
+    let leader_applied = {
+        let s = volume_admin::status(&pool, &c.addrs()[0]).await.unwrap();
+        let leader = if s.raft_role == "leader" { 0 } else { 1 };
+        volume_admin::status(&pool, &c.addrs()[leader]).await.unwrap().applied_index
+    };
+    let addr = c.addrs()[victim].clone();
+    wait_for("restarted brick to catch up its Raft log", DEADLINE, || {
+        let (pool, addr) = (pool.clone(), addr.clone());
+        async move {
+            let s = volume_admin::status(&pool, &addr).await.ok()?;
+            (s.applied_index >= leader_applied).then_some(())
+        }
+    })
+    .await;
+
+    for (ino, data) in &files {
+        assert_eq!(&vol.read(*ino, 0, data.len() as u64).await.unwrap(), data);
+    }
+    let referenced = tree::referenced_chunks(&vol).await;
+    let held = chunks_per_brick(&c).await;
+    let missed: BTreeSet<ChunkId> = referenced.difference(&held[victim]).copied().collect();
+    assert!(!missed.is_empty(), "the killed brick missed nothing; the test did not test");
+    let mut listed = BTreeSet::new();
+    for i in (0..3).filter(|i| *i != victim) {
+        assert!(referenced.is_subset(&held[i]), "surviving brick{i} lacks chunks");
+        for (brick, chunk) in volume_admin::list_heal_index(&pool, &c.addrs()[i]).await.unwrap() {
+            if brick == victim_id {
+                listed.insert(chunk);
+            }
+        }
+    }
+    let unlisted: Vec<_> = missed.difference(&listed).collect();
+    assert!(unlisted.is_empty(), "{} of {} missed chunks are not in any heal index", unlisted.len(), missed.len());
+}
+
+/// Send raw bytes as one request on a fresh stream and read the answer.
+async fn raw_request(conn: &quinn::Connection, bytes: &[u8]) -> Response {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    let _ = send.finish();
+    wire::read_frame::<Response>(&mut recv).await.unwrap()
+}
+
+/// Acceptance 5 (brick side): foreign certificates, bad names, bad frames, bad chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let c = Cluster::start(3);
+    let vol = c.create_volume("www", 1 << 20).await;
+
+    // A client certificate from another CA.
+    let other = tempfile::tempdir().unwrap();
+    let foreign = mortar_tests::Certs::new(other.path());
+    let id = foreign.identity(Role::Client, "intruder");
+    let err = mortar_tests::mortar_client::Volume::connect(&c.addrs(), "www", &id).await.err().expect("foreign cert refused");
+    assert!(matches!(err, FsError::NotPermitted(_)), "{err:?}");
+    assert!(err.to_string().contains("refused our certificate"), "{err}");
+    wait_for("brick log to name the refusal", DEADLINE, || async { c.log_contains(0, "refused connection").then_some(()) }).await;
+
+    // Names.
+    let long = vec![b'a'; 256];
+    assert_eq!(vol.create(ROOT_INODE, &long, 0o644, 0, 0).await, Err(FsError::NameTooLong));
+    assert_eq!(vol.lookup(ROOT_INODE, &long).await, Err(FsError::NameTooLong));
+    assert_eq!(vol.create(ROOT_INODE, b"a/b", 0o644, 0, 0).await, Err(FsError::InvalidName));
+    assert_eq!(vol.mkdir(ROOT_INODE, b"a\0b", 0o755, 0, 0).await, Err(FsError::InvalidName));
+    assert_eq!(FsError::NameTooLong.errno(), libc::ENAMETOOLONG);
+    assert_eq!(FsError::InvalidName.errno(), libc::EINVAL);
+    assert!(vol.readdir_all(ROOT_INODE).await.unwrap().is_empty(), "a refused name left an entry");
+
+    // Frames: garbage, then a length over the limit; the brick answers with an error each time
+    // and keeps serving other streams on the same connection.
+    let pool = c.admin_pool();
+    let conn = pool.connection(&c.addrs()[0]).await.unwrap();
+    let mut garbage = 8u32.to_be_bytes().to_vec();
+    garbage.extend_from_slice(&[0xff; 8]);
+    assert!(matches!(raw_request(&conn, &garbage).await, Err(FsError::Invalid(m)) if m.contains("decode")));
+    let huge = (wire::MAX_FRAME as u32 + 1).to_be_bytes();
+    assert!(matches!(raw_request(&conn, &huge).await, Err(FsError::Invalid(m)) if m.contains("exceeds")));
+    let mut hello = Vec::new();
+    let body = wire::encode(&Request::Hello);
+    hello.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    hello.extend_from_slice(&body);
+    assert!(matches!(raw_request(&conn, &hello).await, Ok(Reply::Hello(_))));
+
+    // A chunk whose bytes do not match its id.
+    let data = vec![9u8; 4096];
+    let wrong = ChunkId::of(b"something else");
+    let put = Request::PutChunk(PutChunk { id: wrong, data: data.clone(), replicate: true, sync: false });
+    let r = pool.call(&c.addrs()[1], &put, std::time::Duration::from_secs(10)).await.unwrap();
+    assert!(matches!(r, Err(FsError::HashMismatch(_))), "{r:?}");
+    for held in chunks_per_brick(&c).await {
+        assert!(!held.contains(&wrong) && !held.contains(&ChunkId::of(&data)), "a rejected chunk was stored");
+    }
+    // A client certificate may not push unreplicated copies (brick-to-brick traffic).
+    let id = ChunkId::of(&data);
+    let sneaky = Request::PutChunk(PutChunk { id, data, replicate: false, sync: false });
+    let client_pool = vol.pool();
+    let r = client_pool.call(&c.addrs()[1], &sneaky, std::time::Duration::from_secs(10)).await.unwrap();
+    assert!(matches!(r, Err(FsError::NotPermitted(_))), "{r:?}");
+}
+
+/// Acceptance 5 (CLI side): refused creates name the problem and leave no half-made volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_create_refuses_bad_brick_lists_without_side_effects() {
+    let c = Cluster::start(3);
+    let a = c.addrs();
+    let pool = c.admin_pool();
+    for addr in &a {
+        let addr = addr.clone();
+        wait_for("brick to answer", DEADLINE, || {
+            let (pool, addr) = (pool.clone(), addr.clone());
+            async move { volume_admin::hello(&pool, &addr).await.ok() }
+        })
+        .await;
+    }
+    let unreachable = format!("{}:9", c.ip);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["www", "replica", "3", &a[0], &a[1]], "exactly 3 bricks, got 2"),
+        (vec!["www", "replica", "3", &a[0], &a[1], &a[1]], "listed twice"),
+        (vec!["www", "replica", "3", &a[0], &a[1], &unreachable], "unreachable"),
+        (vec!["www", "replica", "2", &a[0], &a[1], &a[2]], "only 'replica 3'"),
+        (vec!["bad/name", "replica", "3", &a[0], &a[1], &a[2]], "invalid volume name"),
+    ];
+    for (args, needle) in cases {
+        let mut full = vec!["volume", "create"];
+        full.extend(args);
+        let out = c.cli(&full);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{full:?} succeeded");
+        assert!(err.contains(needle), "{full:?}: expected '{needle}' in: {err}");
+        if needle == "unreachable" {
+            assert!(err.contains(&unreachable), "the message does not name the brick: {err}");
+        }
+        for addr in &a {
+            let s = volume_admin::status(&pool, addr).await.unwrap();
+            assert_eq!((s.volume.as_deref(), s.raft_role.as_str()), (None, "none"), "{full:?} changed {addr}");
+        }
+    }
+    let wrong_args = c.cli(&["volume", "frobnicate"]);
+    assert_eq!(wrong_args.status.code(), Some(2));
+    // The same bricks still make a volume afterwards.
+    let vol = c.create_volume("www", 1 << 20).await;
+    vol.mkdir(ROOT_INODE, b"ok", 0o755, 0, 0).await.unwrap();
+    let again = c.cli(&["volume", "create", "www2", "replica", "3", &a[0], &a[1], &a[2]]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already belongs to volume 'www'"));
+}

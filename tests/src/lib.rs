@@ -1,0 +1,259 @@
+//! Harness for end-to-end tests: a CA and certificates, real `mortar-brick` processes on a
+//! loopback address of their own, the `mortar` CLI, and polling with deadlines.
+//!
+//! Every cluster lives in its own temporary directory and on its own 127.x.y.z address, so
+//! tests run in parallel without sharing ports. Processes are killed when the cluster drops,
+//! even when the test fails; on failure the tail of each brick's log is printed.
+
+pub mod tree;
+
+use mortar_client::mortar_proto::tls::{self, Identity, Role, Validity};
+use mortar_client::Volume;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use mortar_client;
+pub use mortar_client::mortar_proto;
+
+/// Generous: CI shares two cores between many processes.
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Directory holding the workspace's binaries (the test executable lives in its deps/).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("MORTAR_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // Test executables live in the profile's deps/, benchmark binaries beside the bricks.
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable dir");
+    if dir.join("mortar-brick").exists() {
+        return dir.to_path_buf();
+    }
+    dir.parent().expect("target profile dir").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is missing: build the binaries first (cargo build --workspace --bins; scripts/test.sh does)", p.display());
+    p
+}
+
+/// Poll `check` until it returns Some or the deadline passes.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A distinct loopback address for each cluster in this test process and across processes.
+fn unique_ip() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    format!("127.{}.{}.{}", 10 + pid % 200, (pid / 200) % 250, 1 + n % 250)
+}
+
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    pub fn new(dir: &Path) -> Certs {
+        tls::ca_init(dir, "test CA").expect("CA");
+        Certs { dir: dir.to_path_buf() }
+    }
+    pub fn ca(&self) -> PathBuf {
+        tls::ca_cert_path(&self.dir)
+    }
+    /// Issue (once) and return (cert, key) for `name`.
+    pub fn issue(&self, role: Role, name: &str) -> (PathBuf, PathBuf) {
+        let cert = self.dir.join(format!("{name}.pem"));
+        let key = self.dir.join(format!("{name}.key"));
+        if !cert.exists() {
+            tls::issue(&self.dir, role, name, Validity { days: 30 }, &self.dir).expect("issue");
+        }
+        (cert, key)
+    }
+    pub fn identity(&self, role: Role, name: &str) -> Identity {
+        let (c, k) = self.issue(role, name);
+        Identity::load(&c, &k, &self.ca()).expect("identity")
+    }
+}
+
+pub struct BrickProc {
+    pub index: usize,
+    pub addr: String,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    child: Option<Child>,
+}
+
+impl BrickProc {
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "brick {} already running", self.index);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(bin("mortar-brick"))
+            .args(["--data", self.data.to_str().unwrap(), "--listen", &self.addr])
+            .args(["--cert", self.cert.to_str().unwrap(), "--key", self.key.to_str().unwrap()])
+            .args(["--ca", self.ca.to_str().unwrap()])
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mortar-brick");
+        self.child = Some(child);
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let end = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(status) = c.try_wait().expect("wait") {
+                    assert!(status.success(), "brick {} exited with {status} after SIGTERM", self.index);
+                    return;
+                }
+                if Instant::now() > end {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("brick {} did not stop within 30 s of SIGTERM", self.index);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            None => false,
+        }
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub certs: Certs,
+    pub ip: String,
+    pub bricks: Vec<BrickProc>,
+}
+
+impl Cluster {
+    /// Start `n` bricks (not yet in a volume).
+    pub fn start(n: usize) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("mortar-test-").tempdir().expect("tempdir");
+        let certs = Certs::new(&dir.path().join("pki"));
+        let ip = unique_ip();
+        let mut bricks = Vec::new();
+        for i in 0..n {
+            let (cert, key) = certs.issue(Role::Brick, &format!("brick{i}"));
+            let mut b = BrickProc {
+                index: i,
+                addr: format!("{ip}:{}", 7001 + i),
+                data: dir.path().join(format!("brick{i}")),
+                log: dir.path().join(format!("brick{i}.log")),
+                cert,
+                key,
+                ca: certs.ca(),
+                child: None,
+            };
+            b.start();
+            bricks.push(b);
+        }
+        Cluster { dir, certs, ip, bricks }
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.bricks.iter().map(|b| b.addr.clone()).collect()
+    }
+
+    /// Run the `mortar` CLI with the admin certificate.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let (cert, key) = self.certs.issue(Role::Admin, "admin");
+        Command::new(bin("mortar"))
+            .args(args)
+            .env("MORTAR_CERT", cert)
+            .env("MORTAR_KEY", key)
+            .env("MORTAR_CA", self.certs.ca())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mortar")
+    }
+
+    /// `mortar volume create NAME replica 3 ...` over all bricks, waiting for them to listen.
+    pub async fn create_volume(&self, name: &str, chunk_size: u32) -> Volume {
+        let admin = self.admin_pool();
+        for a in self.addrs() {
+            wait_for(&format!("brick {a} to answer"), DEADLINE, || {
+                let admin = admin.clone();
+                let a = a.clone();
+                async move { mortar_client::volume_admin::hello(&admin, &a).await.ok() }
+            })
+            .await;
+        }
+        let mut args = vec!["volume", "create", name, "replica", "3"];
+        let addrs = self.addrs();
+        args.extend(addrs.iter().map(String::as_str));
+        let cs = chunk_size.to_string();
+        args.extend(["--chunk-size", &cs]);
+        let out = self.cli(&args);
+        assert!(out.status.success(), "volume create failed: {}", String::from_utf8_lossy(&out.stderr));
+        self.client(name).await
+    }
+
+    pub async fn client(&self, volume: &str) -> Volume {
+        let id = self.certs.identity(Role::Client, "client");
+        Volume::connect(&self.addrs(), volume, &id).await.expect("connect to volume")
+    }
+
+    pub fn admin_pool(&self) -> mortar_proto::transport::Pool {
+        let id = self.certs.identity(Role::Admin, "admin");
+        mortar_proto::transport::Pool::new(mortar_proto::transport::client_endpoint(&id).expect("endpoint"))
+    }
+
+    pub fn log_contains(&self, index: usize, needle: &str) -> bool {
+        std::fs::read_to_string(&self.bricks[index].log).unwrap_or_default().contains(needle)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for b in &mut self.bricks {
+            b.kill();
+        }
+        if std::thread::panicking() {
+            for b in &self.bricks {
+                let log = std::fs::read_to_string(&b.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- brick{} log tail ({}) ----", b.index, b.log.display());
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}

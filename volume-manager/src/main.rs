@@ -1,0 +1,285 @@
+//! `mortar`: the operator CLI — CA and certificates, volume create/info/status/list.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mortar_client::volume_admin::{self, AdminError};
+use mortar_client::Volume;
+use mortar_proto::tls::{self, Identity, Role, Validity};
+use mortar_proto::transport::{client_endpoint, Pool};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "mortar", version, about = "Operate mortar volumes: certificates, volumes, status")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The volume certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Certificates for bricks, clients and operators.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Create and inspect volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "mortar volume CA")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Issue NAME.pem and NAME.key signed by the CA in --ca.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// brick, client or admin.
+        #[arg(long)]
+        role: Role,
+        #[arg(long)]
+        name: String,
+        /// Where to write the files (default: the CA directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825, allow_negative_numbers = true)]
+        days: i64,
+    },
+}
+
+/// How the CLI reaches bricks: an admin certificate and the volume CA.
+#[derive(Args, Clone)]
+struct Conn {
+    /// Admin certificate (PEM).
+    #[arg(long, env = "MORTAR_CERT", default_value = "/etc/mortar/admin.pem")]
+    cert: PathBuf,
+    /// Admin private key (PEM).
+    #[arg(long, env = "MORTAR_KEY", default_value = "/etc/mortar/admin.key")]
+    key: PathBuf,
+    /// Volume CA certificate (PEM).
+    #[arg(long, env = "MORTAR_CA", default_value = "/etc/mortar/ca.pem")]
+    ca: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct Seeds {
+    /// Bricks to ask, comma-separated HOST:PORT (any one of the volume's bricks is enough).
+    #[arg(long, env = "MORTAR_BRICKS", value_delimiter = ',', required = true)]
+    bricks: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// mortar volume create NAME replica 3 HOST:PORT HOST:PORT HOST:PORT
+    Create {
+        name: String,
+        /// `replica 3` followed by the three bricks.
+        #[arg(required = true, num_args = 1..)]
+        spec: Vec<String>,
+        /// Chunk size in bytes.
+        #[arg(long, default_value_t = mortar_proto::DEFAULT_CHUNK_SIZE)]
+        chunk_size: u32,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show a volume's configuration.
+    Info {
+        name: Option<String>,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per brick: up/down, Raft role and applied index, chunks, bytes, heal backlog.
+    Status {
+        name: String,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The volumes the given bricks serve.
+    List {
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn parse_create_spec(spec: &[String]) -> Result<Vec<String>> {
+    match spec {
+        [r, n, bricks @ ..] if r == "replica" => {
+            if n != "3" {
+                bail!("only 'replica 3' is supported (got 'replica {n}')");
+            }
+            Ok(bricks.to_vec())
+        }
+        bricks => Ok(bricks.to_vec()),
+    }
+}
+
+fn pool(conn: &Conn) -> Result<Pool> {
+    let identity = Identity::load(&conn.cert, &conn.key, &conn.ca).context("cannot load the admin TLS identity")?;
+    let endpoint = client_endpoint(&identity).context("cannot open a QUIC endpoint")?;
+    Ok(Pool::new(endpoint))
+}
+
+async fn connect(seeds: &Seeds, conn: &Conn, name: Option<&str>) -> Result<Volume> {
+    let p = pool(conn)?;
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => first_volume_name(&p, &seeds.bricks).await?,
+    };
+    Volume::with_pool(p, &seeds.bricks, &name)
+        .await
+        .map_err(|e| anyhow!("cannot reach volume '{name}' through {}: {e}", seeds.bricks.join(",")))
+}
+
+async fn first_volume_name(pool: &Pool, bricks: &[String]) -> Result<String> {
+    let mut errors = Vec::new();
+    for b in bricks {
+        match volume_admin::hello(pool, b).await {
+            Ok(h) => match h.volume {
+                Some(v) => return Ok(v),
+                None => errors.push(format!("{b}: serves no volume")),
+            },
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    bail!("no volume found: {}", errors.join("; "))
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Ca(CaCommand::Init { dir, name }) => {
+            tls::ca_init(&dir, &name).context("cannot create the CA")?;
+            println!("CA created: {} and {}", tls::ca_cert_path(&dir).display(), tls::ca_key_path(&dir).display());
+        }
+        Command::Cert(CertCommand::Issue { ca, role, name, out, days }) => {
+            if days == 0 {
+                bail!("--days must not be 0");
+            }
+            let out = out.unwrap_or_else(|| ca.clone());
+            let (cert, key) = tls::issue(&ca, role, &name, Validity { days }, &out).context("cannot issue the certificate")?;
+            println!("issued {role} certificate '{name}': {} and {}", cert.display(), key.display());
+        }
+        Command::Volume(VolumeCommand::Create { name, spec, chunk_size, conn }) => {
+            let bricks = parse_create_spec(&spec)?;
+            let p = pool(&conn)?;
+            let config = volume_admin::create_volume(&p, &name, &bricks, chunk_size).await.map_err(|e| match e {
+                AdminError::Brick { .. } | AdminError::Unreachable { .. } => anyhow!("volume create failed: {e}"),
+                e => anyhow!("{e}"),
+            })?;
+            println!("volume create: {}: success ({} bricks, chunk size {})", config.name, bricks.len(), human(config.chunk_size as u64));
+        }
+        Command::Volume(VolumeCommand::Info { name, seeds, conn, json }) => {
+            let vol = connect(&seeds, &conn, name.as_deref()).await?;
+            let c = vol.config();
+            if json {
+                println!("{}", serde_json::to_string_pretty(c)?);
+            } else {
+                println!("Volume Name: {}", c.name);
+                println!("Type: Replicate");
+                println!("Number of Bricks: {} x 3 = {}", c.replica_sets.len(), c.bricks().count());
+                println!("Chunk Size: {}", human(c.chunk_size as u64));
+                println!("Bricks:");
+                for (i, b) in c.bricks().enumerate() {
+                    println!("Brick{}: {} (id {})", i + 1, b.addr, b.id);
+                }
+            }
+        }
+        Command::Volume(VolumeCommand::Status { name, seeds, conn, json }) => {
+            let vol = connect(&seeds, &conn, Some(&name)).await?;
+            let statuses = futures::future::join_all(vol.config().bricks().map(|b| volume_admin::status(vol.pool(), &b.addr))).await;
+            if json {
+                let rows: Vec<serde_json::Value> = vol
+                    .config()
+                    .bricks()
+                    .zip(&statuses)
+                    .map(|(b, s)| match s {
+                        Ok(s) => serde_json::json!({"addr": b.addr, "up": true, "status": s}),
+                        Err(e) => serde_json::json!({"addr": b.addr, "up": false, "error": e.to_string()}),
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("Status of volume: {name}");
+                println!("{:<22} {:<20} {:<5} {:<10} {:>9} {:>9} {:>10} {:>6}", "Brick", "ID", "Up", "Raft", "Applied", "Chunks", "Bytes", "Heal");
+                for (b, s) in vol.config().bricks().zip(&statuses) {
+                    match s {
+                        Ok(s) => println!(
+                            "{:<22} {:<20} {:<5} {:<10} {:>9} {:>9} {:>10} {:>6}",
+                            b.addr, s.id, "Y", s.raft_role, s.applied_index, s.chunk_count, human(s.chunk_bytes), s.heal_backlog
+                        ),
+                        Err(e) => println!("{:<22} {:<20} {:<5} {}", b.addr, b.id, "N", e),
+                    }
+                }
+            }
+            if statuses.iter().any(|s| s.is_err()) {
+                std::process::exit(1);
+            }
+        }
+        Command::Volume(VolumeCommand::List { seeds, conn }) => {
+            let p = pool(&conn)?;
+            let mut names = std::collections::BTreeSet::new();
+            for b in &seeds.bricks {
+                if let Ok(h) = volume_admin::hello(&p, b).await {
+                    names.extend(h.volume);
+                }
+            }
+            if names.is_empty() {
+                println!("No volumes present");
+            }
+            for n in names {
+                println!("{n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MORTAR_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mortar: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("mortar: {e:#}");
+        std::process::exit(1);
+    }
+}
