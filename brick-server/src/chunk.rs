@@ -16,7 +16,10 @@ pub const WRITE_QUORUM: usize = 2;
 
 pub fn verify(p: &PutChunk) -> Result<(), FsError> {
     if p.data.len() > MAX_CHUNK_SIZE as usize {
-        return Err(FsError::TooLarge(format!("chunk of {} bytes", p.data.len())));
+        return Err(FsError::TooLarge(format!(
+            "chunk of {} bytes",
+            p.data.len()
+        )));
     }
     if !p.id.matches(&p.data) {
         return Err(FsError::HashMismatch(p.id.to_hex()));
@@ -35,7 +38,10 @@ pub async fn put_replicated(
     verify(&p)?;
     let set = layout::replica_set(volume, &p.id);
     let own = if set.iter().any(|b| b.id == self_id) {
-        store.put_chunk(&p.id, &p.data, p.sync).map(|_| 1usize).map_err(FsError::from)
+        store
+            .put_chunk(&p.id, &p.data, p.sync)
+            .map(|_| 1usize)
+            .map_err(FsError::from)
     } else {
         Ok(0)
     };
@@ -113,7 +119,10 @@ async fn record_misses(
             tracing::error!(error = %e, "cannot record heal index entries");
         }
     }
-    for b in set.iter().filter(|b| b.id != self_id && holders.contains(&b.id)) {
+    for b in set
+        .iter()
+        .filter(|b| b.id != self_id && holders.contains(&b.id))
+    {
         let pool = pool.clone();
         let addr = b.addr.clone();
         let req = Request::Admin(AdminRequest::RecordMisses(misses.clone()));

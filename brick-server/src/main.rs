@@ -37,7 +37,10 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -62,13 +65,27 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let pool = Pool::new(endpoint.clone());
     let volume = Arc::default();
-    let sm = StateMachine::new(store.clone(), Arc::clone(&volume)).context("cannot read the namespace")?;
+    let sm = StateMachine::new(store.clone(), Arc::clone(&volume))
+        .context("cannot read the namespace")?;
     let config = Arc::new(raft::config().validate().context("raft configuration")?);
-    let raft = raft::Raft::new(id, config, Network { pool: pool.clone() }, LogStore::new(store.clone()), sm)
-        .await
-        .context("cannot start the metadata group")?;
+    let raft = raft::Raft::new(
+        id,
+        config,
+        Network { pool: pool.clone() },
+        LogStore::new(store.clone()),
+        sm,
+    )
+    .await
+    .context("cannot start the metadata group")?;
 
-    let brick = Arc::new(Brick { id, store, raft: raft.clone(), pool, volume, data_dir: args.data.clone() });
+    let brick = Arc::new(Brick {
+        id,
+        store,
+        raft: raft.clone(),
+        pool,
+        volume,
+        data_dir: args.data.clone(),
+    });
     tracing::info!(brick = id, listen = %args.listen, data = %args.data.display(), "brick serving");
     let server = tokio::spawn(brick.clone().serve(endpoint.clone()));
 
@@ -82,7 +99,11 @@ async fn run(args: Args) -> Result<()> {
         tracing::warn!(error = %e, "metadata group did not stop cleanly");
     }
     server.abort();
-    brick.store.db.flush_wal(true).context("cannot sync the write-ahead log")?;
+    brick
+        .store
+        .db
+        .flush_wal(true)
+        .context("cannot sync the write-ahead log")?;
     tracing::info!("brick stopped");
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! RocksDB and in unit tests on a map. An operation either succeeds with all its writes or
 //! fails with none: writes collect in a [`Txn`] that is discarded on error.
 
-use mortar_proto::wire::{MetaOp, MetaOk, Query, SetAttr, TimeSet, XattrMode};
+pub use crate::store::Rows;
+use mortar_proto::wire::{MetaOk, MetaOp, Query, SetAttr, TimeSet, XattrMode};
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
     validate_name, Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, Timestamp,
@@ -32,7 +33,7 @@ pub trait MetaRead {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsError>;
+    ) -> Result<Rows, FsError>;
 }
 
 /// How an inode is stored: the client-visible inode plus, for directories, the parent (for
@@ -120,7 +121,11 @@ impl<'a, R: MetaRead> Txn<'a, R> {
             .map(|b| u64_of(Some(b))))
     }
     fn set_child(&mut self, parent: InodeId, name: &[u8], ino: InodeId) {
-        self.put(Table::Dentries, &dentry_key(parent, name), ino.to_be_bytes().to_vec());
+        self.put(
+            Table::Dentries,
+            &dentry_key(parent, name),
+            ino.to_be_bytes().to_vec(),
+        );
     }
     fn is_empty_dir(&self, ino: InodeId) -> Result<bool, FsError> {
         // Entries removed in this transaction do not count; entries added do.
@@ -134,7 +139,9 @@ impl<'a, R: MetaRead> Txn<'a, R> {
         }
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = self.base.scan(Table::Dentries, &prefix, after.as_deref(), 64)?;
+            let page = self
+                .base
+                .scan(Table::Dentries, &prefix, after.as_deref(), 64)?;
             if page.is_empty() {
                 return Ok(true);
             }
@@ -150,7 +157,11 @@ impl<'a, R: MetaRead> Txn<'a, R> {
         let next = u64_of(self.get(Table::Sys, KEY_NEXT_INO)?).max(ROOT_INODE + 1);
         self.put(Table::Sys, KEY_NEXT_INO, (next + 1).to_be_bytes().to_vec());
         let count = u64_of(self.get(Table::Sys, KEY_INODE_COUNT)?);
-        self.put(Table::Sys, KEY_INODE_COUNT, (count + 1).to_be_bytes().to_vec());
+        self.put(
+            Table::Sys,
+            KEY_INODE_COUNT,
+            (count + 1).to_be_bytes().to_vec(),
+        );
         Ok(next)
     }
     /// Drop one link; free the inode when none is left.
@@ -212,7 +223,11 @@ fn resolve(t: TimeSet, now: Timestamp) -> Timestamp {
 }
 
 /// Apply one operation. On error nothing in `txn` may be committed.
-pub fn apply<R: MetaRead>(txn: &mut Txn<'_, R>, op: &MetaOp, now: Timestamp) -> Result<MetaOk, FsError> {
+pub fn apply<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    op: &MetaOp,
+    now: Timestamp,
+) -> Result<MetaOk, FsError> {
     match op {
         MetaOp::CreateVolume(config) => {
             if txn.get(Table::Sys, KEY_VOLUME)?.is_some() {
@@ -228,19 +243,37 @@ pub fn apply<R: MetaRead>(txn: &mut Txn<'_, R>, op: &MetaOp, now: Timestamp) -> 
                 parent: ROOT_INODE,
             };
             txn.save(&root);
-            txn.put(Table::Sys, KEY_NEXT_INO, (ROOT_INODE + 1).to_be_bytes().to_vec());
+            txn.put(
+                Table::Sys,
+                KEY_NEXT_INO,
+                (ROOT_INODE + 1).to_be_bytes().to_vec(),
+            );
             txn.put(Table::Sys, KEY_INODE_COUNT, 1u64.to_be_bytes().to_vec());
             Ok(MetaOk::Done)
         }
-        MetaOp::Mknod { parent, name, kind, perm, uid, gid, rdev, exclusive } => {
+        MetaOp::Mknod {
+            parent,
+            name,
+            kind,
+            perm,
+            uid,
+            gid,
+            rdev,
+            exclusive,
+        } => {
             validate_name(name)?;
             if *kind == FileKind::Directory || *kind == FileKind::Symlink {
-                return Err(FsError::Invalid("mknod cannot make directories or symlinks".into()));
+                return Err(FsError::Invalid(
+                    "mknod cannot make directories or symlinks".into(),
+                ));
             }
             txn.dir(*parent)?;
             if let Some(existing) = txn.child(*parent, name)? {
                 let s = txn.stored(existing)?;
-                if *exclusive || s.inode.attr.kind != FileKind::Regular || *kind != FileKind::Regular {
+                if *exclusive
+                    || s.inode.attr.kind != FileKind::Regular
+                    || *kind != FileKind::Regular
+                {
                     return Err(FsError::Exists);
                 }
                 return Ok(MetaOk::Attr(s.inode.attr));
@@ -253,12 +286,25 @@ pub fn apply<R: MetaRead>(txn: &mut Txn<'_, R>, op: &MetaOp, now: Timestamp) -> 
             } else {
                 Content::None
             };
-            txn.save(&Stored { inode: Inode { attr: attr.clone(), content, xattrs: Vec::new() }, parent: *parent });
+            txn.save(&Stored {
+                inode: Inode {
+                    attr: attr.clone(),
+                    content,
+                    xattrs: Vec::new(),
+                },
+                parent: *parent,
+            });
             txn.set_child(*parent, name, ino);
             txn.touch_dir(*parent, 0, now)?;
             Ok(MetaOk::Attr(attr))
         }
-        MetaOp::Mkdir { parent, name, perm, uid, gid } => {
+        MetaOp::Mkdir {
+            parent,
+            name,
+            perm,
+            uid,
+            gid,
+        } => {
             validate_name(name)?;
             txn.dir(*parent)?;
             if txn.child(*parent, name)?.is_some() {
@@ -266,12 +312,25 @@ pub fn apply<R: MetaRead>(txn: &mut Txn<'_, R>, op: &MetaOp, now: Timestamp) -> 
             }
             let ino = txn.new_ino()?;
             let attr = new_inode(ino, FileKind::Directory, *perm, *uid, *gid, now);
-            txn.save(&Stored { inode: Inode { attr: attr.clone(), content: Content::None, xattrs: Vec::new() }, parent: *parent });
+            txn.save(&Stored {
+                inode: Inode {
+                    attr: attr.clone(),
+                    content: Content::None,
+                    xattrs: Vec::new(),
+                },
+                parent: *parent,
+            });
             txn.set_child(*parent, name, ino);
             txn.touch_dir(*parent, 1, now)?;
             Ok(MetaOk::Attr(attr))
         }
-        MetaOp::Symlink { parent, name, target, uid, gid } => {
+        MetaOp::Symlink {
+            parent,
+            name,
+            target,
+            uid,
+            gid,
+        } => {
             validate_name(name)?;
             if target.is_empty() {
                 return Err(FsError::NotFound);
@@ -286,12 +345,23 @@ pub fn apply<R: MetaRead>(txn: &mut Txn<'_, R>, op: &MetaOp, now: Timestamp) -> 
             let ino = txn.new_ino()?;
             let mut attr = new_inode(ino, FileKind::Symlink, 0o777, *uid, *gid, now);
             attr.size = target.len() as u64;
-            txn.save(&Stored { inode: Inode { attr: attr.clone(), content: Content::Symlink(target.clone()), xattrs: Vec::new() }, parent: *parent });
+            txn.save(&Stored {
+                inode: Inode {
+                    attr: attr.clone(),
+                    content: Content::Symlink(target.clone()),
+                    xattrs: Vec::new(),
+                },
+                parent: *parent,
+            });
             txn.set_child(*parent, name, ino);
             txn.touch_dir(*parent, 0, now)?;
             Ok(MetaOk::Attr(attr))
         }
-        MetaOp::Link { ino, new_parent, new_name } => {
+        MetaOp::Link {
+            ino,
+            new_parent,
+            new_name,
+        } => {
             validate_name(new_name)?;
             let mut s = txn.stored(*ino)?;
             if s.inode.attr.kind == FileKind::Directory {
@@ -337,19 +407,31 @@ pub fn apply<R: MetaRead>(txn: &mut Txn<'_, R>, op: &MetaOp, now: Timestamp) -> 
             txn.touch_dir(*parent, -1, now)?;
             Ok(MetaOk::Done)
         }
-        MetaOp::Rename { parent, name, new_parent, new_name, flags } => {
-            rename(txn, *parent, name, *new_parent, new_name, *flags, now)
-        }
+        MetaOp::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            flags,
+        } => rename(txn, *parent, name, *new_parent, new_name, *flags, now),
         MetaOp::SetAttr { ino, set } => {
             let mut s = txn.stored(*ino)?;
             apply_setattr(&mut s.inode.attr, set, now);
             txn.save(&s);
             Ok(MetaOk::Attr(s.inode.attr))
         }
-        MetaOp::SetXattr { ino, name, value, mode } => {
+        MetaOp::SetXattr {
+            ino,
+            name,
+            value,
+            mode,
+        } => {
             check_xattr_name(name)?;
             if value.len() > XATTR_VALUE_MAX {
-                return Err(FsError::TooLarge(format!("xattr value of {} bytes", value.len())));
+                return Err(FsError::TooLarge(format!(
+                    "xattr value of {} bytes",
+                    value.len()
+                )));
             }
             let mut s = txn.stored(*ino)?;
             let pos = s.inode.xattrs.iter().position(|(n, _)| n == name);
@@ -369,13 +451,23 @@ pub fn apply<R: MetaRead>(txn: &mut Txn<'_, R>, op: &MetaOp, now: Timestamp) -> 
         MetaOp::RemoveXattr { ino, name } => {
             check_xattr_name(name)?;
             let mut s = txn.stored(*ino)?;
-            let pos = s.inode.xattrs.iter().position(|(n, _)| n == name).ok_or(FsError::NoXattr)?;
+            let pos = s
+                .inode
+                .xattrs
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or(FsError::NoXattr)?;
             s.inode.xattrs.remove(pos);
             s.inode.attr.ctime = now;
             txn.save(&s);
             Ok(MetaOk::Done)
         }
-        MetaOp::SetContent { ino, expect_version, size, content } => {
+        MetaOp::SetContent {
+            ino,
+            expect_version,
+            size,
+            content,
+        } => {
             let mut s = txn.stored(*ino)?;
             match s.inode.attr.kind {
                 FileKind::Regular => {}
@@ -387,10 +479,16 @@ pub fn apply<R: MetaRead>(txn: &mut Txn<'_, R>, op: &MetaOp, now: Timestamp) -> 
             }
             match content {
                 Content::Inline(b) if b.len() as u64 != *size => {
-                    return Err(FsError::Invalid("inline content length differs from size".into()))
+                    return Err(FsError::Invalid(
+                        "inline content length differs from size".into(),
+                    ))
                 }
                 Content::Inline(_) | Content::Chunks(_) => {}
-                _ => return Err(FsError::Invalid("file content must be inline or chunks".into())),
+                _ => {
+                    return Err(FsError::Invalid(
+                        "file content must be inline or chunks".into(),
+                    ))
+                }
             }
             s.inode.content = content.clone();
             s.inode.attr.size = *size;
@@ -479,7 +577,9 @@ fn rename<R: MetaRead>(
         if (src_is_dir && would_loop(txn, src_ino, new_parent)?)
             || (dst_is_dir && would_loop(txn, dst_ino, parent)?)
         {
-            return Err(FsError::Invalid("cannot move a directory below itself".into()));
+            return Err(FsError::Invalid(
+                "cannot move a directory below itself".into(),
+            ));
         }
         txn.set_child(parent, name, dst_ino);
         txn.set_child(new_parent, new_name, src_ino);
@@ -518,14 +618,18 @@ fn rename<R: MetaRead>(
             _ => {}
         }
         if src_is_dir && would_loop(txn, src_ino, new_parent)? {
-            return Err(FsError::Invalid("cannot move a directory below itself".into()));
+            return Err(FsError::Invalid(
+                "cannot move a directory below itself".into(),
+            ));
         }
         txn.drop_link(dst, now)?;
         if dst_is_dir {
             txn.touch_dir(new_parent, -1, now)?;
         }
     } else if src_is_dir && would_loop(txn, src_ino, new_parent)? {
-        return Err(FsError::Invalid("cannot move a directory below itself".into()));
+        return Err(FsError::Invalid(
+            "cannot move a directory below itself".into(),
+        ));
     }
 
     txn.delete(Table::Dentries, &dentry_key(parent, name));
@@ -536,7 +640,11 @@ fn rename<R: MetaRead>(
         moved.parent = new_parent;
     }
     txn.save(&moved);
-    let d = if src_is_dir && parent != new_parent { 1 } else { 0 };
+    let d = if src_is_dir && parent != new_parent {
+        1
+    } else {
+        0
+    };
     txn.touch_dir(parent, -d, now)?;
     txn.touch_dir(new_parent, d, now)?;
     Ok(MetaOk::Done)
@@ -564,7 +672,10 @@ pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
                 let child = u64_of(Some(v));
                 // A dentry whose inode vanished would be a bug; skip rather than fail the listing.
                 if let Ok(s) = txn.stored(child) {
-                    out.push(DirEntry { name: k[8..].to_vec(), attr: s.inode.attr });
+                    out.push(DirEntry {
+                        name: k[8..].to_vec(),
+                        attr: s.inode.attr,
+                    });
                 }
             }
             Ok(MetaOk::Entries(out))
@@ -597,7 +708,13 @@ impl MetaRead for MemMeta {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, FsError> {
         Ok(self.data.get(&(table, key.to_vec())).cloned())
     }
-    fn scan(&self, table: Table, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsError> {
+    fn scan(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Rows, FsError> {
         Ok(self
             .data
             .range((table, prefix.to_vec())..)
@@ -640,7 +757,10 @@ mod tests {
         m.run(MetaOp::CreateVolume(VolumeConfig {
             name: "t".into(),
             chunk_size: 1 << 20,
-            replica_sets: vec![vec![BrickRef { id: 1, addr: "a:1".into() }]],
+            replica_sets: vec![vec![BrickRef {
+                id: 1,
+                addr: "a:1".into(),
+            }]],
             created: Timestamp::default(),
         }))
         .unwrap();
@@ -653,16 +773,53 @@ mod tests {
         }
     }
     fn mkdir(m: &mut MemMeta, parent: InodeId, name: &str) -> Result<Attr, FsError> {
-        m.run(MetaOp::Mkdir { parent, name: name.into(), perm: 0o755, uid: 0, gid: 0 }).map(attr)
+        m.run(MetaOp::Mkdir {
+            parent,
+            name: name.into(),
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+        })
+        .map(attr)
     }
     fn create(m: &mut MemMeta, parent: InodeId, name: &str) -> Result<Attr, FsError> {
-        m.run(MetaOp::Mknod { parent, name: name.into(), kind: FileKind::Regular, perm: 0o644, uid: 0, gid: 0, rdev: 0, exclusive: true }).map(attr)
+        m.run(MetaOp::Mknod {
+            parent,
+            name: name.into(),
+            kind: FileKind::Regular,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        })
+        .map(attr)
     }
     fn lookup(m: &MemMeta, parent: InodeId, name: &str) -> Result<Attr, FsError> {
-        query(m, &Query::Lookup { parent, name: name.into() }).map(attr)
+        query(
+            m,
+            &Query::Lookup {
+                parent,
+                name: name.into(),
+            },
+        )
+        .map(attr)
     }
-    fn rename(m: &mut MemMeta, p: InodeId, n: &str, np: InodeId, nn: &str, flags: u32) -> Result<MetaOk, FsError> {
-        m.run(MetaOp::Rename { parent: p, name: n.into(), new_parent: np, new_name: nn.into(), flags })
+    fn rename(
+        m: &mut MemMeta,
+        p: InodeId,
+        n: &str,
+        np: InodeId,
+        nn: &str,
+        flags: u32,
+    ) -> Result<MetaOk, FsError> {
+        m.run(MetaOp::Rename {
+            parent: p,
+            name: n.into(),
+            new_parent: np,
+            new_name: nn.into(),
+            flags,
+        })
     }
 
     #[test]
@@ -671,16 +828,28 @@ mod tests {
         let f = create(&mut m, ROOT_INODE, "a").unwrap();
         assert_eq!(lookup(&m, ROOT_INODE, "a").unwrap().ino, f.ino);
         assert_eq!(create(&mut m, ROOT_INODE, "a"), Err(FsError::Exists));
-        assert_eq!(m.run(MetaOp::Unlink { parent: ROOT_INODE, name: "a".into() }), Ok(MetaOk::Done));
+        assert_eq!(
+            m.run(MetaOp::Unlink {
+                parent: ROOT_INODE,
+                name: "a".into()
+            }),
+            Ok(MetaOk::Done)
+        );
         assert_eq!(lookup(&m, ROOT_INODE, "a"), Err(FsError::NotFound));
-        assert_eq!(query(&m, &Query::GetAttr { ino: f.ino }), Err(FsError::NotFound));
+        assert_eq!(
+            query(&m, &Query::GetAttr { ino: f.ino }),
+            Err(FsError::NotFound)
+        );
         assert_eq!(inode_count(&m).unwrap(), 1);
     }
 
     #[test]
     fn name_checks() {
         let mut m = vol();
-        assert_eq!(create(&mut m, ROOT_INODE, &"x".repeat(256)), Err(FsError::NameTooLong));
+        assert_eq!(
+            create(&mut m, ROOT_INODE, &"x".repeat(256)),
+            Err(FsError::NameTooLong)
+        );
         assert_eq!(create(&mut m, ROOT_INODE, "a/b"), Err(FsError::InvalidName));
         let f = create(&mut m, ROOT_INODE, "f").unwrap();
         assert_eq!(create(&mut m, f.ino, "x"), Err(FsError::NotDir));
@@ -691,24 +860,74 @@ mod tests {
         let mut m = vol();
         let d = mkdir(&mut m, ROOT_INODE, "d").unwrap();
         assert_eq!(lookup(&m, ROOT_INODE, "d").unwrap().nlink, 2);
-        assert_eq!(query(&m, &Query::GetAttr { ino: ROOT_INODE }).map(attr).unwrap().nlink, 3);
+        assert_eq!(
+            query(&m, &Query::GetAttr { ino: ROOT_INODE })
+                .map(attr)
+                .unwrap()
+                .nlink,
+            3
+        );
         create(&mut m, d.ino, "f").unwrap();
-        assert_eq!(m.run(MetaOp::Rmdir { parent: ROOT_INODE, name: "d".into() }), Err(FsError::NotEmpty));
-        assert_eq!(m.run(MetaOp::Unlink { parent: ROOT_INODE, name: "d".into() }), Err(FsError::IsDir));
-        m.run(MetaOp::Unlink { parent: d.ino, name: "f".into() }).unwrap();
-        m.run(MetaOp::Rmdir { parent: ROOT_INODE, name: "d".into() }).unwrap();
-        assert_eq!(query(&m, &Query::GetAttr { ino: ROOT_INODE }).map(attr).unwrap().nlink, 2);
+        assert_eq!(
+            m.run(MetaOp::Rmdir {
+                parent: ROOT_INODE,
+                name: "d".into()
+            }),
+            Err(FsError::NotEmpty)
+        );
+        assert_eq!(
+            m.run(MetaOp::Unlink {
+                parent: ROOT_INODE,
+                name: "d".into()
+            }),
+            Err(FsError::IsDir)
+        );
+        m.run(MetaOp::Unlink {
+            parent: d.ino,
+            name: "f".into(),
+        })
+        .unwrap();
+        m.run(MetaOp::Rmdir {
+            parent: ROOT_INODE,
+            name: "d".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            query(&m, &Query::GetAttr { ino: ROOT_INODE })
+                .map(attr)
+                .unwrap()
+                .nlink,
+            2
+        );
     }
 
     #[test]
     fn hard_links_share_one_inode() {
         let mut m = vol();
         let f = create(&mut m, ROOT_INODE, "a").unwrap();
-        let l = attr(m.run(MetaOp::Link { ino: f.ino, new_parent: ROOT_INODE, new_name: "b".into() }).unwrap());
+        let l = attr(
+            m.run(MetaOp::Link {
+                ino: f.ino,
+                new_parent: ROOT_INODE,
+                new_name: "b".into(),
+            })
+            .unwrap(),
+        );
         assert_eq!(l.nlink, 2);
-        m.run(MetaOp::SetAttr { ino: f.ino, set: SetAttr { perm: Some(0o600), ..Default::default() } }).unwrap();
+        m.run(MetaOp::SetAttr {
+            ino: f.ino,
+            set: SetAttr {
+                perm: Some(0o600),
+                ..Default::default()
+            },
+        })
+        .unwrap();
         assert_eq!(lookup(&m, ROOT_INODE, "b").unwrap().perm, 0o600);
-        m.run(MetaOp::Unlink { parent: ROOT_INODE, name: "a".into() }).unwrap();
+        m.run(MetaOp::Unlink {
+            parent: ROOT_INODE,
+            name: "a".into(),
+        })
+        .unwrap();
         assert_eq!(lookup(&m, ROOT_INODE, "b").unwrap().nlink, 1);
     }
 
@@ -717,40 +936,83 @@ mod tests {
         let mut m = vol();
         let a = create(&mut m, ROOT_INODE, "a").unwrap();
         let b = create(&mut m, ROOT_INODE, "b").unwrap();
-        assert_eq!(rename(&mut m, ROOT_INODE, "a", ROOT_INODE, "b", RENAME_NOREPLACE), Err(FsError::Exists));
+        assert_eq!(
+            rename(&mut m, ROOT_INODE, "a", ROOT_INODE, "b", RENAME_NOREPLACE),
+            Err(FsError::Exists)
+        );
         rename(&mut m, ROOT_INODE, "a", ROOT_INODE, "b", RENAME_EXCHANGE).unwrap();
         assert_eq!(lookup(&m, ROOT_INODE, "b").unwrap().ino, a.ino);
         assert_eq!(lookup(&m, ROOT_INODE, "a").unwrap().ino, b.ino);
         rename(&mut m, ROOT_INODE, "a", ROOT_INODE, "b", 0).unwrap();
         assert_eq!(lookup(&m, ROOT_INODE, "b").unwrap().ino, b.ino);
         assert_eq!(lookup(&m, ROOT_INODE, "a"), Err(FsError::NotFound));
-        assert_eq!(query(&m, &Query::GetAttr { ino: a.ino }), Err(FsError::NotFound));
+        assert_eq!(
+            query(&m, &Query::GetAttr { ino: a.ino }),
+            Err(FsError::NotFound)
+        );
 
         let d1 = mkdir(&mut m, ROOT_INODE, "d1").unwrap();
         let d2 = mkdir(&mut m, d1.ino, "d2").unwrap();
-        assert!(matches!(rename(&mut m, ROOT_INODE, "d1", d2.ino, "x", 0), Err(FsError::Invalid(_))));
-        assert_eq!(rename(&mut m, ROOT_INODE, "b", ROOT_INODE, "d1", 0), Err(FsError::IsDir));
-        assert_eq!(rename(&mut m, d1.ino, "d2", ROOT_INODE, "b", 0), Err(FsError::NotDir));
-        assert_eq!(rename(&mut m, ROOT_INODE, "d1", ROOT_INODE, "d1", 0), Ok(MetaOk::Done));
+        assert!(matches!(
+            rename(&mut m, ROOT_INODE, "d1", d2.ino, "x", 0),
+            Err(FsError::Invalid(_))
+        ));
+        assert_eq!(
+            rename(&mut m, ROOT_INODE, "b", ROOT_INODE, "d1", 0),
+            Err(FsError::IsDir)
+        );
+        assert_eq!(
+            rename(&mut m, d1.ino, "d2", ROOT_INODE, "b", 0),
+            Err(FsError::NotDir)
+        );
+        assert_eq!(
+            rename(&mut m, ROOT_INODE, "d1", ROOT_INODE, "d1", 0),
+            Ok(MetaOk::Done)
+        );
         // Moving d2 up: nlink moves from d1 to root.
         rename(&mut m, d1.ino, "d2", ROOT_INODE, "d2", 0).unwrap();
         assert_eq!(lookup(&m, ROOT_INODE, "d1").unwrap().nlink, 2);
-        assert_eq!(query(&m, &Query::GetAttr { ino: ROOT_INODE }).map(attr).unwrap().nlink, 4);
+        assert_eq!(
+            query(&m, &Query::GetAttr { ino: ROOT_INODE })
+                .map(attr)
+                .unwrap()
+                .nlink,
+            4
+        );
         // Replacing an empty directory with a directory.
         rename(&mut m, ROOT_INODE, "d2", ROOT_INODE, "d1", 0).unwrap();
-        assert_eq!(query(&m, &Query::GetAttr { ino: ROOT_INODE }).map(attr).unwrap().nlink, 3);
-        assert_eq!(query(&m, &Query::GetAttr { ino: d1.ino }), Err(FsError::NotFound));
+        assert_eq!(
+            query(&m, &Query::GetAttr { ino: ROOT_INODE })
+                .map(attr)
+                .unwrap()
+                .nlink,
+            3
+        );
+        assert_eq!(
+            query(&m, &Query::GetAttr { ino: d1.ino }),
+            Err(FsError::NotFound)
+        );
     }
 
     #[test]
     fn set_content_checks_version() {
         let mut m = vol();
         let f = create(&mut m, ROOT_INODE, "f").unwrap();
-        let set = |v, data: &[u8]| MetaOp::SetContent { ino: f.ino, expect_version: v, size: data.len() as u64, content: Content::Inline(data.to_vec()) };
+        let set = |v, data: &[u8]| MetaOp::SetContent {
+            ino: f.ino,
+            expect_version: v,
+            size: data.len() as u64,
+            content: Content::Inline(data.to_vec()),
+        };
         let a = attr(m.run(set(0, b"hello")).unwrap());
         assert_eq!((a.size, a.version), (5, 1));
         assert_eq!(m.run(set(0, b"x")), Err(FsError::Conflict(1)));
-        let bad = MetaOp::SetContent { ino: f.ino, expect_version: 1, size: 9, content: Content::Inline(b"x".to_vec()) };
+        let bad = MetaOp::SetContent {
+            ino: f.ino,
+            expect_version: 1,
+            size: 9,
+            content: Content::Inline(b"x".to_vec()),
+        };
         assert!(matches!(m.run(bad), Err(FsError::Invalid(_))));
         match query(&m, &Query::GetInode { ino: f.ino }).unwrap() {
             MetaOk::Inode(i) => assert_eq!(i.content, Content::Inline(b"hello".to_vec())),
@@ -764,8 +1026,20 @@ mod tests {
         for i in 0..10 {
             create(&mut m, ROOT_INODE, &format!("f{i}")).unwrap();
         }
-        let page = |after: Option<&str>| match query(&m, &Query::ReadDir { ino: ROOT_INODE, after: after.map(|a| a.into()), limit: 4 }).unwrap() {
-            MetaOk::Entries(e) => e.into_iter().map(|e| String::from_utf8(e.name).unwrap()).collect::<Vec<_>>(),
+        let page = |after: Option<&str>| match query(
+            &m,
+            &Query::ReadDir {
+                ino: ROOT_INODE,
+                after: after.map(|a| a.into()),
+                limit: 4,
+            },
+        )
+        .unwrap()
+        {
+            MetaOk::Entries(e) => e
+                .into_iter()
+                .map(|e| String::from_utf8(e.name).unwrap())
+                .collect::<Vec<_>>(),
             other => panic!("{other:?}"),
         };
         assert_eq!(page(None), ["f0", "f1", "f2", "f3"]);
@@ -777,11 +1051,26 @@ mod tests {
     fn xattrs_create_replace_remove() {
         let mut m = vol();
         let f = create(&mut m, ROOT_INODE, "f").unwrap();
-        let set = |mode| MetaOp::SetXattr { ino: f.ino, name: b"user.a".to_vec(), value: b"1".to_vec(), mode };
+        let set = |mode| MetaOp::SetXattr {
+            ino: f.ino,
+            name: b"user.a".to_vec(),
+            value: b"1".to_vec(),
+            mode,
+        };
         assert_eq!(m.run(set(XattrMode::Replace)), Err(FsError::NoXattr));
         m.run(set(XattrMode::Create)).unwrap();
         assert_eq!(m.run(set(XattrMode::Create)), Err(FsError::Exists));
-        m.run(MetaOp::RemoveXattr { ino: f.ino, name: b"user.a".to_vec() }).unwrap();
-        assert_eq!(m.run(MetaOp::RemoveXattr { ino: f.ino, name: b"user.a".to_vec() }), Err(FsError::NoXattr));
+        m.run(MetaOp::RemoveXattr {
+            ino: f.ino,
+            name: b"user.a".to_vec(),
+        })
+        .unwrap();
+        assert_eq!(
+            m.run(MetaOp::RemoveXattr {
+                ino: f.ino,
+                name: b"user.a".to_vec()
+            }),
+            Err(FsError::NoXattr)
+        );
     }
 }

@@ -1,12 +1,20 @@
 //! The metadata group: openraft over the volume's first replica set, with its log and state
 //! machine in the brick's RocksDB and its RPCs on the brick's QUIC transport.
 
+// openraft's storage traits fix the error type (`StorageError`, over 200 bytes); our helpers
+// return it as the traits do.
+#![allow(clippy::result_large_err)]
+
 use crate::namespace::{self, MetaRead, Table, Txn};
-use crate::store::{Store, CF_META_DENTRIES, CF_META_INODES, CF_META_SYS, CF_RAFT_LOG, CF_RAFT_STATE};
+use crate::store::{
+    Store, CF_META_DENTRIES, CF_META_INODES, CF_META_SYS, CF_RAFT_LOG, CF_RAFT_STATE,
+};
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{self, MetaOk, MetaOp, RaftKind, RaftRpc, Reply, Request};
 use mortar_proto::{FsError, Timestamp, VolumeConfig};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::RPCOption;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -48,6 +56,7 @@ openraft::declare_raft_types!(
 
 pub type Raft = openraft::Raft<TypeConfig>;
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
+type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
 
 /// Timing of the metadata group. Heartbeats every 100 ms and elections after 400–800 ms of
 /// silence keep a leader change well inside the failover budget.
@@ -123,11 +132,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let mut out = Vec::new();
         let cf = self.store.cf(CF_RAFT_LOG);
-        for item in self
-            .store
-            .db
-            .iterator_cf(cf, IteratorMode::From(&start.to_be_bytes(), Direction::Forward))
-        {
+        for item in self.store.db.iterator_cf(
+            cf,
+            IteratorMode::From(&start.to_be_bytes(), Direction::Forward),
+        ) {
             let (k, v) = item.map_err(read_err)?;
             let idx = u64::from_be_bytes(k[..8].try_into().map_err(read_err)?);
             if !range.contains(&idx) {
@@ -176,7 +184,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        Ok(self.state::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+        Ok(self
+            .state::<Option<LogId<NodeId>>>(KEY_COMMITTED)?
+            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
@@ -192,7 +202,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // The WAL write survives a crash of this process; an fsync from the application syncs
         // the chunk path explicitly (see ARCHITECTURE.md, durability).
         let res = self.store.write(b, false);
-        callback.log_io_completed(res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        callback.log_io_completed(
+            res.as_ref()
+                .map(|_| ())
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
         res.map_err(io_err)
     }
 
@@ -236,7 +250,7 @@ impl MetaRead for DbMeta<'_> {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsError> {
+    ) -> Result<crate::store::Rows, FsError> {
         Ok(self.0.scan(table_cf(table), prefix, after, limit)?)
     }
 }
@@ -265,12 +279,20 @@ impl StateMachine {
         })
     }
 
-    fn applied(&self) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
-        let applied = match self.store.get(CF_RAFT_STATE, KEY_APPLIED).map_err(read_err)? {
+    fn applied(&self) -> StorageResult<AppliedState> {
+        let applied = match self
+            .store
+            .get(CF_RAFT_STATE, KEY_APPLIED)
+            .map_err(read_err)?
+        {
             Some(b) => dec(&b)?,
             None => None,
         };
-        let membership = match self.store.get(CF_RAFT_STATE, KEY_MEMBERSHIP).map_err(read_err)? {
+        let membership = match self
+            .store
+            .get(CF_RAFT_STATE, KEY_MEMBERSHIP)
+            .map_err(read_err)?
+        {
             Some(b) => dec(&b)?,
             None => StoredMembership::default(),
         };
@@ -278,7 +300,7 @@ impl StateMachine {
     }
 
     fn refresh_volume(&self) -> StorageResult<()> {
-        let v = namespace::volume(&DbMeta(&self.store)).map_err(|e| read_err(e))?;
+        let v = namespace::volume(&DbMeta(&self.store)).map_err(read_err)?;
         *self.volume.write().expect("volume lock") = v;
         Ok(())
     }
@@ -331,9 +353,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
-    async fn applied_state(
-        &mut self,
-    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+    async fn applied_state(&mut self) -> StorageResult<AppliedState> {
         self.applied()
     }
 
@@ -370,7 +390,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     out
                 }
             };
-            batch.put_cf(self.store.cf(CF_RAFT_STATE), KEY_APPLIED, enc(&Some(entry.log_id)));
+            batch.put_cf(
+                self.store.cf(CF_RAFT_STATE),
+                KEY_APPLIED,
+                enc(&Some(entry.log_id)),
+            );
             self.store.write(batch, false).map_err(io_err)?;
             results.push(result);
         }
@@ -497,7 +521,8 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send(RaftKind::AppendEntries, &rpc, option.hard_ttl()).await
+        self.send(RaftKind::AppendEntries, &rpc, option.hard_ttl())
+            .await
     }
 
     async fn install_snapshot(
@@ -508,7 +533,8 @@ impl RaftNetwork<TypeConfig> for Peer {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.send(RaftKind::InstallSnapshot, &rpc, option.hard_ttl()).await
+        self.send(RaftKind::InstallSnapshot, &rpc, option.hard_ttl())
+            .await
     }
 
     async fn vote(
@@ -533,7 +559,8 @@ pub async fn serve_rpc(raft: &Raft, rpc: RaftRpc) -> Result<Reply, FsError> {
             enc(&raft.vote(req).await)
         }
         RaftKind::InstallSnapshot => {
-            let req: InstallSnapshotRequest<TypeConfig> = wire::decode(&rpc.payload).map_err(bad)?;
+            let req: InstallSnapshotRequest<TypeConfig> =
+                wire::decode(&rpc.payload).map_err(bad)?;
             enc(&raft.install_snapshot(req).await)
         }
     };

@@ -68,7 +68,12 @@ impl Brick {
         }
     }
 
-    async fn serve_stream(&self, role: Role, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    async fn serve_stream(
+        &self,
+        role: Role,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
         let response = match read_frame::<Request>(&mut recv).await {
             Ok(req) => self.dispatch(role, req).await,
             Err(FrameError::Read(e)) => {
@@ -92,7 +97,9 @@ impl Brick {
             if wanted.contains(&role) {
                 Ok(())
             } else {
-                Err(FsError::NotPermitted(format!("a {role} certificate may not do this")))
+                Err(FsError::NotPermitted(format!(
+                    "a {role} certificate may not do this"
+                )))
             }
         };
         match req {
@@ -104,7 +111,8 @@ impl Brick {
             Request::PutChunk(p) => {
                 if p.replicate {
                     let volume = self.volume()?;
-                    let copies = chunk::put_replicated(&self.store, &self.pool, self.id, &volume, p).await?;
+                    let copies =
+                        chunk::put_replicated(&self.store, &self.pool, self.id, &volume, p).await?;
                     Ok(Reply::ChunkStored { copies })
                 } else {
                     need(&[Role::Brick])?;
@@ -133,14 +141,21 @@ impl Brick {
     }
 
     pub fn volume(&self) -> Result<VolumeConfig, FsError> {
-        self.volume.read().expect("volume lock").clone().ok_or(FsError::NoVolume)
+        self.volume
+            .read()
+            .expect("volume lock")
+            .clone()
+            .ok_or(FsError::NoVolume)
     }
 
     fn leader(&self) -> Option<BrickRef> {
         let m = self.raft.metrics().borrow().clone();
         let id = m.current_leader?;
         let node = m.membership_config.membership().get_node(&id)?;
-        Some(BrickRef { id, addr: node.addr.clone() })
+        Some(BrickRef {
+            id,
+            addr: node.addr.clone(),
+        })
     }
 
     /// Wait for a known leader (an election may be under way).
@@ -161,8 +176,14 @@ impl Brick {
     async fn forward(&self, leader: &BrickRef, req: &Request) -> Reply {
         match self.pool.call(&leader.addr, req, FORWARD_TIMEOUT).await {
             Ok(Ok(reply)) => reply,
-            Ok(Err(e)) => Reply::Meta { result: Err(e), leader: Some(leader.clone()) },
-            Err(e) => Reply::Meta { result: Err(unavailable(e)), leader: None },
+            Ok(Err(e)) => Reply::Meta {
+                result: Err(e),
+                leader: Some(leader.clone()),
+            },
+            Err(e) => Reply::Meta {
+                result: Err(unavailable(e)),
+                leader: None,
+            },
         }
     }
 
@@ -172,20 +193,38 @@ impl Brick {
         loop {
             let leader = match self.await_leader(deadline).await {
                 Ok(l) => l,
-                Err(e) => return Reply::Meta { result: Err(e), leader: None },
+                Err(e) => {
+                    return Reply::Meta {
+                        result: Err(e),
+                        leader: None,
+                    }
+                }
             };
             if leader.id != self.id {
                 return self.forward(&leader, &Request::Meta(op)).await;
             }
-            let cmd = Command { op: op.clone(), now: Timestamp::now() };
+            let cmd = Command {
+                op: op.clone(),
+                now: Timestamp::now(),
+            };
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, self.raft.client_write(cmd)).await {
-                Ok(Ok(resp)) => return Reply::Meta { result: resp.data, leader: Some(leader) },
+                Ok(Ok(resp)) => {
+                    return Reply::Meta {
+                        result: resp.data,
+                        leader: Some(leader),
+                    }
+                }
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
                     // Leadership moved between our check and the write; look again.
                     continue;
                 }
-                Ok(Err(e)) => return Reply::Meta { result: Err(unavailable(e)), leader: None },
+                Ok(Err(e)) => {
+                    return Reply::Meta {
+                        result: Err(unavailable(e)),
+                        leader: None,
+                    }
+                }
                 Err(_) => {
                     return Reply::Meta {
                         result: Err(FsError::Unavailable(format!(
@@ -203,7 +242,12 @@ impl Brick {
         let deadline = Instant::now() + META_TIMEOUT;
         let leader = match self.await_leader(deadline).await {
             Ok(l) => l,
-            Err(e) => return Reply::Meta { result: Err(e), leader: None },
+            Err(e) => {
+                return Reply::Meta {
+                    result: Err(e),
+                    leader: None,
+                }
+            }
         };
         if leader.id != self.id {
             return self.forward(&leader, &Request::Query(q)).await;
@@ -212,7 +256,10 @@ impl Brick {
             Query::StatFs => self.statfs(),
             q => namespace::query(&DbMeta(&self.store), &q),
         };
-        Reply::Meta { result, leader: Some(leader) }
+        Reply::Meta {
+            result,
+            leader: Some(leader),
+        }
     }
 
     fn statfs(&self) -> Result<MetaOk, FsError> {
@@ -238,7 +285,9 @@ impl Brick {
             if wanted.contains(&role) {
                 Ok(())
             } else {
-                Err(FsError::NotPermitted(format!("a {role} certificate may not do this")))
+                Err(FsError::NotPermitted(format!(
+                    "a {role} certificate may not do this"
+                )))
             }
         };
         match req {
@@ -250,7 +299,9 @@ impl Brick {
             AdminRequest::ListChunks { after, limit } => {
                 need(&[Role::Admin, Role::Brick])?;
                 let limit = limit.clamp(1, 100_000) as usize;
-                Ok(Reply::Chunks(self.store.list_chunks(after.as_ref(), limit)?))
+                Ok(Reply::Chunks(
+                    self.store.list_chunks(after.as_ref(), limit)?,
+                ))
             }
             AdminRequest::ListHealIndex { after, limit } => {
                 need(&[Role::Admin, Role::Brick])?;
@@ -268,7 +319,12 @@ impl Brick {
     pub fn status(&self) -> Result<BrickStatus, FsError> {
         let m = self.raft.metrics().borrow().clone();
         let (chunk_count, chunk_bytes) = self.store.chunk_totals()?;
-        let initialized = m.membership_config.membership().voter_ids().next().is_some();
+        let initialized = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .next()
+            .is_some();
         let raft_role = match (initialized, m.state) {
             (false, _) => "none",
             (true, ServerState::Leader) => "leader",
@@ -297,13 +353,25 @@ impl Brick {
             .replica_sets
             .first()
             .filter(|s| s.len() == 3 && config.replica_sets.len() == 1)
-            .ok_or_else(|| FsError::Invalid("a new volume has exactly one replica set of 3".into()))?;
+            .ok_or_else(|| {
+                FsError::Invalid("a new volume has exactly one replica set of 3".into())
+            })?;
         if !set.iter().any(|b| b.id == self.id) {
-            return Err(FsError::Invalid("this brick is not in the volume's replica set".into()));
+            return Err(FsError::Invalid(
+                "this brick is not in the volume's replica set".into(),
+            ));
         }
-        let members: BTreeMap<u64, BasicNode> =
-            set.iter().map(|b| (b.id, BasicNode::new(&b.addr))).collect();
-        let current = self.raft.metrics().borrow().membership_config.membership().clone();
+        let members: BTreeMap<u64, BasicNode> = set
+            .iter()
+            .map(|b| (b.id, BasicNode::new(&b.addr)))
+            .collect();
+        let current = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
         let current_nodes: BTreeMap<u64, BasicNode> =
             current.nodes().map(|(id, n)| (*id, n.clone())).collect();
         if current_nodes.is_empty() {
@@ -313,8 +381,13 @@ impl Brick {
         }
         match self.meta_write(MetaOp::CreateVolume(config.clone())).await {
             Reply::Meta { result: Ok(_), .. } => Ok(Reply::Done),
-            Reply::Meta { result: Err(FsError::Exists), .. } => match self.volume() {
-                Ok(v) if v.name == config.name && v.replica_sets == config.replica_sets => Ok(Reply::Done),
+            Reply::Meta {
+                result: Err(FsError::Exists),
+                ..
+            } => match self.volume() {
+                Ok(v) if v.name == config.name && v.replica_sets == config.replica_sets => {
+                    Ok(Reply::Done)
+                }
                 _ => Err(FsError::Exists),
             },
             Reply::Meta { result: Err(e), .. } => Err(e),

@@ -46,6 +46,9 @@ impl From<StoreError> for FsError {
     }
 }
 
+/// Key-value rows as read from a scan.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 pub struct Store {
     pub db: DB,
     /// Serialises the exists-check and counter update of chunk puts.
@@ -123,7 +126,7 @@ impl Store {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Rows, StoreError> {
         let start = after.unwrap_or(prefix);
         let mut out = Vec::new();
         for item in self
@@ -167,10 +170,7 @@ impl Store {
     // ---- chunks ----
 
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_CHUNKS), id.0)?
-            .is_some())
+        Ok(self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.0)?.is_some())
     }
 
     pub fn get_chunk(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
@@ -285,6 +285,9 @@ mod tests {
         store.record_misses(&[(9, a), (3, b), (9, a)]).unwrap();
         let all = store.list_heal_index(None, 10).unwrap();
         assert_eq!(all, vec![(3, b), (9, a)]);
-        assert_eq!(store.list_heal_index(Some((3, b)), 10).unwrap(), vec![(9, a)]);
+        assert_eq!(
+            store.list_heal_index(Some((3, b)), 10).unwrap(),
+            vec![(9, a)]
+        );
     }
 }

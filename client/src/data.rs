@@ -29,7 +29,12 @@ impl Volume {
         let id = ChunkId::of(&data);
         let set = layout::replica_set(&self.config, &id);
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let req = Request::PutChunk(PutChunk { id, data, replicate: true, sync });
+        let req = Request::PutChunk(PutChunk {
+            id,
+            data,
+            replicate: true,
+            sync,
+        });
         let mut last = FsError::Unavailable("no brick of the replica set answered".into());
         for k in 0..set.len() {
             let brick = &set[(start + k) % set.len()];
@@ -64,13 +69,20 @@ impl Volume {
             }
         }
         Err(match last {
-            FsError::NotFound | FsError::HashMismatch(_) => FsError::Io(format!("no good copy of chunk {id}")),
+            FsError::NotFound | FsError::HashMismatch(_) => {
+                FsError::Io(format!("no good copy of chunk {id}"))
+            }
             other => other,
         })
     }
 
     /// Read `len` bytes at `offset` of a file whose inode the caller holds.
-    pub async fn read_inode(&self, inode: &Inode, offset: u64, len: u64) -> Result<Vec<u8>, FsError> {
+    pub async fn read_inode(
+        &self,
+        inode: &Inode,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, FsError> {
         let size = inode.attr.size;
         if offset >= size || len == 0 {
             return Ok(Vec::new());
@@ -78,7 +90,10 @@ impl Volume {
         let end = size.min(offset.saturating_add(len));
         match &inode.content {
             Content::Inline(b) => {
-                let mut out = b.get(offset as usize..(end as usize).min(b.len())).unwrap_or(&[]).to_vec();
+                let mut out = b
+                    .get(offset as usize..(end as usize).min(b.len()))
+                    .unwrap_or(&[])
+                    .to_vec();
                 out.resize((end - offset) as usize, 0);
                 Ok(out)
             }
@@ -106,7 +121,9 @@ impl Volume {
                     .await?;
                 Ok(pieces.concat())
             }
-            Content::None | Content::Symlink(_) => Err(FsError::Invalid("not a regular file".into())),
+            Content::None | Content::Symlink(_) => {
+                Err(FsError::Invalid("not a regular file".into()))
+            }
         }
     }
 
@@ -141,24 +158,46 @@ impl Volume {
             }
             let version = inode.attr.version;
             let (size, content) = update(inode).await?;
-            let op = MetaOp::SetContent { ino, expect_version: version, size, content };
+            let op = MetaOp::SetContent {
+                ino,
+                expect_version: version,
+                size,
+                content,
+            };
             match self.write_op(op).await {
                 Err(FsError::Conflict(_)) => continue,
                 other => return expect_attr(other?),
             }
         }
-        Err(FsError::Unavailable("file kept changing under concurrent writers".into()))
+        Err(FsError::Unavailable(
+            "file kept changing under concurrent writers".into(),
+        ))
     }
 
     /// Write `data` at `offset`. Durable on a quorum on return; `sync` also syncs the bricks'
     /// write-ahead logs (fsync).
-    pub async fn write(&self, ino: InodeId, offset: u64, data: &[u8], sync: bool) -> Result<Attr, FsError> {
+    pub async fn write(
+        &self,
+        ino: InodeId,
+        offset: u64,
+        data: &[u8],
+        sync: bool,
+    ) -> Result<Attr, FsError> {
         self.write_ranges(ino, &[(offset, data)], sync).await
     }
 
     /// Apply several writes to one file in one commit (the FUSE layer flushes its buffer so).
-    pub async fn write_ranges(&self, ino: InodeId, ranges: &[(u64, &[u8])], sync: bool) -> Result<Attr, FsError> {
-        let end = ranges.iter().map(|(o, d)| o + d.len() as u64).max().unwrap_or(0);
+    pub async fn write_ranges(
+        &self,
+        ino: InodeId,
+        ranges: &[(u64, &[u8])],
+        sync: bool,
+    ) -> Result<Attr, FsError> {
+        let end = ranges
+            .iter()
+            .map(|(o, d)| o + d.len() as u64)
+            .max()
+            .unwrap_or(0);
         self.commit_with(ino, |inode| async move {
             let size = inode.attr.size.max(end);
             let cs = self.chunk_size();
@@ -257,7 +296,12 @@ impl Volume {
 
     /// Replace a file's content with everything `reader` yields, holding at most a few chunks in
     /// memory. Committed once at the end, so readers see the old or the new file, never a mix.
-    pub async fn write_from<R: AsyncRead + Unpin>(&self, ino: InodeId, mut reader: R, sync: bool) -> Result<Attr, FsError> {
+    pub async fn write_from<R: AsyncRead + Unpin>(
+        &self,
+        ino: InodeId,
+        mut reader: R,
+        sync: bool,
+    ) -> Result<Attr, FsError> {
         let version = self.inode(ino).await?.attr.version;
         let cs = self.chunk_size() as usize;
         let mut size = 0u64;
@@ -265,7 +309,15 @@ impl Volume {
         size += first.len() as u64;
         if first.len() <= INLINE_MAX && first.len() < cs {
             let content = Content::Inline(std::mem::take(&mut first));
-            return expect_attr(self.write_op(MetaOp::SetContent { ino, expect_version: version, size, content }).await?);
+            return expect_attr(
+                self.write_op(MetaOp::SetContent {
+                    ino,
+                    expect_version: version,
+                    size,
+                    content,
+                })
+                .await?,
+            );
         }
         let mut pending = futures::stream::FuturesOrdered::new();
         let mut ids = Vec::new();
@@ -285,21 +337,36 @@ impl Volume {
             block = read_full(&mut reader, cs).await?;
             size += block.len() as u64;
         }
-        let op = MetaOp::SetContent { ino, expect_version: version, size, content: Content::Chunks(ids) };
+        let op = MetaOp::SetContent {
+            ino,
+            expect_version: version,
+            size,
+            content: Content::Chunks(ids),
+        };
         expect_attr(self.write_op(op).await?)
     }
 
     /// Stream a whole file to `writer`, a chunk at a time.
-    pub async fn read_to<W: AsyncWrite + Unpin>(&self, ino: InodeId, writer: &mut W) -> Result<u64, FsError> {
+    pub async fn read_to<W: AsyncWrite + Unpin>(
+        &self,
+        ino: InodeId,
+        writer: &mut W,
+    ) -> Result<u64, FsError> {
         let inode = self.inode(ino).await?;
         let cs = self.chunk_size();
         let mut offset = 0;
         while offset < inode.attr.size {
             let piece = self.read_inode(&inode, offset, cs).await?;
-            writer.write_all(&piece).await.map_err(|e| FsError::Io(e.to_string()))?;
+            writer
+                .write_all(&piece)
+                .await
+                .map_err(|e| FsError::Io(e.to_string()))?;
             offset += piece.len() as u64;
         }
-        writer.flush().await.map_err(|e| FsError::Io(e.to_string()))?;
+        writer
+            .flush()
+            .await
+            .map_err(|e| FsError::Io(e.to_string()))?;
         Ok(offset)
     }
 }

@@ -42,7 +42,11 @@ fn expect_attr(ok: MetaOk) -> Result<Attr, FsError> {
 
 impl Volume {
     /// Connect to a volume through any of `seeds` (HOST:PORT of its bricks).
-    pub async fn connect(seeds: &[String], volume: &str, identity: &Identity) -> Result<Volume, FsError> {
+    pub async fn connect(
+        seeds: &[String],
+        volume: &str,
+        identity: &Identity,
+    ) -> Result<Volume, FsError> {
         if seeds.is_empty() {
             return Err(FsError::Invalid("no brick addresses given".into()));
         }
@@ -97,10 +101,15 @@ impl Volume {
         let deadline = Instant::now() + META_DEADLINE;
         let mut last_err;
         loop {
-            let target = self.leader.lock().expect("leader lock").clone().unwrap_or_else(|| {
-                let i = self.next.fetch_add(1, Ordering::Relaxed);
-                self.seeds[i % self.seeds.len()].clone()
-            });
+            let target = self
+                .leader
+                .lock()
+                .expect("leader lock")
+                .clone()
+                .unwrap_or_else(|| {
+                    let i = self.next.fetch_add(1, Ordering::Relaxed);
+                    self.seeds[i % self.seeds.len()].clone()
+                });
             match self.pool.call(&target, &req, REQUEST_TIMEOUT).await {
                 Ok(Ok(Reply::Meta { result, leader })) => {
                     *self.leader.lock().expect("leader lock") = leader.map(|l| l.addr);
@@ -138,7 +147,13 @@ impl Volume {
     }
 
     pub async fn lookup(&self, parent: InodeId, name: &[u8]) -> Result<Attr, FsError> {
-        expect_attr(self.query(Query::Lookup { parent, name: name.to_vec() }).await?)
+        expect_attr(
+            self.query(Query::Lookup {
+                parent,
+                name: name.to_vec(),
+            })
+            .await?,
+        )
     }
 
     pub async fn getattr(&self, ino: InodeId) -> Result<Attr, FsError> {
@@ -153,8 +168,20 @@ impl Volume {
     }
 
     /// One page of a directory, sorted by name, after `after`.
-    pub async fn readdir(&self, ino: InodeId, after: Option<&[u8]>, limit: u32) -> Result<Vec<DirEntry>, FsError> {
-        match self.query(Query::ReadDir { ino, after: after.map(<[u8]>::to_vec), limit }).await? {
+    pub async fn readdir(
+        &self,
+        ino: InodeId,
+        after: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<Vec<DirEntry>, FsError> {
+        match self
+            .query(Query::ReadDir {
+                ino,
+                after: after.map(<[u8]>::to_vec),
+                limit,
+            })
+            .await?
+        {
             MetaOk::Entries(e) => Ok(e),
             other => Err(FsError::Io(format!("unexpected answer {other:?}"))),
         }
@@ -184,20 +211,66 @@ impl Volume {
         rdev: u32,
         exclusive: bool,
     ) -> Result<Attr, FsError> {
-        let op = MetaOp::Mknod { parent, name: name.to_vec(), kind, perm, uid, gid, rdev, exclusive };
+        let op = MetaOp::Mknod {
+            parent,
+            name: name.to_vec(),
+            kind,
+            perm,
+            uid,
+            gid,
+            rdev,
+            exclusive,
+        };
         expect_attr(self.write_op(op).await?)
     }
 
-    pub async fn create(&self, parent: InodeId, name: &[u8], perm: u32, uid: u32, gid: u32) -> Result<Attr, FsError> {
-        self.mknod(parent, name, FileKind::Regular, perm, uid, gid, 0, true).await
+    pub async fn create(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        perm: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr, FsError> {
+        self.mknod(parent, name, FileKind::Regular, perm, uid, gid, 0, true)
+            .await
     }
 
-    pub async fn mkdir(&self, parent: InodeId, name: &[u8], perm: u32, uid: u32, gid: u32) -> Result<Attr, FsError> {
-        expect_attr(self.write_op(MetaOp::Mkdir { parent, name: name.to_vec(), perm, uid, gid }).await?)
+    pub async fn mkdir(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        perm: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr, FsError> {
+        expect_attr(
+            self.write_op(MetaOp::Mkdir {
+                parent,
+                name: name.to_vec(),
+                perm,
+                uid,
+                gid,
+            })
+            .await?,
+        )
     }
 
-    pub async fn symlink(&self, parent: InodeId, name: &[u8], target: &[u8], uid: u32, gid: u32) -> Result<Attr, FsError> {
-        let op = MetaOp::Symlink { parent, name: name.to_vec(), target: target.to_vec(), uid, gid };
+    pub async fn symlink(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr, FsError> {
+        let op = MetaOp::Symlink {
+            parent,
+            name: name.to_vec(),
+            target: target.to_vec(),
+            uid,
+            gid,
+        };
         expect_attr(self.write_op(op).await?)
     }
 
@@ -208,21 +281,56 @@ impl Volume {
         }
     }
 
-    pub async fn link(&self, ino: InodeId, new_parent: InodeId, new_name: &[u8]) -> Result<Attr, FsError> {
-        expect_attr(self.write_op(MetaOp::Link { ino, new_parent, new_name: new_name.to_vec() }).await?)
+    pub async fn link(
+        &self,
+        ino: InodeId,
+        new_parent: InodeId,
+        new_name: &[u8],
+    ) -> Result<Attr, FsError> {
+        expect_attr(
+            self.write_op(MetaOp::Link {
+                ino,
+                new_parent,
+                new_name: new_name.to_vec(),
+            })
+            .await?,
+        )
     }
 
     pub async fn unlink(&self, parent: InodeId, name: &[u8]) -> Result<(), FsError> {
-        self.write_op(MetaOp::Unlink { parent, name: name.to_vec() }).await.map(|_| ())
+        self.write_op(MetaOp::Unlink {
+            parent,
+            name: name.to_vec(),
+        })
+        .await
+        .map(|_| ())
     }
 
     pub async fn rmdir(&self, parent: InodeId, name: &[u8]) -> Result<(), FsError> {
-        self.write_op(MetaOp::Rmdir { parent, name: name.to_vec() }).await.map(|_| ())
+        self.write_op(MetaOp::Rmdir {
+            parent,
+            name: name.to_vec(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Atomic rename; `flags` is 0, RENAME_NOREPLACE or RENAME_EXCHANGE.
-    pub async fn rename(&self, parent: InodeId, name: &[u8], new_parent: InodeId, new_name: &[u8], flags: u32) -> Result<(), FsError> {
-        let op = MetaOp::Rename { parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags };
+    pub async fn rename(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        new_parent: InodeId,
+        new_name: &[u8],
+        flags: u32,
+    ) -> Result<(), FsError> {
+        let op = MetaOp::Rename {
+            parent,
+            name: name.to_vec(),
+            new_parent,
+            new_name: new_name.to_vec(),
+            flags,
+        };
         self.write_op(op).await.map(|_| ())
     }
 
@@ -230,8 +338,19 @@ impl Volume {
         expect_attr(self.write_op(MetaOp::SetAttr { ino, set }).await?)
     }
 
-    pub async fn setxattr(&self, ino: InodeId, name: &[u8], value: &[u8], mode: XattrMode) -> Result<(), FsError> {
-        let op = MetaOp::SetXattr { ino, name: name.to_vec(), value: value.to_vec(), mode };
+    pub async fn setxattr(
+        &self,
+        ino: InodeId,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> Result<(), FsError> {
+        let op = MetaOp::SetXattr {
+            ino,
+            name: name.to_vec(),
+            value: value.to_vec(),
+            mode,
+        };
         self.write_op(op).await.map(|_| ())
     }
 
@@ -246,11 +365,22 @@ impl Volume {
     }
 
     pub async fn listxattr(&self, ino: InodeId) -> Result<Vec<Vec<u8>>, FsError> {
-        Ok(self.inode(ino).await?.xattrs.into_iter().map(|(n, _)| n).collect())
+        Ok(self
+            .inode(ino)
+            .await?
+            .xattrs
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect())
     }
 
     pub async fn removexattr(&self, ino: InodeId, name: &[u8]) -> Result<(), FsError> {
-        self.write_op(MetaOp::RemoveXattr { ino, name: name.to_vec() }).await.map(|_| ())
+        self.write_op(MetaOp::RemoveXattr {
+            ino,
+            name: name.to_vec(),
+        })
+        .await
+        .map(|_| ())
     }
 
     pub async fn statfs(&self) -> Result<StatFs, FsError> {

@@ -32,23 +32,42 @@ pub enum AdminError {
     Brick { addr: String, err: FsError },
 }
 
-async fn call(pool: &Pool, addr: &str, req: &Request, timeout: Duration) -> Result<Reply, AdminError> {
+async fn call(
+    pool: &Pool,
+    addr: &str,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Reply, AdminError> {
     match pool.call(addr, req, timeout).await {
         Ok(Ok(r)) => Ok(r),
-        Ok(Err(err)) => Err(AdminError::Brick { addr: addr.to_string(), err }),
-        Err(e) => Err(AdminError::Unreachable { addr: addr.to_string(), reason: e.to_string() }),
+        Ok(Err(err)) => Err(AdminError::Brick {
+            addr: addr.to_string(),
+            err,
+        }),
+        Err(e) => Err(AdminError::Unreachable {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        }),
     }
 }
 
 pub async fn hello(pool: &Pool, addr: &str) -> Result<BrickHello, AdminError> {
     match call(pool, addr, &Request::Hello, HELLO_TIMEOUT).await? {
         Reply::Hello(h) => Ok(h),
-        other => Err(AdminError::Brick { addr: addr.into(), err: FsError::Io(format!("unexpected reply {other:?}")) }),
+        other => Err(AdminError::Brick {
+            addr: addr.into(),
+            err: FsError::Io(format!("unexpected reply {other:?}")),
+        }),
     }
 }
 
 pub fn validate_volume_name(name: &str) -> Result<(), AdminError> {
-    if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         return Err(AdminError::BadName(name.to_string()));
     }
     Ok(())
@@ -56,7 +75,12 @@ pub fn validate_volume_name(name: &str) -> Result<(), AdminError> {
 
 /// Create a replica-3 volume over `bricks`. Every check happens before any brick is changed,
 /// so a refused create leaves nothing behind.
-pub async fn create_volume(pool: &Pool, name: &str, bricks: &[String], chunk_size: u32) -> Result<VolumeConfig, AdminError> {
+pub async fn create_volume(
+    pool: &Pool,
+    name: &str,
+    bricks: &[String],
+    chunk_size: u32,
+) -> Result<VolumeConfig, AdminError> {
     validate_volume_name(name)?;
     if bricks.len() != 3 {
         return Err(AdminError::BrickCount(bricks.len()));
@@ -75,22 +99,53 @@ pub async fn create_volume(pool: &Pool, name: &str, bricks: &[String], chunk_siz
     for (addr, h) in bricks.iter().zip(hellos) {
         let h = h?;
         if let Some(volume) = h.volume {
-            return Err(AdminError::InUse { addr: addr.clone(), volume });
+            return Err(AdminError::InUse {
+                addr: addr.clone(),
+                volume,
+            });
         }
         if let Some(other) = set.iter().find(|b| b.id == h.id) {
-            return Err(AdminError::SameBrick(other.addr.clone(), addr.clone(), h.id));
+            return Err(AdminError::SameBrick(
+                other.addr.clone(),
+                addr.clone(),
+                h.id,
+            ));
         }
-        set.push(BrickRef { id: h.id, addr: addr.clone() });
+        set.push(BrickRef {
+            id: h.id,
+            addr: addr.clone(),
+        });
     }
-    let config = VolumeConfig { name: name.to_string(), chunk_size, replica_sets: vec![set], created: Timestamp::now() };
-    call(pool, &bricks[0], &Request::Admin(AdminRequest::InitVolume(config.clone())), INIT_TIMEOUT).await?;
+    let config = VolumeConfig {
+        name: name.to_string(),
+        chunk_size,
+        replica_sets: vec![set],
+        created: Timestamp::now(),
+    };
+    call(
+        pool,
+        &bricks[0],
+        &Request::Admin(AdminRequest::InitVolume(config.clone())),
+        INIT_TIMEOUT,
+    )
+    .await?;
     Ok(config)
 }
 
 pub async fn status(pool: &Pool, addr: &str) -> Result<BrickStatus, AdminError> {
-    match call(pool, addr, &Request::Admin(AdminRequest::Status), HELLO_TIMEOUT).await? {
+    match call(
+        pool,
+        addr,
+        &Request::Admin(AdminRequest::Status),
+        HELLO_TIMEOUT,
+    )
+    .await?
+    {
         Reply::Status(s) => Ok(s),
-        other => Err(AdminError::Brick { addr: addr.into(), err: FsError::Io(format!("unexpected reply {other:?}")) }),
+        other => Err(AdminError::Brick {
+            addr: addr.into(),
+            err: FsError::Io(format!("unexpected reply {other:?}")),
+        }),
     }
 }
 
@@ -98,24 +153,43 @@ pub async fn status(pool: &Pool, addr: &str) -> Result<BrickStatus, AdminError> 
 pub async fn list_chunks(pool: &Pool, addr: &str) -> Result<Vec<ChunkId>, AdminError> {
     let mut all: Vec<ChunkId> = Vec::new();
     loop {
-        let req = Request::Admin(AdminRequest::ListChunks { after: all.last().copied(), limit: 10_000 });
+        let req = Request::Admin(AdminRequest::ListChunks {
+            after: all.last().copied(),
+            limit: 10_000,
+        });
         match call(pool, addr, &req, Duration::from_secs(30)).await? {
             Reply::Chunks(page) if page.is_empty() => return Ok(all),
             Reply::Chunks(page) => all.extend(page),
-            other => return Err(AdminError::Brick { addr: addr.into(), err: FsError::Io(format!("unexpected reply {other:?}")) }),
+            other => {
+                return Err(AdminError::Brick {
+                    addr: addr.into(),
+                    err: FsError::Io(format!("unexpected reply {other:?}")),
+                })
+            }
         }
     }
 }
 
 /// Every (missing brick, chunk) entry in a brick's heal index.
-pub async fn list_heal_index(pool: &Pool, addr: &str) -> Result<Vec<(BrickId, ChunkId)>, AdminError> {
+pub async fn list_heal_index(
+    pool: &Pool,
+    addr: &str,
+) -> Result<Vec<(BrickId, ChunkId)>, AdminError> {
     let mut all: Vec<(BrickId, ChunkId)> = Vec::new();
     loop {
-        let req = Request::Admin(AdminRequest::ListHealIndex { after: all.last().copied(), limit: 10_000 });
+        let req = Request::Admin(AdminRequest::ListHealIndex {
+            after: all.last().copied(),
+            limit: 10_000,
+        });
         match call(pool, addr, &req, Duration::from_secs(30)).await? {
             Reply::HealIndex(page) if page.is_empty() => return Ok(all),
             Reply::HealIndex(page) => all.extend(page),
-            other => return Err(AdminError::Brick { addr: addr.into(), err: FsError::Io(format!("unexpected reply {other:?}")) }),
+            other => {
+                return Err(AdminError::Brick {
+                    addr: addr.into(),
+                    err: FsError::Io(format!("unexpected reply {other:?}")),
+                })
+            }
         }
     }
 }

@@ -6,8 +6,8 @@
 //! [`BRICK_SERVER_NAME`], which clients verify, so only a brick can answer as a brick.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::fmt;
@@ -152,10 +152,12 @@ impl Identity {
     /// Server side: every peer must present a certificate issued by the volume CA.
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots()?,
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -363,7 +365,13 @@ mod tests {
         assert!(id.server_config().is_ok());
         assert!(id.client_config().is_ok());
         assert!(matches!(
-            issue(dir.path(), Role::Client, "a/b", Validity { days: 1 }, dir.path()),
+            issue(
+                dir.path(),
+                Role::Client,
+                "a/b",
+                Validity { days: 1 },
+                dir.path()
+            ),
             Err(TlsError::BadName(_))
         ));
     }

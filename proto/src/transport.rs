@@ -39,7 +39,8 @@ pub enum TransportError {
     Resolve(String),
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: String, reason: String },
-    #[error("{addr} refused our certificate ({reason})")]
+    /// The TLS handshake failed: the brick refused our certificate, or we refused its.
+    #[error("TLS with {addr} failed: {reason}")]
     Refused { addr: String, reason: String },
     #[error("connection to {addr} lost: {reason}")]
     Lost { addr: String, reason: String },
@@ -67,8 +68,12 @@ impl TransportError {
 }
 
 /// A brick's endpoint: accepts peers and also dials other bricks with the same certificate.
-pub fn server_endpoint(listen: SocketAddr, id: &Identity) -> Result<quinn::Endpoint, TransportError> {
-    let mut ep = quinn::Endpoint::server(id.server_config()?, listen).map_err(TransportError::Socket)?;
+pub fn server_endpoint(
+    listen: SocketAddr,
+    id: &Identity,
+) -> Result<quinn::Endpoint, TransportError> {
+    let mut ep =
+        quinn::Endpoint::server(id.server_config()?, listen).map_err(TransportError::Socket)?;
     ep.set_default_client_config(id.client_config()?);
     Ok(ep)
 }
@@ -91,9 +96,17 @@ fn is_tls_refusal(e: &quinn::ConnectionError) -> bool {
 
 fn conn_error(addr: &str, e: quinn::ConnectionError) -> TransportError {
     if is_tls_refusal(&e) {
+        // A local transport error means our side aborted the handshake; a close from the peer
+        // means the brick refused us (under TLS 1.3 that arrives after connect, on first use).
+        let side = match e {
+            quinn::ConnectionError::TransportError(_) => {
+                "the brick's certificate is not trusted (is it from this volume's CA?)"
+            }
+            _ => "the brick refused our certificate (wrong CA, expired, or not a mortar role)",
+        };
         TransportError::Refused {
             addr: addr.to_string(),
-            reason: e.to_string(),
+            reason: format!("{side}: {e}"),
         }
     } else {
         TransportError::Lost {
@@ -146,7 +159,11 @@ impl Pool {
 
     /// True while `addr` is marked down.
     pub fn is_down(&self, addr: &str) -> bool {
-        self.state.lock().expect("pool lock").down.contains_key(addr)
+        self.state
+            .lock()
+            .expect("pool lock")
+            .down
+            .contains_key(addr)
     }
 
     pub fn endpoint(&self) -> &quinn::Endpoint {
@@ -170,7 +187,10 @@ impl Pool {
                 }
                 return Err(TransportError::Connect {
                     addr: addr.to_string(),
-                    reason: format!("down for {:?}; reconnecting in the background", d.since.elapsed()),
+                    reason: format!(
+                        "down for {:?}; reconnecting in the background",
+                        d.since.elapsed()
+                    ),
                 });
             }
         }
@@ -178,11 +198,16 @@ impl Pool {
             Ok(c) => Ok(c),
             Err(e) => {
                 if !e.is_refused() {
-                    self.state.lock().expect("pool lock").down.entry(addr.to_string()).or_insert(Down {
-                        failures: 1,
-                        since: std::time::Instant::now(),
-                        probing: false,
-                    });
+                    self.state
+                        .lock()
+                        .expect("pool lock")
+                        .down
+                        .entry(addr.to_string())
+                        .or_insert(Down {
+                            failures: 1,
+                            since: std::time::Instant::now(),
+                            probing: false,
+                        });
                 }
                 Err(e)
             }
@@ -195,7 +220,8 @@ impl Pool {
                 Some(d) => d.failures,
                 None => return,
             };
-            let backoff = (PROBE_BACKOFF * 2u32.saturating_pow(failures.min(8))).min(MAX_PROBE_BACKOFF);
+            let backoff =
+                (PROBE_BACKOFF * 2u32.saturating_pow(failures.min(8))).min(MAX_PROBE_BACKOFF);
             tokio::time::sleep(backoff).await;
             match self.connect(&addr).await {
                 Ok(_) => return,
@@ -214,13 +240,13 @@ impl Pool {
     /// Open a new connection and make it the pooled one.
     async fn connect(&self, addr: &str) -> Result<quinn::Connection, TransportError> {
         let sa = resolve(addr).await?;
-        let connecting = self
-            .endpoint
-            .connect(sa, BRICK_SERVER_NAME)
-            .map_err(|e| TransportError::Connect {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            })?;
+        let connecting =
+            self.endpoint
+                .connect(sa, BRICK_SERVER_NAME)
+                .map_err(|e| TransportError::Connect {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Err(_) => {
                 return Err(TransportError::Connect {

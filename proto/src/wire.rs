@@ -15,7 +15,9 @@ pub const ALPN: &[u8] = b"mortar/1";
 pub enum Request {
     Hello,
     PutChunk(PutChunk),
-    GetChunk { id: ChunkId },
+    GetChunk {
+        id: ChunkId,
+    },
     /// A namespace change; committed through the metadata group's leader.
     Meta(MetaOp),
     /// A namespace read; answered by the leader so it reflects every acknowledged change.
@@ -192,8 +194,14 @@ pub enum AdminRequest {
     /// volume configuration in it.
     InitVolume(VolumeConfig),
     Status,
-    ListChunks { after: Option<ChunkId>, limit: u32 },
-    ListHealIndex { after: Option<(BrickId, ChunkId)>, limit: u32 },
+    ListChunks {
+        after: Option<ChunkId>,
+        limit: u32,
+    },
+    ListHealIndex {
+        after: Option<(BrickId, ChunkId)>,
+        limit: u32,
+    },
     /// Brick to brick: chunks a peer missed during a replicated write.
     RecordMisses(Vec<(BrickId, ChunkId)>),
 }
@@ -325,7 +333,10 @@ mod tests {
             flags: RENAME_EXCHANGE,
         });
         let back: Request = decode(&encode(&req)).unwrap();
-        assert!(matches!(back, Request::Meta(MetaOp::Rename { new_parent: 7, .. })));
+        assert!(matches!(
+            back,
+            Request::Meta(MetaOp::Rename { new_parent: 7, .. })
+        ));
         let put = Request::PutChunk(PutChunk {
             id: ChunkId::of(b"x"),
             data: b"x".to_vec(),

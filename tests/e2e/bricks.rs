@@ -2,7 +2,8 @@
 //! real QUIC with mutual TLS, real RocksDB.
 
 use mortar_tests::mortar_client::volume_admin;
-use mortar_tests::mortar_proto::tls::Role;
+use mortar_tests::mortar_client::Volume;
+use mortar_tests::mortar_proto::tls::{self, Identity, Role, Validity};
 use mortar_tests::mortar_proto::wire::{self, PutChunk, Reply, Request, Response};
 use mortar_tests::mortar_proto::{ChunkId, FsError, ROOT_INODE};
 use mortar_tests::tree::{self, TreeSpec};
@@ -16,7 +17,13 @@ async fn chunks_per_brick(c: &Cluster) -> Vec<BTreeSet<ChunkId>> {
     let pool = c.admin_pool();
     let mut out = Vec::new();
     for a in c.addrs() {
-        out.push(volume_admin::list_chunks(&pool, &a).await.unwrap().into_iter().collect());
+        out.push(
+            volume_admin::list_chunks(&pool, &a)
+                .await
+                .unwrap()
+                .into_iter()
+                .collect(),
+        );
     }
     out
 }
@@ -37,14 +44,34 @@ async fn tree_round_trips_is_on_every_brick_and_survives_full_restart() {
     assert_eq!(tree::verify(&vol, &src).await, spec.entries());
 
     let referenced = tree::referenced_chunks(&vol).await;
-    assert!(referenced.len() > 500, "only {} chunks referenced", referenced.len());
+    assert!(
+        referenced.len() > 500,
+        "only {} chunks referenced",
+        referenced.len()
+    );
     for (i, held) in chunks_per_brick(&c).await.iter().enumerate() {
         let missing: Vec<_> = referenced.difference(held).collect();
-        assert!(missing.is_empty(), "brick{i} lacks {} of {} chunks", missing.len(), referenced.len());
+        assert!(
+            missing.is_empty(),
+            "brick{i} lacks {} of {} chunks",
+            missing.len(),
+            referenced.len()
+        );
     }
     // The same through the operator CLI.
-    let out = c.cli(&["volume", "status", "www", "--bricks", &c.addrs().join(","), "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = c.cli(&[
+        "volume",
+        "status",
+        "www",
+        "--bricks",
+        &c.addrs().join(","),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 3);
@@ -53,8 +80,14 @@ async fn tree_round_trips_is_on_every_brick_and_survives_full_restart() {
         assert!(r["status"]["chunk_count"].as_u64().unwrap() >= referenced.len() as u64);
         assert_eq!(r["status"]["heal_backlog"], 0);
     }
-    let roles: BTreeSet<String> = rows.iter().map(|r| r["status"]["raft_role"].as_str().unwrap().to_string()).collect();
-    assert_eq!(roles, BTreeSet::from(["leader".to_string(), "follower".to_string()]));
+    let roles: BTreeSet<String> = rows
+        .iter()
+        .map(|r| r["status"]["raft_role"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        roles,
+        BTreeSet::from(["leader".to_string(), "follower".to_string()])
+    );
     drop(vol);
 
     for b in &mut c.bricks {
@@ -67,9 +100,16 @@ async fn tree_round_trips_is_on_every_brick_and_survives_full_restart() {
     assert_eq!(tree::verify(&vol, &src).await, spec.entries());
     assert_eq!(tree::referenced_chunks(&vol).await, referenced);
     let info = c.cli(&["volume", "info", "--bricks", &c.addrs()[2]]);
-    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
     let info = String::from_utf8_lossy(&info.stdout);
-    assert!(info.contains("Volume Name: www") && info.contains("1 x 3 = 3"), "{info}");
+    assert!(
+        info.contains("Volume Name: www") && info.contains("1 x 3 = 3"),
+        "{info}"
+    );
 }
 
 /// Acceptance 4: SIGKILL of a brick while a writer runs; the writer sees no error, metadata
@@ -79,8 +119,17 @@ async fn writer_rides_through_a_killed_brick_which_catches_up() {
     let mut c = Cluster::start(3);
     let vol = Arc::new(c.create_volume("www", 64 * 1024).await);
     let pool = c.admin_pool();
-    let victim = 2;
-    let victim_id = volume_admin::status(&pool, &c.addrs()[victim]).await.unwrap().id;
+    // A follower: killing the leader mid-request needs idempotent retries (the failover issue).
+    let mut victim = 0;
+    for (i, a) in c.addrs().iter().enumerate() {
+        if volume_admin::status(&pool, a).await.unwrap().raft_role == "follower" {
+            victim = i;
+        }
+    }
+    let victim_id = volume_admin::status(&pool, &c.addrs()[victim])
+        .await
+        .unwrap()
+        .id;
 
     let written = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -92,8 +141,12 @@ async fn writer_rides_through_a_killed_brick_which_catches_up() {
             let mut i = 0usize;
             // Write until told to stop, and at least 60 files.
             while !stop.load(Ordering::Relaxed) || i < 60 {
-                let data: Vec<u8> = (0..(150_000 + i * 13)).map(|k| (k * 31 + i) as u8).collect();
-                let a = vol.create(dir.ino, format!("f{i}").as_bytes(), 0o644, 0, 0).await?;
+                let data: Vec<u8> = (0..(150_000 + i * 13))
+                    .map(|k| (k * 31 + i) as u8)
+                    .collect();
+                let a = vol
+                    .create(dir.ino, format!("f{i}").as_bytes(), 0o644, 0, 0)
+                    .await?;
                 vol.write(a.ino, 0, &data, false).await?;
                 files.push((a.ino, data));
                 i += 1;
@@ -118,11 +171,15 @@ async fn writer_rides_through_a_killed_brick_which_catches_up() {
     let files = writer.await.unwrap().expect("writer saw no error");
 
     c.bricks[victim].start();
-    let leader_applied = {
-        let s = volume_admin::status(&pool, &c.addrs()[0]).await.unwrap();
-        let leader = if s.raft_role == "leader" { 0 } else { 1 };
-        volume_admin::status(&pool, &c.addrs()[leader]).await.unwrap().applied_index
-    };
+    let mut leader_applied = 0;
+    for i in (0..3).filter(|i| *i != victim) {
+        leader_applied = leader_applied.max(
+            volume_admin::status(&pool, &c.addrs()[i])
+                .await
+                .unwrap()
+                .applied_index,
+        );
+    }
     let addr = c.addrs()[victim].clone();
     wait_for("restarted brick to catch up its Raft log", DEADLINE, || {
         let (pool, addr) = (pool.clone(), addr.clone());
@@ -139,18 +196,32 @@ async fn writer_rides_through_a_killed_brick_which_catches_up() {
     let referenced = tree::referenced_chunks(&vol).await;
     let held = chunks_per_brick(&c).await;
     let missed: BTreeSet<ChunkId> = referenced.difference(&held[victim]).copied().collect();
-    assert!(!missed.is_empty(), "the killed brick missed nothing; the test did not test");
+    assert!(
+        !missed.is_empty(),
+        "the killed brick missed nothing; the test did not test"
+    );
     let mut listed = BTreeSet::new();
     for i in (0..3).filter(|i| *i != victim) {
-        assert!(referenced.is_subset(&held[i]), "surviving brick{i} lacks chunks");
-        for (brick, chunk) in volume_admin::list_heal_index(&pool, &c.addrs()[i]).await.unwrap() {
+        assert!(
+            referenced.is_subset(&held[i]),
+            "surviving brick{i} lacks chunks"
+        );
+        for (brick, chunk) in volume_admin::list_heal_index(&pool, &c.addrs()[i])
+            .await
+            .unwrap()
+        {
             if brick == victim_id {
                 listed.insert(chunk);
             }
         }
     }
     let unlisted: Vec<_> = missed.difference(&listed).collect();
-    assert!(unlisted.is_empty(), "{} of {} missed chunks are not in any heal index", unlisted.len(), missed.len());
+    assert!(
+        unlisted.is_empty(),
+        "{} of {} missed chunks are not in any heal index",
+        unlisted.len(),
+        missed.len()
+    );
 }
 
 /// Send raw bytes as one request on a fresh stream and read the answer.
@@ -167,24 +238,74 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let c = Cluster::start(3);
     let vol = c.create_volume("www", 1 << 20).await;
 
-    // A client certificate from another CA.
+    // A client certificate from another CA, presented to bricks whose CA the client trusts:
+    // the brick refuses it, and the client says so.
     let other = tempfile::tempdir().unwrap();
     let foreign = mortar_tests::Certs::new(other.path());
-    let id = foreign.identity(Role::Client, "intruder");
-    let err = mortar_tests::mortar_client::Volume::connect(&c.addrs(), "www", &id).await.err().expect("foreign cert refused");
+    let (cert, key) = foreign.issue(Role::Client, "intruder");
+    let id = Identity::load(&cert, &key, &c.certs.ca()).unwrap();
+    let err = Volume::connect(&c.addrs(), "www", &id)
+        .await
+        .err()
+        .expect("foreign cert refused");
     assert!(matches!(err, FsError::NotPermitted(_)), "{err:?}");
     assert!(err.to_string().contains("refused our certificate"), "{err}");
-    wait_for("brick log to name the refusal", DEADLINE, || async { c.log_contains(0, "refused connection").then_some(()) }).await;
+    wait_for("brick log to name the refusal", DEADLINE, || async {
+        (0..3)
+            .any(|i| c.log_contains(i, "refused connection (TLS handshake failed)"))
+            .then_some(())
+    })
+    .await;
+    // A client of another volume CA altogether does not trust the bricks either.
+    let err = Volume::connect(
+        &c.addrs(),
+        "www",
+        &foreign.identity(Role::Client, "intruder"),
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("not trusted"), "{err}");
+    // An expired certificate from the right CA.
+    tls::issue(
+        &c.certs.dir,
+        Role::Client,
+        "expired",
+        Validity { days: -1 },
+        &c.certs.dir,
+    )
+    .unwrap();
+    let expired = c.certs.identity(Role::Client, "expired");
+    let err = Volume::connect(&c.addrs(), "www", &expired)
+        .await
+        .err()
+        .expect("expired cert refused");
+    assert!(err.to_string().contains("refused our certificate"), "{err}");
 
     // Names.
     let long = vec![b'a'; 256];
-    assert_eq!(vol.create(ROOT_INODE, &long, 0o644, 0, 0).await, Err(FsError::NameTooLong));
-    assert_eq!(vol.lookup(ROOT_INODE, &long).await, Err(FsError::NameTooLong));
-    assert_eq!(vol.create(ROOT_INODE, b"a/b", 0o644, 0, 0).await, Err(FsError::InvalidName));
-    assert_eq!(vol.mkdir(ROOT_INODE, b"a\0b", 0o755, 0, 0).await, Err(FsError::InvalidName));
+    assert_eq!(
+        vol.create(ROOT_INODE, &long, 0o644, 0, 0).await,
+        Err(FsError::NameTooLong)
+    );
+    assert_eq!(
+        vol.lookup(ROOT_INODE, &long).await,
+        Err(FsError::NameTooLong)
+    );
+    assert_eq!(
+        vol.create(ROOT_INODE, b"a/b", 0o644, 0, 0).await,
+        Err(FsError::InvalidName)
+    );
+    assert_eq!(
+        vol.mkdir(ROOT_INODE, b"a\0b", 0o755, 0, 0).await,
+        Err(FsError::InvalidName)
+    );
     assert_eq!(FsError::NameTooLong.errno(), libc::ENAMETOOLONG);
     assert_eq!(FsError::InvalidName.errno(), libc::EINVAL);
-    assert!(vol.readdir_all(ROOT_INODE).await.unwrap().is_empty(), "a refused name left an entry");
+    assert!(
+        vol.readdir_all(ROOT_INODE).await.unwrap().is_empty(),
+        "a refused name left an entry"
+    );
 
     // Frames: garbage, then a length over the limit; the brick answers with an error each time
     // and keeps serving other streams on the same connection.
@@ -192,29 +313,55 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let conn = pool.connection(&c.addrs()[0]).await.unwrap();
     let mut garbage = 8u32.to_be_bytes().to_vec();
     garbage.extend_from_slice(&[0xff; 8]);
-    assert!(matches!(raw_request(&conn, &garbage).await, Err(FsError::Invalid(m)) if m.contains("decode")));
+    assert!(
+        matches!(raw_request(&conn, &garbage).await, Err(FsError::Invalid(m)) if m.contains("decode"))
+    );
     let huge = (wire::MAX_FRAME as u32 + 1).to_be_bytes();
-    assert!(matches!(raw_request(&conn, &huge).await, Err(FsError::Invalid(m)) if m.contains("exceeds")));
+    assert!(
+        matches!(raw_request(&conn, &huge).await, Err(FsError::Invalid(m)) if m.contains("exceeds"))
+    );
     let mut hello = Vec::new();
     let body = wire::encode(&Request::Hello);
     hello.extend_from_slice(&(body.len() as u32).to_be_bytes());
     hello.extend_from_slice(&body);
-    assert!(matches!(raw_request(&conn, &hello).await, Ok(Reply::Hello(_))));
+    assert!(matches!(
+        raw_request(&conn, &hello).await,
+        Ok(Reply::Hello(_))
+    ));
 
     // A chunk whose bytes do not match its id.
     let data = vec![9u8; 4096];
     let wrong = ChunkId::of(b"something else");
-    let put = Request::PutChunk(PutChunk { id: wrong, data: data.clone(), replicate: true, sync: false });
-    let r = pool.call(&c.addrs()[1], &put, std::time::Duration::from_secs(10)).await.unwrap();
+    let put = Request::PutChunk(PutChunk {
+        id: wrong,
+        data: data.clone(),
+        replicate: true,
+        sync: false,
+    });
+    let r = pool
+        .call(&c.addrs()[1], &put, std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
     assert!(matches!(r, Err(FsError::HashMismatch(_))), "{r:?}");
     for held in chunks_per_brick(&c).await {
-        assert!(!held.contains(&wrong) && !held.contains(&ChunkId::of(&data)), "a rejected chunk was stored");
+        assert!(
+            !held.contains(&wrong) && !held.contains(&ChunkId::of(&data)),
+            "a rejected chunk was stored"
+        );
     }
     // A client certificate may not push unreplicated copies (brick-to-brick traffic).
     let id = ChunkId::of(&data);
-    let sneaky = Request::PutChunk(PutChunk { id, data, replicate: false, sync: false });
+    let sneaky = Request::PutChunk(PutChunk {
+        id,
+        data,
+        replicate: false,
+        sync: false,
+    });
     let client_pool = vol.pool();
-    let r = client_pool.call(&c.addrs()[1], &sneaky, std::time::Duration::from_secs(10)).await.unwrap();
+    let r = client_pool
+        .call(&c.addrs()[1], &sneaky, std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
     assert!(matches!(r, Err(FsError::NotPermitted(_))), "{r:?}");
 }
 
@@ -234,11 +381,26 @@ async fn volume_create_refuses_bad_brick_lists_without_side_effects() {
     }
     let unreachable = format!("{}:9", c.ip);
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["www", "replica", "3", &a[0], &a[1]], "exactly 3 bricks, got 2"),
-        (vec!["www", "replica", "3", &a[0], &a[1], &a[1]], "listed twice"),
-        (vec!["www", "replica", "3", &a[0], &a[1], &unreachable], "unreachable"),
-        (vec!["www", "replica", "2", &a[0], &a[1], &a[2]], "only 'replica 3'"),
-        (vec!["bad/name", "replica", "3", &a[0], &a[1], &a[2]], "invalid volume name"),
+        (
+            vec!["www", "replica", "3", &a[0], &a[1]],
+            "exactly 3 bricks, got 2",
+        ),
+        (
+            vec!["www", "replica", "3", &a[0], &a[1], &a[1]],
+            "listed twice",
+        ),
+        (
+            vec!["www", "replica", "3", &a[0], &a[1], &unreachable],
+            "unreachable",
+        ),
+        (
+            vec!["www", "replica", "2", &a[0], &a[1], &a[2]],
+            "only 'replica 3'",
+        ),
+        (
+            vec!["bad/name", "replica", "3", &a[0], &a[1], &a[2]],
+            "invalid volume name",
+        ),
     ];
     for (args, needle) in cases {
         let mut full = vec!["volume", "create"];
@@ -246,13 +408,23 @@ async fn volume_create_refuses_bad_brick_lists_without_side_effects() {
         let out = c.cli(&full);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{full:?} succeeded");
-        assert!(err.contains(needle), "{full:?}: expected '{needle}' in: {err}");
+        assert!(
+            err.contains(needle),
+            "{full:?}: expected '{needle}' in: {err}"
+        );
         if needle == "unreachable" {
-            assert!(err.contains(&unreachable), "the message does not name the brick: {err}");
+            assert!(
+                err.contains(&unreachable),
+                "the message does not name the brick: {err}"
+            );
         }
         for addr in &a {
             let s = volume_admin::status(&pool, addr).await.unwrap();
-            assert_eq!((s.volume.as_deref(), s.raft_role.as_str()), (None, "none"), "{full:?} changed {addr}");
+            assert_eq!(
+                (s.volume.as_deref(), s.raft_role.as_str()),
+                (None, "none"),
+                "{full:?} changed {addr}"
+            );
         }
     }
     let wrong_args = c.cli(&["volume", "frobnicate"]);
@@ -260,6 +432,8 @@ async fn volume_create_refuses_bad_brick_lists_without_side_effects() {
     // The same bricks still make a volume afterwards.
     let vol = c.create_volume("www", 1 << 20).await;
     vol.mkdir(ROOT_INODE, b"ok", 0o755, 0, 0).await.unwrap();
-    let again = c.cli(&["volume", "create", "www2", "replica", "3", &a[0], &a[1], &a[2]]);
+    let again = c.cli(&[
+        "volume", "create", "www2", "replica", "3", &a[0], &a[1], &a[2],
+    ]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("already belongs to volume 'www'"));
 }

@@ -52,7 +52,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -62,7 +65,12 @@ fn unique_ip() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
-    format!("127.{}.{}.{}", 10 + pid % 200, (pid / 200) % 250, 1 + n % 250)
+    format!(
+        "127.{}.{}.{}",
+        10 + pid % 200,
+        (pid / 200) % 250,
+        1 + n % 250
+    )
 }
 
 pub struct Certs {
@@ -72,7 +80,9 @@ pub struct Certs {
 impl Certs {
     pub fn new(dir: &Path) -> Certs {
         tls::ca_init(dir, "test CA").expect("CA");
-        Certs { dir: dir.to_path_buf() }
+        Certs {
+            dir: dir.to_path_buf(),
+        }
     }
     pub fn ca(&self) -> PathBuf {
         tls::ca_cert_path(&self.dir)
@@ -106,10 +116,24 @@ pub struct BrickProc {
 impl BrickProc {
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "brick {} already running", self.index);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
         let child = Command::new(bin("mortar-brick"))
-            .args(["--data", self.data.to_str().unwrap(), "--listen", &self.addr])
-            .args(["--cert", self.cert.to_str().unwrap(), "--key", self.key.to_str().unwrap()])
+            .args([
+                "--data",
+                self.data.to_str().unwrap(),
+                "--listen",
+                &self.addr,
+            ])
+            .args([
+                "--cert",
+                self.cert.to_str().unwrap(),
+                "--key",
+                self.key.to_str().unwrap(),
+            ])
             .args(["--ca", self.ca.to_str().unwrap()])
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
@@ -127,7 +151,11 @@ impl BrickProc {
             let end = Instant::now() + Duration::from_secs(30);
             loop {
                 if let Some(status) = c.try_wait().expect("wait") {
-                    assert!(status.success(), "brick {} exited with {status} after SIGTERM", self.index);
+                    assert!(
+                        status.success(),
+                        "brick {} exited with {status} after SIGTERM",
+                        self.index
+                    );
                     return;
                 }
                 if Instant::now() > end {
@@ -165,7 +193,10 @@ pub struct Cluster {
 impl Cluster {
     /// Start `n` bricks (not yet in a volume).
     pub fn start(n: usize) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("mortar-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("mortar-test-")
+            .tempdir()
+            .expect("tempdir");
         let certs = Certs::new(&dir.path().join("pki"));
         let ip = unique_ip();
         let mut bricks = Vec::new();
@@ -184,7 +215,12 @@ impl Cluster {
             b.start();
             bricks.push(b);
         }
-        Cluster { dir, certs, ip, bricks }
+        Cluster {
+            dir,
+            certs,
+            ip,
+            bricks,
+        }
     }
 
     pub fn addrs(&self) -> Vec<String> {
@@ -221,22 +257,32 @@ impl Cluster {
         let cs = chunk_size.to_string();
         args.extend(["--chunk-size", &cs]);
         let out = self.cli(&args);
-        assert!(out.status.success(), "volume create failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "volume create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         self.client(name).await
     }
 
     pub async fn client(&self, volume: &str) -> Volume {
         let id = self.certs.identity(Role::Client, "client");
-        Volume::connect(&self.addrs(), volume, &id).await.expect("connect to volume")
+        Volume::connect(&self.addrs(), volume, &id)
+            .await
+            .expect("connect to volume")
     }
 
     pub fn admin_pool(&self) -> mortar_proto::transport::Pool {
         let id = self.certs.identity(Role::Admin, "admin");
-        mortar_proto::transport::Pool::new(mortar_proto::transport::client_endpoint(&id).expect("endpoint"))
+        mortar_proto::transport::Pool::new(
+            mortar_proto::transport::client_endpoint(&id).expect("endpoint"),
+        )
     }
 
     pub fn log_contains(&self, index: usize, needle: &str) -> bool {
-        std::fs::read_to_string(&self.bricks[index].log).unwrap_or_default().contains(needle)
+        std::fs::read_to_string(&self.bricks[index].log)
+            .unwrap_or_default()
+            .contains(needle)
     }
 }
 

@@ -11,7 +11,6 @@ use rand::{Rng, RngCore, SeedableRng};
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Mutex;
 
 pub struct TreeSpec {
     pub dirs: usize,
@@ -25,7 +24,14 @@ pub struct TreeSpec {
 impl TreeSpec {
     /// 2,500 entries: a web docroot's mix of many small files and a few large ones.
     pub fn docroot() -> TreeSpec {
-        TreeSpec { dirs: 60, small_files: 2_260, large_files: 8, symlinks: 120, hard_links: 52, xattr_files: 200 }
+        TreeSpec {
+            dirs: 60,
+            small_files: 2_260,
+            large_files: 8,
+            symlinks: 120,
+            hard_links: 52,
+            xattr_files: 200,
+        }
     }
     pub fn entries(&self) -> usize {
         self.dirs + self.small_files + self.large_files + self.symlinks + self.hard_links
@@ -48,7 +54,16 @@ pub fn make_tree(root: &Path, spec: &TreeSpec, seed: u64) {
         let dir = &dirs[rng.random_range(0..dirs.len())];
         let size = if i < spec.large_files {
             // Unaligned sizes around and across chunk boundaries.
-            [3_407_873, 1 << 20, (1 << 20) + 1, 2_621_440 - 7, 5 << 20, 1_048_575, 70_000, 4 << 20][i % 8]
+            [
+                3_407_873,
+                1 << 20,
+                (1 << 20) + 1,
+                2_621_440 - 7,
+                5 << 20,
+                1_048_575,
+                70_000,
+                4 << 20,
+            ][i % 8]
         } else if rng.random_bool(0.7) {
             rng.random_range(0..8_000)
         } else {
@@ -56,10 +71,15 @@ pub fn make_tree(root: &Path, spec: &TreeSpec, seed: u64) {
         };
         let mut data = vec![0u8; size];
         rng.fill_bytes(&mut data);
-        let name = if i % 97 == 0 { format!("file {i} ü.php") } else { format!("file{i}.html") };
+        let name = if i % 97 == 0 {
+            format!("file {i} ü.php")
+        } else {
+            format!("file{i}.html")
+        };
         let p = dir.join(name);
         std::fs::write(&p, &data).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(modes[i % modes.len()])).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(modes[i % modes.len()]))
+            .unwrap();
         files.push(p);
     }
     for i in 0..spec.xattr_files.min(files.len()) {
@@ -76,7 +96,13 @@ pub fn make_tree(root: &Path, spec: &TreeSpec, seed: u64) {
     }
     for i in 0..spec.symlinks {
         let dir = &dirs[rng.random_range(0..dirs.len())];
-        let target = if i % 5 == 0 { format!("../dangling{i}") } else { files[rng.random_range(0..files.len())].display().to_string() };
+        let target = if i % 5 == 0 {
+            format!("../dangling{i}")
+        } else {
+            files[rng.random_range(0..files.len())]
+                .display()
+                .to_string()
+        };
         std::os::unix::fs::symlink(target, dir.join(format!("link{i}"))).unwrap();
     }
     // Times last: creating children changes directory mtimes.
@@ -84,10 +110,20 @@ pub fn make_tree(root: &Path, spec: &TreeSpec, seed: u64) {
     for (k, p) in all.iter().enumerate() {
         let secs = 1_600_000_000 + rng.random_range(0..100_000_000i64);
         let nanos = rng.random_range(0..1_000_000_000u32);
-        let t = libc::timespec { tv_sec: secs, tv_nsec: nanos as i64 };
+        let t = libc::timespec {
+            tv_sec: secs,
+            tv_nsec: nanos as i64,
+        };
         let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
         let times = [t, t];
-        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+        let rc = unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
         assert_eq!(rc, 0, "utimensat {k}");
     }
 }
@@ -96,7 +132,10 @@ pub fn make_tree(root: &Path, spec: &TreeSpec, seed: u64) {
 pub fn walk(root: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     fn rec(p: &Path, out: &mut Vec<std::path::PathBuf>) {
-        let mut entries: Vec<_> = std::fs::read_dir(p).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         entries.sort();
         for e in entries {
             if std::fs::symlink_metadata(&e).unwrap().is_dir() {
@@ -110,7 +149,10 @@ pub fn walk(root: &Path) -> Vec<std::path::PathBuf> {
 }
 
 fn ts(m: &std::fs::Metadata) -> Timestamp {
-    Timestamp { secs: m.mtime(), nanos: m.mtime_nsec() as u32 }
+    Timestamp {
+        secs: m.mtime(),
+        nanos: m.mtime_nsec() as u32,
+    }
 }
 
 fn name_of(p: &Path) -> Vec<u8> {
@@ -119,13 +161,25 @@ fn name_of(p: &Path) -> Vec<u8> {
 
 /// Copy `src` into the volume's root directory.
 pub async fn upload(vol: &Volume, src: &Path) {
-    let links: Mutex<HashMap<u64, InodeId>> = Mutex::new(HashMap::new());
+    let links: Links = tokio::sync::Mutex::new(HashMap::new());
     upload_dir(vol, src, ROOT_INODE, &links).await;
 }
 
-fn upload_dir<'a>(vol: &'a Volume, dir: &'a Path, ino: InodeId, links: &'a Mutex<HashMap<u64, InodeId>>) -> futures::future::BoxFuture<'a, ()> {
+/// Source inode -> volume inode of files with several names. Held across create so that two
+/// names of one file, uploaded concurrently, make one inode.
+type Links = tokio::sync::Mutex<HashMap<u64, InodeId>>;
+
+fn upload_dir<'a>(
+    vol: &'a Volume,
+    dir: &'a Path,
+    ino: InodeId,
+    links: &'a Links,
+) -> futures::future::BoxFuture<'a, ()> {
     Box::pin(async move {
-        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         entries.sort();
         stream::iter(entries)
             .map(|p| async move {
@@ -139,22 +193,40 @@ fn upload_dir<'a>(vol: &'a Volume, dir: &'a Path, ino: InodeId, links: &'a Mutex
                     set_times(vol, a.ino, &m).await;
                 } else if m.file_type().is_symlink() {
                     let target = std::fs::read_link(p).unwrap();
-                    vol.symlink(ino, &name, target.as_os_str().as_encoded_bytes(), m.uid(), m.gid()).await.unwrap();
+                    vol.symlink(
+                        ino,
+                        &name,
+                        target.as_os_str().as_encoded_bytes(),
+                        m.uid(),
+                        m.gid(),
+                    )
+                    .await
+                    .unwrap();
                 } else {
-                    let existing = links.lock().unwrap().get(&m.ino()).copied();
-                    if let Some(target) = existing {
-                        vol.link(target, ino, &name).await.unwrap();
-                        return;
-                    }
-                    let a = vol.create(ino, &name, perm, m.uid(), m.gid()).await.unwrap();
-                    if m.nlink() > 1 {
-                        links.lock().unwrap().insert(m.ino(), a.ino);
-                    }
+                    let a = if m.nlink() > 1 {
+                        let mut known = links.lock().await;
+                        if let Some(target) = known.get(&m.ino()) {
+                            vol.link(*target, ino, &name).await.unwrap();
+                            return;
+                        }
+                        let a = vol
+                            .create(ino, &name, perm, m.uid(), m.gid())
+                            .await
+                            .unwrap();
+                        known.insert(m.ino(), a.ino);
+                        a
+                    } else {
+                        vol.create(ino, &name, perm, m.uid(), m.gid())
+                            .await
+                            .unwrap()
+                    };
                     let f = tokio::fs::File::open(p).await.unwrap();
                     vol.write_from(a.ino, f, false).await.unwrap();
                     for x in xattr::list(p).unwrap() {
                         let v = xattr::get(p, &x).unwrap().unwrap_or_default();
-                        vol.setxattr(a.ino, x.as_encoded_bytes(), &v, XattrMode::Create).await.unwrap();
+                        vol.setxattr(a.ino, x.as_encoded_bytes(), &v, XattrMode::Create)
+                            .await
+                            .unwrap();
                     }
                     set_times(vol, a.ino, &m).await;
                 }
@@ -171,8 +243,15 @@ fn upload_dir<'a>(vol: &'a Volume, dir: &'a Path, ino: InodeId, links: &'a Mutex
 }
 
 async fn set_times(vol: &Volume, ino: InodeId, m: &std::fs::Metadata) {
-    let at = Timestamp { secs: m.atime(), nanos: m.atime_nsec() as u32 };
-    let set = SetAttr { atime: Some(TimeSet::At(at)), mtime: Some(TimeSet::At(ts(m))), ..Default::default() };
+    let at = Timestamp {
+        secs: m.atime(),
+        nanos: m.atime_nsec() as u32,
+    };
+    let set = SetAttr {
+        atime: Some(TimeSet::At(at)),
+        mtime: Some(TimeSet::At(ts(m))),
+        ..Default::default()
+    };
     vol.setattr(ino, set).await.unwrap();
 }
 
@@ -181,13 +260,31 @@ pub async fn verify(vol: &Volume, src: &Path) -> usize {
     verify_dir(vol, src, ROOT_INODE).await
 }
 
-fn verify_dir<'a>(vol: &'a Volume, dir: &'a Path, ino: InodeId) -> futures::future::BoxFuture<'a, usize> {
+fn verify_dir<'a>(
+    vol: &'a Volume,
+    dir: &'a Path,
+    ino: InodeId,
+) -> futures::future::BoxFuture<'a, usize> {
     Box::pin(async move {
-        let listed: BTreeSet<Vec<u8>> = vol.readdir_all(ino).await.unwrap().into_iter().map(|e| e.name).collect();
-        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let listed: BTreeSet<Vec<u8>> = vol
+            .readdir_all(ino)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         entries.sort();
         let expected: BTreeSet<Vec<u8>> = entries.iter().map(|p| name_of(p)).collect();
-        assert_eq!(listed, expected, "directory listing differs for {}", dir.display());
+        assert_eq!(
+            listed,
+            expected,
+            "directory listing differs for {}",
+            dir.display()
+        );
         let counts: Vec<usize> = stream::iter(entries)
             .map(|p| async move {
                 let p = p.as_path();
@@ -205,7 +302,11 @@ fn verify_dir<'a>(vol: &'a Volume, dir: &'a Path, ino: InodeId) -> futures::futu
                 if m.file_type().is_symlink() {
                     assert_eq!(a.kind, FileKind::Symlink, "kind of {what}");
                     let target = std::fs::read_link(p).unwrap();
-                    assert_eq!(vol.readlink(a.ino).await.unwrap(), target.as_os_str().as_encoded_bytes(), "target of {what}");
+                    assert_eq!(
+                        vol.readlink(a.ino).await.unwrap(),
+                        target.as_os_str().as_encoded_bytes(),
+                        "target of {what}"
+                    );
                     return 1;
                 }
                 assert_eq!(a.kind, FileKind::Regular, "kind of {what}");
@@ -215,14 +316,27 @@ fn verify_dir<'a>(vol: &'a Volume, dir: &'a Path, ino: InodeId) -> futures::futu
                 let mut got = Vec::new();
                 vol.read_to(a.ino, &mut got).await.unwrap();
                 let want = std::fs::read(p).unwrap();
-                assert!(got == want, "content of {what} differs ({} vs {} bytes)", got.len(), want.len());
-                let mut want_x: Vec<Vec<u8>> = xattr::list(p).unwrap().map(|x| x.as_encoded_bytes().to_vec()).collect();
+                assert!(
+                    got == want,
+                    "content of {what} differs ({} vs {} bytes)",
+                    got.len(),
+                    want.len()
+                );
+                let mut want_x: Vec<Vec<u8>> = xattr::list(p)
+                    .unwrap()
+                    .map(|x| x.as_encoded_bytes().to_vec())
+                    .collect();
                 want_x.sort();
                 let mut got_x = vol.listxattr(a.ino).await.unwrap();
                 got_x.sort();
                 assert_eq!(got_x, want_x, "xattr names of {what}");
                 for x in want_x {
-                    let v = xattr::get(p, <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&x)).unwrap().unwrap_or_default();
+                    let v = xattr::get(
+                        p,
+                        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&x),
+                    )
+                    .unwrap()
+                    .unwrap_or_default();
                     assert_eq!(vol.getxattr(a.ino, &x).await.unwrap(), v, "xattr of {what}");
                 }
                 1

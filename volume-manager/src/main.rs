@@ -9,7 +9,11 @@ use mortar_proto::transport::{client_endpoint, Pool};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "mortar", version, about = "Operate mortar volumes: certificates, volumes, status")]
+#[command(
+    name = "mortar",
+    version,
+    about = "Operate mortar volumes: certificates, volumes, status"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -137,7 +141,8 @@ fn parse_create_spec(spec: &[String]) -> Result<Vec<String>> {
 }
 
 fn pool(conn: &Conn) -> Result<Pool> {
-    let identity = Identity::load(&conn.cert, &conn.key, &conn.ca).context("cannot load the admin TLS identity")?;
+    let identity = Identity::load(&conn.cert, &conn.key, &conn.ca)
+        .context("cannot load the admin TLS identity")?;
     let endpoint = client_endpoint(&identity).context("cannot open a QUIC endpoint")?;
     Ok(Pool::new(endpoint))
 }
@@ -150,7 +155,12 @@ async fn connect(seeds: &Seeds, conn: &Conn, name: Option<&str>) -> Result<Volum
     };
     Volume::with_pool(p, &seeds.bricks, &name)
         .await
-        .map_err(|e| anyhow!("cannot reach volume '{name}' through {}: {e}", seeds.bricks.join(",")))
+        .map_err(|e| {
+            anyhow!(
+                "cannot reach volume '{name}' through {}: {e}",
+                seeds.bricks.join(",")
+            )
+        })
 }
 
 async fn first_volume_name(pool: &Pool, bricks: &[String]) -> Result<String> {
@@ -175,33 +185,71 @@ fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Ca(CaCommand::Init { dir, name }) => {
             tls::ca_init(&dir, &name).context("cannot create the CA")?;
-            println!("CA created: {} and {}", tls::ca_cert_path(&dir).display(), tls::ca_key_path(&dir).display());
+            println!(
+                "CA created: {} and {}",
+                tls::ca_cert_path(&dir).display(),
+                tls::ca_key_path(&dir).display()
+            );
         }
-        Command::Cert(CertCommand::Issue { ca, role, name, out, days }) => {
+        Command::Cert(CertCommand::Issue {
+            ca,
+            role,
+            name,
+            out,
+            days,
+        }) => {
             if days == 0 {
                 bail!("--days must not be 0");
             }
             let out = out.unwrap_or_else(|| ca.clone());
-            let (cert, key) = tls::issue(&ca, role, &name, Validity { days }, &out).context("cannot issue the certificate")?;
-            println!("issued {role} certificate '{name}': {} and {}", cert.display(), key.display());
+            let (cert, key) = tls::issue(&ca, role, &name, Validity { days }, &out)
+                .context("cannot issue the certificate")?;
+            println!(
+                "issued {role} certificate '{name}': {} and {}",
+                cert.display(),
+                key.display()
+            );
         }
-        Command::Volume(VolumeCommand::Create { name, spec, chunk_size, conn }) => {
+        Command::Volume(VolumeCommand::Create {
+            name,
+            spec,
+            chunk_size,
+            conn,
+        }) => {
             let bricks = parse_create_spec(&spec)?;
             let p = pool(&conn)?;
-            let config = volume_admin::create_volume(&p, &name, &bricks, chunk_size).await.map_err(|e| match e {
-                AdminError::Brick { .. } | AdminError::Unreachable { .. } => anyhow!("volume create failed: {e}"),
-                e => anyhow!("{e}"),
-            })?;
-            println!("volume create: {}: success ({} bricks, chunk size {})", config.name, bricks.len(), human(config.chunk_size as u64));
+            let config = volume_admin::create_volume(&p, &name, &bricks, chunk_size)
+                .await
+                .map_err(|e| match e {
+                    AdminError::Brick { .. } | AdminError::Unreachable { .. } => {
+                        anyhow!("volume create failed: {e}")
+                    }
+                    e => anyhow!("{e}"),
+                })?;
+            println!(
+                "volume create: {}: success ({} bricks, chunk size {})",
+                config.name,
+                bricks.len(),
+                human(config.chunk_size as u64)
+            );
         }
-        Command::Volume(VolumeCommand::Info { name, seeds, conn, json }) => {
+        Command::Volume(VolumeCommand::Info {
+            name,
+            seeds,
+            conn,
+            json,
+        }) => {
             let vol = connect(&seeds, &conn, name.as_deref()).await?;
             let c = vol.config();
             if json {
@@ -209,7 +257,11 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("Volume Name: {}", c.name);
                 println!("Type: Replicate");
-                println!("Number of Bricks: {} x 3 = {}", c.replica_sets.len(), c.bricks().count());
+                println!(
+                    "Number of Bricks: {} x 3 = {}",
+                    c.replica_sets.len(),
+                    c.bricks().count()
+                );
                 println!("Chunk Size: {}", human(c.chunk_size as u64));
                 println!("Bricks:");
                 for (i, b) in c.bricks().enumerate() {
@@ -217,9 +269,19 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Volume(VolumeCommand::Status { name, seeds, conn, json }) => {
+        Command::Volume(VolumeCommand::Status {
+            name,
+            seeds,
+            conn,
+            json,
+        }) => {
             let vol = connect(&seeds, &conn, Some(&name)).await?;
-            let statuses = futures::future::join_all(vol.config().bricks().map(|b| volume_admin::status(vol.pool(), &b.addr))).await;
+            let statuses = futures::future::join_all(
+                vol.config()
+                    .bricks()
+                    .map(|b| volume_admin::status(vol.pool(), &b.addr)),
+            )
+            .await;
             if json {
                 let rows: Vec<serde_json::Value> = vol
                     .config()
@@ -227,18 +289,30 @@ async fn run(cli: Cli) -> Result<()> {
                     .zip(&statuses)
                     .map(|(b, s)| match s {
                         Ok(s) => serde_json::json!({"addr": b.addr, "up": true, "status": s}),
-                        Err(e) => serde_json::json!({"addr": b.addr, "up": false, "error": e.to_string()}),
+                        Err(e) => {
+                            serde_json::json!({"addr": b.addr, "up": false, "error": e.to_string()})
+                        }
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!("Status of volume: {name}");
-                println!("{:<22} {:<20} {:<5} {:<10} {:>9} {:>9} {:>10} {:>6}", "Brick", "ID", "Up", "Raft", "Applied", "Chunks", "Bytes", "Heal");
+                println!(
+                    "{:<22} {:<20} {:<5} {:<10} {:>9} {:>9} {:>10} {:>6}",
+                    "Brick", "ID", "Up", "Raft", "Applied", "Chunks", "Bytes", "Heal"
+                );
                 for (b, s) in vol.config().bricks().zip(&statuses) {
                     match s {
                         Ok(s) => println!(
                             "{:<22} {:<20} {:<5} {:<10} {:>9} {:>9} {:>10} {:>6}",
-                            b.addr, s.id, "Y", s.raft_role, s.applied_index, s.chunk_count, human(s.chunk_bytes), s.heal_backlog
+                            b.addr,
+                            s.id,
+                            "Y",
+                            s.raft_role,
+                            s.applied_index,
+                            s.chunk_count,
+                            human(s.chunk_bytes),
+                            s.heal_backlog
                         ),
                         Err(e) => println!("{:<22} {:<20} {:<5} {}", b.addr, b.id, "N", e),
                     }
@@ -268,10 +342,18 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MORTAR_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MORTAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("mortar: cannot start the async runtime: {e}");

@@ -41,15 +41,23 @@ impl Figure {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let per_size: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(200);
+    let per_size: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(200);
     let c = Cluster::start(3);
     let vol = c.create_volume("bench", 1 << 20).await;
     let brick_id = c.certs.identity(Role::Brick, "bench-brick");
     let raw = Pool::new(client_endpoint(&brick_id).expect("endpoint"));
     let target = c.addrs()[0].clone();
 
-    println!("brick write path, {per_size} chunks per size, {IN_FLIGHT} in flight, 3 bricks on loopback");
-    println!("{:<10} {:>16} {:>12} {:>16} {:>12} {:>8}", "chunk", "replicated/s", "MiB/s", "single brick/s", "MiB/s", "ratio");
+    println!(
+        "brick write path, {per_size} chunks per size, {IN_FLIGHT} in flight, 3 bricks on loopback"
+    );
+    println!(
+        "{:<10} {:>16} {:>12} {:>16} {:>12} {:>8}",
+        "chunk", "replicated/s", "MiB/s", "single brick/s", "MiB/s", "ratio"
+    );
     for size in [64 * 1024, 1 << 20] {
         let data = chunks(per_size, size);
         let start = Instant::now();
@@ -60,13 +68,22 @@ async fn main() {
                 r.expect("replicated put");
             })
             .await;
-        let replicated = Figure { secs: start.elapsed().as_secs_f64(), count: per_size, bytes: per_size * size };
+        let replicated = Figure {
+            secs: start.elapsed().as_secs_f64(),
+            count: per_size,
+            bytes: per_size * size,
+        };
 
         let data = chunks(per_size, size);
         let start = Instant::now();
         stream::iter(data)
             .map(|d| {
-                let req = Request::PutChunk(PutChunk { id: ChunkId::of(&d), data: d, replicate: false, sync: false });
+                let req = Request::PutChunk(PutChunk {
+                    id: ChunkId::of(&d),
+                    data: d,
+                    replicate: false,
+                    sync: false,
+                });
                 let (raw, target) = (&raw, &target);
                 async move {
                     match raw.call(target, &req, Duration::from_secs(30)).await {
@@ -78,7 +95,11 @@ async fn main() {
             .buffer_unordered(IN_FLIGHT)
             .for_each(|_| async {})
             .await;
-        let single = Figure { secs: start.elapsed().as_secs_f64(), count: per_size, bytes: per_size * size };
+        let single = Figure {
+            secs: start.elapsed().as_secs_f64(),
+            count: per_size,
+            bytes: per_size * size,
+        };
         println!(
             "{:<10} {:>16.0} {:>12.1} {:>16.0} {:>12.1} {:>8.2}",
             format!("{} KiB", size / 1024),
