@@ -22,11 +22,12 @@ pub struct TreeSpec {
 }
 
 impl TreeSpec {
-    /// 2,500 entries: a web docroot's mix of many small files and a few large ones.
+    /// 2,500 regular files (many small, a few large) in 60 nested directories, plus symlinks
+    /// and hard links: a web docroot's mix.
     pub fn docroot() -> TreeSpec {
         TreeSpec {
             dirs: 60,
-            small_files: 2_260,
+            small_files: 2_492,
             large_files: 8,
             symlinks: 120,
             hard_links: 52,
