@@ -417,6 +417,11 @@ pub fn apply<R: MetaRead>(
         MetaOp::SetAttr { ino, set } => {
             let mut s = txn.stored(*ino)?;
             apply_setattr(&mut s.inode.attr, set, now);
+            if let Some(perm) = set.perm {
+                if let Some((_, acl)) = s.inode.xattrs.iter_mut().find(|(n, _)| n == ACL_ACCESS) {
+                    acl_chmod(acl, perm);
+                }
+            }
             txn.save(&s);
             Ok(MetaOk::Attr(s.inode.attr))
         }
@@ -434,6 +439,11 @@ pub fn apply<R: MetaRead>(
                 )));
             }
             let mut s = txn.stored(*ino)?;
+            if name == ACL_ACCESS {
+                let mode = acl_mode(value)
+                    .ok_or_else(|| FsError::Invalid("malformed POSIX ACL".into()))?;
+                s.inode.attr.perm = (s.inode.attr.perm & !0o777) | mode;
+            }
             let pos = s.inode.xattrs.iter().position(|(n, _)| n == name);
             match (pos, mode) {
                 (Some(_), XattrMode::Create) => return Err(FsError::Exists),
@@ -498,6 +508,66 @@ pub fn apply<R: MetaRead>(
             txn.save(&s);
             Ok(MetaOk::Attr(s.inode.attr))
         }
+    }
+}
+
+/// The POSIX access ACL, in the kernel's xattr format: a u32 version (2), then entries of
+/// (u16 tag, u16 perm, u32 id), little-endian. Without kernel ACL support it reaches us as an
+/// xattr; we keep it and the mode bits in step, as a Linux filesystem does (`cp -a` sets modes
+/// through it).
+const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+const ACL_USER_OBJ: u16 = 0x01;
+const ACL_GROUP_OBJ: u16 = 0x04;
+const ACL_MASK: u16 = 0x10;
+const ACL_OTHER: u16 = 0x20;
+
+fn acl_entries(value: &[u8]) -> Option<impl Iterator<Item = (usize, u16, u16)> + '_> {
+    if value.len() < 4 || (value.len() - 4) % 8 != 0 || value[..4] != 2u32.to_le_bytes() {
+        return None;
+    }
+    Some(value[4..].chunks_exact(8).enumerate().map(|(i, e)| {
+        (
+            4 + i * 8,
+            u16::from_le_bytes([e[0], e[1]]),
+            u16::from_le_bytes([e[2], e[3]]),
+        )
+    }))
+}
+
+/// The rwx bits an access ACL implies (the mask stands for the group bits when present).
+fn acl_mode(value: &[u8]) -> Option<u32> {
+    let (mut user, mut group, mut mask, mut other) = (None, None, None, None);
+    for (_, tag, perm) in acl_entries(value)? {
+        let p = Some((perm & 7) as u32);
+        match tag {
+            ACL_USER_OBJ => user = p,
+            ACL_GROUP_OBJ => group = p,
+            ACL_MASK => mask = p,
+            ACL_OTHER => other = p,
+            _ => {}
+        }
+    }
+    Some(user? << 6 | mask.or(group)? << 3 | other?)
+}
+
+/// Rewrite an access ACL's owner, group (or mask) and other entries after a chmod.
+fn acl_chmod(value: &mut [u8], perm: u32) {
+    let has_mask = acl_entries(value).is_some_and(|mut it| it.any(|(_, t, _)| t == ACL_MASK));
+    let Some(entries) = acl_entries(value) else {
+        return;
+    };
+    let updates: Vec<(usize, u16)> = entries
+        .filter_map(|(at, tag, _)| match tag {
+            ACL_USER_OBJ => Some((at, (perm >> 6) & 7)),
+            ACL_MASK => Some((at, (perm >> 3) & 7)),
+            ACL_GROUP_OBJ if !has_mask => Some((at, (perm >> 3) & 7)),
+            ACL_OTHER => Some((at, perm & 7)),
+            _ => None,
+        })
+        .map(|(at, p)| (at, p as u16))
+        .collect();
+    for (at, p) in updates {
+        value[at + 2..at + 4].copy_from_slice(&p.to_le_bytes());
     }
 }
 
@@ -1045,6 +1115,62 @@ mod tests {
         assert_eq!(page(None), ["f0", "f1", "f2", "f3"]);
         assert_eq!(page(Some("f3")), ["f4", "f5", "f6", "f7"]);
         assert_eq!(page(Some("f8")), ["f9"]);
+    }
+
+    #[test]
+    fn access_acl_and_mode_stay_in_step() {
+        let mut m = vol();
+        let d = mkdir(&mut m, ROOT_INODE, "d").unwrap();
+        assert_eq!(d.perm, 0o755);
+        // user::rwx group::r-x other::r-x, as cp -a sets it on a 0755 directory.
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm) in [(ACL_USER_OBJ, 7u16), (ACL_GROUP_OBJ, 5), (ACL_OTHER, 5)] {
+            acl.extend_from_slice(&tag.to_le_bytes());
+            acl.extend_from_slice(&perm.to_le_bytes());
+            acl.extend_from_slice(&u32::MAX.to_le_bytes());
+        }
+        m.run(MetaOp::SetAttr {
+            ino: d.ino,
+            set: SetAttr {
+                perm: Some(0o700),
+                ..Default::default()
+            },
+        })
+        .unwrap();
+        m.run(MetaOp::SetXattr {
+            ino: d.ino,
+            name: ACL_ACCESS.to_vec(),
+            value: acl.clone(),
+            mode: XattrMode::Any,
+        })
+        .unwrap();
+        assert_eq!(lookup(&m, ROOT_INODE, "d").unwrap().perm, 0o755);
+        m.run(MetaOp::SetAttr {
+            ino: d.ino,
+            set: SetAttr {
+                perm: Some(0o640),
+                ..Default::default()
+            },
+        })
+        .unwrap();
+        let stored = match query(&m, &Query::GetInode { ino: d.ino }).unwrap() {
+            MetaOk::Inode(i) => {
+                i.xattrs
+                    .into_iter()
+                    .find(|(n, _)| n == ACL_ACCESS)
+                    .unwrap()
+                    .1
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(acl_mode(&stored), Some(0o640));
+        let bad = MetaOp::SetXattr {
+            ino: d.ino,
+            name: ACL_ACCESS.to_vec(),
+            value: vec![1, 2, 3],
+            mode: XattrMode::Any,
+        };
+        assert!(matches!(m.run(bad), Err(FsError::Invalid(_))));
     }
 
     #[test]

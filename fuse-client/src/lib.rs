@@ -1,3 +1,8 @@
-//! The FUSE mount (`mortar-mount`, `mount.mortar`) over the volume client library in
-//! `mortar-client`. Not built yet: it is the subject of the FUSE issue; the client library it
-//! will adapt (connect, layout, chunked reads and writes, leader following) is complete.
+//! The FUSE mount (`mortar-mount`, `mount.mortar`): a thin adapter (`fs`) over a filesystem
+//! core (`core`) that holds open files, write buffers and directory snapshots on top of the
+//! volume client library in `mortar-client`.
+
+pub mod core;
+pub mod fs;
+pub mod mount;
+pub mod options;

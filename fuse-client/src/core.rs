@@ -1,0 +1,478 @@
+//! The filesystem logic behind the mount, free of FUSE types so it can be driven directly:
+//! open-file handles with write buffers, directory listings with stable offsets, read-only
+//! enforcement, and the bookkeeping that keeps the kernel's caches coherent.
+
+use mortar_client::mortar_proto::wire::{SetAttr, XattrMode};
+use mortar_client::mortar_proto::{Attr, DirEntry, FileKind, FsError, Inode, InodeId, StatFs};
+use mortar_client::Volume;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Buffered bytes per open file before a write flushes on its own.
+pub const FLUSH_THRESHOLD: usize = 4 * 1024 * 1024;
+
+struct FileState {
+    /// The inode as of open (or our last flush): what reads through this handle see. Kept after
+    /// an unlink, so an open file stays readable until it is closed.
+    inode: Inode,
+    /// Refetch `inode` before the next read (our own flush changed it).
+    stale: bool,
+}
+
+/// Writes not yet flushed, in the order the kernel sent them.
+#[derive(Default)]
+struct Pending {
+    ranges: Vec<(u64, Vec<u8>)>,
+    bytes: usize,
+    /// Highest end offset among `ranges` (0 when empty), for getattr.
+    end: u64,
+}
+
+pub struct OpenFile {
+    pub ino: InodeId,
+    pub writable: bool,
+    /// Held across a flush, so flushes of one handle do not overlap.
+    state: tokio::sync::Mutex<FileState>,
+    /// Appended synchronously by the FUSE thread, so buffered writes keep request order.
+    pending: Mutex<Pending>,
+}
+
+impl OpenFile {
+    fn dirty_end(&self) -> u64 {
+        self.pending.lock().expect("pending lock").end
+    }
+}
+
+/// What the kernel should do with its page cache for this file at open.
+pub struct Opened {
+    pub fh: u64,
+    pub keep_cache: bool,
+    /// The file changed since the kernel last saw it: its cached attributes are stale.
+    pub changed: bool,
+}
+
+pub struct Core {
+    pub vol: Arc<Volume>,
+    pub read_only: bool,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_fh: AtomicU64,
+    /// (version, size) of each inode as last reported to the kernel.
+    seen: Mutex<HashMap<InodeId, (u64, u64)>>,
+}
+
+fn rofs() -> FsError {
+    FsError::ReadOnly("mounted read-only".into())
+}
+
+impl Core {
+    pub fn new(vol: Arc<Volume>, read_only: bool) -> Core {
+        Core {
+            vol,
+            read_only,
+            files: Mutex::default(),
+            dirs: Mutex::default(),
+            next_fh: AtomicU64::new(1),
+            seen: Mutex::default(),
+        }
+    }
+
+    fn writable(&self) -> Result<(), FsError> {
+        if self.read_only {
+            Err(rofs())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn file(&self, fh: u64) -> Result<Arc<OpenFile>, FsError> {
+        self.files
+            .lock()
+            .expect("files lock")
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| FsError::Invalid(format!("unknown file handle {fh}")))
+    }
+
+    fn handles_of(&self, ino: InodeId) -> Vec<Arc<OpenFile>> {
+        self.files
+            .lock()
+            .expect("files lock")
+            .values()
+            .filter(|f| f.ino == ino)
+            .cloned()
+            .collect()
+    }
+
+    /// Attributes as this mount sees them: a writer sees its buffered extension at once.
+    fn present(&self, mut a: Attr) -> Attr {
+        if a.kind == FileKind::Regular {
+            for f in self.handles_of(a.ino) {
+                a.size = a.size.max(f.dirty_end());
+            }
+        }
+        self.seen
+            .lock()
+            .expect("seen lock")
+            .insert(a.ino, (a.version, a.size));
+        a
+    }
+
+    pub async fn lookup(&self, parent: InodeId, name: &[u8]) -> Result<Attr, FsError> {
+        Ok(self.present(self.vol.lookup(parent, name).await?))
+    }
+
+    pub async fn getattr(&self, ino: InodeId) -> Result<Attr, FsError> {
+        Ok(self.present(self.vol.getattr(ino).await?))
+    }
+
+    pub async fn setattr(
+        &self,
+        ino: InodeId,
+        size: Option<u64>,
+        set: SetAttr,
+    ) -> Result<Attr, FsError> {
+        self.writable()?;
+        let mut attr = None;
+        if let Some(size) = size {
+            // Buffered writes land first, so the truncate applies after them as the app expects.
+            for f in self.handles_of(ino) {
+                self.flush_file(&f, false).await?;
+            }
+            attr = Some(self.vol.truncate(ino, size).await?);
+            for f in self.handles_of(ino) {
+                f.state.lock().await.stale = true;
+            }
+        }
+        if set != SetAttr::default() {
+            attr = Some(self.vol.setattr(ino, set).await?);
+        }
+        let attr = match attr {
+            Some(a) => a,
+            None => self.vol.getattr(ino).await?,
+        };
+        Ok(self.present(attr))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn mknod(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        kind: FileKind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+    ) -> Result<Attr, FsError> {
+        self.writable()?;
+        Ok(self.present(
+            self.vol
+                .mknod(parent, name, kind, perm, uid, gid, rdev, true)
+                .await?,
+        ))
+    }
+
+    pub async fn mkdir(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        perm: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr, FsError> {
+        self.writable()?;
+        Ok(self.present(self.vol.mkdir(parent, name, perm, uid, gid).await?))
+    }
+
+    pub async fn symlink(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr, FsError> {
+        self.writable()?;
+        Ok(self.present(self.vol.symlink(parent, name, target, uid, gid).await?))
+    }
+
+    pub async fn readlink(&self, ino: InodeId) -> Result<Vec<u8>, FsError> {
+        self.vol.readlink(ino).await
+    }
+
+    pub async fn link(
+        &self,
+        ino: InodeId,
+        new_parent: InodeId,
+        new_name: &[u8],
+    ) -> Result<Attr, FsError> {
+        self.writable()?;
+        Ok(self.present(self.vol.link(ino, new_parent, new_name).await?))
+    }
+
+    pub async fn unlink(&self, parent: InodeId, name: &[u8]) -> Result<(), FsError> {
+        self.writable()?;
+        self.vol.unlink(parent, name).await
+    }
+
+    pub async fn rmdir(&self, parent: InodeId, name: &[u8]) -> Result<(), FsError> {
+        self.writable()?;
+        self.vol.rmdir(parent, name).await
+    }
+
+    pub async fn rename(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        new_parent: InodeId,
+        new_name: &[u8],
+        flags: u32,
+    ) -> Result<(), FsError> {
+        self.writable()?;
+        self.vol
+            .rename(parent, name, new_parent, new_name, flags)
+            .await
+    }
+
+    /// Open a file. `truncate` is O_TRUNC; `write` whether the handle may write.
+    pub async fn open(&self, ino: InodeId, write: bool, truncate: bool) -> Result<Opened, FsError> {
+        if write || truncate {
+            self.writable()?;
+        }
+        let inode = if truncate {
+            for f in self.handles_of(ino) {
+                self.flush_file(&f, false).await?;
+            }
+            self.vol.truncate(ino, 0).await?;
+            self.vol.inode(ino).await?
+        } else {
+            self.vol.inode(ino).await?
+        };
+        match inode.attr.kind {
+            FileKind::Regular => {}
+            FileKind::Directory => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid("not a regular file".into())),
+        }
+        let now = (inode.attr.version, inode.attr.size);
+        let before = self.seen.lock().expect("seen lock").insert(ino, now);
+        let changed = before.is_some_and(|b| b != now);
+        // Close-to-open: keep the kernel's pages only if nobody changed the file since.
+        let keep_cache = before == Some(now);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let file = OpenFile {
+            ino,
+            writable: write,
+            state: tokio::sync::Mutex::new(FileState {
+                inode,
+                stale: false,
+            }),
+            pending: Mutex::default(),
+        };
+        self.files
+            .lock()
+            .expect("files lock")
+            .insert(fh, Arc::new(file));
+        Ok(Opened {
+            fh,
+            keep_cache,
+            changed,
+        })
+    }
+
+    /// O_CREAT: make the file (exclusive) and open it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> Result<(Attr, Opened), FsError> {
+        self.writable()?;
+        let attr = self
+            .vol
+            .mknod(
+                parent,
+                name,
+                FileKind::Regular,
+                perm,
+                uid,
+                gid,
+                0,
+                exclusive,
+            )
+            .await?;
+        let opened = self.open(attr.ino, true, false).await?;
+        Ok((self.present(attr), opened))
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let f = self.file(fh)?;
+        if f.dirty_end() > 0 {
+            self.flush_file(&f, false).await?;
+        }
+        let mut st = f.state.lock().await;
+        if st.stale {
+            match self.vol.inode(f.ino).await {
+                Ok(i) => st.inode = i,
+                // Unlinked while open: keep reading what we had.
+                Err(FsError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+            st.stale = false;
+        }
+        self.vol.read_inode(&st.inode, offset, size as u64).await
+    }
+
+    /// Buffer a write without waiting (call in request order). Returns true when the buffer
+    /// is full and the caller should [`Core::flush`] before answering.
+    pub fn buffer_write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<bool, FsError> {
+        self.writable()?;
+        let f = self.file(fh)?;
+        if !f.writable {
+            return Err(FsError::Invalid("file not open for writing".into()));
+        }
+        let mut p = f.pending.lock().expect("pending lock");
+        match p.ranges.last_mut() {
+            // Sequential writes extend one range instead of piling up small ones.
+            Some((o, buf)) if *o + buf.len() as u64 == offset => buf.extend_from_slice(data),
+            _ => p.ranges.push((offset, data.to_vec())),
+        }
+        p.bytes += data.len();
+        p.end = p.end.max(offset + data.len() as u64);
+        Ok(p.bytes >= FLUSH_THRESHOLD)
+    }
+
+    /// Buffer a write and flush if the buffer filled.
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        if self.buffer_write(fh, offset, data)? {
+            self.flush(fh).await?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    async fn flush_file(&self, f: &OpenFile, sync: bool) -> Result<(), FsError> {
+        let mut st = f.state.lock().await;
+        let taken = std::mem::take(&mut *f.pending.lock().expect("pending lock"));
+        if taken.ranges.is_empty() {
+            // Nothing buffered: what this handle wrote is already on a quorum.
+            return Ok(());
+        }
+        let ranges: Vec<(u64, &[u8])> = taken
+            .ranges
+            .iter()
+            .map(|(o, d)| (*o, d.as_slice()))
+            .collect();
+        if let Err(e) = self.vol.write_ranges(f.ino, &ranges, sync).await {
+            // Keep the data for a retry at the next flush or release; later writes stay later.
+            let mut p = f.pending.lock().expect("pending lock");
+            let newer = std::mem::replace(&mut *p, taken);
+            p.ranges.extend(newer.ranges);
+            p.bytes += newer.bytes;
+            p.end = p.end.max(newer.end);
+            return Err(e);
+        }
+        st.stale = true;
+        Ok(())
+    }
+
+    pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
+        let f = self.file(fh)?;
+        self.flush_file(&f, false).await
+    }
+
+    pub async fn fsync(&self, fh: u64) -> Result<(), FsError> {
+        let f = self.file(fh)?;
+        self.flush_file(&f, true).await
+    }
+
+    pub async fn release(&self, fh: u64) -> Result<(), FsError> {
+        let f = self.file(fh)?;
+        let result = self.flush_file(&f, false).await;
+        self.files.lock().expect("files lock").remove(&fh);
+        result
+    }
+
+    /// fallocate: plain preallocation extends the size; punch-hole and zero-range are refused
+    /// honestly rather than silently accepted.
+    pub async fn fallocate(
+        &self,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<(), FsError> {
+        self.writable()?;
+        let f = self.file(fh)?;
+        if mode != 0 {
+            return Err(FsError::NotSupported(format!("fallocate mode {mode:#x}")));
+        }
+        self.flush_file(&f, false).await?;
+        let attr = self.vol.getattr(f.ino).await?;
+        if offset + length > attr.size {
+            self.vol.truncate(f.ino, offset + length).await?;
+            f.state.lock().await.stale = true;
+        }
+        Ok(())
+    }
+
+    /// Take a snapshot of a directory; offsets index into it, so they stay stable however the
+    /// directory changes while it is being read.
+    pub async fn opendir(&self, ino: InodeId) -> Result<u64, FsError> {
+        let entries = self.vol.readdir_all(ino).await?;
+        for e in &entries {
+            self.present(e.attr.clone());
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs
+            .lock()
+            .expect("dirs lock")
+            .insert(fh, Arc::new(entries));
+        Ok(fh)
+    }
+
+    pub fn dir_entries(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>, FsError> {
+        self.dirs
+            .lock()
+            .expect("dirs lock")
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| FsError::Invalid(format!("unknown directory handle {fh}")))
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.lock().expect("dirs lock").remove(&fh);
+    }
+
+    pub async fn statfs(&self) -> Result<StatFs, FsError> {
+        self.vol.statfs().await
+    }
+
+    pub async fn setxattr(
+        &self,
+        ino: InodeId,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> Result<(), FsError> {
+        self.writable()?;
+        self.vol.setxattr(ino, name, value, mode).await
+    }
+
+    pub async fn getxattr(&self, ino: InodeId, name: &[u8]) -> Result<Vec<u8>, FsError> {
+        self.vol.getxattr(ino, name).await
+    }
+
+    pub async fn listxattr(&self, ino: InodeId) -> Result<Vec<Vec<u8>>, FsError> {
+        self.vol.listxattr(ino).await
+    }
+
+    pub async fn removexattr(&self, ino: InodeId, name: &[u8]) -> Result<(), FsError> {
+        self.writable()?;
+        self.vol.removexattr(ino, name).await
+    }
+}

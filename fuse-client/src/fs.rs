@@ -1,0 +1,693 @@
+//! The thin FUSE adapter: each kernel request is handed to [`Core`] on the async runtime and
+//! answered when it completes, so many requests are in flight at once. Errors become errnos.
+
+use crate::core::Core;
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use mortar_client::mortar_proto::wire::{SetAttr, TimeSet, XattrMode};
+use mortar_client::mortar_proto::{Attr, FileKind, FsError, Timestamp};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub struct MortarFs {
+    core: Arc<Core>,
+    rt: tokio::runtime::Handle,
+    attr_ttl: Duration,
+    entry_ttl: Duration,
+    /// Set once the session exists; used to drop the kernel's stale caches.
+    pub notifier: Arc<OnceLock<Notifier>>,
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn to_time(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+            + Duration::from_nanos(t.nanos as u64)
+    }
+}
+
+fn from_time(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let mut secs = -(d.as_secs() as i64);
+            let mut nanos = d.subsec_nanos();
+            if nanos > 0 {
+                secs -= 1;
+                nanos = 1_000_000_000 - nanos;
+            }
+            Timestamp { secs, nanos }
+        }
+    }
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(t) => TimeSet::At(from_time(t)),
+    }
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::Regular => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn kind_of_mode(mode: u32) -> Option<FileKind> {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG | 0 => Some(FileKind::Regular),
+        libc::S_IFIFO => Some(FileKind::Fifo),
+        libc::S_IFSOCK => Some(FileKind::Socket),
+        libc::S_IFCHR => Some(FileKind::CharDevice),
+        libc::S_IFBLK => Some(FileKind::BlockDevice),
+        _ => None,
+    }
+}
+
+pub fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: to_time(a.atime),
+        mtime: to_time(a.mtime),
+        ctime: to_time(a.ctime),
+        crtime: to_time(a.ctime),
+        kind: file_type(a.kind),
+        perm: a.perm as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        // Large enough that cp and friends move data in big requests.
+        blksize: 128 * 1024,
+        flags: 0,
+    }
+}
+
+fn open_flags(keep_cache: bool) -> FopenFlags {
+    if keep_cache {
+        FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
+    }
+}
+
+const GENERATION: Generation = Generation(0);
+
+impl MortarFs {
+    pub fn new(
+        core: Arc<Core>,
+        rt: tokio::runtime::Handle,
+        attr_ttl: Duration,
+        entry_ttl: Duration,
+    ) -> MortarFs {
+        MortarFs {
+            core,
+            rt,
+            attr_ttl,
+            entry_ttl,
+            notifier: Arc::default(),
+        }
+    }
+
+    /// Run `f` on the runtime; the closure answers the kernel itself.
+    fn spawn<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Arc<Core>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let core = self.core.clone();
+        self.rt.spawn(f(core));
+    }
+}
+
+/// Answer an entry request from a task.
+macro_rules! entry_task {
+    ($self:ident, $reply:ident, |$core:ident| $body:expr) => {{
+        let ttl = $self.entry_ttl;
+        $self.spawn(move |$core| async move {
+            match $body.await {
+                Ok(a) => $reply.entry(&ttl, &file_attr(&a), GENERATION),
+                Err(e) => $reply.error(errno(&e)),
+            }
+        });
+    }};
+}
+
+/// Answer an empty request from a task.
+macro_rules! empty_task {
+    ($self:ident, $reply:ident, |$core:ident| $body:expr) => {{
+        $self.spawn(move |$core| async move {
+            match $body.await {
+                Ok(()) => $reply.ok(),
+                Err(e) => $reply.error(errno(&e)),
+            }
+        });
+    }};
+}
+
+impl Filesystem for MortarFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1024 * 1024);
+        let _ = config.set_max_readahead(1024 * 1024);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.as_bytes().to_vec();
+        entry_task!(self, reply, |core| core.lookup(parent.0, &name));
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.attr_ttl;
+        self.spawn(move |core| async move {
+            match core.getattr(ino.0).await {
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            atime: atime.map(time_set),
+            mtime: mtime.map(time_set),
+        };
+        let ttl = self.attr_ttl;
+        self.spawn(move |core| async move {
+            match core.setattr(ino.0, size, set).await {
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn(move |core| async move {
+            match core.readlink(ino.0).await {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = kind_of_mode(mode) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (name, perm, uid, gid) = (
+            name.as_bytes().to_vec(),
+            mode & !umask & 0o7777,
+            req.uid(),
+            req.gid(),
+        );
+        entry_task!(self, reply, |core| core
+            .mknod(parent.0, &name, kind, perm, uid, gid, rdev));
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (name, perm, uid, gid) = (
+            name.as_bytes().to_vec(),
+            mode & !umask & 0o7777,
+            req.uid(),
+            req.gid(),
+        );
+        entry_task!(self, reply, |core| core
+            .mkdir(parent.0, &name, perm, uid, gid));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        empty_task!(self, reply, |core| core.unlink(parent.0, &name));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        empty_task!(self, reply, |core| core.rmdir(parent.0, &name));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (name, target) = (
+            link_name.as_bytes().to_vec(),
+            target.as_os_str().as_bytes().to_vec(),
+        );
+        let (uid, gid) = (req.uid(), req.gid());
+        entry_task!(self, reply, |core| core
+            .symlink(parent.0, &name, &target, uid, gid));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        let flags = flags.bits();
+        empty_task!(self, reply, |core| core.rename(
+            parent.0,
+            &name,
+            newparent.0,
+            &newname,
+            flags
+        ));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let newname = newname.as_bytes().to_vec();
+        entry_task!(self, reply, |core| core.link(ino.0, newparent.0, &newname));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        let truncate = flags.0 & libc::O_TRUNC != 0;
+        let notifier = self.notifier.clone();
+        self.spawn(move |core| async move {
+            match core.open(ino.0, write, truncate).await {
+                Ok(o) => {
+                    if o.changed {
+                        // Another client changed the file: drop cached attributes and pages
+                        // before the application reads (close-to-open consistency).
+                        if let Some(n) = notifier.get() {
+                            let _ = n.inval_inode(ino, 0, 0);
+                        }
+                    }
+                    reply.opened(FileHandle(o.fh), open_flags(o.keep_cache))
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(move |core| async move {
+            match core.read(fh.0, offset, size).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // Buffer here, in request order: the kernel may send the next write before a spawned
+        // task would run. Only a full buffer goes to a task to flush.
+        let n = data.len() as u32;
+        match self.core.buffer_write(fh.0, offset, data) {
+            Ok(false) => reply.written(n),
+            Ok(true) => self.spawn(move |core| async move {
+                match core.flush(fh.0).await {
+                    Ok(()) => reply.written(n),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        empty_task!(self, reply, |core| core.flush(fh.0));
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty_task!(self, reply, |core| core.release(fh.0));
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty_task!(self, reply, |core| core.fsync(fh.0));
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.spawn(move |core| async move {
+            match core.opendir(ino.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.core.dir_entries(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        // Offsets: 1 is ".", 2 is "..", 3.. index the snapshot taken at opendir.
+        let mut next = offset;
+        loop {
+            let full = match next {
+                0 => reply.add(ino, 1, FileType::Directory, "."),
+                1 => reply.add(ino, 2, FileType::Directory, ".."),
+                n => match entries.get((n - 2) as usize) {
+                    Some(e) => reply.add(
+                        INodeNo(e.attr.ino),
+                        n + 1,
+                        file_type(e.attr.kind),
+                        OsStr::from_bytes(&e.name),
+                    ),
+                    None => break,
+                },
+            };
+            if full {
+                break;
+            }
+            next += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.core.dir_entries(fh.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let ttl = self.entry_ttl;
+        let mut next = offset;
+        loop {
+            let full = match next {
+                0 | 1 => {
+                    // "." and ".." carry no attributes the kernel would cache.
+                    next += 1;
+                    let _ = ino;
+                    continue;
+                }
+                n => match entries.get((n - 2) as usize) {
+                    Some(e) => reply.add(
+                        INodeNo(e.attr.ino),
+                        n + 1,
+                        OsStr::from_bytes(&e.name),
+                        &ttl,
+                        &file_attr(&e.attr),
+                        GENERATION,
+                    ),
+                    None => break,
+                },
+            };
+            if full {
+                break;
+            }
+            next += 1;
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.core.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Namespace changes are committed on a quorum before they are acknowledged.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.spawn(move |core| async move {
+            match core.statfs().await {
+                Ok(s) => {
+                    let bs = s.block_size as u64;
+                    let (blocks, free) = (s.total_bytes / bs, s.free_bytes / bs);
+                    let files_free = free.max(1_000_000);
+                    reply.statfs(
+                        blocks,
+                        free,
+                        free,
+                        s.files + files_free,
+                        files_free,
+                        s.block_size,
+                        s.name_max,
+                        s.block_size,
+                    )
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = match flags {
+            0 => XattrMode::Any,
+            libc::XATTR_CREATE => XattrMode::Create,
+            libc::XATTR_REPLACE => XattrMode::Replace,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
+        empty_task!(self, reply, |core| core
+            .setxattr(ino.0, &name, &value, mode));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(move |core| async move {
+            match core.getxattr(ino.0, &name).await {
+                Ok(v) if size == 0 => reply.size(v.len() as u32),
+                Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+                Ok(v) => reply.data(&v),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.spawn(move |core| async move {
+            match core.listxattr(ino.0).await {
+                Ok(names) => {
+                    let mut buf = Vec::new();
+                    for n in names {
+                        buf.extend_from_slice(&n);
+                        buf.push(0);
+                    }
+                    if size == 0 {
+                        reply.size(buf.len() as u32)
+                    } else if buf.len() > size as usize {
+                        reply.error(Errno::ERANGE)
+                    } else {
+                        reply.data(&buf)
+                    }
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        empty_task!(self, reply, |core| core.removexattr(ino.0, &name));
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission bits are checked by the kernel (default_permissions); here we only confirm
+        // the inode exists.
+        empty_task!(self, reply, |core| async move {
+            core.getattr(ino.0).await.map(|_| ())
+        });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (name, perm, uid, gid) = (
+            name.as_bytes().to_vec(),
+            mode & !umask & 0o7777,
+            req.uid(),
+            req.gid(),
+        );
+        let exclusive = flags & libc::O_EXCL != 0;
+        let ttl = self.entry_ttl;
+        self.spawn(move |core| async move {
+            match core
+                .create(parent.0, &name, perm, uid, gid, exclusive)
+                .await
+            {
+                Ok((a, o)) => reply.created(
+                    &ttl,
+                    &file_attr(&a),
+                    GENERATION,
+                    FileHandle(o.fh),
+                    open_flags(o.keep_cache),
+                ),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        empty_task!(self, reply, |core| core
+            .fallocate(fh.0, offset, length, mode));
+    }
+}

@@ -1,0 +1,265 @@
+//! `mortar-mount` / `mount.mortar`: check everything that can be checked, then mount.
+//!
+//! Daemonising re-executes this program in the foreground with its stdout on a pipe: the
+//! child reports `ok` once the mount is live, or the one-line reason it failed, and the parent
+//! exits 0 or prints that line and exits 1. No fork after threads, no stale mount on failure.
+
+use crate::core::Core;
+use crate::fs::MortarFs;
+use crate::options::{parse_options, parse_source, MountOptions, Source};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use mortar_client::mortar_proto::tls::Identity;
+use mortar_client::Volume;
+use std::io::{BufRead, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long mounting waits to reach the volume before giving up.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Mount a mortar volume: mortar-mount HOST[:PORT][,HOST[:PORT]...]:/VOLUME MOUNTPOINT [-o OPTIONS]
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub struct Args {
+    /// Bricks and volume, e.g. h1,h2,h3:/www (port 7001 unless given).
+    pub source: String,
+    /// An existing, empty directory.
+    pub mountpoint: PathBuf,
+    /// Comma-separated options: ro, rw, allow_other, default_permissions,
+    /// no_default_permissions, attr_timeout=S, entry_timeout=S, cert=P, key=P, ca=P, log=P;
+    /// fstab options such as _netdev and defaults are accepted and ignored.
+    #[arg(short = 'o', action = clap::ArgAction::Append)]
+    pub options: Vec<String>,
+    /// Stay in the foreground.
+    #[arg(short = 'f')]
+    pub foreground: bool,
+    /// Accepted from mount(8): do not write /etc/mtab.
+    #[arg(short = 'n', hide = true)]
+    pub no_mtab: bool,
+    /// Accepted from mount(8): sloppy options.
+    #[arg(short = 's', hide = true)]
+    pub sloppy: bool,
+    /// Accepted from mount(8): verbose.
+    #[arg(short = 'v', hide = true)]
+    pub verbose: bool,
+}
+
+const NOTIFY_ENV: &str = "MORTAR_MOUNT_NOTIFY";
+
+fn is_mount_point(path: &Path) -> Result<bool> {
+    let canonical = std::fs::canonicalize(path)?;
+    let mounts =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(&m.replace("\\040", " ")) == canonical))
+}
+
+fn check_mount_point(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        anyhow!(
+            "mount point {} does not exist or cannot be read: {e}",
+            path.display()
+        )
+    })?;
+    if !meta.is_dir() {
+        bail!("mount point {} is not a directory", path.display());
+    }
+    if is_mount_point(path)? {
+        bail!(
+            "mount point {} is busy: something is already mounted there",
+            path.display()
+        );
+    }
+    if std::fs::read_dir(path)?.next().is_some() {
+        bail!("mount point {} is not empty", path.display());
+    }
+    Ok(())
+}
+
+fn parse(args: &Args) -> Result<(Source, MountOptions)> {
+    let source = parse_source(&args.source)?;
+    let mut opts = MountOptions::default();
+    for o in &args.options {
+        parse_options(o, &mut opts)?;
+    }
+    Ok((source, opts))
+}
+
+/// Entry point shared by both binaries; returns the process exit code.
+pub fn main() -> i32 {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return 2;
+        }
+    };
+    match run(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("mortar-mount: {e:#}");
+            1
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let (source, opts) = parse(&args)?;
+    let notify = std::env::var_os(NOTIFY_ENV).is_some();
+    if !notify {
+        check_mount_point(&args.mountpoint)?;
+    }
+    if args.foreground || notify {
+        return serve(&args, source, opts, notify);
+    }
+    daemonize()
+}
+
+/// Start ourselves in the foreground, detached, and wait for its verdict.
+fn daemonize() -> Result<()> {
+    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+    let mut cmd = std::process::Command::new(std::env::current_exe().context("locating myself")?);
+    cmd.args(std::env::args_os().skip(1))
+        .env(NOTIFY_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    drop(cmd);
+    let mut line = String::new();
+    std::io::BufReader::new(reader)
+        .read_line(&mut line)
+        .context("waiting for the mount daemon")?;
+    match line.trim_end() {
+        "ok" => Ok(()),
+        "" => {
+            let status = child.wait()?;
+            bail!("mount daemon exited ({status}) before mounting")
+        }
+        reason => {
+            let _ = child.wait();
+            bail!("{reason}")
+        }
+    }
+}
+
+fn init_logging(opts: &MountOptions, volume: &str, foreground: bool) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MORTAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let path = match (&opts.log, foreground) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => Some(PathBuf::from(format!("/var/log/mortar/mount-{volume}.log"))),
+        (None, true) => None,
+    };
+    match path {
+        Some(p) => {
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .with_context(|| format!("opening log {}", p.display()))?;
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    Ok(())
+}
+
+fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Result<()> {
+    // Tell the waiting parent (if any) how it went, then let go of its pipe.
+    let report = |msg: &str| {
+        if notify {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{msg}");
+            let _ = out.flush();
+            if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+                // SAFETY: replacing our stdout descriptor with /dev/null closes the pipe.
+                unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) };
+            }
+        }
+    };
+    let setup = || -> Result<(tokio::runtime::Runtime, fuser::Session<MortarFs>, Arc<std::sync::OnceLock<fuser::Notifier>>)> {
+        init_logging(&opts, &source.volume, !notify)?;
+        if notify {
+            check_mount_point(&args.mountpoint)?;
+        }
+        let identity = Identity::load(&opts.cert, &opts.key, &opts.ca).context("cannot load the client certificate (options cert=, key=, ca=)")?;
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+        let vol = rt.block_on(async {
+            tokio::time::timeout(CONNECT_DEADLINE, Volume::connect(&source.bricks, &source.volume, &identity))
+                .await
+                .map_err(|_| anyhow!("cannot reach volume '{}' through {} within {CONNECT_DEADLINE:?}", source.volume, source.bricks.join(",")))?
+                .map_err(|e| anyhow!("cannot mount volume '{}' from {}: {e}", source.volume, source.bricks.join(",")))
+        })?;
+        let core = Arc::new(Core::new(Arc::new(vol), opts.read_only));
+        let fs = MortarFs::new(core, rt.handle().clone(), opts.attr_timeout, opts.entry_timeout);
+        let notifier = fs.notifier.clone();
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName(format!("mortar:{}", args.source)),
+            fuser::MountOption::Subtype("mortar".into()),
+            fuser::MountOption::NoDev,
+            fuser::MountOption::NoSuid,
+        ];
+        if opts.default_permissions {
+            config.mount_options.push(fuser::MountOption::DefaultPermissions);
+        }
+        config.mount_options.push(if opts.read_only { fuser::MountOption::RO } else { fuser::MountOption::RW });
+        if opts.allow_other {
+            config.acl = fuser::SessionACL::All;
+        }
+        let session = fuser::Session::new(fs, &args.mountpoint, &config).with_context(|| format!("cannot mount at {}", args.mountpoint.display()))?;
+        let _ = notifier.set(session.notifier());
+        Ok((rt, session, notifier))
+    };
+    let (rt, mut session, _notifier) = match setup() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            report(&format!("{e:#}"));
+            return Err(e);
+        }
+    };
+    let mut unmounter = session.unmount_callable();
+    rt.spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("signal received: unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::error!(error = %e, "unmount failed");
+        }
+    });
+    tracing::info!(volume = %source.volume, mountpoint = %args.mountpoint.display(), "mounted");
+    report("ok");
+    session.run().context("FUSE session ended with an error")?;
+    tracing::info!("unmounted");
+    rt.shutdown_timeout(Duration::from_secs(5));
+    Ok(())
+}

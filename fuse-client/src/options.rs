@@ -1,0 +1,154 @@
+//! Mount source and `-o` options, parsed the way `mount(8)` and `/etc/fstab` pass them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Port assumed for a brick given without one.
+pub const DEFAULT_BRICK_PORT: u16 = 7001;
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Source {
+    pub bricks: Vec<String>,
+    pub volume: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OptionError {
+    #[error("bad source '{0}': expected HOST[:PORT][,HOST[:PORT]...]:/VOLUME")]
+    Source(String),
+    #[error("unknown mount option '{0}'")]
+    Unknown(String),
+    #[error("bad value for mount option '{0}'")]
+    Value(String),
+}
+
+/// `h1,h2:7002,h3:/www` -> bricks with ports, volume `www`.
+pub fn parse_source(s: &str) -> Result<Source, OptionError> {
+    let bad = || OptionError::Source(s.to_string());
+    let (hosts, volume) = s.rsplit_once(":/").ok_or_else(bad)?;
+    if volume.is_empty() || volume.contains('/') || hosts.is_empty() {
+        return Err(bad());
+    }
+    let mut bricks = Vec::new();
+    for h in hosts.split(',') {
+        if h.is_empty() {
+            return Err(bad());
+        }
+        let with_port = match h.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => h.to_string(),
+            Some(_) => return Err(bad()),
+            None => format!("{h}:{DEFAULT_BRICK_PORT}"),
+        };
+        bricks.push(with_port);
+    }
+    Ok(Source {
+        bricks,
+        volume: volume.to_string(),
+    })
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MountOptions {
+    pub read_only: bool,
+    pub allow_other: bool,
+    pub default_permissions: bool,
+    pub attr_timeout: Duration,
+    pub entry_timeout: Duration,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub log: Option<PathBuf>,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            read_only: false,
+            allow_other: false,
+            default_permissions: true,
+            attr_timeout: Duration::from_secs(1),
+            entry_timeout: Duration::from_secs(1),
+            cert: PathBuf::from("/etc/mortar/client.pem"),
+            key: PathBuf::from("/etc/mortar/client.key"),
+            ca: PathBuf::from("/etc/mortar/ca.pem"),
+            log: None,
+        }
+    }
+}
+
+fn seconds(key: &str, v: &str) -> Result<Duration, OptionError> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 86_400.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| OptionError::Value(format!("{key}={v}")))
+}
+
+/// Apply a comma-separated `-o` list on top of `opts`.
+pub fn parse_options(list: &str, opts: &mut MountOptions) -> Result<(), OptionError> {
+    for item in list.split(',').filter(|s| !s.is_empty()) {
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (item, None),
+        };
+        let need = || {
+            value
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| OptionError::Value(item.to_string()))
+        };
+        match key {
+            "ro" => opts.read_only = true,
+            "rw" => opts.read_only = false,
+            "allow_other" => opts.allow_other = true,
+            "default_permissions" => opts.default_permissions = true,
+            "no_default_permissions" => opts.default_permissions = false,
+            "attr_timeout" => opts.attr_timeout = seconds(key, need()?)?,
+            "entry_timeout" => opts.entry_timeout = seconds(key, need()?)?,
+            "cert" => opts.cert = PathBuf::from(need()?),
+            "key" => opts.key = PathBuf::from(need()?),
+            "ca" => opts.ca = PathBuf::from(need()?),
+            "log" => opts.log = Some(PathBuf::from(need()?)),
+            // Options mount(8), fstab and systemd pass that concern them, not us.
+            "defaults" | "_netdev" | "auto" | "noauto" | "nofail" | "user" | "nouser" | "users"
+            | "owner" | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev" | "atime"
+            | "noatime" | "relatime" | "async" => {}
+            k if k.starts_with("x-") || k.starts_with("comment=") => {}
+            _ => return Err(OptionError::Unknown(item.to_string())),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources() {
+        let s = parse_source("h1,h2:7005,10.0.0.3:/www").unwrap();
+        assert_eq!(s.bricks, ["h1:7001", "h2:7005", "10.0.0.3:7001"]);
+        assert_eq!(s.volume, "www");
+        for bad in ["h1:/", ":/www", "h1", "h1,,h2:/www", "h1:x:/www", "h1:/a/b"] {
+            assert!(parse_source(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn options() {
+        let mut o = MountOptions::default();
+        parse_options(
+            "ro,_netdev,attr_timeout=0.5,cert=/c.pem,x-systemd.automount",
+            &mut o,
+        )
+        .unwrap();
+        assert!(o.read_only);
+        assert_eq!(o.attr_timeout, Duration::from_millis(500));
+        assert_eq!(o.cert, PathBuf::from("/c.pem"));
+        assert_eq!(
+            parse_options("bogus", &mut o),
+            Err(OptionError::Unknown("bogus".into()))
+        );
+        assert!(parse_options("attr_timeout=-1", &mut o).is_err());
+        assert!(parse_options("cert=", &mut o).is_err());
+    }
+}
