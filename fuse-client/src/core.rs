@@ -124,7 +124,20 @@ impl Core {
     }
 
     pub async fn getattr(&self, ino: InodeId) -> Result<Attr, FsError> {
-        Ok(self.present(self.vol.getattr(ino).await?))
+        match self.vol.getattr(ino).await {
+            Ok(a) => Ok(self.present(a)),
+            // Unlinked while open: the open handle still describes it, with no links left.
+            Err(FsError::NotFound) => {
+                let Some(f) = self.handles_of(ino).into_iter().next() else {
+                    return Err(FsError::NotFound);
+                };
+                let mut a = f.state.lock().await.inode.attr.clone();
+                a.nlink = 0;
+                a.size = a.size.max(f.dirty_end());
+                Ok(a)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn setattr(

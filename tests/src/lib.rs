@@ -303,3 +303,114 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// True when `path` is a mount point (per /proc/self/mounts).
+pub fn is_mounted(path: &Path) -> bool {
+    let p = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(p.as_str()))
+}
+
+/// A `mortar-mount -f` child process with its mount point. Dropping it unmounts (lazily, so a
+/// failed test never leaves a busy mount) and stops the process.
+pub struct Mount {
+    pub path: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mount {
+    pub fn unmount(&mut self) {
+        if is_mounted(&self.path) {
+            let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        if let Some(mut c) = self.child.take() {
+            let end = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.unmount();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            eprintln!("---- mount log tail ({}) ----", self.log.display());
+            for l in log
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// `-o` options that point a mount at this cluster's client certificate.
+    pub fn mount_options(&self, name: &str) -> String {
+        let (cert, key) = self.certs.issue(Role::Client, "client");
+        format!(
+            "cert={},key={},ca={},log={}",
+            cert.display(),
+            key.display(),
+            self.certs.ca().display(),
+            self.dir.path().join(format!("{name}.log")).display()
+        )
+    }
+
+    pub fn source(&self, volume: &str) -> String {
+        format!("{}:/{volume}", self.addrs().join(","))
+    }
+
+    /// Mount `volume` in the foreground at a fresh directory and wait until it is live.
+    pub async fn mount(&self, volume: &str, name: &str, extra: &str) -> Mount {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        let mut opts = self.mount_options(name);
+        if !extra.is_empty() {
+            opts = format!("{opts},{extra}");
+        }
+        let child = Command::new(bin("mortar-mount"))
+            .arg(self.source(volume))
+            .arg(&path)
+            .args(["-f", "-o", &opts])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mortar-mount");
+        let mut m = Mount {
+            path: path.clone(),
+            log: self.dir.path().join(format!("{name}.log")),
+            child: Some(child),
+        };
+        let p = path.clone();
+        wait_for(
+            &format!("{} to be mounted", path.display()),
+            DEADLINE,
+            || {
+                let mounted = is_mounted(&p);
+                async move { mounted.then_some(()) }
+            },
+        )
+        .await;
+        assert!(
+            m.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+            "mortar-mount exited"
+        );
+        m
+    }
+}

@@ -1,0 +1,410 @@
+//! Issue "Mount a volume as a web document root": POSIX behaviour through a real FUSE mount of
+//! a real three-brick volume, checked with ordinary syscalls.
+
+use mortar_tests::{is_mounted, wait_for, Cluster, DEADLINE};
+use rand::{Rng, SeedableRng};
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
+    r.expect_err("operation should fail")
+        .raw_os_error()
+        .expect("an errno")
+}
+
+fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
+}
+
+fn rename2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c(from).as_ptr(),
+            libc::AT_FDCWD,
+            c(to).as_ptr(),
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn utimens(p: &Path, atime: libc::timespec, mtime: libc::timespec) {
+    let times = [atime, mtime];
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c(p).as_ptr(), times.as_ptr(), 0) };
+    assert_eq!(rc, 0, "utimensat: {}", std::io::Error::last_os_error());
+}
+
+/// Files: create/excl/trunc/append, sparse, truncate, multi-chunk unaligned writes against a
+/// model, size visible right after an extending write, fsync, open-unlinked, fallocate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_data_semantics() {
+    let cl = Cluster::start(3);
+    cl.create_volume("www", 64 * 1024).await;
+    let m = cl.mount("www", "mnt", "").await;
+    let d = &m.path;
+
+    // O_CREAT|O_EXCL, O_TRUNC.
+    let f = d.join("a.txt");
+    fs::write(&f, b"hello world").unwrap();
+    assert_eq!(
+        errno(OpenOptions::new().write(true).create_new(true).open(&f)),
+        libc::EEXIST
+    );
+    assert_eq!(fs::read(&f).unwrap(), b"hello world");
+    OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&f)
+        .unwrap()
+        .write_all(b"hi")
+        .unwrap();
+    assert_eq!(fs::read(&f).unwrap(), b"hi");
+
+    // O_APPEND from two handles.
+    let log = d.join("append.log");
+    let mut h1 = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    let mut h2 = OpenOptions::new().append(true).open(&log).unwrap();
+    for i in 0..20 {
+        h1.write_all(format!("one {i}\n").as_bytes()).unwrap();
+        h2.write_all(format!("two {i}\n").as_bytes()).unwrap();
+    }
+    drop((h1, h2));
+    let text = fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().count(), 40, "{text}");
+    for i in 0..20 {
+        assert!(text.contains(&format!("one {i}\n")) && text.contains(&format!("two {i}\n")));
+    }
+
+    // Sparse: a write far past the end reads back zeros before it.
+    let sparse = d.join("sparse");
+    let fh = File::create(&sparse).unwrap();
+    fh.write_at(b"tail", 3_000_000).unwrap();
+    assert_eq!(
+        fh.metadata().unwrap().len(),
+        3_000_004,
+        "size visible to the writer at once"
+    );
+    drop(fh);
+    let all = fs::read(&sparse).unwrap();
+    assert_eq!(all.len(), 3_000_004);
+    assert!(all[..3_000_000].iter().all(|b| *b == 0));
+    assert_eq!(&all[3_000_000..], b"tail");
+
+    // Unaligned writes across many 64 KiB chunks, against an in-memory model.
+    let big = d.join("big.bin");
+    let mut model = vec![0u8; 0];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let fh = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .open(&big)
+        .unwrap();
+    for _ in 0..60 {
+        let off = rng.random_range(0..700_000usize);
+        let len = rng.random_range(1..150_000usize);
+        let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        fh.write_at(&data, off as u64).unwrap();
+        if model.len() < off + len {
+            model.resize(off + len, 0);
+        }
+        model[off..off + len].copy_from_slice(&data);
+        assert_eq!(fh.metadata().unwrap().len(), model.len() as u64);
+    }
+    fh.sync_all().unwrap();
+    let mut back = vec![0u8; model.len()];
+    fh.read_exact_at(&mut back, 0).unwrap();
+    assert!(back == model, "read through the writing handle differs");
+    drop(fh);
+    assert!(
+        fs::read(&big).unwrap() == model,
+        "read after reopen differs"
+    );
+
+    // Truncate down (mid-chunk) and up: the cut bytes do not come back as anything but zeros.
+    let fh = OpenOptions::new().write(true).open(&big).unwrap();
+    fh.set_len(100_001).unwrap();
+    fh.set_len(300_000).unwrap();
+    drop(fh);
+    let after = fs::read(&big).unwrap();
+    assert_eq!(after.len(), 300_000);
+    assert_eq!(&after[..100_001], &model[..100_001]);
+    assert!(after[100_001..].iter().all(|b| *b == 0));
+
+    // An unlinked open file stays readable through its handle.
+    let gone = d.join("gone.txt");
+    fs::write(&gone, vec![5u8; 200_000]).unwrap();
+    let mut rd = File::open(&gone).unwrap();
+    fs::remove_file(&gone).unwrap();
+    assert_eq!(errno(fs::metadata(&gone)), libc::ENOENT);
+    let mut got = Vec::new();
+    rd.read_to_end(&mut got).unwrap();
+    assert_eq!(got, vec![5u8; 200_000]);
+    rd.seek(SeekFrom::Start(10)).unwrap();
+    drop(rd);
+
+    // Preallocation extends; punch-hole and zero-range are refused, not silently accepted.
+    let pre = File::create(d.join("prealloc")).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&pre);
+    assert_eq!(unsafe { libc::fallocate(fd, 0, 0, 5000) }, 0);
+    assert_eq!(pre.metadata().unwrap().len(), 5000);
+    let rc = unsafe {
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            100,
+        )
+    };
+    assert_eq!(
+        (rc, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::EOPNOTSUPP))
+    );
+    let rc = unsafe { libc::fallocate(fd, libc::FALLOC_FL_ZERO_RANGE, 0, 100) };
+    assert_eq!(
+        (rc, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::EOPNOTSUPP))
+    );
+}
+
+/// Directories and names: mkdir/rmdir, rename edge cases, links, symlinks, FIFOs, readdir
+/// offsets under concurrent change, and the errno of each failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_semantics() {
+    let cl = Cluster::start(3);
+    cl.create_volume("www", 1 << 20).await;
+    let m = cl.mount("www", "mnt", "").await;
+    let d = &m.path;
+
+    fs::create_dir(d.join("dir")).unwrap();
+    assert_eq!(errno(fs::create_dir(d.join("dir"))), libc::EEXIST);
+    fs::write(d.join("dir/f"), b"x").unwrap();
+    assert_eq!(errno(fs::remove_dir(d.join("dir"))), libc::ENOTEMPTY);
+    assert_eq!(errno(fs::remove_file(d.join("dir"))), libc::EISDIR);
+    assert_eq!(errno(fs::create_dir(d.join("dir/f/sub"))), libc::ENOTDIR);
+    assert_eq!(errno(fs::read(d.join("missing"))), libc::ENOENT);
+    assert_eq!(
+        errno(OpenOptions::new().write(true).open(d.join("dir"))),
+        libc::EISDIR
+    );
+    assert_eq!(
+        errno(fs::write(d.join("x".repeat(256)), b"")),
+        libc::ENAMETOOLONG
+    );
+    fs::write(d.join("y".repeat(255)), b"ok").unwrap();
+
+    // rename: over a file, over an empty dir, onto a non-empty dir, NOREPLACE, EXCHANGE.
+    fs::write(d.join("r1"), b"one").unwrap();
+    fs::write(d.join("r2"), b"two").unwrap();
+    fs::rename(d.join("r1"), d.join("r2")).unwrap();
+    assert_eq!(fs::read(d.join("r2")).unwrap(), b"one");
+    assert_eq!(errno(fs::metadata(d.join("r1"))), libc::ENOENT);
+    fs::create_dir(d.join("empty")).unwrap();
+    fs::create_dir(d.join("moving")).unwrap();
+    fs::rename(d.join("moving"), d.join("empty")).unwrap();
+    assert_eq!(
+        errno(fs::rename(d.join("empty"), d.join("dir"))),
+        libc::ENOTEMPTY
+    );
+    fs::write(d.join("r3"), b"three").unwrap();
+    assert_eq!(
+        errno(rename2(
+            &d.join("r3"),
+            &d.join("r2"),
+            libc::RENAME_NOREPLACE
+        )),
+        libc::EEXIST
+    );
+    rename2(&d.join("r3"), &d.join("r2"), libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read(d.join("r2")).unwrap(), b"three");
+    assert_eq!(fs::read(d.join("r3")).unwrap(), b"one");
+    fs::rename(d.join("r3"), d.join("dir/moved")).unwrap();
+    assert_eq!(fs::read(d.join("dir/moved")).unwrap(), b"one");
+
+    // Hard links share one inode; symlinks; FIFOs.
+    fs::hard_link(d.join("r2"), d.join("r2-link")).unwrap();
+    let (a, b) = (
+        fs::metadata(d.join("r2")).unwrap(),
+        fs::metadata(d.join("r2-link")).unwrap(),
+    );
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+    fs::set_permissions(d.join("r2-link"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(d.join("r2")).unwrap().mode() & 0o777, 0o600);
+    std::os::unix::fs::symlink("dir/moved", d.join("sym")).unwrap();
+    assert_eq!(
+        fs::read_link(d.join("sym")).unwrap(),
+        Path::new("dir/moved")
+    );
+    assert_eq!(fs::read(d.join("sym")).unwrap(), b"one");
+    assert_eq!(
+        unsafe { libc::mkfifo(c(&d.join("fifo")).as_ptr(), 0o644) },
+        0
+    );
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+        &fs::symlink_metadata(d.join("fifo")).unwrap().file_type()
+    ));
+
+    // readdir: entries present throughout are returned exactly once even while the directory
+    // changes between getdents calls.
+    let big = d.join("big");
+    fs::create_dir(&big).unwrap();
+    let name = |i: usize| format!("{i:04}-{}", "n".repeat(180));
+    for i in 0..300 {
+        fs::write(big.join(name(i)), b"").unwrap();
+    }
+    let mut it = fs::read_dir(&big).unwrap();
+    let mut seen: Vec<String> = (&mut it)
+        .take(40)
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    for i in 300..360 {
+        fs::write(big.join(name(i)), b"").unwrap();
+    }
+    seen.extend(it.map(|e| e.unwrap().file_name().into_string().unwrap()));
+    let unique: std::collections::BTreeSet<_> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "an entry was returned twice");
+    for i in 0..300 {
+        assert!(unique.contains(&name(i)), "entry {i} was skipped");
+    }
+    assert_eq!(fs::read_dir(&big).unwrap().count(), 360);
+}
+
+/// Attributes, xattrs and statfs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attributes_xattrs_statfs() {
+    let cl = Cluster::start(3);
+    cl.create_volume("www", 1 << 20).await;
+    let m = cl.mount("www", "mnt", "").await;
+    let f = m.path.join("f");
+    fs::write(&f, b"data").unwrap();
+
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o4751)).unwrap();
+    assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o4751);
+    std::os::unix::fs::chown(&f, Some(1234), Some(5678)).unwrap();
+    let md = fs::metadata(&f).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1234, 5678));
+
+    let t = |s, ns| libc::timespec {
+        tv_sec: s,
+        tv_nsec: ns,
+    };
+    utimens(
+        &f,
+        t(1_500_000_000, 123_456_789),
+        t(1_600_000_000, 987_654_321),
+    );
+    let md = fs::metadata(&f).unwrap();
+    assert_eq!((md.atime(), md.atime_nsec()), (1_500_000_000, 123_456_789));
+    assert_eq!((md.mtime(), md.mtime_nsec()), (1_600_000_000, 987_654_321));
+    utimens(&f, t(0, libc::UTIME_OMIT), t(0, libc::UTIME_NOW));
+    let md = fs::metadata(&f).unwrap();
+    assert_eq!(
+        (md.atime(), md.atime_nsec()),
+        (1_500_000_000, 123_456_789),
+        "UTIME_OMIT changed atime"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (md.mtime() - now).abs() < 60,
+        "UTIME_NOW gave {}",
+        md.mtime()
+    );
+
+    xattr::set(&f, "user.color", b"blue").unwrap();
+    xattr::set(&f, "security.label", b"web").unwrap();
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm) in [(0x01u16, 6u16), (0x04, 4), (0x20, 0)] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    xattr::set(&f, "system.posix_acl_access", &acl).unwrap();
+    assert_eq!(xattr::get(&f, "user.color").unwrap().unwrap(), b"blue");
+    assert_eq!(xattr::get(&f, "security.label").unwrap().unwrap(), b"web");
+    assert_eq!(
+        xattr::get(&f, "system.posix_acl_access").unwrap().unwrap(),
+        acl
+    );
+    assert_eq!(
+        fs::metadata(&f).unwrap().mode() & 0o777,
+        0o640,
+        "the ACL sets the mode bits"
+    );
+    let names: Vec<_> = xattr::list(&f).unwrap().collect();
+    assert!(names.iter().any(|n| n == "user.color") && names.iter().any(|n| n == "security.label"));
+    xattr::remove(&f, "user.color").unwrap();
+    assert_eq!(xattr::get(&f, "user.color").unwrap(), None);
+    assert_eq!(errno(xattr::remove(&f, "user.color")), libc::ENODATA);
+
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c(&m.path).as_ptr(), &mut st) }, 0);
+    assert!(
+        st.f_blocks > 0 && st.f_bavail > 0 && st.f_bsize > 0,
+        "statfs reports no capacity"
+    );
+    assert_eq!(st.f_namemax, 255);
+}
+
+/// Two mounts of one volume: close-to-open consistency and renames seen across mounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_mounts_see_each_others_changes() {
+    let cl = Cluster::start(3);
+    cl.create_volume("www", 64 * 1024).await;
+    let a = cl.mount("www", "a", "").await;
+    let b = cl.mount("www", "b", "").await;
+
+    let v1: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(a.path.join("page.html"), &v1).unwrap();
+    assert_eq!(fs::read(b.path.join("page.html")).unwrap(), v1);
+    // Overwrite in place (same size), then with a shorter file: the reader's next open sees it.
+    for round in 0..3u8 {
+        let v: Vec<u8> = v1.iter().map(|x| x.wrapping_add(round + 1)).collect();
+        let v = if round == 2 { v[..1000].to_vec() } else { v };
+        fs::write(a.path.join("page.html"), &v).unwrap();
+        assert!(
+            fs::read(b.path.join("page.html")).unwrap() == v,
+            "stale read in round {round}"
+        );
+    }
+    fs::rename(a.path.join("page.html"), a.path.join("moved.html")).unwrap();
+    let moved = b.path.join("moved.html");
+    wait_for("the rename to show in the other mount", DEADLINE, || {
+        let ok = moved.exists() && !b.path.join("page.html").exists();
+        async move { ok.then_some(()) }
+    })
+    .await;
+}
+
+/// A read-only mount serves reads and refuses every change with EROFS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_mount_refuses_writes() {
+    let cl = Cluster::start(3);
+    cl.create_volume("www", 1 << 20).await;
+    let rw = cl.mount("www", "rw", "").await;
+    fs::write(rw.path.join("f"), b"content").unwrap();
+    let ro = cl.mount("www", "ro", "ro").await;
+    assert_eq!(fs::read(ro.path.join("f")).unwrap(), b"content");
+    assert_eq!(errno(fs::write(ro.path.join("g"), b"x")), libc::EROFS);
+    assert_eq!(
+        errno(OpenOptions::new().write(true).open(ro.path.join("f"))),
+        libc::EROFS
+    );
+    assert_eq!(errno(fs::create_dir(ro.path.join("d"))), libc::EROFS);
+    assert_eq!(errno(fs::remove_file(ro.path.join("f"))), libc::EROFS);
+    assert!(is_mounted(&ro.path));
+}
