@@ -8,8 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
+# Overridable so tests can run a quickstart beside a real one.
 STATE="${MORTAR_QUICKSTART_DIR:-$PWD/.quickstart}"
-BRICKS="127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+IP="${MORTAR_QUICKSTART_IP:-127.0.0.1}"
+BRICKS="$IP:7001,$IP:7002,$IP:7003"
 PKI="$STATE/pki"
 
 mounted() { grep -qs "^mortar:[^ ]* $1 fuse" /proc/self/mounts; }
@@ -57,11 +59,11 @@ for i in 1 2 3; do
         echo "brick$i already running (pid $(cat "$pidfile"))"
         continue
     fi
-    setsid "$BIN_DIR/mortar-brick" --data "$STATE/brick$i" --listen "127.0.0.1:700$i" \
+    setsid "$BIN_DIR/mortar-brick" --data "$STATE/brick$i" --listen "$IP:700$i" \
         --cert "$PKI/brick$i.pem" --key "$PKI/brick$i.key" --ca "$PKI/ca.pem" \
         </dev/null >>"$STATE/brick$i.log" 2>&1 &
     echo $! >"$pidfile"
-    echo "started brick$i on 127.0.0.1:700$i (pid $!, log $STATE/brick$i.log)"
+    echo "started brick$i on $IP:700$i (pid $!, log $STATE/brick$i.log)"
 done
 
 # Wait until every brick answers.
@@ -73,10 +75,12 @@ done
 if "$M" volume info www >/dev/null 2>&1; then
     echo "volume www exists"
 else
-    "$M" volume create www replica 3 127.0.0.1:7001 127.0.0.1:7002 127.0.0.1:7003
+    "$M" volume create www replica 3 "$IP:7001" "$IP:7002" "$IP:7003"
 fi
 
-if [ -f "$STATE/mountpoint" ]; then
+if [ -n "${MORTAR_QUICKSTART_MNT:-}" ]; then
+    MNT="$MORTAR_QUICKSTART_MNT"
+elif [ -f "$STATE/mountpoint" ]; then
     MNT=$(cat "$STATE/mountpoint")
 elif [ "$(id -u)" -eq 0 ] && ! mountpoint -q /srv/www 2>/dev/null && { [ ! -e /srv/www ] || [ -z "$(ls -A /srv/www 2>/dev/null)" ]; }; then
     MNT=/srv/www

@@ -522,7 +522,7 @@ const ACL_MASK: u16 = 0x10;
 const ACL_OTHER: u16 = 0x20;
 
 fn acl_entries(value: &[u8]) -> Option<impl Iterator<Item = (usize, u16, u16)> + '_> {
-    if value.len() < 4 || (value.len() - 4) % 8 != 0 || value[..4] != 2u32.to_le_bytes() {
+    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) || value[..4] != 2u32.to_le_bytes() {
         return None;
     }
     Some(value[4..].chunks_exact(8).enumerate().map(|(i, e)| {

@@ -17,9 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long mounting waits to reach the volume before giving up.
-const CONNECT_DEADLINE: Duration = Duration::from_secs(20);
-
 /// Mount a mortar volume: mortar-mount HOST[:PORT][,HOST[:PORT]...]:/VOLUME MOUNTPOINT [-o OPTIONS]
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -29,7 +26,8 @@ pub struct Args {
     /// An existing, empty directory.
     pub mountpoint: PathBuf,
     /// Comma-separated options: ro, rw, allow_other, default_permissions,
-    /// no_default_permissions, attr_timeout=S, entry_timeout=S, cert=P, key=P, ca=P, log=P;
+    /// no_default_permissions, attr_timeout=S, entry_timeout=S, connect_timeout=S, cert=P,
+    /// key=P, ca=P, log=P;
     /// fstab options such as _netdev and defaults are accepted and ignored.
     #[arg(short = 'o', action = clap::ArgAction::Append)]
     pub options: Vec<String>,
@@ -209,9 +207,10 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
         let identity = Identity::load(&opts.cert, &opts.key, &opts.ca).context("cannot load the client certificate (options cert=, key=, ca=)")?;
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
         let vol = rt.block_on(async {
-            tokio::time::timeout(CONNECT_DEADLINE, Volume::connect(&source.bricks, &source.volume, &identity))
+            let deadline = opts.connect_timeout;
+            tokio::time::timeout(deadline, Volume::connect(&source.bricks, &source.volume, &identity))
                 .await
-                .map_err(|_| anyhow!("cannot reach volume '{}' through {} within {CONNECT_DEADLINE:?}", source.volume, source.bricks.join(",")))?
+                .map_err(|_| anyhow!("cannot reach volume '{}' through {} within {deadline:?}", source.volume, source.bricks.join(",")))?
                 .map_err(|e| anyhow!("cannot mount volume '{}' from {}: {e}", source.volume, source.bricks.join(",")))
         })?;
         let core = Arc::new(Core::new(Arc::new(vol), opts.read_only));

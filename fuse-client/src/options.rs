@@ -58,6 +58,8 @@ pub struct MountOptions {
     pub key: PathBuf,
     pub ca: PathBuf,
     pub log: Option<PathBuf>,
+    /// How long mounting may take to reach the volume before it fails.
+    pub connect_timeout: Duration,
 }
 
 impl Default for MountOptions {
@@ -72,6 +74,7 @@ impl Default for MountOptions {
             key: PathBuf::from("/etc/mortar/client.key"),
             ca: PathBuf::from("/etc/mortar/ca.pem"),
             log: None,
+            connect_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -108,6 +111,7 @@ pub fn parse_options(list: &str, opts: &mut MountOptions) -> Result<(), OptionEr
             "key" => opts.key = PathBuf::from(need()?),
             "ca" => opts.ca = PathBuf::from(need()?),
             "log" => opts.log = Some(PathBuf::from(need()?)),
+            "connect_timeout" => opts.connect_timeout = seconds(key, need()?)?,
             // Options mount(8), fstab and systemd pass that concern them, not us.
             "defaults" | "_netdev" | "auto" | "noauto" | "nofail" | "user" | "nouser" | "users"
             | "owner" | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev" | "atime"

@@ -107,7 +107,7 @@ async fn file_data_semantics() {
     let mut model = vec![0u8; 0];
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let fh = OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .read(true)
         .write(true)
         .open(&big)

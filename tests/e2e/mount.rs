@@ -1,0 +1,316 @@
+//! Issue "Mount a volume as a web document root": the mount as an operator and a web server
+//! use it — nginx serving from it, `mount -t mortar`, bad input at mount time, the quickstart.
+
+use mortar_tests::mortar_proto::tls::Role;
+use mortar_tests::{bin, is_mounted, wait_for, Cluster, DEADLINE};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// GET a path over plain HTTP/1.0; returns (status, body).
+fn http_get(addr: &str, path: &str) -> (u32, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to nginx");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    (status, resp[split + 4..].to_vec())
+}
+
+/// Acceptance 4: nginx on loopback serves files from the mount byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_serves_the_mount_byte_for_byte() {
+    let cl = Cluster::start(3);
+    cl.create_volume("www", 1 << 20).await;
+    let m = cl.mount("www", "docroot", "").await;
+    let mut files = Vec::new();
+    std::fs::create_dir_all(m.path.join("assets/img")).unwrap();
+    for (i, size) in [0usize, 1, 700, 16_385, 1_048_576, 3_333_333]
+        .iter()
+        .enumerate()
+    {
+        let body: Vec<u8> = (0..*size).map(|k| (k * 7 + i) as u8).collect();
+        let rel = if i % 2 == 0 {
+            format!("/page{i}.html")
+        } else {
+            format!("/assets/img/f{i}.bin")
+        };
+        std::fs::write(m.path.join(&rel[1..]), &body).unwrap();
+        files.push((rel, body));
+    }
+
+    let nginx = "/usr/sbin/nginx";
+    assert!(
+        Path::new(nginx).exists(),
+        "nginx is missing: scripts/test.sh installs nginx-light"
+    );
+    let port = 18_080;
+    let listen = format!("{}:{port}", cl.ip);
+    let conf = cl.dir.path().join("nginx.conf");
+    let d = cl.dir.path().display();
+    std::fs::write(
+        &conf,
+        format!(
+            "user root;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/ngx-body; proxy_temp_path {d}/ngx-proxy;\n\
+             fastcgi_temp_path {d}/ngx-fcgi; uwsgi_temp_path {d}/ngx-uwsgi; scgi_temp_path {d}/ngx-scgi;\n\
+             server {{ listen {listen}; root {}; }} }}\n",
+            m.path.display()
+        ),
+    )
+    .unwrap();
+    let mut server = Command::new(nginx)
+        .args(["-c", conf.to_str().unwrap(), "-g", "daemon off;"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(&mut server);
+    let l = listen.clone();
+    wait_for("nginx to listen", DEADLINE, || {
+        let up = std::net::TcpStream::connect(&l).is_ok();
+        async move { up.then_some(()) }
+    })
+    .await;
+    let results = tokio::task::spawn_blocking(move || {
+        files
+            .into_iter()
+            .map(|(rel, body)| (rel.clone(), body, http_get(&listen, &rel)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for (rel, body, (status, got)) in results {
+        assert_eq!(status, 200, "{rel}");
+        assert!(
+            got == body,
+            "{rel}: {} bytes served, {} expected",
+            got.len(),
+            body.len()
+        );
+    }
+}
+
+fn run_mount(args: &[&str]) -> std::process::Output {
+    Command::new(bin("mortar-mount"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mortar-mount")
+}
+
+fn assert_refused(out: &std::process::Output, needle: &str, mountpoint: &Path) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "mount succeeded; expected '{needle}'"
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "not a one-line error: {err}"
+    );
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    assert!(
+        !is_mounted(mountpoint),
+        "a failed mount left {} mounted",
+        mountpoint.display()
+    );
+}
+
+/// Acceptance 5: bad input at mount time gives a one-line error, a non-zero exit, no mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_refuses_bad_input_cleanly() {
+    let cl = Cluster::start(3);
+    cl.create_volume("www", 1 << 20).await;
+    let mnt = cl.dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let ms = mnt.to_str().unwrap();
+    let opts = cl.mount_options("bad");
+
+    let out = run_mount(&[&cl.source("nope"), ms, "-o", &opts]);
+    assert_refused(&out, "volume 'nope' not found", &mnt);
+
+    let dead = format!("{0}:9,{0}:10:/www", cl.ip);
+    let out = run_mount(&[&dead, ms, "-o", &format!("{opts},connect_timeout=3")]);
+    assert_refused(&out, "cannot reach volume 'www'", &mnt);
+
+    let other = tempfile::tempdir().unwrap();
+    let foreign = mortar_tests::Certs::new(other.path());
+    let (cert, key) = foreign.issue(Role::Client, "intruder");
+    let wrong = format!(
+        "cert={},key={},ca={}",
+        cert.display(),
+        key.display(),
+        cl.certs.ca().display()
+    );
+    let out = run_mount(&[&cl.source("www"), ms, "-o", &wrong]);
+    assert_refused(&out, "refused our certificate", &mnt);
+
+    let out = run_mount(&[&cl.source("www"), ms, "-o", &format!("{opts},frobnicate")]);
+    assert_refused(&out, "unknown mount option 'frobnicate'", &mnt);
+
+    let missing = cl.dir.path().join("missing");
+    let out = run_mount(&[&cl.source("www"), missing.to_str().unwrap(), "-o", &opts]);
+    assert_refused(&out, "does not exist", &missing);
+
+    std::fs::write(mnt.join("stray"), b"x").unwrap();
+    let out = run_mount(&[&cl.source("www"), ms, "-o", &opts]);
+    assert_refused(&out, "is not empty", &mnt);
+    std::fs::remove_file(mnt.join("stray")).unwrap();
+
+    let out = run_mount(&["not-a-source", ms]);
+    assert_refused(&out, "bad source", &mnt);
+}
+
+/// `mount -t mortar` through the mount.mortar helper, daemonised, and `umount`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_helper_daemonises_and_umount_works() {
+    let cl = Cluster::start(3);
+    cl.create_volume("www", 1 << 20).await;
+    let helper_dir = cl.dir.path().join("sbin");
+    std::fs::create_dir(&helper_dir).unwrap();
+    std::os::unix::fs::symlink(bin("mortar-mount"), helper_dir.join("mount.mortar")).unwrap();
+    let mnt = cl.dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let path = format!(
+        "{}:{}",
+        helper_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // mount(8) looks for /sbin/mount.TYPE; -i skips it, so call the helper the way mount does.
+    let out = Command::new("mount.mortar")
+        .env("PATH", &path)
+        .args([
+            &cl.source("www"),
+            mnt.to_str().unwrap(),
+            "-o",
+            &format!("_netdev,{}", cl.mount_options("helper")),
+        ])
+        .output()
+        .expect("run mount.mortar");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_mounted(&mnt), "returned before the mount was live");
+    std::fs::write(mnt.join("hello"), b"world").unwrap();
+    assert_eq!(std::fs::read(mnt.join("hello")).unwrap(), b"world");
+    let out = Command::new("umount").arg(&mnt).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&mnt));
+}
+
+/// Acceptance 1: the quickstart mounts a volume; a web tree copied in with cp -a diffs clean;
+/// stop unmounts and stops; a second run brings the same data back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_round_trip() {
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("qs");
+    let mnt = work.path().join("www");
+    let ip = "127.77.77.1";
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let quickstart = |arg: Option<&str>| {
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo.join("scripts/quickstart.sh"));
+        cmd.args(arg);
+        cmd.env("MORTAR_QUICKSTART_DIR", &state)
+            .env("MORTAR_QUICKSTART_IP", ip)
+            .env("MORTAR_QUICKSTART_MNT", &mnt);
+        let out = cmd.output().expect("run quickstart");
+        assert!(
+            out.status.success(),
+            "quickstart {arg:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    struct Stop<'a>(&'a dyn Fn(Option<&str>) -> String);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    (self.0)(Some("stop"))
+                }));
+            }
+        }
+    }
+    let _stop = Stop(&quickstart);
+    let out = quickstart(None);
+    assert!(out.contains("mounted www at"), "{out}");
+    assert!(is_mounted(&mnt));
+
+    let src = Path::new("/usr/share/wordpress");
+    assert!(
+        src.exists(),
+        "the wordpress package is missing: scripts/test.sh installs it"
+    );
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(src)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        cp.status.success(),
+        "cp -a: {}",
+        String::from_utf8_lossy(&cp.stderr)
+    );
+    let diff = Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(src)
+        .arg(mnt.join("wordpress"))
+        .output()
+        .unwrap();
+    assert!(
+        diff.status.success() && diff.stdout.is_empty(),
+        "diff -r: {}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+
+    let out = quickstart(Some("stop"));
+    assert!(
+        out.contains("unmounted") && out.contains("stopped brick3"),
+        "{out}"
+    );
+    assert!(!is_mounted(&mnt));
+    let out = quickstart(None);
+    assert!(out.contains("volume www exists"), "{out}");
+    let diff = Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(src)
+        .arg(mnt.join("wordpress"))
+        .output()
+        .unwrap();
+    assert!(
+        diff.status.success(),
+        "after restart: {}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+    quickstart(Some("stop"));
+}
