@@ -1,18 +1,120 @@
 #!/usr/bin/env bash
-# Benchmarks. `scripts/bench.sh bricks [N]`: the brick write path, replicated vs one brick with
-# replication off, in the same run.
+# Benchmarks, each measured against a local directory (or one brick) in the same run.
+#   scripts/bench.sh docroot      a web docroot workload on a mortar mount vs a local directory
+#   scripts/bench.sh bricks [N]   the brick write path: replicated vs one brick, no replication
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-need_build_packages
-what="${1:-bricks}"
-case "$what" in
-    bricks)
-        cargo build --workspace --bins
-        "$BIN_DIR/bench-bricks" "${2:-200}"
-        ;;
+
+bricks() {
+    need_build_packages
+    cargo build --workspace --bins
+    "$BIN_DIR/bench-bricks" "${1:-200}"
+}
+
+now() { date +%s.%N; }
+# Seconds taken by a command.
+timed() { local t0; t0=$(now); "$@" >/dev/null; echo "$(now) - $t0" | bc -l; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+create_delete() { # DIR: create 5,000 4 KiB files, then delete them
+    python3 - "$1" <<'PY'
+import os, sys
+d = os.path.join(sys.argv[1], "cd")
+os.mkdir(d)
+buf = os.urandom(4096)
+for i in range(5000):
+    with open(os.path.join(d, f"f{i}"), "wb") as f:
+        f.write(buf)
+for i in range(5000):
+    os.unlink(os.path.join(d, f"f{i}"))
+os.rmdir(d)
+PY
+}
+
+# nginx on ADDR serving ROOT; prints "requests/s p99" from wrk.
+serve_and_load() {
+    local root=$1 addr=$2 conf=$3
+    cat >"$conf" <<NGX
+user root; master_process off; worker_processes 1; pid $conf.pid; error_log $conf.err;
+events { worker_connections 256; }
+http { access_log off; server { listen $addr; root $root; } }
+NGX
+    nginx -c "$conf" -g 'daemon off;' &
+    local pid=$!
+    for _ in $(seq 1 100); do curl -s -o /dev/null "http://$addr/" && break; sleep 0.1; done
+    local out
+    out=$(wrk -t2 -c16 -d10s --latency "http://$addr/wordpress/readme.html")
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    local rps p99
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    echo "$rps $p99"
+}
+
+# Convert wrk latency (e.g. 1.23ms, 850.00us, 1.2s) to milliseconds.
+to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.2f", n }'; }
+
+docroot() {
+    need_build_packages
+    need_packages fuse3 wordpress nginx-light wrk bc curl python3
+    local work=/var/tmp/mortar-bench
+    if [ -f "$work/qs/mountpoint" ]; then
+        MORTAR_QUICKSTART_DIR="$work/qs" bash scripts/quickstart.sh stop >/dev/null || true
+    fi
+    rm -rf "$work"
+    mkdir -p "$work/local" "$work/mnt"
+    MORTAR_QUICKSTART_DIR="$work/qs" MORTAR_QUICKSTART_IP=127.88.0.1 MORTAR_QUICKSTART_MNT="$work/mnt" \
+        bash scripts/quickstart.sh >/dev/null
+    trap 'MORTAR_QUICKSTART_DIR="$work/qs" bash scripts/quickstart.sh stop >/dev/null' EXIT
+    local src=/usr/share/wordpress files
+    files=$(find "$src" -type f | wc -l)
+    head -c $((1024 * 1024 * 1024)) /dev/urandom >"$work/big.src"
+
+    declare -A T
+    for where in local mnt; do
+        local d="$work/$where"
+        drop_caches
+        T[$where.copy]=$(timed cp -a "$src" "$d/")
+        drop_caches
+        T[$where.stat_cold]=$(timed find "$d/wordpress" -printf '%s %T@\n')
+        T[$where.stat_warm]=$(timed find "$d/wordpress" -printf '%s %T@\n')
+        drop_caches
+        T[$where.read]=$(timed bash -c "find '$d/wordpress' -type f -print0 | xargs -0 cat")
+        T[$where.create_delete]=$(timed create_delete "$d")
+        drop_caches
+        T[$where.write_1g]=$(timed dd if="$work/big.src" of="$d/big" bs=1M conv=fsync status=none)
+        drop_caches
+        T[$where.read_1g]=$(timed dd if="$d/big" of=/dev/null bs=1M status=none)
+        rm -f "$d/big"
+    done
+    read -r l_rps l_p99 < <(serve_and_load "$work/local" 127.88.0.1:18181 "$work/ngx-local.conf")
+    read -r m_rps m_p99 < <(serve_and_load "$work/mnt" 127.88.0.1:18182 "$work/ngx-mnt.conf")
+
+    echo "mortar vs local directory, $(date -u +%F), $(nproc) cores; three bricks and the client on this machine"
+    printf '%-34s %14s %14s %10s\n' "workload" "local" "mortar" "mortar/local"
+    row() { # name unit local_value mortar_value higher_is_better
+        local ratio
+        if [ "$5" = 1 ]; then ratio=$(echo "$4 / $3" | bc -l); else ratio=$(echo "$3 / $4" | bc -l); fi
+        printf '%-34s %14s %14s %9.1f%%\n' "$1 ($2)" "$(printf '%.1f' "$3")" "$(printf '%.1f' "$4")" "$(echo "$ratio * 100" | bc -l)"
+    }
+    rate() { echo "$1 / $2" | bc -l; }
+    row "cp -a wordpress ($files files)" "files/s" "$(rate "$files" "${T[local.copy]}")" "$(rate "$files" "${T[mnt.copy]}")" 1
+    row "stat every entry, cold" "entries/s" "$(rate "$files" "${T[local.stat_cold]}")" "$(rate "$files" "${T[mnt.stat_cold]}")" 1
+    row "stat every entry, warm" "entries/s" "$(rate "$files" "${T[local.stat_warm]}")" "$(rate "$files" "${T[mnt.stat_warm]}")" 1
+    row "read every file, cold" "files/s" "$(rate "$files" "${T[local.read]}")" "$(rate "$files" "${T[mnt.read]}")" 1
+    row "create+delete 5,000 4 KiB files" "files/s" "$(rate 5000 "${T[local.create_delete]}")" "$(rate 5000 "${T[mnt.create_delete]}")" 1
+    row "1 GiB sequential write + fsync" "MiB/s" "$(rate 1024 "${T[local.write_1g]}")" "$(rate 1024 "${T[mnt.write_1g]}")" 1
+    row "1 GiB sequential read, cold" "MiB/s" "$(rate 1024 "${T[local.read_1g]}")" "$(rate 1024 "${T[mnt.read_1g]}")" 1
+    row "nginx static file" "requests/s" "$l_rps" "$m_rps" 1
+    row "nginx static file p99" "ms" "$(to_ms "$l_p99")" "$(to_ms "$m_p99")" 0
+}
+
+case "${1:-docroot}" in
+    docroot) docroot ;;
+    bricks) bricks "${2:-200}" ;;
     *)
-        echo "usage: scripts/bench.sh bricks [CHUNKS_PER_SIZE]" >&2
+        echo "usage: scripts/bench.sh [docroot | bricks [CHUNKS_PER_SIZE]]" >&2
         exit 2
         ;;
 esac

@@ -66,12 +66,12 @@ for i in 1 2 3; do
     echo "started brick$i on $IP:700$i (pid $!, log $STATE/brick$i.log)"
 done
 
-# Wait until every brick answers.
+# Wait until every brick answers (`volume list` fails while any is unreachable).
 for _ in $(seq 1 300); do
-    up=$("$M" volume list 2>/dev/null | wc -l) || true
-    [ "$up" -gt 0 ] && break
+    "$M" volume list >/dev/null 2>&1 && break
     sleep 0.2
 done
+"$M" volume list >/dev/null
 if "$M" volume info www >/dev/null 2>&1; then
     echo "volume www exists"
 else

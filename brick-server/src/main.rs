@@ -28,6 +28,9 @@ struct Args {
     /// The volume CA certificate, PEM.
     #[arg(long)]
     ca: PathBuf,
+    /// Metadata log entries between snapshots; older entries are then purged.
+    #[arg(long, default_value_t = raft::SNAPSHOT_EVERY, value_parser = clap::value_parser!(u64).range(10..))]
+    snapshot_every: u64,
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -67,7 +70,11 @@ async fn run(args: Args) -> Result<()> {
     let volume = Arc::default();
     let sm = StateMachine::new(store.clone(), Arc::clone(&volume))
         .context("cannot read the namespace")?;
-    let config = Arc::new(raft::config().validate().context("raft configuration")?);
+    let config = Arc::new(
+        raft::config(args.snapshot_every)
+            .validate()
+            .context("raft configuration")?,
+    );
     let raft = raft::Raft::new(
         id,
         config,
@@ -76,7 +83,8 @@ async fn run(args: Args) -> Result<()> {
         sm,
     )
     .await
-    .context("cannot start the metadata group")?;
+    // openraft's Fatal prints nothing useful with Display; the Debug form names the cause.
+    .map_err(|e| anyhow::anyhow!("cannot start the metadata group: {e:?}"))?;
 
     let brick = Arc::new(Brick {
         id,

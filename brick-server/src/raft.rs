@@ -58,9 +58,12 @@ pub type Raft = openraft::Raft<TypeConfig>;
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
 
+/// Log entries between snapshots (after which older entries are purged).
+pub const SNAPSHOT_EVERY: u64 = 20_000;
+
 /// Timing of the metadata group. Heartbeats every 100 ms and elections after 400–800 ms of
 /// silence keep a leader change well inside the failover budget.
-pub fn config() -> openraft::Config {
+pub fn config(snapshot_every: u64) -> openraft::Config {
     openraft::Config {
         cluster_name: "mortar".into(),
         heartbeat_interval: 100,
@@ -68,8 +71,8 @@ pub fn config() -> openraft::Config {
         election_timeout_max: 800,
         install_snapshot_timeout: 2000,
         max_payload_entries: 64,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 2_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+        max_in_snapshot_log_to_keep: (snapshot_every / 10).max(1),
         purge_batch_size: 512,
         snapshot_max_chunk_size: 4 * 1024 * 1024,
         ..Default::default()
@@ -221,7 +224,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         let cf = self.store.cf(CF_RAFT_LOG);
         let mut b = WriteBatch::default();
-        b.put_cf(self.store.cf(CF_RAFT_STATE), KEY_PURGED, enc(&Some(log_id)));
+        // Stored as a bare LogId: `get_log_state` reads it back as one.
+        b.put_cf(self.store.cf(CF_RAFT_STATE), KEY_PURGED, enc(&log_id));
         b.delete_range_cf(cf, 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes());
         self.store.write(b, false).map_err(io_err)
     }
@@ -263,10 +267,14 @@ struct SnapshotData {
     rows: Vec<(Table, Vec<u8>, Vec<u8>)>,
 }
 
+type HeldSnapshot = (SnapshotMeta<NodeId, BasicNode>, Vec<u8>);
+
 pub struct StateMachine {
     store: Arc<Store>,
     volume: SharedVolume,
-    current: Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>,
+    /// The latest snapshot, shared with the builders openraft runs on its own, so the one it
+    /// sends to a lagging follower is always the newest.
+    current: Arc<std::sync::Mutex<Option<HeldSnapshot>>>,
 }
 
 impl StateMachine {
@@ -275,7 +283,7 @@ impl StateMachine {
         Ok(StateMachine {
             store,
             volume,
-            current: None,
+            current: Arc::default(),
         })
     }
 
@@ -304,6 +312,33 @@ impl StateMachine {
         *self.volume.write().expect("volume lock") = v;
         Ok(())
     }
+}
+
+/// blake3 over every namespace row and the applied index, read from one RocksDB snapshot.
+pub fn meta_digest(store: &Store) -> Result<(u64, [u8; 32]), FsError> {
+    let snap = store.db.snapshot();
+    let mut h = blake3::Hasher::new();
+    for table in namespace::TABLES {
+        for item in snap.iterator_cf(store.cf(table_cf(table)), IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| FsError::Io(e.to_string()))?;
+            h.update(&[table as u8]);
+            h.update(&(k.len() as u64).to_le_bytes());
+            h.update(&k);
+            h.update(&(v.len() as u64).to_le_bytes());
+            h.update(&v);
+        }
+    }
+    let applied: Option<LogId<NodeId>> = match snap
+        .get_cf(store.cf(CF_RAFT_STATE), KEY_APPLIED)
+        .map_err(|e| FsError::Io(e.to_string()))?
+    {
+        Some(b) => wire::decode(&b).map_err(|e| FsError::Io(e.to_string()))?,
+        None => None,
+    };
+    Ok((
+        applied.map(|l| l.index).unwrap_or(0),
+        *h.finalize().as_bytes(),
+    ))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -342,7 +377,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 rand::random::<u32>()
             ),
         };
-        self.current = Some((meta.clone(), data.clone()));
+        *self.current.lock().expect("snapshot lock") = Some((meta.clone(), data.clone()));
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -408,7 +443,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         StateMachine {
             store: self.store.clone(),
             volume: self.volume.clone(),
-            current: None,
+            current: self.current.clone(),
         }
     }
 
@@ -439,15 +474,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.put_cf(state, KEY_APPLIED, enc(&meta.last_log_id));
         batch.put_cf(state, KEY_MEMBERSHIP, enc(&meta.last_membership));
         self.store.write(batch, true).map_err(io_err)?;
-        self.current = Some((meta.clone(), bytes));
+        tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
+        *self.current.lock().expect("snapshot lock") = Some((meta.clone(), bytes));
         self.refresh_volume()
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        Ok(self.current.as_ref().map(|(meta, data)| Snapshot {
-            meta: meta.clone(),
-            snapshot: Box::new(Cursor::new(data.clone())),
-        }))
+        let held = self.current.lock().expect("snapshot lock").clone();
+        match held {
+            Some((meta, data)) => Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            })),
+            // Snapshots are kept in memory only; after a restart, make one from the applied
+            // state, which covers every purged entry (purging never passes a snapshot).
+            None if self.applied()?.0.is_some() => self.build_snapshot().await.map(Some),
+            None => Ok(None),
+        }
     }
 }
 

@@ -308,6 +308,14 @@ impl Brick {
                 let limit = limit.clamp(1, 100_000) as usize;
                 Ok(Reply::HealIndex(self.store.list_heal_index(after, limit)?))
             }
+            AdminRequest::MetaDigest => {
+                need(&[Role::Admin, Role::Brick])?;
+                let (applied_index, digest) = raft::meta_digest(&self.store)?;
+                Ok(Reply::MetaDigest {
+                    applied_index,
+                    digest,
+                })
+            }
             AdminRequest::RecordMisses(misses) => {
                 need(&[Role::Brick])?;
                 self.store.record_misses(&misses)?;

@@ -143,30 +143,48 @@ impl Volume {
         }
     }
 
-    /// Commit `update` against the file's current content, retrying on concurrent changes.
-    async fn commit_with<F, Fut>(&self, ino: InodeId, update: F) -> Result<Attr, FsError>
+    /// Commit `update` against the file's content, retrying on concurrent changes. `base` is
+    /// the caller's copy of the inode, if it has one: it saves a round trip, and a stale copy
+    /// costs only a version conflict and a retry. Returns the inode as committed.
+    async fn commit_with<F, Fut>(
+        &self,
+        ino: InodeId,
+        mut base: Option<Inode>,
+        update: F,
+    ) -> Result<Inode, FsError>
     where
         F: Fn(Inode) -> Fut,
         Fut: std::future::Future<Output = Result<(u64, Content), FsError>>,
     {
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let inode = self.inode(ino).await?;
+            let inode = match base.take() {
+                Some(i) => i,
+                None => self.inode(ino).await?,
+            };
             match inode.attr.kind {
                 mortar_proto::FileKind::Regular => {}
                 mortar_proto::FileKind::Directory => return Err(FsError::IsDir),
                 _ => return Err(FsError::Invalid("not a regular file".into())),
             }
             let version = inode.attr.version;
+            let xattrs = inode.xattrs.clone();
             let (size, content) = update(inode).await?;
             let op = MetaOp::SetContent {
                 ino,
                 expect_version: version,
                 size,
-                content,
+                content: content.clone(),
             };
             match self.write_op(op).await {
                 Err(FsError::Conflict(_)) => continue,
-                other => return expect_attr(other?),
+                other => {
+                    let attr = expect_attr(other?)?;
+                    return Ok(Inode {
+                        attr,
+                        content,
+                        xattrs,
+                    });
+                }
             }
         }
         Err(FsError::Unavailable(
@@ -193,12 +211,24 @@ impl Volume {
         ranges: &[(u64, &[u8])],
         sync: bool,
     ) -> Result<Attr, FsError> {
+        Ok(self.write_ranges_on(ino, None, ranges, sync).await?.attr)
+    }
+
+    /// [`Volume::write_ranges`] starting from the caller's copy of the inode, if any; returns
+    /// the inode as committed.
+    pub async fn write_ranges_on(
+        &self,
+        ino: InodeId,
+        base: Option<Inode>,
+        ranges: &[(u64, &[u8])],
+        sync: bool,
+    ) -> Result<Inode, FsError> {
         let end = ranges
             .iter()
             .map(|(o, d)| o + d.len() as u64)
             .max()
             .unwrap_or(0);
-        self.commit_with(ino, |inode| async move {
+        self.commit_with(ino, base, |inode| async move {
             let size = inode.attr.size.max(end);
             let cs = self.chunk_size();
             let mut chunks = match inode.content {
@@ -258,40 +288,42 @@ impl Volume {
 
     /// Set a file's size, cutting or extending with zeros.
     pub async fn truncate(&self, ino: InodeId, new_size: u64) -> Result<Attr, FsError> {
-        self.commit_with(ino, |inode| async move {
-            let cs = self.chunk_size();
-            match inode.content {
-                Content::Inline(mut b) if new_size as usize <= INLINE_MAX => {
-                    b.resize(new_size as usize, 0);
-                    Ok((new_size, Content::Inline(b)))
-                }
-                Content::Inline(b) => {
-                    // Growing past the inline limit: the old bytes become chunk 0.
-                    let mut chunks = vec![None; new_size.div_ceil(cs) as usize];
-                    if !b.is_empty() {
-                        chunks[0] = Some(self.put_chunk(b, false).await?);
+        let committed = self
+            .commit_with(ino, None, |inode| async move {
+                let cs = self.chunk_size();
+                match inode.content {
+                    Content::Inline(mut b) if new_size as usize <= INLINE_MAX => {
+                        b.resize(new_size as usize, 0);
+                        Ok((new_size, Content::Inline(b)))
                     }
-                    Ok((new_size, Content::Chunks(chunks)))
-                }
-                Content::Chunks(mut chunks) => {
-                    let keep = new_size.div_ceil(cs) as usize;
-                    chunks.resize(keep, None);
-                    let tail = (new_size % cs) as usize;
-                    if new_size < inode.attr.size && tail != 0 {
-                        if let Some(Some(id)) = chunks.get(keep - 1) {
-                            let mut last = self.get_chunk(id).await?;
-                            if last.len() > tail {
-                                last.truncate(tail);
-                                chunks[keep - 1] = Some(self.put_chunk(last, false).await?);
+                    Content::Inline(b) => {
+                        // Growing past the inline limit: the old bytes become chunk 0.
+                        let mut chunks = vec![None; new_size.div_ceil(cs) as usize];
+                        if !b.is_empty() {
+                            chunks[0] = Some(self.put_chunk(b, false).await?);
+                        }
+                        Ok((new_size, Content::Chunks(chunks)))
+                    }
+                    Content::Chunks(mut chunks) => {
+                        let keep = new_size.div_ceil(cs) as usize;
+                        chunks.resize(keep, None);
+                        let tail = (new_size % cs) as usize;
+                        if new_size < inode.attr.size && tail != 0 {
+                            if let Some(Some(id)) = chunks.get(keep - 1) {
+                                let mut last = self.get_chunk(id).await?;
+                                if last.len() > tail {
+                                    last.truncate(tail);
+                                    chunks[keep - 1] = Some(self.put_chunk(last, false).await?);
+                                }
                             }
                         }
+                        Ok((new_size, Content::Chunks(chunks)))
                     }
-                    Ok((new_size, Content::Chunks(chunks)))
+                    _ => Err(FsError::Invalid("not a regular file".into())),
                 }
-                _ => Err(FsError::Invalid("not a regular file".into())),
-            }
-        })
-        .await
+            })
+            .await?;
+        Ok(committed.attr)
     }
 
     /// Replace a file's content with everything `reader` yields, holding at most a few chunks in

@@ -193,3 +193,24 @@ pub async fn list_heal_index(
         }
     }
 }
+
+/// A brick's namespace digest and the applied log index it reflects.
+pub async fn meta_digest(pool: &Pool, addr: &str) -> Result<(u64, [u8; 32]), AdminError> {
+    match call(
+        pool,
+        addr,
+        &Request::Admin(AdminRequest::MetaDigest),
+        Duration::from_secs(30),
+    )
+    .await?
+    {
+        Reply::MetaDigest {
+            applied_index,
+            digest,
+        } => Ok((applied_index, digest)),
+        other => Err(AdminError::Brick {
+            addr: addr.into(),
+            err: FsError::Io(format!("unexpected reply {other:?}")),
+        }),
+    }
+}

@@ -3,7 +3,9 @@
 //! enforcement, and the bookkeeping that keeps the kernel's caches coherent.
 
 use mortar_client::mortar_proto::wire::{SetAttr, XattrMode};
-use mortar_client::mortar_proto::{Attr, DirEntry, FileKind, FsError, Inode, InodeId, StatFs};
+use mortar_client::mortar_proto::{
+    Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs,
+};
 use mortar_client::Volume;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -254,15 +256,18 @@ impl Core {
         if write || truncate {
             self.writable()?;
         }
-        let inode = if truncate {
+        if truncate {
             for f in self.handles_of(ino) {
                 self.flush_file(&f, false).await?;
             }
             self.vol.truncate(ino, 0).await?;
-            self.vol.inode(ino).await?
-        } else {
-            self.vol.inode(ino).await?
-        };
+        }
+        let inode = self.vol.inode(ino).await?;
+        self.open_inode(inode, write)
+    }
+
+    fn open_inode(&self, inode: Inode, write: bool) -> Result<Opened, FsError> {
+        let ino = inode.attr.ino;
         match inode.attr.kind {
             FileKind::Regular => {}
             FileKind::Directory => return Err(FsError::IsDir),
@@ -319,7 +324,17 @@ impl Core {
                 exclusive,
             )
             .await?;
-        let opened = self.open(attr.ino, true, false).await?;
+        let opened = if attr.version == 0 {
+            // Never written: its content is the empty inline file mknod made; no need to ask.
+            let inode = Inode {
+                attr: attr.clone(),
+                content: Content::Inline(Vec::new()),
+                xattrs: Vec::new(),
+            };
+            self.open_inode(inode, true)?
+        } else {
+            self.open(attr.ino, true, false).await?
+        };
         Ok((self.present(attr), opened))
     }
 
@@ -380,17 +395,25 @@ impl Core {
             .iter()
             .map(|(o, d)| (*o, d.as_slice()))
             .collect();
-        if let Err(e) = self.vol.write_ranges(f.ino, &ranges, sync).await {
-            // Keep the data for a retry at the next flush or release; later writes stay later.
-            let mut p = f.pending.lock().expect("pending lock");
-            let newer = std::mem::replace(&mut *p, taken);
-            p.ranges.extend(newer.ranges);
-            p.bytes += newer.bytes;
-            p.end = p.end.max(newer.end);
-            return Err(e);
+        // Commit against our own copy of the inode: no round trip to read it first, and if
+        // someone else changed the file meanwhile, the version check makes us re-read.
+        let base = (!st.stale).then(|| st.inode.clone());
+        match self.vol.write_ranges_on(f.ino, base, &ranges, sync).await {
+            Ok(committed) => {
+                st.inode = committed;
+                st.stale = false;
+                Ok(())
+            }
+            Err(e) => {
+                // Keep the data for a retry at the next flush or release; later writes stay later.
+                let mut p = f.pending.lock().expect("pending lock");
+                let newer = std::mem::replace(&mut *p, taken);
+                p.ranges.extend(newer.ranges);
+                p.bytes += newer.bytes;
+                p.end = p.end.max(newer.end);
+                Err(e)
+            }
         }
-        st.stale = true;
-        Ok(())
     }
 
     pub async fn flush(&self, fh: u64) -> Result<(), FsError> {

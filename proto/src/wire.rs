@@ -204,6 +204,9 @@ pub enum AdminRequest {
     },
     /// Brick to brick: chunks a peer missed during a replicated write.
     RecordMisses(Vec<(BrickId, ChunkId)>),
+    /// A digest of this brick's namespace replica and the log index it reflects; replicas at
+    /// the same index must agree.
+    MetaDigest,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +246,10 @@ pub enum Reply {
     Status(BrickStatus),
     Chunks(Vec<ChunkId>),
     HealIndex(Vec<(BrickId, ChunkId)>),
+    MetaDigest {
+        applied_index: u64,
+        digest: [u8; 32],
+    },
     Done,
 }
 

@@ -110,6 +110,8 @@ pub struct BrickProc {
     cert: PathBuf,
     key: PathBuf,
     ca: PathBuf,
+    /// Extra command-line arguments for `mortar-brick`.
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -135,6 +137,7 @@ impl BrickProc {
                 self.key.to_str().unwrap(),
             ])
             .args(["--ca", self.ca.to_str().unwrap()])
+            .args(&self.extra_args)
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -193,6 +196,11 @@ pub struct Cluster {
 impl Cluster {
     /// Start `n` bricks (not yet in a volume).
     pub fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[])
+    }
+
+    /// Start `n` bricks with extra `mortar-brick` arguments.
+    pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("mortar-test-")
             .tempdir()
@@ -210,6 +218,7 @@ impl Cluster {
                 cert,
                 key,
                 ca: certs.ca(),
+                extra_args: extra.iter().map(|s| s.to_string()).collect(),
                 child: None,
             };
             b.start();
@@ -290,6 +299,11 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for b in &mut self.bricks {
             b.kill();
+        }
+        if std::env::var_os("MORTAR_KEEP_TEST_DIR").is_some() {
+            let kept =
+                std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
+            eprintln!("kept test directory {}", kept.display());
         }
         if std::thread::panicking() {
             for b in &self.bricks {

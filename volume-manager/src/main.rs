@@ -119,7 +119,7 @@ enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// The volumes the given bricks serve.
+    /// The volumes the given bricks serve; fails if any of them does not answer.
     List {
         #[command(flatten)]
         seeds: Seeds,
@@ -325,16 +325,21 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Volume(VolumeCommand::List { seeds, conn }) => {
             let p = pool(&conn)?;
             let mut names = std::collections::BTreeSet::new();
+            let mut unreachable = Vec::new();
             for b in &seeds.bricks {
-                if let Ok(h) = volume_admin::hello(&p, b).await {
-                    names.extend(h.volume);
+                match volume_admin::hello(&p, b).await {
+                    Ok(h) => names.extend(h.volume),
+                    Err(e) => unreachable.push(e.to_string()),
                 }
             }
-            if names.is_empty() {
+            if names.is_empty() && unreachable.is_empty() {
                 println!("No volumes present");
             }
             for n in names {
                 println!("{n}");
+            }
+            if !unreachable.is_empty() {
+                bail!("{}", unreachable.join("; "));
             }
         }
     }
