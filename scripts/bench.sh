@@ -66,7 +66,8 @@ docroot() {
     mkdir -p "$work/local" "$work/mnt"
     MORTAR_QUICKSTART_DIR="$work/qs" MORTAR_QUICKSTART_IP=127.88.0.1 MORTAR_QUICKSTART_MNT="$work/mnt" \
         bash scripts/quickstart.sh >/dev/null
-    trap 'MORTAR_QUICKSTART_DIR="$work/qs" bash scripts/quickstart.sh stop >/dev/null' EXIT
+    # shellcheck disable=SC2064 # expand $work now: it is local to this function
+    trap "MORTAR_QUICKSTART_DIR='$work/qs' bash scripts/quickstart.sh stop >/dev/null" EXIT
     local src=/usr/share/wordpress files
     files=$(find "$src" -type f | wc -l)
     head -c $((1024 * 1024 * 1024)) /dev/urandom >"$work/big.src"

@@ -49,6 +49,11 @@ impl Volume {
         Err(last)
     }
 
+    /// A chunk from the cache, or fetched (once, however many ask) and cached.
+    pub async fn chunk(&self, id: &ChunkId) -> Result<std::sync::Arc<Vec<u8>>, FsError> {
+        self.chunks.get_or_fetch(*id, || self.get_chunk(id)).await
+    }
+
     /// Fetch a chunk from any replica that has a copy matching its id.
     pub async fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, FsError> {
         let set = layout::replica_set(&self.config, id);
@@ -107,7 +112,7 @@ impl Volume {
                         let hi = ((i + 1) * cs).min(end);
                         let mut piece = vec![0u8; (hi - lo) as usize];
                         if let Some(Some(id)) = chunks.get(i as usize) {
-                            let data = self.get_chunk(id).await?;
+                            let data = self.chunk(id).await?;
                             let from = (lo - i * cs) as usize;
                             if from < data.len() {
                                 let n = (data.len() - from).min(piece.len());
@@ -138,7 +143,7 @@ impl Volume {
     /// Current bytes of chunk `i` as a mutable buffer (empty for a hole).
     async fn chunk_bytes(&self, chunks: &[Option<ChunkId>], i: usize) -> Result<Vec<u8>, FsError> {
         match chunks.get(i) {
-            Some(Some(id)) => self.get_chunk(id).await,
+            Some(Some(id)) => Ok(self.chunk(id).await?.to_vec()),
             _ => Ok(Vec::new()),
         }
     }

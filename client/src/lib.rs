@@ -4,6 +4,7 @@
 //!
 //! Errors are [`FsError`]s, so every failure carries an errno for the FUSE layer.
 
+mod cache;
 mod data;
 pub mod volume_admin;
 
@@ -31,7 +32,11 @@ pub struct Volume {
     /// Address of the metadata leader as last reported by a brick.
     leader: Mutex<Option<String>>,
     next: AtomicUsize,
+    chunks: cache::ChunkCache,
 }
+
+/// Verified chunks a client keeps in memory.
+pub const CHUNK_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 fn expect_attr(ok: MetaOk) -> Result<Attr, FsError> {
     match ok {
@@ -66,6 +71,7 @@ impl Volume {
             },
             leader: Mutex::new(None),
             next: AtomicUsize::new(0),
+            chunks: cache::ChunkCache::new(CHUNK_CACHE_BYTES),
         };
         let config = match partial.meta(Request::Query(Query::Volume)).await? {
             MetaOk::Volume(v) => v,

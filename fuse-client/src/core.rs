@@ -38,6 +38,11 @@ pub struct OpenFile {
     state: tokio::sync::Mutex<FileState>,
     /// Appended synchronously by the FUSE thread, so buffered writes keep request order.
     pending: Mutex<Pending>,
+    /// The end of everything written through this handle (buffered, being flushed, or
+    /// committed), lowered only by a truncate. The size this mount reports never drops below
+    /// it: a flush in progress holds data that is neither buffered nor yet on the server, and
+    /// any close of a shared descriptor (a forked child exec'ing) starts one.
+    size_floor: AtomicU64,
 }
 
 impl OpenFile {
@@ -110,9 +115,17 @@ impl Core {
     /// Attributes as this mount sees them: a writer sees its buffered extension at once.
     fn present(&self, mut a: Attr) -> Attr {
         if a.kind == FileKind::Regular {
+            let server = a.size;
             for f in self.handles_of(a.ino) {
-                a.size = a.size.max(f.dirty_end());
+                a.size = a.size.max(f.size_floor.load(Ordering::Acquire));
             }
+            tracing::debug!(
+                ino = a.ino,
+                server,
+                presented = a.size,
+                version = a.version,
+                "attributes"
+            );
         }
         self.seen
             .lock()
@@ -135,7 +148,7 @@ impl Core {
                 };
                 let mut a = f.state.lock().await.inode.attr.clone();
                 a.nlink = 0;
-                a.size = a.size.max(f.dirty_end());
+                a.size = a.size.max(f.size_floor.load(Ordering::Acquire));
                 Ok(a)
             }
             Err(e) => Err(e),
@@ -158,6 +171,7 @@ impl Core {
             attr = Some(self.vol.truncate(ino, size).await?);
             for f in self.handles_of(ino) {
                 f.state.lock().await.stale = true;
+                f.size_floor.store(size, Ordering::Release);
             }
         }
         if set != SetAttr::default() {
@@ -261,6 +275,9 @@ impl Core {
                 self.flush_file(&f, false).await?;
             }
             self.vol.truncate(ino, 0).await?;
+            for f in self.handles_of(ino) {
+                f.size_floor.store(0, Ordering::Release);
+            }
         }
         let inode = self.vol.inode(ino).await?;
         self.open_inode(inode, write)
@@ -287,6 +304,7 @@ impl Core {
                 stale: false,
             }),
             pending: Mutex::default(),
+            size_floor: AtomicU64::new(0),
         };
         self.files
             .lock()
@@ -372,6 +390,7 @@ impl Core {
         }
         p.bytes += data.len();
         p.end = p.end.max(offset + data.len() as u64);
+        f.size_floor.fetch_max(p.end, Ordering::AcqRel);
         Ok(p.bytes >= FLUSH_THRESHOLD)
     }
 

@@ -175,6 +175,11 @@ impl Filesystem for MortarFs {
         let _ = config.set_max_write(1024 * 1024);
         let _ = config.set_max_readahead(1024 * 1024);
         let _ = config.set_max_background(64);
+        // Listing a directory fills the kernel's entry and attribute caches in one pass, so
+        // the stat calls that follow (ls -l, find, PHP) need no round trips.
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
         Ok(())
     }
 

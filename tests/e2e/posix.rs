@@ -116,7 +116,7 @@ async fn file_data_semantics() {
         let off = rng.random_range(0..700_000usize);
         let len = rng.random_range(1..150_000usize);
         let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-        fh.write_at(&data, off as u64).unwrap();
+        fh.write_all_at(&data, off as u64).unwrap();
         if model.len() < off + len {
             model.resize(off + len, 0);
         }

@@ -1,0 +1,111 @@
+//! Verified chunks, kept by id. Chunks are immutable and content-addressed, so a cached chunk
+//! can never be stale. Concurrent readers of one missing chunk share a single fetch (the
+//! kernel's readahead sends several requests into one chunk at once).
+
+use mortar_proto::{ChunkId, FsError};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use tokio::sync::OnceCell;
+
+type Fetch = Arc<OnceCell<Result<Arc<Vec<u8>>, FsError>>>;
+
+pub struct ChunkCache {
+    budget: usize,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    lru: lru::LruCache<ChunkId, Arc<Vec<u8>>>,
+    bytes: usize,
+    inflight: HashMap<ChunkId, Fetch>,
+}
+
+impl ChunkCache {
+    pub fn new(budget: usize) -> ChunkCache {
+        ChunkCache {
+            budget,
+            inner: Mutex::new(Inner {
+                lru: lru::LruCache::unbounded(),
+                bytes: 0,
+                inflight: HashMap::new(),
+            }),
+        }
+    }
+
+    pub fn insert(&self, id: ChunkId, data: Arc<Vec<u8>>) {
+        let mut g = self.inner.lock().expect("cache lock");
+        if data.len() > self.budget {
+            return;
+        }
+        g.bytes += data.len();
+        if let Some(old) = g.lru.put(id, data) {
+            g.bytes -= old.len();
+        }
+        while g.bytes > self.budget {
+            match g.lru.pop_lru() {
+                Some((_, old)) => g.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The cached chunk, or the result of `fetch` (shared with concurrent callers for `id`).
+    pub async fn get_or_fetch<F, Fut>(&self, id: ChunkId, fetch: F) -> Result<Arc<Vec<u8>>, FsError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Vec<u8>, FsError>>,
+    {
+        let cell = {
+            let mut g = self.inner.lock().expect("cache lock");
+            if let Some(hit) = g.lru.get(&id) {
+                return Ok(hit.clone());
+            }
+            g.inflight.entry(id).or_default().clone()
+        };
+        let result = cell
+            .get_or_init(|| async { fetch().await.map(Arc::new) })
+            .await
+            .clone();
+        let mut g = self.inner.lock().expect("cache lock");
+        if g.inflight.get(&id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            g.inflight.remove(&id);
+        }
+        drop(g);
+        if let Ok(data) = &result {
+            self.insert(id, data.clone());
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_fetch_and_the_budget_holds() {
+        let cache = ChunkCache::new(250);
+        let fetches = AtomicUsize::new(0);
+        let id = ChunkId::of(b"a");
+        let fetch = || async {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            Ok(vec![1u8; 100])
+        };
+        let (a, b) = tokio::join!(cache.get_or_fetch(id, fetch), cache.get_or_fetch(id, fetch));
+        assert_eq!((a.unwrap().len(), b.unwrap().len()), (100, 100));
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        for i in 0..5u8 {
+            cache.insert(ChunkId::of(&[i]), Arc::new(vec![i; 100]));
+        }
+        let g = cache.inner.lock().unwrap();
+        assert!(
+            g.bytes <= 250 && g.lru.len() == 2,
+            "{} bytes in {} chunks",
+            g.bytes,
+            g.lru.len()
+        );
+    }
+}
