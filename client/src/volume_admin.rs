@@ -149,25 +149,46 @@ pub async fn status(pool: &Pool, addr: &str) -> Result<BrickStatus, AdminError> 
     }
 }
 
-/// Every chunk id a brick holds.
-pub async fn list_chunks(pool: &Pool, addr: &str) -> Result<Vec<ChunkId>, AdminError> {
-    let mut all: Vec<ChunkId> = Vec::new();
+/// Page through a brick listing until a page comes back empty.
+async fn all_pages<T: Copy>(
+    pool: &Pool,
+    addr: &str,
+    request: impl Fn(Option<T>) -> AdminRequest,
+    page: impl Fn(Reply) -> Option<Vec<T>>,
+) -> Result<Vec<T>, AdminError> {
+    let mut all: Vec<T> = Vec::new();
     loop {
-        let req = Request::Admin(AdminRequest::ListChunks {
-            after: all.last().copied(),
-            limit: 10_000,
-        });
-        match call(pool, addr, &req, Duration::from_secs(30)).await? {
-            Reply::Chunks(page) if page.is_empty() => return Ok(all),
-            Reply::Chunks(page) => all.extend(page),
-            other => {
+        let reply = call(
+            pool,
+            addr,
+            &Request::Admin(request(all.last().copied())),
+            Duration::from_secs(30),
+        )
+        .await?;
+        match page(reply) {
+            Some(p) if p.is_empty() => return Ok(all),
+            Some(p) => all.extend(p),
+            None => {
                 return Err(AdminError::Brick {
                     addr: addr.into(),
-                    err: FsError::Io(format!("unexpected reply {other:?}")),
+                    err: FsError::Io("unexpected reply to a listing".into()),
                 })
             }
         }
     }
+}
+
+/// Every chunk id a brick holds.
+pub async fn list_chunks(pool: &Pool, addr: &str) -> Result<Vec<ChunkId>, AdminError> {
+    let request = |after| AdminRequest::ListChunks {
+        after,
+        limit: 10_000,
+    };
+    all_pages(pool, addr, request, |r| match r {
+        Reply::Chunks(p) => Some(p),
+        _ => None,
+    })
+    .await
 }
 
 /// Every (missing brick, chunk) entry in a brick's heal index.
@@ -175,23 +196,15 @@ pub async fn list_heal_index(
     pool: &Pool,
     addr: &str,
 ) -> Result<Vec<(BrickId, ChunkId)>, AdminError> {
-    let mut all: Vec<(BrickId, ChunkId)> = Vec::new();
-    loop {
-        let req = Request::Admin(AdminRequest::ListHealIndex {
-            after: all.last().copied(),
-            limit: 10_000,
-        });
-        match call(pool, addr, &req, Duration::from_secs(30)).await? {
-            Reply::HealIndex(page) if page.is_empty() => return Ok(all),
-            Reply::HealIndex(page) => all.extend(page),
-            other => {
-                return Err(AdminError::Brick {
-                    addr: addr.into(),
-                    err: FsError::Io(format!("unexpected reply {other:?}")),
-                })
-            }
-        }
-    }
+    let request = |after| AdminRequest::ListHealIndex {
+        after,
+        limit: 10_000,
+    };
+    all_pages(pool, addr, request, |r| match r {
+        Reply::HealIndex(p) => Some(p),
+        _ => None,
+    })
+    .await
 }
 
 /// A brick's namespace digest and the applied log index it reflects.

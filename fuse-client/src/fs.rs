@@ -9,7 +9,7 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use mortar_client::mortar_proto::wire::{SetAttr, TimeSet, XattrMode};
-use mortar_client::mortar_proto::{Attr, FileKind, FsError, Timestamp};
+use mortar_client::mortar_proto::{Attr, DirEntry, FileKind, FsError, Timestamp};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -117,6 +117,49 @@ fn open_flags(keep_cache: bool) -> FopenFlags {
 }
 
 const GENERATION: Generation = Generation(0);
+
+/// Walk a directory snapshot from a readdir `offset`: offset 0 starts at ".", 1 at "..", and
+/// n >= 2 at snapshot entry n - 2, so offsets stay stable however the directory changes. `add`
+/// gets the offset of the next entry, the name, and the entry (None for the dot entries), and
+/// returns true when the reply is full.
+fn walk_dir(
+    entries: &[DirEntry],
+    offset: u64,
+    mut add: impl FnMut(u64, &[u8], Option<&DirEntry>) -> bool,
+) {
+    let mut at = offset;
+    loop {
+        let full = match at {
+            0 => add(1, b".", None),
+            1 => add(2, b"..", None),
+            n => match entries.get((n - 2) as usize) {
+                Some(e) => add(n + 1, &e.name, Some(e)),
+                None => return,
+            },
+        };
+        if full {
+            return;
+        }
+        at += 1;
+    }
+}
+
+fn dot_attr(ino: u64) -> Attr {
+    Attr {
+        ino,
+        kind: FileKind::Directory,
+        perm: 0o755,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        nlink: 2,
+        rdev: 0,
+        atime: Timestamp::default(),
+        mtime: Timestamp::default(),
+        ctime: Timestamp::default(),
+        version: 0,
+    }
+}
 
 impl MortarFs {
     pub fn new(
@@ -466,27 +509,15 @@ impl Filesystem for MortarFs {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
-        // Offsets: 1 is ".", 2 is "..", 3.. index the snapshot taken at opendir.
-        let mut next = offset;
-        loop {
-            let full = match next {
-                0 => reply.add(ino, 1, FileType::Directory, "."),
-                1 => reply.add(ino, 2, FileType::Directory, ".."),
-                n => match entries.get((n - 2) as usize) {
-                    Some(e) => reply.add(
-                        INodeNo(e.attr.ino),
-                        n + 1,
-                        file_type(e.attr.kind),
-                        OsStr::from_bytes(&e.name),
-                    ),
-                    None => break,
-                },
-            };
-            if full {
-                break;
-            }
-            next += 1;
-        }
+        walk_dir(&entries, offset, |next, name, entry| match entry {
+            Some(e) => reply.add(
+                INodeNo(e.attr.ino),
+                next,
+                file_type(e.attr.kind),
+                OsStr::from_bytes(name),
+            ),
+            None => reply.add(ino, next, FileType::Directory, OsStr::from_bytes(name)),
+        });
         reply.ok();
     }
 
@@ -503,32 +534,33 @@ impl Filesystem for MortarFs {
             Err(e) => return reply.error(errno(&e)),
         };
         let ttl = self.entry_ttl;
-        let mut next = offset;
-        loop {
-            let full = match next {
-                0 | 1 => {
-                    // "." and ".." carry no attributes the kernel would cache.
-                    next += 1;
-                    let _ = ino;
-                    continue;
-                }
-                n => match entries.get((n - 2) as usize) {
-                    Some(e) => reply.add(
-                        INodeNo(e.attr.ino),
-                        n + 1,
-                        OsStr::from_bytes(&e.name),
-                        &ttl,
-                        &file_attr(&e.attr),
-                        GENERATION,
-                    ),
-                    None => break,
-                },
-            };
-            if full {
-                break;
-            }
-            next += 1;
-        }
+        // The kernel lists "." and ".." but caches nothing for them, so any attributes do.
+        let mut dot = file_attr(
+            &entries
+                .first()
+                .map(|e| e.attr.clone())
+                .unwrap_or_else(|| dot_attr(ino.0)),
+        );
+        dot.ino = ino;
+        dot.kind = FileType::Directory;
+        walk_dir(&entries, offset, |next, name, entry| match entry {
+            Some(e) => reply.add(
+                INodeNo(e.attr.ino),
+                next,
+                OsStr::from_bytes(name),
+                &ttl,
+                &file_attr(&e.attr),
+                GENERATION,
+            ),
+            None => reply.add(
+                ino,
+                next,
+                OsStr::from_bytes(name),
+                &Duration::ZERO,
+                &dot,
+                GENERATION,
+            ),
+        });
         reply.ok();
     }
 
