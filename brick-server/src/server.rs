@@ -33,6 +33,17 @@ pub struct Brick {
     pub data_dir: PathBuf,
 }
 
+/// Refuse (and log) a request the peer's certificate role does not allow.
+fn require(role: Role, wanted: &[Role]) -> Result<(), FsError> {
+    if wanted.contains(&role) {
+        return Ok(());
+    }
+    tracing::warn!(%role, "refused request: not allowed for this certificate role");
+    Err(FsError::NotPermitted(format!(
+        "a {role} certificate may not do this"
+    )))
+}
+
 fn unavailable(e: impl std::fmt::Display) -> FsError {
     FsError::Unavailable(e.to_string())
 }
@@ -93,15 +104,7 @@ impl Brick {
     }
 
     pub async fn dispatch(&self, role: Role, req: Request) -> Response {
-        let need = |wanted: &[Role]| {
-            if wanted.contains(&role) {
-                Ok(())
-            } else {
-                Err(FsError::NotPermitted(format!(
-                    "a {role} certificate may not do this"
-                )))
-            }
-        };
+        let need = |wanted: &[Role]| require(role, wanted);
         match req {
             Request::Hello => Ok(Reply::Hello(BrickHello {
                 id: self.id,
@@ -281,15 +284,7 @@ impl Brick {
     }
 
     async fn admin(&self, role: Role, req: AdminRequest) -> Response {
-        let need = |wanted: &[Role]| {
-            if wanted.contains(&role) {
-                Ok(())
-            } else {
-                Err(FsError::NotPermitted(format!(
-                    "a {role} certificate may not do this"
-                )))
-            }
-        };
+        let need = |wanted: &[Role]| require(role, wanted);
         match req {
             AdminRequest::Status => Ok(Reply::Status(self.status()?)),
             AdminRequest::InitVolume(config) => {

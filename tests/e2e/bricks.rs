@@ -363,6 +363,11 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .await
         .unwrap();
     assert!(matches!(r, Err(FsError::NotPermitted(_))), "{r:?}");
+    wait_for("brick log to name the refused role", DEADLINE, || async {
+        c.log_contains(1, "refused request: not allowed for this certificate role")
+            .then_some(())
+    })
+    .await;
 }
 
 /// Acceptance 5 (CLI side): refused creates name the problem and leave no half-made volume.
