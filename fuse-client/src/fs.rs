@@ -118,6 +118,17 @@ fn open_flags(keep_cache: bool) -> FopenFlags {
 
 const GENERATION: Generation = Generation(0);
 
+/// What creating an entry needs from a request: the name, the permission bits the umask
+/// leaves, and the caller's uid and gid as the new owner.
+fn new_node(req: &Request, name: &OsStr, mode: u32, umask: u32) -> (Vec<u8>, u32, u32, u32) {
+    (
+        name.as_bytes().to_vec(),
+        mode & !umask & 0o7777,
+        req.uid(),
+        req.gid(),
+    )
+}
+
 /// Walk a directory snapshot from a readdir `offset`: offset 0 starts at ".", 1 at "..", and
 /// n >= 2 at snapshot entry n - 2, so offsets stay stable however the directory changes. `add`
 /// gets the offset of the next entry, the name, and the entry (None for the dot entries), and
@@ -297,12 +308,7 @@ impl Filesystem for MortarFs {
         let Some(kind) = kind_of_mode(mode) else {
             return reply.error(Errno::EINVAL);
         };
-        let (name, perm, uid, gid) = (
-            name.as_bytes().to_vec(),
-            mode & !umask & 0o7777,
-            req.uid(),
-            req.gid(),
-        );
+        let (name, perm, uid, gid) = new_node(req, name, mode, umask);
         entry_task!(self, reply, |core| core
             .mknod(parent.0, &name, kind, perm, uid, gid, rdev));
     }
@@ -316,12 +322,7 @@ impl Filesystem for MortarFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let (name, perm, uid, gid) = (
-            name.as_bytes().to_vec(),
-            mode & !umask & 0o7777,
-            req.uid(),
-            req.gid(),
-        );
+        let (name, perm, uid, gid) = new_node(req, name, mode, umask);
         entry_task!(self, reply, |core| core
             .mkdir(parent.0, &name, perm, uid, gid));
     }
@@ -689,12 +690,7 @@ impl Filesystem for MortarFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let (name, perm, uid, gid) = (
-            name.as_bytes().to_vec(),
-            mode & !umask & 0o7777,
-            req.uid(),
-            req.gid(),
-        );
+        let (name, perm, uid, gid) = new_node(req, name, mode, umask);
         let exclusive = flags & libc::O_EXCL != 0;
         let ttl = self.entry_ttl;
         self.spawn(move |core| async move {

@@ -12,6 +12,37 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// The index of a brick whose Raft role is follower.
+async fn a_follower(c: &Cluster) -> usize {
+    let pool = c.admin_pool();
+    for (i, a) in c.addrs().iter().enumerate() {
+        if volume_admin::status(&pool, a).await.unwrap().raft_role == "follower" {
+            return i;
+        }
+    }
+    panic!("no brick is a follower");
+}
+
+/// Create files `f{i}` for `range` in `dir`, each holding "{label} {i}"; returns names and bodies.
+async fn write_files(
+    vol: &mortar_tests::mortar_client::Volume,
+    dir: u64,
+    range: std::ops::Range<u32>,
+    label: &str,
+) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for i in range {
+        let a = vol
+            .create(dir, format!("f{i}").as_bytes(), 0o644, 0, 0)
+            .await
+            .unwrap();
+        let body = format!("{label} {i}").into_bytes();
+        vol.write(a.ino, 0, &body, false).await.unwrap();
+        out.push((format!("f{i}"), body));
+    }
+    out
+}
+
 /// Every chunk id each brick holds, through the admin API.
 async fn chunks_per_brick(c: &Cluster) -> Vec<BTreeSet<ChunkId>> {
     let pool = c.admin_pool();
@@ -120,12 +151,7 @@ async fn writer_rides_through_a_killed_brick_which_catches_up() {
     let vol = Arc::new(c.create_volume("www", 64 * 1024).await);
     let pool = c.admin_pool();
     // A follower: killing the leader mid-request needs idempotent retries (the failover issue).
-    let mut victim = 0;
-    for (i, a) in c.addrs().iter().enumerate() {
-        if volume_admin::status(&pool, a).await.unwrap().raft_role == "follower" {
-            victim = i;
-        }
-    }
+    let victim = a_follower(&c).await;
     let victim_id = volume_admin::status(&pool, &c.addrs()[victim])
         .await
         .unwrap()
@@ -479,16 +505,7 @@ async fn snapshots_purge_restart_and_catch_up_by_snapshot() {
     let mut c = Cluster::start_with(3, &["--snapshot-every", "40"]);
     let vol = c.create_volume("www", 1 << 20).await;
     let dir = vol.mkdir(ROOT_INODE, b"d", 0o755, 0, 0).await.unwrap();
-    let mut expect: Vec<(String, Vec<u8>)> = Vec::new();
-    for i in 0..120u32 {
-        let a = vol
-            .create(dir.ino, format!("f{i}").as_bytes(), 0o644, 0, 0)
-            .await
-            .unwrap();
-        let body = format!("file {i}").into_bytes();
-        vol.write(a.ino, 0, &body, false).await.unwrap();
-        expect.push((format!("f{i}"), body));
-    }
+    let mut expect = write_files(&vol, dir.ino, 0..120, "file").await;
     drop(vol);
     for b in &mut c.bricks {
         b.stop();
@@ -512,23 +529,9 @@ async fn snapshots_purge_restart_and_catch_up_by_snapshot() {
     );
 
     // A follower misses far more entries than the leader keeps after a snapshot.
-    let pool = c.admin_pool();
-    let mut victim = 0;
-    for (i, a) in c.addrs().iter().enumerate() {
-        if volume_admin::status(&pool, a).await.unwrap().raft_role == "follower" {
-            victim = i;
-        }
-    }
+    let victim = a_follower(&c).await;
     c.bricks[victim].stop();
-    for i in 120..300u32 {
-        let a = vol
-            .create(dir.ino, format!("f{i}").as_bytes(), 0o644, 0, 0)
-            .await
-            .unwrap();
-        let body = format!("later {i}").into_bytes();
-        vol.write(a.ino, 0, &body, false).await.unwrap();
-        expect.push((format!("f{i}"), body));
-    }
+    expect.extend(write_files(&vol, dir.ino, 120..300, "later").await);
     c.bricks[victim].start();
     let d = settled_digests(&c).await;
     assert!(
