@@ -4,7 +4,7 @@
 use crate::store::Store;
 use mortar_proto::layout;
 use mortar_proto::transport::Pool;
-use mortar_proto::wire::{AdminRequest, PutChunk, Reply, Request};
+use mortar_proto::wire::{AdminRequest, HealEntry, HealReason, PutChunk, Reply, Request};
 use mortar_proto::{BrickId, ChunkId, FsError, VolumeConfig, MAX_CHUNK_SIZE};
 use std::time::Duration;
 
@@ -63,6 +63,16 @@ pub async fn put_replicated(
     }))
     .await;
 
+    let len = match &forward {
+        Request::PutChunk(p) => p.data.len() as u64,
+        _ => 0,
+    };
+    let miss = |brick| HealEntry {
+        brick,
+        chunk: p_id(&forward),
+        reason: HealReason::MissedWrite,
+        bytes: len,
+    };
     let mut copies = *own.as_ref().unwrap_or(&0);
     let mut holders = Vec::new();
     let mut misses = Vec::new();
@@ -70,7 +80,7 @@ pub async fn put_replicated(
         holders.push(self_id);
     } else if let Err(e) = &own {
         tracing::warn!(chunk = %p_id(&forward), error = %e, "storing own copy failed");
-        misses.push((self_id, p_id(&forward)));
+        misses.push(miss(self_id));
     }
     for (b, r) in peers.iter().zip(results) {
         match r {
@@ -80,7 +90,7 @@ pub async fn put_replicated(
             }
             Err(e) => {
                 tracing::warn!(brick = b.id, addr = %b.addr, error = %e, "replica write failed");
-                misses.push((b.id, p_id(&forward)));
+                misses.push(miss(b.id));
             }
         }
     }
@@ -112,7 +122,7 @@ async fn record_misses(
     self_id: BrickId,
     set: &[mortar_proto::BrickRef],
     holders: &[BrickId],
-    misses: Vec<(BrickId, ChunkId)>,
+    misses: Vec<HealEntry>,
 ) {
     if holders.contains(&self_id) {
         if let Err(e) = store.record_misses(&misses) {

@@ -2,6 +2,7 @@
 //! chunk writes to its replica set, and runs the metadata group with openraft.
 
 pub mod chunk;
+pub mod heal;
 pub mod namespace;
 pub mod raft;
 pub mod server;

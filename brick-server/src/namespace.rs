@@ -7,7 +7,7 @@ pub use crate::store::Rows;
 use mortar_proto::wire::{MetaOk, MetaOp, Query, SetAttr, TimeSet, XattrMode};
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
-    validate_name, Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, Timestamp,
+    validate_name, Attr, ChunkId, Content, DirEntry, FileKind, FsError, Inode, InodeId, Timestamp,
     VolumeConfig, ROOT_INODE, SYMLINK_MAX, XATTR_VALUE_MAX,
 };
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,24 @@ struct Stored {
 const KEY_VOLUME: &[u8] = b"volume";
 const KEY_NEXT_INO: &[u8] = b"next_ino";
 const KEY_INODE_COUNT: &[u8] = b"inode_count";
+const KEY_HEAL_LEASE: &[u8] = b"heal_lease";
+/// `released/<chunk id>` -> when a file stopped naming the chunk (garbage collection waits a
+/// grace period after that).
+const PREFIX_RELEASED: &[u8] = b"released/";
+
+fn released_key(id: &ChunkId) -> Vec<u8> {
+    let mut k = PREFIX_RELEASED.to_vec();
+    k.extend_from_slice(&id.0);
+    k
+}
+
+fn content_chunks(c: &Content) -> impl Iterator<Item = &ChunkId> {
+    let list: &[Option<ChunkId>] = match c {
+        Content::Chunks(v) => v,
+        _ => &[],
+    };
+    list.iter().flatten()
+}
 
 fn ino_key(ino: InodeId) -> [u8; 8] {
     ino.to_be_bytes()
@@ -164,10 +182,21 @@ impl<'a, R: MetaRead> Txn<'a, R> {
         );
         Ok(next)
     }
+    /// Record when chunks of `old` that `new` no longer names were let go.
+    fn release(&mut self, old: &Content, new: Option<&Content>, now: Timestamp) {
+        let kept: std::collections::HashSet<&ChunkId> =
+            new.map(|c| content_chunks(c).collect()).unwrap_or_default();
+        for id in content_chunks(old) {
+            if !kept.contains(id) {
+                self.put(Table::Sys, &released_key(id), enc(&now));
+            }
+        }
+    }
     /// Drop one link; free the inode when none is left.
     fn drop_link(&mut self, mut s: Stored, now: Timestamp) -> Result<(), FsError> {
         let dir = s.inode.attr.kind == FileKind::Directory;
         if dir || s.inode.attr.nlink <= 1 {
+            self.release(&s.inode.content, None, now);
             self.delete(Table::Inodes, &ino_key(s.inode.attr.ino));
             let count = u64_of(self.get(Table::Sys, KEY_INODE_COUNT)?);
             self.put(
@@ -500,6 +529,7 @@ pub fn apply<R: MetaRead>(
                     ))
                 }
             }
+            txn.release(&s.inode.content, Some(content), now);
             s.inode.content = content.clone();
             s.inode.attr.size = *size;
             s.inode.attr.mtime = now;
@@ -507,6 +537,38 @@ pub fn apply<R: MetaRead>(
             s.inode.attr.version += 1;
             txn.save(&s);
             Ok(MetaOk::Attr(s.inode.attr))
+        }
+        MetaOp::HealLease { holder, ttl_secs } => {
+            let current: Option<(String, Timestamp)> = match txn.get(Table::Sys, KEY_HEAL_LEASE)? {
+                Some(b) => Some(dec(&b)?),
+                None => None,
+            };
+            if let Some((other, until)) = &current {
+                if other != holder && *until > now {
+                    return Err(FsError::Busy(format!(
+                        "heal run '{other}' holds the volume's heal lease for {} more seconds",
+                        until.secs - now.secs
+                    )));
+                }
+            }
+            if *ttl_secs == 0 {
+                if current.is_some() {
+                    txn.delete(Table::Sys, KEY_HEAL_LEASE);
+                }
+            } else {
+                let until = Timestamp {
+                    secs: now.secs + *ttl_secs as i64,
+                    nanos: now.nanos,
+                };
+                txn.put(Table::Sys, KEY_HEAL_LEASE, enc(&(holder.clone(), until)));
+            }
+            Ok(MetaOk::Done)
+        }
+        MetaOp::ForgetReleased(ids) => {
+            for id in ids {
+                txn.delete(Table::Sys, &released_key(id));
+            }
+            Ok(MetaOk::Done)
         }
     }
 }
@@ -753,6 +815,44 @@ pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
         Query::Volume => Ok(MetaOk::Volume(txn.volume()?)),
         Query::StatFs => Err(FsError::Invalid("statfs is answered by the brick".into())),
     }
+}
+
+/// Chunks named by up to `limit` inodes after `after`, and the inode to continue after (`None`
+/// at the end).
+pub fn chunk_references<R: MetaRead>(
+    r: &R,
+    after: Option<InodeId>,
+    limit: usize,
+) -> Result<(Vec<ChunkId>, Option<InodeId>), FsError> {
+    let after = after.map(ino_key);
+    let rows = r.scan(Table::Inodes, &[], after.as_ref().map(|k| &k[..]), limit)?;
+    let mut chunks = Vec::new();
+    let mut last = None;
+    for (_, v) in &rows {
+        let s: Stored = dec(v)?;
+        chunks.extend(content_chunks(&s.inode.content).copied());
+        last = Some(s.inode.attr.ino);
+    }
+    Ok((chunks, if rows.len() < limit { None } else { last }))
+}
+
+/// Release records after `after`, up to `limit`: (chunk, when released).
+pub fn released<R: MetaRead>(
+    r: &R,
+    after: Option<&ChunkId>,
+    limit: usize,
+) -> Result<Vec<(ChunkId, Timestamp)>, FsError> {
+    let after = after.map(released_key);
+    r.scan(Table::Sys, PREFIX_RELEASED, after.as_deref(), limit)?
+        .into_iter()
+        .map(|(k, v)| {
+            let id = k[PREFIX_RELEASED.len()..]
+                .try_into()
+                .map(ChunkId)
+                .map_err(|_| FsError::Io("release record key is not a chunk id".into()))?;
+            Ok((id, dec(&v)?))
+        })
+        .collect()
 }
 
 pub fn inode_count<R: MetaRead>(r: &R) -> Result<u64, FsError> {
@@ -1198,5 +1298,56 @@ mod tests {
             }),
             Err(FsError::NoXattr)
         );
+    }
+
+    #[test]
+    fn releases_and_heal_lease() {
+        let mut m = vol();
+        let f = create(&mut m, ROOT_INODE, "f").unwrap();
+        let (a, b, c) = (ChunkId::of(b"a"), ChunkId::of(b"b"), ChunkId::of(b"c"));
+        let set = |m: &mut MemMeta, version, chunks: Vec<ChunkId>| {
+            m.run(MetaOp::SetContent {
+                ino: f.ino,
+                expect_version: version,
+                size: 10,
+                content: Content::Chunks(chunks.into_iter().map(Some).collect()),
+            })
+            .unwrap()
+        };
+        set(&mut m, f.version, vec![a, b]);
+        let (refs, next) = chunk_references(&m, None, 100).unwrap();
+        assert_eq!((refs, next), (vec![a, b], None));
+        assert!(released(&m, None, 10).unwrap().is_empty());
+        // Overwrite keeps b, lets a go; unlink lets b and c go.
+        set(&mut m, f.version + 1, vec![b, c]);
+        let ids = |m: &MemMeta| -> Vec<ChunkId> {
+            released(m, None, 10)
+                .unwrap()
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect()
+        };
+        assert_eq!(ids(&m), vec![a]);
+        m.run(MetaOp::Unlink {
+            parent: ROOT_INODE,
+            name: b"f".to_vec(),
+        })
+        .unwrap();
+        let mut all = vec![a, b, c];
+        all.sort_by_key(|c| c.0);
+        assert_eq!(ids(&m), all);
+        assert!(chunk_references(&m, None, 100).unwrap().0.is_empty());
+        m.run(MetaOp::ForgetReleased(vec![a, b])).unwrap();
+        assert_eq!(ids(&m), vec![c]);
+
+        let lease = |holder: &str, ttl_secs| MetaOp::HealLease {
+            holder: holder.into(),
+            ttl_secs,
+        };
+        m.run(lease("one", 60)).unwrap();
+        m.run(lease("one", 60)).unwrap();
+        assert!(matches!(m.run(lease("two", 60)), Err(FsError::Busy(_))));
+        m.run(lease("one", 0)).unwrap();
+        m.run(lease("two", 60)).unwrap();
     }
 }

@@ -2,6 +2,7 @@
 //! certificate, and answers one request per stream.
 
 use crate::chunk;
+use crate::heal;
 use crate::namespace;
 use crate::raft::{self, Command, DbMeta, Raft, SharedVolume};
 use crate::store::{Store, CF_HEAL_INDEX};
@@ -124,13 +125,16 @@ impl Brick {
                     Ok(Reply::ChunkStored { copies: 1 })
                 }
             }
-            Request::GetChunk { id } => match self.store.get_chunk(&id)? {
-                Some(data) => Ok(Reply::Chunk(data)),
-                None => Err(FsError::NotFound),
-            },
+            Request::GetChunk { id } => Ok(Reply::Chunk(heal::read_verified(
+                &self.store,
+                self.id,
+                &id,
+            )?)),
             Request::Meta(op) => {
-                if matches!(op, MetaOp::CreateVolume(_)) {
-                    need(&[Role::Brick])?;
+                match op {
+                    MetaOp::CreateVolume(_) => need(&[Role::Brick])?,
+                    MetaOp::HealLease { .. } | MetaOp::ForgetReleased(_) => need(&[Role::Admin])?,
+                    _ => {}
                 }
                 Ok(self.meta_write(op).await)
             }
@@ -315,6 +319,73 @@ impl Brick {
                 need(&[Role::Brick])?;
                 self.store.record_misses(&misses)?;
                 Ok(Reply::Done)
+            }
+            AdminRequest::ChunkDigest => {
+                need(&[Role::Admin, Role::Brick])?;
+                Ok(Reply::ChunkDigest(self.store.chunk_digest()?))
+            }
+            AdminRequest::ListBucket {
+                bucket,
+                after,
+                limit,
+            } => {
+                need(&[Role::Admin, Role::Brick])?;
+                let limit = limit.clamp(1, 100_000) as usize;
+                Ok(Reply::Chunks(self.store.list_bucket(
+                    bucket,
+                    after.as_ref(),
+                    limit,
+                )?))
+            }
+            AdminRequest::HasChunks(ids) => {
+                need(&[Role::Admin, Role::Brick])?;
+                let present = ids
+                    .iter()
+                    .map(|id| self.store.has_chunk(id))
+                    .collect::<Result<Vec<bool>, _>>()?;
+                Ok(Reply::Present(present))
+            }
+            AdminRequest::FetchChunks { ids, sources } => {
+                need(&[Role::Admin])?;
+                let fetched = heal::fetch_chunks(&self.store, &self.pool, &ids, &sources).await?;
+                Ok(Reply::Fetched(fetched))
+            }
+            AdminRequest::ClearHealIndex(entries) => {
+                need(&[Role::Admin])?;
+                self.store.clear_heal_index(&entries)?;
+                Ok(Reply::Done)
+            }
+            AdminRequest::Scrub {
+                after,
+                limit,
+                max_bytes_per_sec,
+            } => {
+                need(&[Role::Admin])?;
+                let limit = limit.clamp(1, 10_000) as usize;
+                heal::scrub(&self.store, self.id, after, limit, max_bytes_per_sec).await
+            }
+            AdminRequest::ScanReferences { after, limit } => {
+                need(&[Role::Admin])?;
+                let limit = limit.clamp(1, 100_000) as usize;
+                let (chunks, next) =
+                    namespace::chunk_references(&DbMeta(&self.store), after, limit)?;
+                Ok(Reply::References { chunks, next })
+            }
+            AdminRequest::ListReleased { after, limit } => {
+                need(&[Role::Admin])?;
+                let limit = limit.clamp(1, 100_000) as usize;
+                let now = Timestamp::now();
+                let released = namespace::released(&DbMeta(&self.store), after.as_ref(), limit)?
+                    .into_iter()
+                    .map(|(id, at)| (id, now.secs.saturating_sub(at.secs).max(0) as u64))
+                    .collect();
+                Ok(Reply::Released(released))
+            }
+            AdminRequest::CollectGarbage { ids, grace_secs } => {
+                need(&[Role::Admin])?;
+                Ok(Reply::Collected(
+                    self.store.collect_garbage(&ids, grace_secs)?,
+                ))
             }
         }
     }

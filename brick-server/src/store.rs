@@ -1,6 +1,8 @@
 //! The brick's one RocksDB: chunks, the replicated namespace, the Raft log and state, the heal
 //! index and local configuration, each in its own column family.
 
+use mortar_proto::digest::{bucket_of, bucket_start, Bucket, BUCKETS};
+use mortar_proto::wire::{HealEntry, HealReason};
 use mortar_proto::{BrickId, ChunkId, FsError};
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
@@ -11,6 +13,11 @@ use std::sync::Mutex;
 
 /// Column families. The `meta_*` ones are the replicated state machine and travel in snapshots.
 pub const CF_CHUNKS: &str = "chunks";
+/// One small row per chunk (when it was last stored, its length): listings, existence checks
+/// and garbage collection read these instead of the chunk bytes.
+pub const CF_CHUNK_STAMPS: &str = "chunk_stamps";
+/// The chunk-set digest, one row per bucket.
+pub const CF_CHUNK_DIGEST: &str = "chunk_digest";
 pub const CF_META_INODES: &str = "meta_inodes";
 pub const CF_META_DENTRIES: &str = "meta_dentries";
 pub const CF_META_SYS: &str = "meta_sys";
@@ -24,6 +31,9 @@ pub const META_CFS: [&str; 3] = [CF_META_INODES, CF_META_DENTRIES, CF_META_SYS];
 const KEY_BRICK_ID: &[u8] = b"brick_id";
 const KEY_CHUNK_COUNT: &[u8] = b"chunk_count";
 const KEY_CHUNK_BYTES: &[u8] = b"chunk_bytes";
+/// Present once stamps and digest cover every chunk (stores from before they existed are
+/// indexed once at open).
+const KEY_CHUNK_INDEX_READY: &[u8] = b"chunk_index_v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -85,6 +95,8 @@ impl Store {
 
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunk_opts),
+            ColumnFamilyDescriptor::new(CF_CHUNK_STAMPS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_CHUNK_DIGEST, Options::default()),
             ColumnFamilyDescriptor::new(CF_META_INODES, meta_opts.clone()),
             ColumnFamilyDescriptor::new(CF_META_DENTRIES, meta_opts.clone()),
             ColumnFamilyDescriptor::new(CF_META_SYS, meta_opts),
@@ -97,10 +109,12 @@ impl Store {
             path: dir.display().to_string(),
             err,
         })?;
-        Ok(Store {
+        let store = Store {
             db,
             chunk_lock: Mutex::new(()),
-        })
+        };
+        store.index_chunks_once()?;
+        Ok(store)
     }
 
     pub fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -169,30 +183,151 @@ impl Store {
 
     // ---- chunks ----
 
+    /// Stamp and digest every chunk of a store written before stamps and digests existed.
+    fn index_chunks_once(&self) -> Result<(), StoreError> {
+        if self.get(CF_CONFIG, KEY_CHUNK_INDEX_READY)?.is_some() {
+            return Ok(());
+        }
+        let now = unix_now();
+        let mut buckets = vec![Bucket::default(); BUCKETS];
+        let mut b = WriteBatch::default();
+        for item in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
+            let (k, v) = item?;
+            let id = chunk_key(&k)?;
+            buckets[bucket_of(&id) as usize].add(&id);
+            b.put_cf(self.cf(CF_CHUNK_STAMPS), id.0, stamp(now, v.len() as u64));
+        }
+        for (i, bucket) in buckets.iter().enumerate() {
+            if bucket.count > 0 {
+                b.put_cf(
+                    self.cf(CF_CHUNK_DIGEST),
+                    (i as u16).to_be_bytes(),
+                    bucket.encode(),
+                );
+            }
+        }
+        b.put_cf(self.cf(CF_CONFIG), KEY_CHUNK_INDEX_READY, []);
+        self.write(b, true)
+    }
+
+    fn chunk_stamp(&self, id: &ChunkId) -> Result<Option<(u64, u64)>, StoreError> {
+        Ok(self.get(CF_CHUNK_STAMPS, &id.0)?.and_then(|v| unstamp(&v)))
+    }
+
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
-        Ok(self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.0)?.is_some())
+        Ok(self.chunk_stamp(id)?.is_some())
     }
 
     pub fn get_chunk(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
         self.get(CF_CHUNKS, &id.0)
     }
 
-    /// Store a verified chunk. Content addressing makes a repeated put a no-op.
-    pub fn put_chunk(&self, id: &ChunkId, data: &[u8], sync: bool) -> Result<(), StoreError> {
-        let _guard = self.chunk_lock.lock().expect("chunk lock");
-        if self.has_chunk(id)? {
-            if sync {
-                self.db.flush_wal(true)?;
-            }
-            return Ok(());
+    fn bucket(&self, id: &ChunkId) -> Result<Bucket, StoreError> {
+        let key = bucket_of(id).to_be_bytes();
+        match self.get(CF_CHUNK_DIGEST, &key)? {
+            None => Ok(Bucket::default()),
+            Some(v) => Bucket::decode(&v)
+                .ok_or_else(|| StoreError::Corrupt("digest bucket is not 40 bytes".into())),
         }
-        let count = u64_at(self.get(CF_CONFIG, KEY_CHUNK_COUNT)?) + 1;
-        let bytes = u64_at(self.get(CF_CONFIG, KEY_CHUNK_BYTES)?) + data.len() as u64;
-        let mut b = WriteBatch::default();
-        b.put_cf(self.cf(CF_CHUNKS), id.0, data);
+    }
+
+    /// Add the counter, digest and stamp changes for storing or removing one chunk to `b`.
+    /// Callers hold `chunk_lock`, so the read-modify-writes do not interleave.
+    fn account(
+        &self,
+        b: &mut WriteBatch,
+        id: &ChunkId,
+        len: u64,
+        added: bool,
+    ) -> Result<(), StoreError> {
+        let count = u64_at(self.get(CF_CONFIG, KEY_CHUNK_COUNT)?);
+        let bytes = u64_at(self.get(CF_CONFIG, KEY_CHUNK_BYTES)?);
+        let mut bucket = self.bucket(id)?;
+        let (count, bytes) = if added {
+            bucket.add(id);
+            b.put_cf(self.cf(CF_CHUNK_STAMPS), id.0, stamp(unix_now(), len));
+            (count + 1, bytes + len)
+        } else {
+            bucket.remove(id);
+            b.delete_cf(self.cf(CF_CHUNK_STAMPS), id.0);
+            (count.saturating_sub(1), bytes.saturating_sub(len))
+        };
+        b.put_cf(
+            self.cf(CF_CHUNK_DIGEST),
+            bucket_of(id).to_be_bytes(),
+            bucket.encode(),
+        );
         b.put_cf(self.cf(CF_CONFIG), KEY_CHUNK_COUNT, count.to_be_bytes());
         b.put_cf(self.cf(CF_CONFIG), KEY_CHUNK_BYTES, bytes.to_be_bytes());
+        Ok(())
+    }
+
+    /// Store a verified chunk. Content addressing makes a repeated put store nothing new, but
+    /// it renews the stamp: a writer is about to reference the chunk, so garbage collection
+    /// must wait out its grace period again.
+    pub fn put_chunk(&self, id: &ChunkId, data: &[u8], sync: bool) -> Result<(), StoreError> {
+        let _guard = self.chunk_lock.lock().expect("chunk lock");
+        let mut b = WriteBatch::default();
+        if self.has_chunk(id)? {
+            b.put_cf(
+                self.cf(CF_CHUNK_STAMPS),
+                id.0,
+                stamp(unix_now(), data.len() as u64),
+            );
+        } else {
+            b.put_cf(self.cf(CF_CHUNKS), id.0, data);
+            self.account(&mut b, id, data.len() as u64, true)?;
+        }
         self.write(b, sync)
+    }
+
+    /// Remove chunks whose stamp is at least `grace_secs` old; returns the ones removed.
+    pub fn collect_garbage(
+        &self,
+        ids: &[ChunkId],
+        grace_secs: u64,
+    ) -> Result<Vec<ChunkId>, StoreError> {
+        let cutoff = unix_now().saturating_sub(grace_secs);
+        let _guard = self.chunk_lock.lock().expect("chunk lock");
+        let mut removed = Vec::new();
+        for id in ids {
+            if let Some((stored, len)) = self.chunk_stamp(id)? {
+                if stored <= cutoff {
+                    let mut b = WriteBatch::default();
+                    b.delete_cf(self.cf(CF_CHUNKS), id.0);
+                    self.account(&mut b, id, len, false)?;
+                    self.write(b, false)?;
+                    removed.push(*id);
+                }
+            }
+        }
+        if !removed.is_empty() {
+            self.db.flush_wal(true)?;
+        }
+        Ok(removed)
+    }
+
+    /// Remove a copy that failed verification and note that this brick needs a good one.
+    pub fn quarantine(&self, self_id: BrickId, id: &ChunkId) -> Result<(), StoreError> {
+        let _guard = self.chunk_lock.lock().expect("chunk lock");
+        let Some((_, len)) = self.chunk_stamp(id)? else {
+            return Ok(());
+        };
+        let mut b = WriteBatch::default();
+        b.delete_cf(self.cf(CF_CHUNKS), id.0);
+        self.account(&mut b, id, len, false)?;
+        let entry = HealEntry {
+            brick: self_id,
+            chunk: *id,
+            reason: HealReason::Corrupt,
+            bytes: len,
+        };
+        b.put_cf(
+            self.cf(CF_HEAL_INDEX),
+            Self::heal_key(self_id, id),
+            heal_value(&entry),
+        );
+        self.write(b, true)
     }
 
     pub fn chunk_totals(&self) -> Result<(u64, u64), StoreError> {
@@ -202,22 +337,65 @@ impl Store {
         ))
     }
 
+    pub fn chunk_digest(&self) -> Result<Vec<Bucket>, StoreError> {
+        let mut out = vec![Bucket::default(); BUCKETS];
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_CHUNK_DIGEST), IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let i: [u8; 2] = (*k)
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("digest key is not 2 bytes".into()))?;
+            let bucket = Bucket::decode(&v)
+                .ok_or_else(|| StoreError::Corrupt("digest bucket is not 40 bytes".into()))?;
+            if let Some(slot) = out.get_mut(u16::from_be_bytes(i) as usize) {
+                *slot = bucket;
+            }
+        }
+        Ok(out)
+    }
+
     pub fn list_chunks(
         &self,
         after: Option<&ChunkId>,
         limit: usize,
     ) -> Result<Vec<ChunkId>, StoreError> {
-        self.scan(CF_CHUNKS, &[], after.map(|a| &a.0[..]), limit)?
+        self.scan(CF_CHUNK_STAMPS, &[], after.map(|a| &a.0[..]), limit)?
             .into_iter()
-            .map(|(k, _)| {
-                k.try_into()
-                    .map(ChunkId)
-                    .map_err(|_| StoreError::Corrupt("chunk key is not 32 bytes".into()))
-            })
+            .map(|(k, _)| chunk_key(&k))
             .collect()
     }
 
-    // ---- heal index: (brick that misses it, chunk) ----
+    pub fn list_bucket(
+        &self,
+        bucket: u16,
+        after: Option<&ChunkId>,
+        limit: usize,
+    ) -> Result<Vec<ChunkId>, StoreError> {
+        let start = bucket_start(bucket);
+        let from = match after {
+            Some(a) if bucket_of(a) == bucket => a.0.to_vec(),
+            _ => start.to_vec(),
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_CHUNK_STAMPS),
+            IteratorMode::From(&from, Direction::Forward),
+        ) {
+            let (k, _) = item?;
+            let id = chunk_key(&k)?;
+            if bucket_of(&id) != bucket || out.len() >= limit {
+                break;
+            }
+            if after != Some(&id) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- heal index: (brick that lacks a good copy, chunk) -> (reason, length) ----
 
     fn heal_key(brick: BrickId, chunk: &ChunkId) -> Vec<u8> {
         let mut k = brick.to_be_bytes().to_vec();
@@ -225,32 +403,93 @@ impl Store {
         k
     }
 
-    pub fn record_misses(&self, misses: &[(BrickId, ChunkId)]) -> Result<(), StoreError> {
+    pub fn record_misses(&self, misses: &[HealEntry]) -> Result<(), StoreError> {
         let mut b = WriteBatch::default();
-        for (brick, chunk) in misses {
-            b.put_cf(self.cf(CF_HEAL_INDEX), Self::heal_key(*brick, chunk), []);
+        for e in misses {
+            b.put_cf(
+                self.cf(CF_HEAL_INDEX),
+                Self::heal_key(e.brick, &e.chunk),
+                heal_value(e),
+            );
         }
         self.write(b, false)
+    }
+
+    pub fn clear_heal_index(&self, entries: &[(BrickId, ChunkId)]) -> Result<(), StoreError> {
+        let mut b = WriteBatch::default();
+        for (brick, chunk) in entries {
+            b.delete_cf(self.cf(CF_HEAL_INDEX), Self::heal_key(*brick, chunk));
+        }
+        self.write(b, true)
     }
 
     pub fn list_heal_index(
         &self,
         after: Option<(BrickId, ChunkId)>,
         limit: usize,
-    ) -> Result<Vec<(BrickId, ChunkId)>, StoreError> {
+    ) -> Result<Vec<HealEntry>, StoreError> {
         let after = after.map(|(b, c)| Self::heal_key(b, &c));
         self.scan(CF_HEAL_INDEX, &[], after.as_deref(), limit)?
             .into_iter()
-            .map(|(k, _)| {
+            .map(|(k, v)| {
                 if k.len() != 40 {
                     return Err(StoreError::Corrupt("heal key is not 40 bytes".into()));
                 }
                 let brick = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
                 let chunk = ChunkId(k[8..].try_into().expect("32 bytes"));
-                Ok((brick, chunk))
+                let (reason, bytes) = match v.first() {
+                    Some(1) => (HealReason::Corrupt, u64_at(v.get(1..).map(|s| s.to_vec()))),
+                    Some(_) => (
+                        HealReason::MissedWrite,
+                        u64_at(v.get(1..).map(|s| s.to_vec())),
+                    ),
+                    None => (HealReason::MissedWrite, 0),
+                };
+                Ok(HealEntry {
+                    brick,
+                    chunk,
+                    reason,
+                    bytes,
+                })
             })
             .collect()
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn stamp(secs: u64, len: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&secs.to_be_bytes());
+    out[8..].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+fn unstamp(v: &[u8]) -> Option<(u64, u64)> {
+    Some((
+        u64::from_be_bytes(v.get(..8)?.try_into().ok()?),
+        u64::from_be_bytes(v.get(8..16)?.try_into().ok()?),
+    ))
+}
+
+fn chunk_key(k: &[u8]) -> Result<ChunkId, StoreError> {
+    k.try_into()
+        .map(ChunkId)
+        .map_err(|_| StoreError::Corrupt("chunk key is not 32 bytes".into()))
+}
+
+fn heal_value(e: &HealEntry) -> Vec<u8> {
+    let mut v = vec![match e.reason {
+        HealReason::MissedWrite => 0u8,
+        HealReason::Corrupt => 1,
+    }];
+    v.extend_from_slice(&e.bytes.to_be_bytes());
+    v
 }
 
 #[cfg(test)]
@@ -282,12 +521,82 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let a = ChunkId::of(b"a");
         let b = ChunkId::of(b"b");
-        store.record_misses(&[(9, a), (3, b), (9, a)]).unwrap();
+        let entry = |brick, chunk| HealEntry {
+            brick,
+            chunk,
+            reason: HealReason::MissedWrite,
+            bytes: 1,
+        };
+        store
+            .record_misses(&[entry(9, a), entry(3, b), entry(9, a)])
+            .unwrap();
         let all = store.list_heal_index(None, 10).unwrap();
-        assert_eq!(all, vec![(3, b), (9, a)]);
+        assert_eq!(all, vec![entry(3, b), entry(9, a)]);
         assert_eq!(
             store.list_heal_index(Some((3, b)), 10).unwrap(),
-            vec![(9, a)]
+            vec![entry(9, a)]
         );
+        store.clear_heal_index(&[(3, b)]).unwrap();
+        assert_eq!(store.list_heal_index(None, 10).unwrap(), vec![entry(9, a)]);
+    }
+
+    #[test]
+    fn digest_stamps_gc_and_quarantine_stay_in_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..50u32).map(|n| n.to_le_bytes().repeat(100)).collect();
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
+        for (id, c) in ids.iter().zip(&chunks) {
+            store.put_chunk(id, c, false).unwrap();
+        }
+        let full = store.chunk_digest().unwrap();
+        assert_eq!(full.iter().map(|b| b.count).sum::<u64>(), 50);
+        let mut listed = Vec::new();
+        for bucket in 0..BUCKETS as u16 {
+            listed.extend(store.list_bucket(bucket, None, 1000).unwrap());
+        }
+        let mut sorted = ids.clone();
+        sorted.sort_by_key(|c| c.0);
+        assert_eq!(listed, sorted);
+
+        // Fresh chunks are inside any grace period; with none they go, counters follow.
+        assert!(store.collect_garbage(&ids[..10], 3600).unwrap().is_empty());
+        assert_eq!(
+            store.collect_garbage(&ids[..10], 0).unwrap(),
+            ids[..10].to_vec()
+        );
+        assert_eq!(store.chunk_totals().unwrap(), (40, 40 * 400));
+        assert!(!store.has_chunk(&ids[0]).unwrap());
+        assert!(store.get_chunk(&ids[0]).unwrap().is_none());
+
+        store.quarantine(5, &ids[20]).unwrap();
+        assert!(!store.has_chunk(&ids[20]).unwrap());
+        let heal = store.list_heal_index(None, 10).unwrap();
+        assert_eq!(heal.len(), 1);
+        assert_eq!(
+            (heal[0].brick, heal[0].reason, heal[0].bytes),
+            (5, HealReason::Corrupt, 400)
+        );
+
+        // Putting everything back restores the original digest exactly.
+        for (id, c) in ids.iter().zip(&chunks) {
+            store.put_chunk(id, c, false).unwrap();
+        }
+        assert_eq!(store.chunk_digest().unwrap(), full);
+
+        // A store without the index is indexed once at open, to the same digest.
+        store
+            .db
+            .delete_cf(store.cf(CF_CONFIG), KEY_CHUNK_INDEX_READY)
+            .unwrap();
+        for bucket in 0..BUCKETS as u16 {
+            store
+                .db
+                .delete_cf(store.cf(CF_CHUNK_DIGEST), bucket.to_be_bytes())
+                .unwrap();
+        }
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.chunk_digest().unwrap(), full);
     }
 }

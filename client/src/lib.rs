@@ -144,6 +144,11 @@ impl Volume {
         }
     }
 
+    /// A namespace change as the operator tools send it (heal lease, release records).
+    pub async fn admin_op(&self, op: MetaOp) -> Result<MetaOk, FsError> {
+        self.write_op(op).await
+    }
+
     async fn write_op(&self, op: MetaOp) -> Result<MetaOk, FsError> {
         self.meta(Request::Meta(op)).await
     }

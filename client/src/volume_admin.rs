@@ -1,8 +1,11 @@
 //! Operator actions that address bricks one by one: volume creation and per-brick status.
 
+use mortar_proto::digest::Bucket;
 use mortar_proto::transport::Pool;
-use mortar_proto::wire::{AdminRequest, BrickHello, BrickStatus, Reply, Request};
-use mortar_proto::{BrickId, BrickRef, ChunkId, FsError, Timestamp, VolumeConfig, MAX_CHUNK_SIZE};
+use mortar_proto::wire::{AdminRequest, BrickHello, BrickStatus, HealEntry, Reply, Request};
+use mortar_proto::{
+    BrickId, BrickRef, ChunkId, FsError, InodeId, Timestamp, VolumeConfig, MAX_CHUNK_SIZE,
+};
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -132,98 +135,256 @@ pub async fn create_volume(
     Ok(config)
 }
 
-pub async fn status(pool: &Pool, addr: &str) -> Result<BrickStatus, AdminError> {
-    match call(
-        pool,
-        addr,
-        &Request::Admin(AdminRequest::Status),
-        HELLO_TIMEOUT,
-    )
-    .await?
-    {
-        Reply::Status(s) => Ok(s),
-        other => Err(AdminError::Brick {
-            addr: addr.into(),
-            err: FsError::Io(format!("unexpected reply {other:?}")),
-        }),
-    }
-}
-
-/// Page through a brick listing until a page comes back empty.
-async fn all_pages<T: Copy>(
+/// One admin request to one brick, expecting the reply `pick` accepts.
+async fn ask<T>(
     pool: &Pool,
     addr: &str,
-    request: impl Fn(Option<T>) -> AdminRequest,
+    req: AdminRequest,
+    timeout: Duration,
+    pick: impl FnOnce(Reply) -> Option<T>,
+) -> Result<T, AdminError> {
+    let what = format!("{req:?}");
+    let what = what
+        .split([' ', '(', '{'])
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    pick(call(pool, addr, &Request::Admin(req), timeout).await?).ok_or_else(|| AdminError::Brick {
+        addr: addr.into(),
+        err: FsError::Io(format!("unexpected reply to {what}")),
+    })
+}
+
+/// Listings and heal steps may scan or copy a lot; they get a long deadline.
+const LONG: Duration = Duration::from_secs(120);
+
+pub async fn status(pool: &Pool, addr: &str) -> Result<BrickStatus, AdminError> {
+    ask(
+        pool,
+        addr,
+        AdminRequest::Status,
+        HELLO_TIMEOUT,
+        |r| match r {
+            Reply::Status(s) => Some(s),
+            _ => None,
+        },
+    )
+    .await
+}
+
+/// Page through a brick listing until a page comes back short or empty; `cursor` gives the
+/// position to continue after from a page's last item.
+async fn all_pages<T, C>(
+    pool: &Pool,
+    addr: &str,
+    request: impl Fn(Option<C>) -> AdminRequest,
     page: impl Fn(Reply) -> Option<Vec<T>>,
+    cursor: impl Fn(&T) -> C,
 ) -> Result<Vec<T>, AdminError> {
     let mut all: Vec<T> = Vec::new();
     loop {
-        let reply = call(
-            pool,
-            addr,
-            &Request::Admin(request(all.last().copied())),
-            Duration::from_secs(30),
-        )
-        .await?;
-        match page(reply) {
-            Some(p) if p.is_empty() => return Ok(all),
-            Some(p) => all.extend(p),
-            None => {
-                return Err(AdminError::Brick {
-                    addr: addr.into(),
-                    err: FsError::Io("unexpected reply to a listing".into()),
-                })
-            }
+        let p = ask(pool, addr, request(all.last().map(&cursor)), LONG, &page).await?;
+        if p.is_empty() {
+            return Ok(all);
         }
+        all.extend(p);
+    }
+}
+
+const PAGE: u32 = 10_000;
+
+fn chunks(r: Reply) -> Option<Vec<ChunkId>> {
+    match r {
+        Reply::Chunks(p) => Some(p),
+        _ => None,
     }
 }
 
 /// Every chunk id a brick holds.
 pub async fn list_chunks(pool: &Pool, addr: &str) -> Result<Vec<ChunkId>, AdminError> {
-    let request = |after| AdminRequest::ListChunks {
-        after,
-        limit: 10_000,
-    };
-    all_pages(pool, addr, request, |r| match r {
-        Reply::Chunks(p) => Some(p),
-        _ => None,
-    })
-    .await
+    let request = |after| AdminRequest::ListChunks { after, limit: PAGE };
+    all_pages(pool, addr, request, chunks, |c| *c).await
 }
 
-/// Every (missing brick, chunk) entry in a brick's heal index.
-pub async fn list_heal_index(
-    pool: &Pool,
-    addr: &str,
-) -> Result<Vec<(BrickId, ChunkId)>, AdminError> {
-    let request = |after| AdminRequest::ListHealIndex {
+/// Every chunk id a brick holds in one digest bucket.
+pub async fn list_bucket(pool: &Pool, addr: &str, bucket: u16) -> Result<Vec<ChunkId>, AdminError> {
+    let request = |after| AdminRequest::ListBucket {
+        bucket,
         after,
-        limit: 10_000,
+        limit: PAGE,
     };
-    all_pages(pool, addr, request, |r| match r {
+    all_pages(pool, addr, request, chunks, |c| *c).await
+}
+
+/// Every entry in a brick's heal index.
+pub async fn list_heal_index(pool: &Pool, addr: &str) -> Result<Vec<HealEntry>, AdminError> {
+    let request = |after| AdminRequest::ListHealIndex { after, limit: PAGE };
+    let page = |r| match r {
         Reply::HealIndex(p) => Some(p),
         _ => None,
+    };
+    all_pages(pool, addr, request, page, |e: &HealEntry| {
+        (e.brick, e.chunk)
     })
     .await
 }
 
 /// A brick's namespace digest and the applied log index it reflects.
 pub async fn meta_digest(pool: &Pool, addr: &str) -> Result<(u64, [u8; 32]), AdminError> {
-    match call(
-        pool,
-        addr,
-        &Request::Admin(AdminRequest::MetaDigest),
-        Duration::from_secs(30),
-    )
-    .await?
-    {
+    ask(pool, addr, AdminRequest::MetaDigest, LONG, |r| match r {
         Reply::MetaDigest {
             applied_index,
             digest,
-        } => Ok((applied_index, digest)),
-        other => Err(AdminError::Brick {
-            addr: addr.into(),
-            err: FsError::Io(format!("unexpected reply {other:?}")),
-        }),
+        } => Some((applied_index, digest)),
+        _ => None,
+    })
+    .await
+}
+
+pub async fn chunk_digest(pool: &Pool, addr: &str) -> Result<Vec<Bucket>, AdminError> {
+    ask(pool, addr, AdminRequest::ChunkDigest, LONG, |r| match r {
+        Reply::ChunkDigest(d) => Some(d),
+        _ => None,
+    })
+    .await
+}
+
+/// Which of `ids` a brick holds, in order.
+pub async fn has_chunks(pool: &Pool, addr: &str, ids: &[ChunkId]) -> Result<Vec<bool>, AdminError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for batch in ids.chunks(PAGE as usize) {
+        let req = AdminRequest::HasChunks(batch.to_vec());
+        out.extend(
+            ask(pool, addr, req, LONG, |r| match r {
+                Reply::Present(p) if p.len() == batch.len() => Some(p),
+                _ => None,
+            })
+            .await?,
+        );
     }
+    Ok(out)
+}
+
+/// Have brick `addr` copy `ids` from the first of `sources` whose copy verifies; per chunk the
+/// bytes copied (0 when it was there already), else why not.
+pub async fn fetch_chunks(
+    pool: &Pool,
+    addr: &str,
+    ids: &[ChunkId],
+    sources: &[String],
+) -> Result<Vec<Result<u64, String>>, AdminError> {
+    let req = AdminRequest::FetchChunks {
+        ids: ids.to_vec(),
+        sources: sources.to_vec(),
+    };
+    ask(pool, addr, req, LONG, |r| match r {
+        Reply::Fetched(f) if f.len() == ids.len() => Some(f),
+        _ => None,
+    })
+    .await
+}
+
+pub async fn clear_heal_index(
+    pool: &Pool,
+    addr: &str,
+    entries: &[(BrickId, ChunkId)],
+) -> Result<(), AdminError> {
+    for batch in entries.chunks(PAGE as usize) {
+        let req = AdminRequest::ClearHealIndex(batch.to_vec());
+        ask(pool, addr, req, LONG, |r| match r {
+            Reply::Done => Some(()),
+            _ => None,
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+pub struct ScrubPage {
+    pub scanned: u64,
+    pub bytes: u64,
+    pub corrupt: Vec<ChunkId>,
+    pub next: Option<ChunkId>,
+}
+
+pub async fn scrub_page(
+    pool: &Pool,
+    addr: &str,
+    after: Option<ChunkId>,
+    limit: u32,
+    max_bytes_per_sec: u64,
+) -> Result<ScrubPage, AdminError> {
+    let req = AdminRequest::Scrub {
+        after,
+        limit,
+        max_bytes_per_sec,
+    };
+    ask(pool, addr, req, Duration::from_secs(600), |r| match r {
+        Reply::Scrubbed {
+            scanned,
+            bytes,
+            corrupt,
+            next,
+        } => Some(ScrubPage {
+            scanned,
+            bytes,
+            corrupt,
+            next,
+        }),
+        _ => None,
+    })
+    .await
+}
+
+/// Every chunk the namespace replica on `addr` references (with repeats).
+pub async fn scan_references(pool: &Pool, addr: &str) -> Result<Vec<ChunkId>, AdminError> {
+    let mut all = Vec::new();
+    let mut after: Option<InodeId> = None;
+    loop {
+        let req = AdminRequest::ScanReferences { after, limit: PAGE };
+        let (page, next) = ask(pool, addr, req, LONG, |r| match r {
+            Reply::References { chunks, next } => Some((chunks, next)),
+            _ => None,
+        })
+        .await?;
+        all.extend(page);
+        match next {
+            Some(n) => after = Some(n),
+            None => return Ok(all),
+        }
+    }
+}
+
+/// Every release record on `addr`: (chunk, seconds since it was let go).
+pub async fn list_released(pool: &Pool, addr: &str) -> Result<Vec<(ChunkId, u64)>, AdminError> {
+    let request = |after| AdminRequest::ListReleased { after, limit: PAGE };
+    let page = |r| match r {
+        Reply::Released(p) => Some(p),
+        _ => None,
+    };
+    all_pages(pool, addr, request, page, |(c, _): &(ChunkId, u64)| *c).await
+}
+
+/// Delete `ids` on `addr` unless stored within the last `grace_secs`; returns the deleted ones.
+pub async fn collect_garbage(
+    pool: &Pool,
+    addr: &str,
+    ids: &[ChunkId],
+    grace_secs: u64,
+) -> Result<Vec<ChunkId>, AdminError> {
+    let mut removed = Vec::new();
+    for batch in ids.chunks(1000) {
+        let req = AdminRequest::CollectGarbage {
+            ids: batch.to_vec(),
+            grace_secs,
+        };
+        removed.extend(
+            ask(pool, addr, req, LONG, |r| match r {
+                Reply::Collected(c) => Some(c),
+                _ => None,
+            })
+            .await?,
+        );
+    }
+    Ok(removed)
 }

@@ -40,6 +40,8 @@ pub enum FsError {
     HashMismatch(String),
     #[error("volume not available: {0}")]
     Unavailable(String),
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("volume not initialised")]
     NoVolume,
     #[error("I/O error: {0}")]
@@ -63,6 +65,7 @@ impl FsError {
             FsError::ReadOnly(_) => libc::EROFS,
             FsError::NoSpace(_) => libc::ENOSPC,
             FsError::Conflict(_) => libc::EAGAIN,
+            FsError::Busy(_) => libc::EBUSY,
             FsError::HashMismatch(_) | FsError::Io(_) => libc::EIO,
             FsError::Unavailable(_) | FsError::NoVolume => libc::ENOTCONN,
         }

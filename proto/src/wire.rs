@@ -140,6 +140,15 @@ pub enum MetaOp {
     },
     /// Internal: written once by volume creation; refused from the network.
     CreateVolume(VolumeConfig),
+    /// Take, renew (same holder) or, with `ttl_secs` 0, give back the volume's heal lease, so
+    /// two heal runs of one volume never overlap wherever they are started. Fails with EBUSY
+    /// while another holder's lease is current.
+    HealLease {
+        holder: String,
+        ttl_secs: u32,
+    },
+    /// Garbage collection removed these chunks from every brick: drop their release records.
+    ForgetReleased(Vec<ChunkId>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,10 +212,70 @@ pub enum AdminRequest {
         limit: u32,
     },
     /// Brick to brick: chunks a peer missed during a replicated write.
-    RecordMisses(Vec<(BrickId, ChunkId)>),
+    RecordMisses(Vec<HealEntry>),
     /// A digest of this brick's namespace replica and the log index it reflects; replicas at
     /// the same index must agree.
     MetaDigest,
+    /// This brick's chunk-set digest: [`crate::digest::BUCKETS`] buckets.
+    ChunkDigest,
+    /// Chunk ids in one digest bucket, after `after`, up to `limit`.
+    ListBucket {
+        bucket: u16,
+        after: Option<ChunkId>,
+        limit: u32,
+    },
+    /// Which of these chunks this brick holds.
+    HasChunks(Vec<ChunkId>),
+    /// Copy these chunks here from the first of `sources` that has a copy matching its id.
+    FetchChunks {
+        ids: Vec<ChunkId>,
+        sources: Vec<String>,
+    },
+    /// Drop heal index entries the caller has seen healed.
+    ClearHealIndex(Vec<(BrickId, ChunkId)>),
+    /// Read and verify up to `limit` chunks after `after`, at most `max_bytes_per_sec`; corrupt
+    /// copies are removed and noted in the heal index so heal replaces them.
+    Scrub {
+        after: Option<ChunkId>,
+        limit: u32,
+        max_bytes_per_sec: u64,
+    },
+    /// Chunks referenced by the inodes after `after` in this brick's namespace replica.
+    ScanReferences {
+        after: Option<InodeId>,
+        limit: u32,
+    },
+    /// Chunks whose references went away (overwrite, truncate, unlink), with how many seconds
+    /// ago by this brick's clock: a reader may still use them, e.g. through a file open after
+    /// unlink, so garbage collection leaves them for a grace period.
+    ListReleased {
+        after: Option<ChunkId>,
+        limit: u32,
+    },
+    /// Delete these chunks unless stored or written again within the last `grace_secs`.
+    CollectGarbage {
+        ids: Vec<ChunkId>,
+        grace_secs: u64,
+    },
+}
+
+/// Why a brick is in the heal index for a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HealReason {
+    /// The brick did not acknowledge a replicated write.
+    MissedWrite,
+    /// The brick's copy failed verification and was removed.
+    Corrupt,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealEntry {
+    /// The brick that lacks a good copy.
+    pub brick: BrickId,
+    pub chunk: ChunkId,
+    pub reason: HealReason,
+    /// Chunk length when known (0 otherwise).
+    pub bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,7 +314,25 @@ pub enum Reply {
     Raft(#[serde(with = "serde_bytes")] Vec<u8>),
     Status(BrickStatus),
     Chunks(Vec<ChunkId>),
-    HealIndex(Vec<(BrickId, ChunkId)>),
+    HealIndex(Vec<HealEntry>),
+    ChunkDigest(Vec<crate::digest::Bucket>),
+    Present(Vec<bool>),
+    /// Per requested chunk: the bytes copied (0 if it was already here), or why not.
+    Fetched(Vec<Result<u64, String>>),
+    Scrubbed {
+        scanned: u64,
+        bytes: u64,
+        corrupt: Vec<ChunkId>,
+        /// Where the next page starts; `None` when the scrub reached the end.
+        next: Option<ChunkId>,
+    },
+    References {
+        chunks: Vec<ChunkId>,
+        next: Option<InodeId>,
+    },
+    /// (chunk, seconds since its release).
+    Released(Vec<(ChunkId, u64)>),
+    Collected(Vec<ChunkId>),
     MetaDigest {
         applied_index: u64,
         digest: [u8; 32],

@@ -232,12 +232,12 @@ async fn writer_rides_through_a_killed_brick_which_catches_up() {
             referenced.is_subset(&held[i]),
             "surviving brick{i} lacks chunks"
         );
-        for (brick, chunk) in volume_admin::list_heal_index(&pool, &c.addrs()[i])
+        for e in volume_admin::list_heal_index(&pool, &c.addrs()[i])
             .await
             .unwrap()
         {
-            if brick == victim_id {
-                listed.insert(chunk);
+            if e.brick == victim_id {
+                listed.insert(e.chunk);
             }
         }
     }

@@ -1,4 +1,6 @@
-//! `mortar`: the operator CLI — CA and certificates, volume create/info/status/list.
+//! `mortar`: the operator CLI — CA and certificates, volume create/info/status/list/heal.
+
+mod heal;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -7,6 +9,7 @@ use mortar_client::Volume;
 use mortar_proto::tls::{self, Identity, Role, Validity};
 use mortar_proto::transport::{client_endpoint, Pool};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -119,6 +122,29 @@ enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Heal the volume's replicas (the cron job), or with `info` show what is pending.
+    /// Exit status: 0 fully healed, 1 something is left (listed), 2 the heal could not run.
+    Heal {
+        name: String,
+        /// `info`: what is pending, from heal indexes and digests, without healing.
+        #[arg(value_parser = ["info"])]
+        action: Option<String>,
+        /// Also read and verify every chunk on every brick (scrub), replacing corrupt copies.
+        #[arg(long)]
+        full: bool,
+        /// Scrub read rate per brick, bytes per second with an optional K/M/G suffix; 0 for no
+        /// limit.
+        #[arg(long, default_value = "64M", value_parser = parse_bytes)]
+        scrub_rate: u64,
+        /// Unreferenced chunks are removed only after this long (seconds, or with an s/m/h/d
+        /// suffix): it protects writes in flight and files still open after unlink.
+        #[arg(long, default_value = "1h", value_parser = parse_duration_secs)]
+        gc_grace: u64,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// The volumes the given bricks serve; fails if any of them does not answer.
     List {
         #[command(flatten)]
@@ -177,7 +203,35 @@ async fn first_volume_name(pool: &Pool, bricks: &[String]) -> Result<String> {
     bail!("no volume found: {}", errors.join("; "))
 }
 
-fn human(bytes: u64) -> String {
+fn parse_scaled(s: &str, units: &[(char, u64)]) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, scale) = match s.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let scale = units
+                .iter()
+                .find(|(u, _)| u.eq_ignore_ascii_case(&c))
+                .map(|(_, n)| *n)
+                .ok_or_else(|| format!("unknown unit '{c}' in '{s}'"))?;
+            (&s[..s.len() - 1], scale)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number with an optional unit"))?;
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    parse_scaled(s, &[('K', 1 << 10), ('M', 1 << 20), ('G', 1 << 30)])
+}
+
+fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    parse_scaled(s, &[('s', 1), ('m', 60), ('h', 3600), ('d', 86400)])
+}
+
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -320,6 +374,49 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if statuses.iter().any(|s| s.is_err()) {
                 std::process::exit(1);
+            }
+        }
+        Command::Volume(VolumeCommand::Heal {
+            name,
+            action,
+            full,
+            scrub_rate,
+            gc_grace,
+            seeds,
+            conn,
+        }) => {
+            // Cron reads the exit status: 0 healed, 1 something left, 2 could not run.
+            let outcome: Result<i32> = async {
+                let vol = Arc::new(connect(&seeds, &conn, Some(&name)).await?);
+                if action.is_some() {
+                    return Ok(if heal::info(&vol).await? { 1 } else { 0 });
+                }
+                let opts = heal::Options {
+                    full,
+                    scrub_rate,
+                    gc_grace_secs: gc_grace,
+                };
+                match heal::heal(vol, &opts, &heal::Progress::new()).await? {
+                    heal::Outcome::Healed => {
+                        println!("heal {name}: fully healed");
+                        Ok(0)
+                    }
+                    heal::Outcome::Left(left) => {
+                        println!("heal {name}: {} problems left:", left.len());
+                        for l in left {
+                            println!("  {l}");
+                        }
+                        Ok(1)
+                    }
+                }
+            }
+            .await;
+            match outcome {
+                Ok(code) => std::process::exit(code),
+                Err(e) => {
+                    eprintln!("mortar: heal {name}: {e:#}");
+                    std::process::exit(2);
+                }
             }
         }
         Command::Volume(VolumeCommand::List { seeds, conn }) => {

@@ -1,0 +1,111 @@
+//! The brick's side of self-heal: serving only verified chunk bytes, pulling missing chunks
+//! from peers, and scrubbing its own copies. The operator's `mortar volume heal` decides what
+//! to move; bricks move it directly, so chunk data never passes through the operator's host.
+
+use crate::store::Store;
+use mortar_proto::transport::Pool;
+use mortar_proto::wire::{Reply, Request};
+use mortar_proto::{BrickId, ChunkId, FsError};
+use std::time::{Duration, Instant};
+
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A chunk's bytes, checked against its id. A copy that fails is removed and put in the heal
+/// index, so a rotten copy is served to nobody, heal included, and gets replaced.
+pub fn read_verified(store: &Store, self_id: BrickId, id: &ChunkId) -> Result<Vec<u8>, FsError> {
+    let data = store.get_chunk(id)?.ok_or(FsError::NotFound)?;
+    if id.matches(&data) {
+        return Ok(data);
+    }
+    tracing::error!(chunk = %id.to_hex(), "stored chunk fails verification; removing this copy");
+    store.quarantine(self_id, id)?;
+    Err(FsError::HashMismatch(id.to_hex()))
+}
+
+/// Copy each chunk this brick lacks from the first source whose copy verifies. Per chunk: the
+/// bytes copied (0 when it was already here), else what every source said.
+pub async fn fetch_chunks(
+    store: &Store,
+    pool: &Pool,
+    ids: &[ChunkId],
+    sources: &[String],
+) -> Result<Vec<Result<u64, String>>, FsError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        if store.has_chunk(id)? {
+            out.push(Ok(0));
+            continue;
+        }
+        let mut why = Vec::new();
+        let mut stored = None;
+        for src in sources {
+            match pool
+                .call(src, &Request::GetChunk { id: *id }, FETCH_TIMEOUT)
+                .await
+            {
+                Ok(Ok(Reply::Chunk(data))) if id.matches(&data) => {
+                    store.put_chunk(id, &data, false)?;
+                    stored = Some(data.len() as u64);
+                    break;
+                }
+                Ok(Ok(Reply::Chunk(_))) => why.push(format!("{src}: copy fails verification")),
+                Ok(Ok(other)) => why.push(format!("{src}: unexpected reply {other:?}")),
+                Ok(Err(e)) => why.push(format!("{src}: {e}")),
+                Err(e) => why.push(format!("{src}: {e}")),
+            }
+        }
+        out.push(match stored {
+            Some(bytes) => Ok(bytes),
+            None if why.is_empty() => Err("no source brick given".into()),
+            None => Err(why.join("; ")),
+        });
+    }
+    store
+        .db
+        .flush_wal(true)
+        .map_err(|e| FsError::Io(e.to_string()))?;
+    Ok(out)
+}
+
+/// Verify up to `limit` chunks after `after`, reading no faster than `max_bytes_per_sec`
+/// (0: unthrottled) so a scrub does not starve the application.
+pub async fn scrub(
+    store: &Store,
+    self_id: BrickId,
+    after: Option<ChunkId>,
+    limit: usize,
+    max_bytes_per_sec: u64,
+) -> Result<Reply, FsError> {
+    let ids = store.list_chunks(after.as_ref(), limit)?;
+    let started = Instant::now();
+    let (mut bytes, mut corrupt) = (0u64, Vec::new());
+    for id in &ids {
+        match store.get_chunk(id)? {
+            Some(data) => {
+                bytes += data.len() as u64;
+                if !id.matches(&data) {
+                    tracing::error!(chunk = %id.to_hex(), "scrub: copy fails verification; removing it");
+                    store.quarantine(self_id, id)?;
+                    corrupt.push(*id);
+                }
+            }
+            None => continue,
+        }
+        if max_bytes_per_sec > 0 {
+            let due = Duration::from_secs_f64(bytes as f64 / max_bytes_per_sec as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    Ok(Reply::Scrubbed {
+        scanned: ids.len() as u64,
+        bytes,
+        corrupt,
+        next: if ids.len() < limit {
+            None
+        } else {
+            ids.last().copied()
+        },
+    })
+}
