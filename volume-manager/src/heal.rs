@@ -195,7 +195,17 @@ async fn heal_under_lease(vol: &Volume, opts: &Options, progress: &Progress) -> 
             .filter(|c| layout::replica_set_index(config, c) == set_no)
             .copied()
             .collect();
-        copy_missing(vol, &set_up, &set_referenced, progress, &mut t).await?;
+        // A source found rotten while serving a copy removes itself, which makes a new gap:
+        // go round again while copies succeed and the set still differs.
+        let mut problems = Vec::new();
+        for _round in 0..3 {
+            let copied_before = t.copied;
+            problems = copy_missing(vol, &set_up, &set_referenced, progress, &mut t).await?;
+            if t.copied == copied_before || digest_differences(vol, &set_up).await?.is_empty() {
+                break;
+            }
+        }
+        t.left.extend(problems);
     }
 
     drain_heal_index(vol, &up, &referenced, &mut t).await?;
@@ -451,8 +461,9 @@ async fn copy_missing(
     referenced: &[ChunkId],
     progress: &Progress,
     t: &mut Tally,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let pool = vol.pool();
+    let mut problems = Vec::new();
     // What each brick holds, restricted to what matters: differing buckets and referenced chunks.
     let mut listings: Vec<(BrickId, HashSet<ChunkId>)> =
         set.iter().map(|b| (b.id, HashSet::new())).collect();
@@ -477,7 +488,7 @@ async fn copy_missing(
             if !seen {
                 lost += 1;
                 if lost <= 10 {
-                    t.left.push(format!(
+                    problems.push(format!(
                         "chunk {} is referenced by a file but no reachable brick holds a good copy",
                         c.to_hex()
                     ));
@@ -485,7 +496,7 @@ async fn copy_missing(
             }
         }
         if lost > 10 {
-            t.left.push(format!(
+            problems.push(format!(
                 "... {} more referenced chunks without a copy",
                 lost - 10
             ));
@@ -494,7 +505,7 @@ async fn copy_missing(
     let missing = missing_by_brick(&listings);
     let total: usize = missing.values().map(|v| v.len()).sum();
     if total == 0 {
-        return Ok(());
+        return Ok(problems);
     }
     let bar = progress.bar(total as u64, &format!("copying {total} missing chunks"));
     let mut copied = 0u64;
@@ -519,7 +530,7 @@ async fn copy_missing(
                     Err(why) => {
                         failed += 1;
                         if failed <= 10 {
-                            t.left.push(format!(
+                            problems.push(format!(
                                 "chunk {} not copied to {}: {why}",
                                 c.to_hex(),
                                 target.addr
@@ -531,7 +542,7 @@ async fn copy_missing(
             bar.inc(batch.len() as u64);
         }
         if failed > 10 {
-            t.left.push(format!(
+            problems.push(format!(
                 "... {} more chunks not copied to {}",
                 failed - 10,
                 target.addr
@@ -547,7 +558,32 @@ async fn copy_missing(
             .collect::<Vec<_>>()
             .join(",")
     ));
-    Ok(())
+    Ok(problems)
+}
+
+/// Which of these (brick, chunk) pairs hold: one batched question per reachable brick.
+async fn holdings(
+    vol: &Volume,
+    up: &BTreeMap<String, BrickRef>,
+    pairs: impl Iterator<Item = (BrickId, ChunkId)>,
+) -> Result<HashSet<(BrickId, ChunkId)>> {
+    let mut asked: BTreeMap<BrickId, Vec<ChunkId>> = BTreeMap::new();
+    for (b, c) in pairs {
+        asked.entry(b).or_default().push(c);
+    }
+    let mut held = HashSet::new();
+    for b in up.values() {
+        if let Some(ids) = asked.get(&b.id) {
+            let present = admin::has_chunks(vol.pool(), &b.addr, ids).await?;
+            held.extend(
+                ids.iter()
+                    .zip(present)
+                    .filter(|(_, here)| *here)
+                    .map(|(c, _)| (b.id, *c)),
+            );
+        }
+    }
+    Ok(held)
 }
 
 /// Drop heal index entries whose brick now holds the chunk, or whose chunk no file needs and no
@@ -559,21 +595,31 @@ async fn drain_heal_index(
     t: &mut Tally,
 ) -> Result<()> {
     let pool = vol.pool();
-    let by_id: HashMap<BrickId, &BrickRef> = up.values().map(|b| (b.id, b)).collect();
     let mut remaining = 0usize;
     for addr in up.keys() {
         let entries = admin::list_heal_index(pool, addr).await?;
-        let mut done = Vec::new();
-        for e in &entries {
-            let Some(b) = by_id.get(&e.brick) else {
-                continue;
-            };
-            let here = admin::has_chunks(pool, &b.addr, &[e.chunk]).await?[0];
-            let garbage = !referenced.contains(&e.chunk) && !any_holds(vol, up, &e.chunk).await?;
-            if here || garbage {
-                done.push((e.brick, e.chunk));
-            }
-        }
+        let held = holdings(vol, up, entries.iter().map(|e| (e.brick, e.chunk))).await?;
+        let unneeded: Vec<ChunkId> = entries
+            .iter()
+            .filter(|e| !referenced.contains(&e.chunk))
+            .map(|e| e.chunk)
+            .collect();
+        let still_stored = holdings(
+            vol,
+            up,
+            up.values()
+                .flat_map(|b| unneeded.iter().map(move |c| (b.id, *c))),
+        )
+        .await?;
+        let still_stored: HashSet<ChunkId> = still_stored.into_iter().map(|(_, c)| c).collect();
+        let done: Vec<(BrickId, ChunkId)> = entries
+            .iter()
+            .filter(|e| {
+                held.contains(&(e.brick, e.chunk))
+                    || (!referenced.contains(&e.chunk) && !still_stored.contains(&e.chunk))
+            })
+            .map(|e| (e.brick, e.chunk))
+            .collect();
         admin::clear_heal_index(pool, addr, &done).await?;
         remaining += entries.len() - done.len();
     }
@@ -583,15 +629,6 @@ async fn drain_heal_index(
         ));
     }
     Ok(())
-}
-
-async fn any_holds(vol: &Volume, up: &BTreeMap<String, BrickRef>, c: &ChunkId) -> Result<bool> {
-    for addr in up.keys() {
-        if admin::has_chunks(vol.pool(), addr, &[*c]).await?[0] {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 #[derive(Default, Debug, PartialEq, Eq)]
@@ -633,7 +670,14 @@ pub async fn info(vol: &Volume) -> Result<bool> {
     for addr in up.keys() {
         entries.extend(admin::list_heal_index(vol.pool(), addr).await?);
     }
-    let pending = pending_by_brick(&entries);
+    // A write can miss a brick that already held the chunk (same content elsewhere): where the
+    // brick answers, count only what it really lacks.
+    let held = holdings(vol, &up, entries.iter().map(|e| (e.brick, e.chunk))).await?;
+    let really_missing: Vec<HealEntry> = entries
+        .into_iter()
+        .filter(|e| !held.contains(&(e.brick, e.chunk)))
+        .collect();
+    let pending = pending_by_brick(&really_missing);
     let mut anything = !down.is_empty() || !pending.is_empty();
     println!("Heal info for volume: {}", vol.config().name);
     println!(
