@@ -2,6 +2,7 @@
 # Benchmarks, each measured against a local directory (or one brick) in the same run.
 #   scripts/bench.sh docroot      a web docroot workload on a mortar mount vs a local directory
 #   scripts/bench.sh bricks [N]   the brick write path: replicated vs one brick, no replication
+#   scripts/bench.sh heal [F M]   heal info / heal / heal --full over F files, M missed by a brick
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -10,6 +11,12 @@ bricks() {
     need_build_packages
     cargo build --workspace --bins
     "$BIN_DIR/bench-bricks" "${1:-200}"
+}
+
+heal() {
+    need_build_packages
+    cargo build --workspace --bins
+    "$BIN_DIR/bench-heal" "${1:-5000}" "${2:-1000}"
 }
 
 now() { date +%s.%N; }
@@ -114,8 +121,9 @@ docroot() {
 case "${1:-docroot}" in
     docroot) docroot ;;
     bricks) bricks "${2:-200}" ;;
+    heal) heal "${2:-5000}" "${3:-1000}" ;;
     *)
-        echo "usage: scripts/bench.sh [docroot | bricks [CHUNKS_PER_SIZE]]" >&2
+        echo "usage: scripts/bench.sh [docroot | bricks [CHUNKS_PER_SIZE] | heal [FILES MISSED]]" >&2
         exit 2
         ;;
 esac

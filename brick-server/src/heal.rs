@@ -9,6 +9,8 @@ use mortar_proto::{BrickId, ChunkId, FsError};
 use std::time::{Duration, Instant};
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Chunk copies one brick pulls at once.
+const FETCH_IN_FLIGHT: usize = 8;
 
 /// A chunk's bytes, checked against its id. A copy that fails is removed and put in the heal
 /// index, so a rotten copy is served to nobody, heal included, and gets replaced.
@@ -22,8 +24,8 @@ pub fn read_verified(store: &Store, self_id: BrickId, id: &ChunkId) -> Result<Ve
     Err(FsError::HashMismatch(id.to_hex()))
 }
 
-/// Copy each chunk this brick lacks from the first source whose copy verifies. Per chunk: the
-/// bytes copied (0 when it was already here), else what every source said.
+/// Copy each chunk this brick lacks from the first source whose copy verifies, a few at a
+/// time. Per chunk: the bytes copied (0 when it was already here), else what every source said.
 pub async fn fetch_chunks(
     store: &Store,
     pool: &Pool,
@@ -31,40 +33,51 @@ pub async fn fetch_chunks(
     sources: &[String],
 ) -> Result<Vec<Result<u64, String>>, FsError> {
     let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        if store.has_chunk(id)? {
-            out.push(Ok(0));
-            continue;
+    for window in ids.chunks(FETCH_IN_FLIGHT) {
+        let results =
+            futures::future::join_all(window.iter().map(|id| fetch_one(store, pool, id, sources)))
+                .await;
+        for r in results {
+            out.push(r?);
         }
-        let mut why = Vec::new();
-        let mut stored = None;
-        for src in sources {
-            match pool
-                .call(src, &Request::GetChunk { id: *id }, FETCH_TIMEOUT)
-                .await
-            {
-                Ok(Ok(Reply::Chunk(data))) if id.matches(&data) => {
-                    store.put_chunk(id, &data, false)?;
-                    stored = Some(data.len() as u64);
-                    break;
-                }
-                Ok(Ok(Reply::Chunk(_))) => why.push(format!("{src}: copy fails verification")),
-                Ok(Ok(other)) => why.push(format!("{src}: unexpected reply {other:?}")),
-                Ok(Err(e)) => why.push(format!("{src}: {e}")),
-                Err(e) => why.push(format!("{src}: {e}")),
-            }
-        }
-        out.push(match stored {
-            Some(bytes) => Ok(bytes),
-            None if why.is_empty() => Err("no source brick given".into()),
-            None => Err(why.join("; ")),
-        });
     }
     store
         .db
         .flush_wal(true)
         .map_err(|e| FsError::Io(e.to_string()))?;
     Ok(out)
+}
+
+async fn fetch_one(
+    store: &Store,
+    pool: &Pool,
+    id: &ChunkId,
+    sources: &[String],
+) -> Result<Result<u64, String>, FsError> {
+    if store.has_chunk(id)? {
+        return Ok(Ok(0));
+    }
+    let mut why = Vec::new();
+    for src in sources {
+        match pool
+            .call(src, &Request::GetChunk { id: *id }, FETCH_TIMEOUT)
+            .await
+        {
+            Ok(Ok(Reply::Chunk(data))) if id.matches(&data) => {
+                store.put_chunk(id, &data, false)?;
+                return Ok(Ok(data.len() as u64));
+            }
+            Ok(Ok(Reply::Chunk(_))) => why.push(format!("{src}: copy fails verification")),
+            Ok(Ok(other)) => why.push(format!("{src}: unexpected reply {other:?}")),
+            Ok(Err(e)) => why.push(format!("{src}: {e}")),
+            Err(e) => why.push(format!("{src}: {e}")),
+        }
+    }
+    Ok(Err(if why.is_empty() {
+        "no source brick given".into()
+    } else {
+        why.join("; ")
+    }))
 }
 
 /// Verify up to `limit` chunks after `after`, reading no faster than `max_bytes_per_sec`

@@ -13,6 +13,7 @@
 //! 6. heal index entries that are now satisfied are dropped; what remains is reported
 
 use anyhow::{anyhow, Context, Result};
+use futures::stream::{self, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use mortar_client::volume_admin as admin;
 use mortar_client::Volume;
@@ -28,7 +29,9 @@ use std::time::{Duration, Instant};
 const LEASE_TTL_SECS: u32 = 60;
 const LEASE_RENEW: Duration = Duration::from_secs(15);
 /// Chunks per brick-to-brick copy request.
-const FETCH_BATCH: usize = 16;
+const FETCH_BATCH: usize = 64;
+/// Bucket listings asked of one brick at once.
+const LIST_IN_FLIGHT: usize = 16;
 /// Chunks per scrub request.
 const SCRUB_PAGE: u32 = 256;
 /// How long to wait for every replica to reach the same applied index before comparing.
@@ -467,9 +470,15 @@ async fn copy_missing(
     // What each brick holds, restricted to what matters: differing buckets and referenced chunks.
     let mut listings: Vec<(BrickId, HashSet<ChunkId>)> =
         set.iter().map(|b| (b.id, HashSet::new())).collect();
-    for bucket in digest_differences(vol, set).await? {
-        for (b, (_, have)) in set.iter().zip(listings.iter_mut()) {
-            have.extend(admin::list_bucket(pool, &b.addr, bucket).await?);
+    let differing = digest_differences(vol, set).await?;
+    for (b, (_, have)) in set.iter().zip(listings.iter_mut()) {
+        let pages: Vec<_> = stream::iter(&differing)
+            .map(|bucket| admin::list_bucket(pool, &b.addr, *bucket))
+            .buffer_unordered(LIST_IN_FLIGHT)
+            .collect()
+            .await;
+        for page in pages {
+            have.extend(page?);
         }
     }
     let mut lost = 0usize;
