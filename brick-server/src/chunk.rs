@@ -5,8 +5,10 @@ use crate::store::Store;
 use mortar_proto::layout;
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{AdminRequest, HealEntry, HealReason, PutChunk, Reply, Request};
-use mortar_proto::{BrickId, ChunkId, FsError, VolumeConfig, MAX_CHUNK_SIZE};
+use mortar_proto::{BrickId, BrickRef, FsError, VolumeConfig, MAX_CHUNK_SIZE};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// How long a forwarded copy may take before the peer counts as failed for this write.
 pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(3);
@@ -27,91 +29,87 @@ pub fn verify(p: &PutChunk) -> Result<(), FsError> {
     Ok(())
 }
 
-/// Store a chunk a client sent and replicate it. Returns the number of copies now held.
+/// Store a chunk a client sent and replicate it. Answers as soon as a quorum holds it (a slow,
+/// frozen or cut-off peer does not hold up the write); the remaining copies finish in the
+/// background and any miss goes to the heal index. Returns the copies held when answering.
 pub async fn put_replicated(
-    store: &Store,
+    store: &Arc<Store>,
     pool: &Pool,
     self_id: BrickId,
     volume: &VolumeConfig,
     p: PutChunk,
 ) -> Result<u8, FsError> {
     verify(&p)?;
-    let set = layout::replica_set(volume, &p.id);
-    let own = if set.iter().any(|b| b.id == self_id) {
-        store
-            .put_chunk(&p.id, &p.data, p.sync)
-            .map(|_| 1usize)
-            .map_err(FsError::from)
-    } else {
-        Ok(0)
-    };
-    let forward = Request::PutChunk(PutChunk {
+    let (id, len) = (p.id, p.data.len() as u64);
+    let set: Vec<BrickRef> = layout::replica_set(volume, &id).to_vec();
+    let forward = Arc::new(Request::PutChunk(PutChunk {
         replicate: false,
-        ..p
-    });
-    let peers: Vec<_> = set.iter().filter(|b| b.id != self_id).collect();
-    let results = futures::future::join_all(peers.iter().map(|b| {
-        let req = &forward;
-        async move {
-            match pool.call(&b.addr, req, REPLICA_TIMEOUT).await {
+        ..p.clone()
+    }));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for b in set.iter().filter(|b| b.id != self_id) {
+        let (tx, pool, req, b) = (tx.clone(), pool.clone(), forward.clone(), b.clone());
+        tokio::spawn(async move {
+            let r = match pool.call(&b.addr, &req, REPLICA_TIMEOUT).await {
                 Ok(Ok(Reply::ChunkStored { .. })) => Ok(()),
                 Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(e) => Err(e.to_string()),
-            }
-        }
-    }))
-    .await;
+            };
+            let _ = tx.send((b, r));
+        });
+    }
+    drop(tx);
 
-    let len = match &forward {
-        Request::PutChunk(p) => p.data.len() as u64,
-        _ => 0,
-    };
-    let miss = |brick| HealEntry {
+    let miss = move |brick| HealEntry {
         brick,
-        chunk: p_id(&forward),
+        chunk: id,
         reason: HealReason::MissedWrite,
         bytes: len,
     };
-    let mut copies = *own.as_ref().unwrap_or(&0);
     let mut holders = Vec::new();
     let mut misses = Vec::new();
-    if copies == 1 {
-        holders.push(self_id);
-    } else if let Err(e) = &own {
-        tracing::warn!(chunk = %p_id(&forward), error = %e, "storing own copy failed");
-        misses.push(miss(self_id));
-    }
-    for (b, r) in peers.iter().zip(results) {
-        match r {
-            Ok(()) => {
-                copies += 1;
-                holders.push(b.id);
-            }
+    if set.iter().any(|b| b.id == self_id) {
+        match store.put_chunk(&id, &p.data, p.sync) {
+            Ok(()) => holders.push(self_id),
             Err(e) => {
-                tracing::warn!(brick = b.id, addr = %b.addr, error = %e, "replica write failed");
-                misses.push(miss(b.id));
+                tracing::warn!(chunk = %id, error = %e, "storing own copy failed");
+                misses.push(miss(self_id));
             }
         }
     }
-    if !misses.is_empty() && copies >= WRITE_QUORUM {
-        record_misses(store, pool, self_id, set, &holders, misses).await;
+    let note = move |(b, r): (BrickRef, Result<(), String>),
+                     holders: &mut Vec<BrickId>,
+                     misses: &mut Vec<HealEntry>| match r {
+        Ok(()) => holders.push(b.id),
+        Err(e) => {
+            tracing::warn!(brick = b.id, addr = %b.addr, error = %e, "replica write failed");
+            misses.push(miss(b.id));
+        }
+    };
+    while holders.len() < WRITE_QUORUM {
+        match rx.recv().await {
+            Some(answer) => note(answer, &mut holders, &mut misses),
+            None => break,
+        }
     }
+    let copies = holders.len();
     if copies < WRITE_QUORUM {
         return Err(FsError::Unavailable(format!(
-            "only {copies} of {} replicas stored chunk {}",
-            set.len(),
-            p_id(&forward)
+            "only {copies} of {} replicas stored chunk {id}",
+            set.len()
         )));
     }
+    let (store, pool) = (store.clone(), pool.clone());
+    tokio::spawn(async move {
+        while let Some(answer) = rx.recv().await {
+            note(answer, &mut holders, &mut misses);
+        }
+        if !misses.is_empty() {
+            record_misses(&store, &pool, self_id, &set, &holders, misses).await;
+        }
+    });
     Ok(copies as u8)
-}
-
-fn p_id(req: &Request) -> ChunkId {
-    match req {
-        Request::PutChunk(p) => p.id,
-        _ => unreachable!("only built from a PutChunk"),
-    }
 }
 
 /// Note the misses in this brick's heal index, and tell the other holders in the background,

@@ -4,7 +4,7 @@
 //! fails with none: writes collect in a [`Txn`] that is discarded on error.
 
 pub use crate::store::Rows;
-use mortar_proto::wire::{MetaOk, MetaOp, Query, SetAttr, TimeSet, XattrMode};
+use mortar_proto::wire::{MetaOk, MetaOp, OpId, Query, SetAttr, TimeSet, XattrMode};
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
     validate_name, Attr, ChunkId, Content, DirEntry, FileKind, FsError, Inode, InodeId, Timestamp,
@@ -51,6 +51,48 @@ const KEY_HEAL_LEASE: &[u8] = b"heal_lease";
 /// `released/<chunk id>` -> when a file stopped naming the chunk (garbage collection waits a
 /// grace period after that).
 const PREFIX_RELEASED: &[u8] = b"released/";
+
+/// `once/<client><seq>` -> the outcome of that client's change, for answering its retries.
+const PREFIX_ONCE: &[u8] = b"once/";
+/// Outcomes remembered per client: a retry of a change more than this many changes old (never
+/// the case for a client's own retries, which are bounded by its requests in flight) is not
+/// recognised. A client that goes away leaves at most this many rows behind.
+pub const ONCE_WINDOW: u64 = 256;
+
+fn once_key(id: &OpId) -> Vec<u8> {
+    let mut k = PREFIX_ONCE.to_vec();
+    k.extend_from_slice(&id.client.to_be_bytes());
+    k.extend_from_slice(&id.seq.to_be_bytes());
+    k
+}
+
+/// Apply a change at most once per [`OpId`]. Leaves in `txn` exactly the writes to commit: the
+/// change's (only if it succeeded) and the remembered outcome (either way), so a retry after a
+/// lost answer or a leader change gets the first outcome instead of, say, EEXIST.
+pub fn apply_once<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    op: &MetaOp,
+    once: Option<OpId>,
+    now: Timestamp,
+) -> Result<MetaOk, FsError> {
+    if let Some(id) = &once {
+        if let Some(b) = txn.get(Table::Sys, &once_key(id))? {
+            txn.writes.clear();
+            return dec::<Result<MetaOk, FsError>>(&b)?;
+        }
+    }
+    let out = apply(txn, op, now);
+    if out.is_err() {
+        txn.writes.clear();
+    }
+    if let Some(id) = once {
+        txn.put(Table::Sys, &once_key(&id), enc(&out));
+        if let Some(old) = id.seq.checked_sub(ONCE_WINDOW) {
+            txn.delete(Table::Sys, &once_key(&OpId { seq: old, ..id }));
+        }
+    }
+    out
+}
 
 fn released_key(id: &ChunkId) -> Vec<u8> {
     let mut k = PREFIX_RELEASED.to_vec();
@@ -1349,5 +1391,55 @@ mod tests {
         assert!(matches!(m.run(lease("two", 60)), Err(FsError::Busy(_))));
         m.run(lease("one", 0)).unwrap();
         m.run(lease("two", 60)).unwrap();
+    }
+
+    #[test]
+    fn a_retried_change_is_applied_once() {
+        let mut m = vol();
+        let once = |seq| Some(OpId { client: 42, seq });
+        let run = |m: &mut MemMeta, op: MetaOp, id| {
+            let writes = {
+                let mut txn = Txn::new(&*m);
+                let out = apply_once(&mut txn, &op, id, Timestamp { secs: 1, nanos: 0 });
+                (txn.writes, out)
+            };
+            for ((t, k), v) in writes.0 {
+                match v {
+                    Some(v) => m.data.insert((t, k), v),
+                    None => m.data.remove(&(t, k)),
+                };
+            }
+            writes.1
+        };
+        let create = MetaOp::Mknod {
+            parent: ROOT_INODE,
+            name: b"f".to_vec(),
+            kind: FileKind::Regular,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        };
+        let first = run(&mut m, create.clone(), once(1)).unwrap();
+        // The same request again (lost answer): same outcome, not EEXIST, nothing new made.
+        assert_eq!(run(&mut m, create.clone(), once(1)).unwrap(), first);
+        assert_eq!(inode_count(&m).unwrap(), 2);
+        // A new request for the same name is a new change.
+        assert_eq!(run(&mut m, create.clone(), once(2)), Err(FsError::Exists));
+        // Failed outcomes are remembered too, and their changes are not kept.
+        assert_eq!(run(&mut m, create.clone(), once(2)), Err(FsError::Exists));
+        // Outcomes older than the window are forgotten.
+        let unlink = MetaOp::Unlink {
+            parent: ROOT_INODE,
+            name: b"nothing".to_vec(),
+        };
+        run(&mut m, unlink, once(1 + ONCE_WINDOW)).unwrap_err();
+        let remembered = m
+            .data
+            .keys()
+            .filter(|(t, k)| *t == Table::Sys && k.starts_with(PREFIX_ONCE))
+            .count();
+        assert_eq!(remembered, 2, "seq 1 should have left the window");
     }
 }

@@ -10,7 +10,7 @@ use crate::store::{
     Store, CF_META_DENTRIES, CF_META_INODES, CF_META_SYS, CF_RAFT_LOG, CF_RAFT_STATE,
 };
 use mortar_proto::transport::Pool;
-use mortar_proto::wire::{self, MetaOk, MetaOp, RaftKind, RaftRpc, Reply, Request};
+use mortar_proto::wire::{self, MetaOk, MetaOp, OpId, RaftKind, RaftRpc, Reply, Request};
 use mortar_proto::{FsError, Timestamp, VolumeConfig};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -41,6 +41,8 @@ pub type NodeId = u64;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Command {
     pub op: MetaOp,
+    /// Set by clients so a retried change is applied once.
+    pub once: Option<OpId>,
     pub now: Timestamp,
 }
 
@@ -411,9 +413,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Normal(cmd) => {
                     let base = DbMeta(&self.store);
                     let mut txn = Txn::new(&base);
-                    let out = namespace::apply(&mut txn, &cmd.op, cmd.now);
-                    if out.is_ok() {
-                        volume_changed |= matches!(cmd.op, MetaOp::CreateVolume(_));
+                    let out = namespace::apply_once(&mut txn, &cmd.op, cmd.once, cmd.now);
+                    volume_changed |= out.is_ok() && matches!(cmd.op, MetaOp::CreateVolume(_));
+                    // apply_once leaves only the writes to keep: the change's on success, and
+                    // the remembered outcome either way.
+                    {
                         for ((table, key), value) in txn.writes {
                             let cf = self.store.cf(table_cf(table));
                             match value {

@@ -7,10 +7,10 @@ use crate::namespace;
 use crate::raft::{self, Command, DbMeta, Raft, SharedVolume};
 use crate::store::{Store, CF_HEAL_INDEX};
 use mortar_proto::tls::{peer_identity, Role};
-use mortar_proto::transport::Pool;
+use mortar_proto::transport::{Health, Pool};
 use mortar_proto::wire::{
     read_frame, write_frame, AdminRequest, BrickHello, BrickStatus, FrameError, MetaOk, MetaOp,
-    Query, Reply, Request, Response,
+    OpId, Query, Reply, Request, Response,
 };
 use mortar_proto::{BrickId, BrickRef, FsError, StatFs, Timestamp, VolumeConfig, NAME_MAX};
 use openraft::error::{ClientWriteError, RaftError};
@@ -20,10 +20,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long a metadata request waits for a leader (election, quorum) before failing.
-pub const META_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client's metadata request waits here for a leader (election) or a commit before
+/// the brick answers "unavailable" and the client tries again, possibly elsewhere. Shorter than
+/// the client's per-attempt timeout, so the client hears the answer.
+pub const META_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Volume creation waits for the first election for up to this long.
+const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Per-hop timeout when a follower forwards to the leader.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
 
 pub struct Brick {
     pub id: BrickId,
@@ -130,13 +134,13 @@ impl Brick {
                 self.id,
                 &id,
             )?)),
-            Request::Meta(op) => {
+            Request::Meta { op, once } => {
                 match op {
                     MetaOp::CreateVolume(_) => need(&[Role::Brick])?,
                     MetaOp::HealLease { .. } | MetaOp::ForgetReleased(_) => need(&[Role::Admin])?,
                     _ => {}
                 }
-                Ok(self.meta_write(op).await)
+                Ok(self.meta_write(op, once).await)
             }
             Request::Query(q) => Ok(self.query(q).await),
             Request::Raft(rpc) => {
@@ -195,8 +199,43 @@ impl Brick {
     }
 
     /// Commit a namespace change through the leader: locally if we lead, else one hop.
-    pub async fn meta_write(&self, op: MetaOp) -> Reply {
-        let deadline = Instant::now() + META_TIMEOUT;
+    /// True when this brick plus the peers it can reach are a majority of the metadata group.
+    /// Without that, no change can commit here: changes are refused with EROFS at once and
+    /// reads are answered from this replica (possibly stale), so a mount left with one brick
+    /// keeps reading.
+    fn quorum_reachable(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        if voters.is_empty() {
+            return true;
+        }
+        let reachable = voters
+            .iter()
+            .filter(|id| {
+                **id == self.id
+                    || membership
+                        .get_node(id)
+                        .is_some_and(|n| self.pool.health(&n.addr) != Health::Down)
+            })
+            .count();
+        reachable * 2 > voters.len()
+    }
+
+    pub async fn meta_write(&self, op: MetaOp, once: Option<OpId>) -> Reply {
+        self.meta_write_within(op, once, META_TIMEOUT).await
+    }
+
+    async fn meta_write_within(&self, op: MetaOp, once: Option<OpId>, wait: Duration) -> Reply {
+        if !self.quorum_reachable() {
+            return Reply::Meta {
+                result: Err(FsError::ReadOnly(
+                    "this brick cannot reach a majority of the volume's bricks".into(),
+                )),
+                leader: None,
+            };
+        }
+        let deadline = Instant::now() + wait;
         loop {
             let leader = match self.await_leader(deadline).await {
                 Ok(l) => l,
@@ -208,10 +247,11 @@ impl Brick {
                 }
             };
             if leader.id != self.id {
-                return self.forward(&leader, &Request::Meta(op)).await;
+                return self.forward(&leader, &Request::Meta { op, once }).await;
             }
             let cmd = Command {
                 op: op.clone(),
+                once,
                 now: Timestamp::now(),
             };
             let left = deadline.saturating_duration_since(Instant::now());
@@ -235,7 +275,7 @@ impl Brick {
                 Err(_) => {
                     return Reply::Meta {
                         result: Err(FsError::Unavailable(format!(
-                            "metadata write not committed within {META_TIMEOUT:?} (no quorum?)"
+                            "metadata write not committed within {wait:?} (no quorum?)"
                         ))),
                         leader: None,
                     }
@@ -247,26 +287,27 @@ impl Brick {
     /// Answer a namespace read on the leader, so it reflects every acknowledged change.
     pub async fn query(&self, q: Query) -> Reply {
         let deadline = Instant::now() + META_TIMEOUT;
-        let leader = match self.await_leader(deadline).await {
-            Ok(l) => l,
-            Err(e) => {
-                return Reply::Meta {
-                    result: Err(e),
-                    leader: None,
+        let leader = if self.quorum_reachable() {
+            match self.await_leader(deadline).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    return Reply::Meta {
+                        result: Err(e),
+                        leader: None,
+                    }
                 }
             }
+        } else {
+            None
         };
-        if leader.id != self.id {
-            return self.forward(&leader, &Request::Query(q)).await;
+        if let Some(l) = leader.as_ref().filter(|l| l.id != self.id) {
+            return self.forward(l, &Request::Query(q)).await;
         }
         let result = match q {
             Query::StatFs => self.statfs(),
             q => namespace::query(&DbMeta(&self.store), &q),
         };
-        Reply::Meta {
-            result,
-            leader: Some(leader),
-        }
+        Reply::Meta { result, leader }
     }
 
     fn statfs(&self) -> Result<MetaOk, FsError> {
@@ -453,7 +494,10 @@ impl Brick {
         } else if current_nodes != members {
             return Err(FsError::Exists);
         }
-        match self.meta_write(MetaOp::CreateVolume(config.clone())).await {
+        match self
+            .meta_write_within(MetaOp::CreateVolume(config.clone()), None, INIT_TIMEOUT)
+            .await
+        {
             Reply::Meta { result: Ok(_), .. } => Ok(Reply::Done),
             Reply::Meta {
                 result: Err(FsError::Exists),

@@ -5,14 +5,22 @@
 //! bytes past a chunk's end (and holes) read as zeros. Truncating down therefore rewrites the
 //! last partial chunk, and extending a file never needs to touch data.
 
-use crate::{expect_attr, Volume, REQUEST_TIMEOUT};
+use crate::{expect_attr, Volume};
+use futures::stream::FuturesUnordered;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mortar_proto::layout;
 use mortar_proto::wire::{MetaOp, PutChunk, Reply, Request};
 use mortar_proto::{Attr, ChunkId, Content, FsError, Inode, InodeId, INLINE_MAX};
-use std::sync::atomic::Ordering;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// How long one chunk write may take at the brick that takes it (it waits for a quorum of
+/// copies) before we hand the chunk to another brick of the set.
+const PUT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A chunk read gets this long at one replica before the next replica is asked as well; the
+/// first good answer wins, so a frozen or slow brick costs a read this much, not a timeout.
+pub const HEDGE_DELAY: Duration = Duration::from_millis(300);
+const GET_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Chunk transfers in flight per file operation.
 const CHUNK_PARALLELISM: usize = 4;
 /// Commits retried on version conflicts before giving up.
@@ -28,7 +36,6 @@ impl Volume {
     pub async fn put_chunk(&self, data: Vec<u8>, sync: bool) -> Result<ChunkId, FsError> {
         let id = ChunkId::of(&data);
         let set = layout::replica_set(&self.config, &id);
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
         let req = Request::PutChunk(PutChunk {
             id,
             data,
@@ -36,9 +43,8 @@ impl Volume {
             sync,
         });
         let mut last = FsError::Unavailable("no brick of the replica set answered".into());
-        for k in 0..set.len() {
-            let brick = &set[(start + k) % set.len()];
-            match self.pool.call(&brick.addr, &req, REQUEST_TIMEOUT).await {
+        for addr in self.by_health(set.iter().map(|b| b.addr.as_str())) {
+            match self.pool.call(addr, &req, PUT_ATTEMPT_TIMEOUT).await {
                 Ok(Ok(Reply::ChunkStored { .. })) => return Ok(id),
                 Ok(Ok(other)) => last = FsError::Io(format!("unexpected reply {other:?}")),
                 Ok(Err(e @ (FsError::HashMismatch(_) | FsError::TooLarge(_)))) => return Err(e),
@@ -54,23 +60,40 @@ impl Volume {
         self.chunks.get_or_fetch(*id, || self.get_chunk(id)).await
     }
 
-    /// Fetch a chunk from any replica that has a copy matching its id.
+    /// Fetch a chunk from any replica that has a copy matching its id. Replicas are asked in
+    /// order of health; each gets [`HEDGE_DELAY`] before the next is asked too, and the first
+    /// good copy wins.
     pub async fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, FsError> {
         let set = layout::replica_set(&self.config, id);
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let order = self.by_health(set.iter().map(|b| b.addr.as_str()));
         let req = Request::GetChunk { id: *id };
+        let mut pending = FuturesUnordered::new();
+        let mut next = order.iter();
         let mut last = FsError::Io(format!("chunk {id} unavailable on every replica"));
-        for k in 0..set.len() {
-            let brick = &set[(start + k) % set.len()];
-            match self.pool.call(&brick.addr, &req, REQUEST_TIMEOUT).await {
-                Ok(Ok(Reply::Chunk(data))) if id.matches(&data) => return Ok(data),
-                Ok(Ok(Reply::Chunk(_))) => {
-                    tracing::error!(chunk = %id, brick = brick.id, "corrupt chunk copy; reading another replica");
-                    last = FsError::HashMismatch(id.to_hex());
+        loop {
+            if pending.is_empty() {
+                match next.next() {
+                    Some(addr) => pending.push(self.ask_chunk(addr, &req)),
+                    None => break,
                 }
-                Ok(Ok(other)) => last = FsError::Io(format!("unexpected reply {other:?}")),
-                Ok(Err(e)) => last = e,
-                Err(e) => last = e.into(),
+            }
+            let hedge = tokio::time::sleep(HEDGE_DELAY);
+            tokio::select! {
+                Some((addr, r)) = futures::StreamExt::next(&mut pending) => match r {
+                    Ok(Ok(Reply::Chunk(data))) if id.matches(&data) => return Ok(data),
+                    Ok(Ok(Reply::Chunk(_))) => {
+                        tracing::error!(chunk = %id, brick = addr, "corrupt chunk copy; reading another replica");
+                        last = FsError::HashMismatch(id.to_hex());
+                    }
+                    Ok(Ok(other)) => last = FsError::Io(format!("unexpected reply {other:?}")),
+                    Ok(Err(e)) => last = e,
+                    Err(e) => last = e.into(),
+                },
+                _ = hedge => {
+                    if let Some(addr) = next.next() {
+                        pending.push(self.ask_chunk(addr, &req));
+                    }
+                }
             }
         }
         Err(match last {
@@ -79,6 +102,17 @@ impl Volume {
             }
             other => other,
         })
+    }
+
+    async fn ask_chunk<'a>(
+        &self,
+        addr: &'a str,
+        req: &Request,
+    ) -> (
+        &'a str,
+        Result<mortar_proto::wire::Response, mortar_proto::transport::TransportError>,
+    ) {
+        (addr, self.pool.call(addr, req, GET_ATTEMPT_TIMEOUT).await)
     }
 
     /// Read `len` bytes at `offset` of a file whose inode the caller holds.

@@ -9,21 +9,24 @@ mod data;
 pub mod volume_admin;
 
 use mortar_proto::tls::Identity;
+use mortar_proto::transport::Health;
 use mortar_proto::transport::{client_endpoint, Pool};
-use mortar_proto::wire::{MetaOk, MetaOp, Query, Reply, Request, SetAttr, XattrMode};
+use mortar_proto::wire::{MetaOk, MetaOp, OpId, Query, Reply, Request, SetAttr, XattrMode};
 use mortar_proto::{
     Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs, VolumeConfig,
 };
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use mortar_proto;
 
-/// How long one request may take at one brick before we try another.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a namespace operation keeps retrying (leader changes, brick restarts) before failing.
-pub const META_DEADLINE: Duration = Duration::from_secs(30);
+/// How long one namespace request may take at one brick before we try another: a frozen or
+/// cut-off brick costs at most this (retries are safe: every change carries an [`OpId`]).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default for how long an operation keeps retrying (leader changes, bricks away) before it
+/// fails with ENOTCONN; the mount's `op_timeout` option sets it.
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Volume {
     pool: Pool,
@@ -33,6 +36,10 @@ pub struct Volume {
     leader: Mutex<Option<String>>,
     next: AtomicUsize,
     chunks: cache::ChunkCache,
+    /// Names this client's namespace changes so retries apply once.
+    client_id: u128,
+    next_seq: AtomicU64,
+    op_timeout: Duration,
 }
 
 /// Verified chunks a client keeps in memory.
@@ -72,6 +79,9 @@ impl Volume {
             leader: Mutex::new(None),
             next: AtomicUsize::new(0),
             chunks: cache::ChunkCache::new(CHUNK_CACHE_BYTES),
+            client_id: rand::random(),
+            next_seq: AtomicU64::new(1),
+            op_timeout: DEFAULT_OP_TIMEOUT,
         };
         let config = match partial.meta(Request::Query(Query::Volume)).await? {
             MetaOk::Volume(v) => v,
@@ -93,6 +103,22 @@ impl Volume {
         Ok(partial)
     }
 
+    /// How long operations keep retrying before failing (ENOTCONN) when no brick can serve them.
+    pub fn set_op_timeout(&mut self, t: Duration) {
+        self.op_timeout = t;
+    }
+
+    /// Bricks to try, in order: the best health first, rotating among equals so load spreads.
+    fn by_health<'a>(&self, bricks: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+        let mut v: Vec<&str> = bricks.collect();
+        if !v.is_empty() {
+            let start = self.next.fetch_add(1, Ordering::Relaxed) % v.len();
+            v.rotate_left(start);
+        }
+        v.sort_by_key(|a| self.pool.health(a));
+        v
+    }
+
     pub fn config(&self) -> &VolumeConfig {
         &self.config
     }
@@ -102,25 +128,52 @@ impl Volume {
     }
 
     /// Send a namespace request to the leader (or any brick, which forwards it), retrying on
-    /// other bricks while the deadline allows.
+    /// other bricks until the operation timeout. Bricks that cannot reach a quorum answer
+    /// changes with EROFS at once (reads still work); that ends the retries.
     async fn meta(&self, req: Request) -> Result<MetaOk, FsError> {
-        let deadline = Instant::now() + META_DEADLINE;
+        let deadline = Instant::now() + self.op_timeout;
         let mut last_err;
+        let mut attempt = 0usize;
+        // Bricks that answered "read-only" (they cannot reach a quorum) during this operation.
+        let mut read_only: Vec<String> = Vec::new();
         loop {
-            let target = self
-                .leader
-                .lock()
-                .expect("leader lock")
-                .clone()
-                .unwrap_or_else(|| {
-                    let i = self.next.fetch_add(1, Ordering::Relaxed);
-                    self.seeds[i % self.seeds.len()].clone()
-                });
-            match self.pool.call(&target, &req, REQUEST_TIMEOUT).await {
+            let leader = self.leader.lock().expect("leader lock").clone();
+            let target = match leader {
+                Some(l) if self.pool.health(&l) == Health::Up && !read_only.contains(&l) => l,
+                _ => {
+                    let order: Vec<&str> = self
+                        .by_health(self.seeds.iter().map(String::as_str))
+                        .into_iter()
+                        .filter(|a| !read_only.iter().any(|r| r == a))
+                        .collect();
+                    match order.get(attempt % order.len().max(1)) {
+                        Some(a) => a.to_string(),
+                        None => {
+                            return Err(FsError::ReadOnly(
+                                "no brick this client reaches is in a quorum".into(),
+                            ))
+                        }
+                    }
+                }
+            };
+            attempt += 1;
+            match self.pool.call(&target, &req, ATTEMPT_TIMEOUT).await {
                 Ok(Ok(Reply::Meta { result, leader })) => {
                     *self.leader.lock().expect("leader lock") = leader.map(|l| l.addr);
                     match result {
                         Err(FsError::Unavailable(e)) => last_err = FsError::Unavailable(e),
+                        Err(FsError::ReadOnly(e)) => {
+                            // Another brick may still be in the majority: ask the others, and
+                            // give EROFS only when every brick we can reach says so.
+                            read_only.push(target.clone());
+                            let others_reachable = self.seeds.iter().any(|a| {
+                                !read_only.contains(a) && self.pool.health(a) != Health::Down
+                            });
+                            if !others_reachable {
+                                return Err(FsError::ReadOnly(e));
+                            }
+                            continue;
+                        }
                         other => return other,
                     }
                 }
@@ -140,7 +193,7 @@ impl Volume {
             if Instant::now() >= deadline {
                 return Err(last_err);
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -150,7 +203,15 @@ impl Volume {
     }
 
     async fn write_op(&self, op: MetaOp) -> Result<MetaOk, FsError> {
-        self.meta(Request::Meta(op)).await
+        let once = OpId {
+            client: self.client_id,
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+        };
+        self.meta(Request::Meta {
+            op,
+            once: Some(once),
+        })
+        .await
     }
 
     async fn query(&self, q: Query) -> Result<MetaOk, FsError> {

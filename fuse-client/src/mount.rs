@@ -26,8 +26,8 @@ pub struct Args {
     /// An existing, empty directory.
     pub mountpoint: PathBuf,
     /// Comma-separated options: ro, rw, allow_other, default_permissions,
-    /// no_default_permissions, attr_timeout=S, entry_timeout=S, connect_timeout=S, cert=P,
-    /// key=P, ca=P, log=P;
+    /// no_default_permissions, attr_timeout=S, entry_timeout=S, connect_timeout=S,
+    /// op_timeout=S (default 30), cert=P, key=P, ca=P, log=P;
     /// fstab options such as _netdev and defaults are accepted and ignored.
     #[arg(short = 'o', action = clap::ArgAction::Append)]
     pub options: Vec<String>,
@@ -213,6 +213,8 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
                 .map_err(|_| anyhow!("cannot reach volume '{}' through {} within {deadline:?}", source.volume, source.bricks.join(",")))?
                 .map_err(|e| anyhow!("cannot mount volume '{}' from {}: {e}", source.volume, source.bricks.join(",")))
         })?;
+        let mut vol = vol;
+        vol.set_op_timeout(opts.op_timeout);
         let core = Arc::new(Core::new(Arc::new(vol), opts.read_only));
         let fs = MortarFs::new(core, rt.handle().clone(), opts.attr_timeout, opts.entry_timeout);
         let notifier = fs.notifier.clone();

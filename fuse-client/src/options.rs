@@ -60,6 +60,9 @@ pub struct MountOptions {
     pub log: Option<PathBuf>,
     /// How long mounting may take to reach the volume before it fails.
     pub connect_timeout: Duration,
+    /// How long an operation keeps retrying while no brick can serve it (all bricks away)
+    /// before it fails with ENOTCONN; never forever.
+    pub op_timeout: Duration,
 }
 
 impl Default for MountOptions {
@@ -75,6 +78,7 @@ impl Default for MountOptions {
             ca: PathBuf::from("/etc/mortar/ca.pem"),
             log: None,
             connect_timeout: Duration::from_secs(20),
+            op_timeout: mortar_client::DEFAULT_OP_TIMEOUT,
         }
     }
 }
@@ -112,6 +116,7 @@ pub fn parse_options(list: &str, opts: &mut MountOptions) -> Result<(), OptionEr
             "ca" => opts.ca = PathBuf::from(need()?),
             "log" => opts.log = Some(PathBuf::from(need()?)),
             "connect_timeout" => opts.connect_timeout = seconds(key, need()?)?,
+            "op_timeout" => opts.op_timeout = seconds(key, need()?)?,
             // Options mount(8), fstab and systemd pass that concern them, not us.
             "defaults" | "_netdev" | "auto" | "noauto" | "nofail" | "user" | "nouser" | "users"
             | "owner" | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev" | "atime"

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 /// Keep-alives well inside the idle timeout, so a silent peer is noticed within seconds instead
 /// of GlusterFS's 42-second ping timeout.
-pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const KEEP_ALIVE: Duration = Duration::from_millis(300);
+pub const IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// After a failed connect, a brick is treated as down (requests fail at once) while a background
 /// probe reconnects; probes back off from this delay up to [`MAX_PROBE_BACKOFF`].
 pub const PROBE_BACKOFF: Duration = Duration::from_millis(250);
@@ -127,9 +127,20 @@ async fn resolve(addr: &str) -> Result<SocketAddr, TransportError> {
         .ok_or_else(|| TransportError::Resolve(addr.to_string()))
 }
 
+/// What the pool believes about a brick, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Health {
+    Up,
+    /// Its last request timed out and nothing has succeeded since (frozen, overloaded, cut).
+    Suspect,
+    /// Its last connect failed; requests fail at once while a probe reconnects.
+    Down,
+}
+
 #[derive(Default)]
 struct PoolState {
     conns: HashMap<String, quinn::Connection>,
+    suspect: std::collections::HashSet<String>,
     /// Bricks whose last connect failed: how many times in a row, and whether a probe runs.
     down: HashMap<String, Down>,
 }
@@ -164,6 +175,17 @@ impl Pool {
             .expect("pool lock")
             .down
             .contains_key(addr)
+    }
+
+    pub fn health(&self, addr: &str) -> Health {
+        let st = self.state.lock().expect("pool lock");
+        if st.down.contains_key(addr) {
+            Health::Down
+        } else if st.suspect.contains(addr) {
+            Health::Suspect
+        } else {
+            Health::Up
+        }
     }
 
     pub fn endpoint(&self) -> &quinn::Endpoint {
@@ -282,10 +304,17 @@ impl Pool {
     ) -> Result<Response, TransportError> {
         let result = tokio::time::timeout(timeout, self.call_inner(addr, req)).await;
         match result {
-            Err(_) => Err(TransportError::Timeout {
-                addr: addr.to_string(),
-                after: timeout,
-            }),
+            Err(_) => {
+                self.state
+                    .lock()
+                    .expect("pool lock")
+                    .suspect
+                    .insert(addr.to_string());
+                Err(TransportError::Timeout {
+                    addr: addr.to_string(),
+                    after: timeout,
+                })
+            }
             Ok(Err(e)) => {
                 if matches!(
                     e,
@@ -295,7 +324,13 @@ impl Pool {
                 }
                 Err(e)
             }
-            Ok(Ok(r)) => Ok(r),
+            Ok(Ok(r)) => {
+                let mut st = self.state.lock().expect("pool lock");
+                if !st.suspect.is_empty() {
+                    st.suspect.remove(addr);
+                }
+                Ok(r)
+            }
         }
     }
 

@@ -18,13 +18,25 @@ pub enum Request {
     GetChunk {
         id: ChunkId,
     },
-    /// A namespace change; committed through the metadata group's leader.
-    Meta(MetaOp),
+    /// A namespace change; committed through the metadata group's leader. With `once`, a retry
+    /// of the same change (after a lost answer or a leader change) is applied at most once and
+    /// answered with the first outcome.
+    Meta {
+        op: MetaOp,
+        once: Option<OpId>,
+    },
     /// A namespace read; answered by the leader so it reflects every acknowledged change.
     Query(Query),
     /// Brick to brick only: openraft RPCs, encoded by the brick.
     Raft(RaftRpc),
     Admin(AdminRequest),
+}
+
+/// Names one namespace change of one client: a random client id and a per-client sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpId {
+    pub client: u128,
+    pub seq: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -419,17 +431,23 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
-        let req = Request::Meta(MetaOp::Rename {
-            parent: 1,
-            name: b"a".to_vec(),
-            new_parent: 7,
-            new_name: b"b".to_vec(),
-            flags: RENAME_EXCHANGE,
-        });
+        let req = Request::Meta {
+            op: MetaOp::Rename {
+                parent: 1,
+                name: b"a".to_vec(),
+                new_parent: 7,
+                new_name: b"b".to_vec(),
+                flags: RENAME_EXCHANGE,
+            },
+            once: Some(OpId { client: 9, seq: 3 }),
+        };
         let back: Request = decode(&encode(&req)).unwrap();
         assert!(matches!(
             back,
-            Request::Meta(MetaOp::Rename { new_parent: 7, .. })
+            Request::Meta {
+                op: MetaOp::Rename { new_parent: 7, .. },
+                once: Some(OpId { client: 9, seq: 3 })
+            }
         ));
         let put = Request::PutChunk(PutChunk {
             id: ChunkId::of(b"x"),
