@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 need_build_packages
-need_packages fuse3 attr iproute2 nginx-light wordpress
+need_packages fuse3 attr iproute2 iptables nginx-light wordpress
 
 echo "== build (target dir $CARGO_TARGET_DIR)"
 cargo build --workspace --bins

@@ -79,7 +79,15 @@ pub fn server_endpoint(
 }
 
 pub fn client_endpoint(id: &Identity) -> Result<quinn::Endpoint, TransportError> {
-    let bind: SocketAddr = "0.0.0.0:0".parse().expect("valid literal");
+    client_endpoint_at(id, "0.0.0.0:0".parse().expect("valid literal"))
+}
+
+/// A client endpoint on a chosen local address (a multi-homed host, or a test that needs to
+/// know where a client's packets come from).
+pub fn client_endpoint_at(
+    id: &Identity,
+    bind: SocketAddr,
+) -> Result<quinn::Endpoint, TransportError> {
     let mut ep = quinn::Endpoint::client(bind).map_err(TransportError::Socket)?;
     ep.set_default_client_config(id.client_config()?);
     Ok(ep)
@@ -216,23 +224,34 @@ impl Pool {
                 });
             }
         }
-        match self.connect(addr).await {
-            Ok(c) => Ok(c),
-            Err(e) => {
+        // The connect runs as its own task: a caller that gives up early (a short request
+        // timeout) must not cancel it, or a brick that never answers would never be marked down.
+        let pool = self.clone();
+        let addr = addr.to_string();
+        let task = tokio::spawn(async move {
+            let result = pool.connect(&addr).await;
+            if let Err(e) = &result {
                 if !e.is_refused() {
-                    self.state
+                    pool.state
                         .lock()
                         .expect("pool lock")
                         .down
-                        .entry(addr.to_string())
+                        .entry(addr.clone())
                         .or_insert(Down {
                             failures: 1,
                             since: std::time::Instant::now(),
                             probing: false,
                         });
                 }
-                Err(e)
             }
+            result
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(TransportError::Connect {
+                addr: String::new(),
+                reason: format!("connect task failed: {e}"),
+            }),
         }
     }
 

@@ -178,6 +178,25 @@ impl BrickProc {
         }
     }
 
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("brick running").id();
+        // SAFETY: a plain kill(2) on our own child.
+        assert_eq!(
+            unsafe { libc::kill(pid as i32, sig) },
+            0,
+            "kill({pid}, {sig})"
+        );
+    }
+
+    /// SIGSTOP: the process hangs (a frozen host) without closing anything.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
@@ -298,6 +317,9 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for b in &mut self.bricks {
+            if b.child.is_some() {
+                b.thaw();
+            }
             b.kill();
         }
         if std::env::var_os("MORTAR_KEEP_TEST_DIR").is_some() {
@@ -314,6 +336,84 @@ impl Drop for Cluster {
                     eprintln!("{l}");
                 }
             }
+        }
+    }
+}
+
+/// A network fault: UDP packets matching its iptables rules are dropped until it is dropped
+/// (the rules are removed then, also when a test fails).
+pub struct NetCut {
+    rules: Vec<Vec<String>>,
+}
+
+fn host_port(addr: &str) -> (String, String) {
+    let (h, p) = addr.rsplit_once(':').expect("HOST:PORT");
+    (h.to_string(), p.to_string())
+}
+
+impl NetCut {
+    fn install(rules: Vec<Vec<String>>) -> NetCut {
+        let mut cut = NetCut { rules: Vec::new() };
+        for r in rules {
+            let out = Command::new("iptables")
+                .args(["-I", "INPUT"])
+                .args(&r)
+                .output()
+                .expect("run iptables (installed by scripts/test.sh)");
+            assert!(
+                out.status.success(),
+                "iptables -I INPUT {}: {}",
+                r.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            cut.rules.push(r);
+        }
+        cut
+    }
+
+    fn rule(src: Option<&str>, dst: Option<&str>) -> Vec<String> {
+        let mut r = vec!["-p".to_string(), "udp".to_string()];
+        if let Some(a) = src {
+            let (h, p) = host_port(a);
+            r.extend(["-s".into(), h, "--sport".into(), p]);
+        }
+        if let Some(a) = dst {
+            let (h, p) = host_port(a);
+            r.extend(["-d".into(), h, "--dport".into(), p]);
+        }
+        r.extend(["-j".into(), "DROP".into()]);
+        r
+    }
+
+    /// Cut `addr` (a brick) off from everyone: clients and the other bricks.
+    pub fn isolate(addr: &str) -> NetCut {
+        Self::install(vec![
+            Self::rule(Some(addr), None),
+            Self::rule(None, Some(addr)),
+        ])
+    }
+
+    /// Cut every address in `a` off from every address in `b`, both ways; each side still
+    /// reaches its own members.
+    pub fn between(a: &[&str], b: &[String]) -> NetCut {
+        let mut rules = Vec::new();
+        for x in a {
+            for y in b {
+                rules.push(Self::rule(Some(x), Some(y)));
+                rules.push(Self::rule(Some(y), Some(x)));
+            }
+        }
+        Self::install(rules)
+    }
+}
+
+impl Drop for NetCut {
+    fn drop(&mut self) {
+        for r in &self.rules {
+            let _ = Command::new("iptables")
+                .args(["-D", "INPUT"])
+                .args(r)
+                .status();
         }
     }
 }
