@@ -184,6 +184,19 @@ impl Brick {
         }
     }
 
+    /// Resolves once this brick sees a leader other than `id` (or none).
+    async fn leader_moves_from(&self, id: BrickId) {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if metrics.borrow().current_leader != Some(id) {
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     async fn forward(&self, leader: &BrickRef, req: &Request) -> Reply {
         match self.pool.call(&leader.addr, req, FORWARD_TIMEOUT).await {
             Ok(Ok(reply)) => reply,
@@ -247,7 +260,17 @@ impl Brick {
                 }
             };
             if leader.id != self.id {
-                return self.forward(&leader, &Request::Meta { op, once }).await;
+                let req = Request::Meta {
+                    op: op.clone(),
+                    once,
+                };
+                // If an election moves the leadership meanwhile (the one we forwarded to froze or
+                // died), forward again to the new leader instead of waiting out the hop; the
+                // OpId makes a second proposal harmless.
+                tokio::select! {
+                    reply = self.forward(&leader, &req) => return reply,
+                    _ = self.leader_moves_from(leader.id) => continue,
+                }
             }
             let cmd = Command {
                 op: op.clone(),
@@ -301,7 +324,14 @@ impl Brick {
             None
         };
         if let Some(l) = leader.as_ref().filter(|l| l.id != self.id) {
-            return self.forward(l, &Request::Query(q)).await;
+            let req = Request::Query(q);
+            return tokio::select! {
+                reply = self.forward(l, &req) => reply,
+                _ = self.leader_moves_from(l.id) => Reply::Meta {
+                    result: Err(FsError::Unavailable("the metadata leader changed".into())),
+                    leader: self.leader(),
+                },
+            };
         }
         let result = match q {
             Query::StatFs => self.statfs(),

@@ -8,9 +8,11 @@ mod cache;
 mod data;
 pub mod volume_admin;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use mortar_proto::tls::Identity;
-use mortar_proto::transport::Health;
 use mortar_proto::transport::{client_endpoint, Pool};
+use mortar_proto::transport::{Health, TransportError};
+use mortar_proto::wire::Response;
 use mortar_proto::wire::{MetaOk, MetaOp, OpId, Query, Reply, Request, SetAttr, XattrMode};
 use mortar_proto::{
     Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs, VolumeConfig,
@@ -24,6 +26,8 @@ pub use mortar_proto;
 /// How long one namespace request may take at one brick before we try another: a frozen or
 /// cut-off brick costs at most this (retries are safe: every change carries an [`OpId`]).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A namespace request not answered within this is also sent to a second brick.
+pub const META_HEDGE: Duration = Duration::from_millis(600);
 /// Default for how long an operation keeps retrying (leader changes, bricks away) before it
 /// fails with ENOTCONN; the mount's `op_timeout` option sets it.
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -138,26 +142,25 @@ impl Volume {
         let mut read_only: Vec<String> = Vec::new();
         loop {
             let leader = self.leader.lock().expect("leader lock").clone();
-            let target = match leader {
+            let order: Vec<String> = self
+                .by_health(self.seeds.iter().map(String::as_str))
+                .into_iter()
+                .filter(|a| !read_only.iter().any(|r| r == a))
+                .map(str::to_string)
+                .collect();
+            if order.is_empty() {
+                return Err(FsError::ReadOnly(
+                    "no brick this client reaches is in a quorum".into(),
+                ));
+            }
+            let first = match leader {
                 Some(l) if self.pool.health(&l) == Health::Up && !read_only.contains(&l) => l,
-                _ => {
-                    let order: Vec<&str> = self
-                        .by_health(self.seeds.iter().map(String::as_str))
-                        .into_iter()
-                        .filter(|a| !read_only.iter().any(|r| r == a))
-                        .collect();
-                    match order.get(attempt % order.len().max(1)) {
-                        Some(a) => a.to_string(),
-                        None => {
-                            return Err(FsError::ReadOnly(
-                                "no brick this client reaches is in a quorum".into(),
-                            ))
-                        }
-                    }
-                }
+                _ => order[attempt % order.len()].clone(),
             };
+            let hedge = order.iter().find(|a| **a != first).cloned();
             attempt += 1;
-            match self.pool.call(&target, &req, ATTEMPT_TIMEOUT).await {
+            let (target, answer) = self.attempt(&req, first, hedge).await;
+            match answer {
                 Ok(Ok(Reply::Meta { result, leader })) => {
                     *self.leader.lock().expect("leader lock") = leader.map(|l| l.addr);
                     match result {
@@ -194,6 +197,56 @@ impl Volume {
                 return Err(last_err);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One attempt: ask `first`; if it has not answered usefully within [`META_HEDGE`], ask
+    /// `hedge` as well (safe: reads are idempotent and changes carry an [`OpId`]). Returns the
+    /// first useful answer, or the last answer when none is.
+    async fn attempt(
+        &self,
+        req: &Request,
+        first: String,
+        hedge: Option<String>,
+    ) -> (String, Result<Response, TransportError>) {
+        let ask = |addr: String, after: Duration| async move {
+            tokio::time::sleep(after).await;
+            let r = self.pool.call(&addr, req, ATTEMPT_TIMEOUT).await;
+            (addr, r)
+        };
+        let mut pending = FuturesUnordered::new();
+        pending.push(ask(first, Duration::ZERO));
+        let mut hedge = hedge;
+        let started = Instant::now();
+        loop {
+            tokio::select! {
+                Some((addr, r)) = pending.next() => {
+                    let (useful, alive) = match &r {
+                        Ok(Ok(Reply::Meta { result: Err(FsError::Unavailable(_)), .. })) => (false, true),
+                        Ok(Ok(_)) => (true, true),
+                        Ok(Err(FsError::Unavailable(_))) => (false, true),
+                        Err(_) => (false, false),
+                        Ok(Err(_)) => (true, true),
+                    };
+                    if useful {
+                        return (addr, r);
+                    }
+                    if let Some(h) = hedge.take() {
+                        pending.push(ask(h, Duration::ZERO));
+                    } else if pending.is_empty() {
+                        return (addr, r);
+                    } else if alive && started.elapsed() < ATTEMPT_TIMEOUT {
+                        // A live brick without a leader yet (election under way) while the other
+                        // ask hangs: ask it again shortly rather than wait out the hung one.
+                        pending.push(ask(addr, Duration::from_millis(100)));
+                    }
+                }
+                _ = tokio::time::sleep(META_HEDGE), if hedge.is_some() => {
+                    if let Some(h) = hedge.take() {
+                        pending.push(ask(h, Duration::ZERO));
+                    }
+                }
+            }
         }
     }
 
