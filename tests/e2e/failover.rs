@@ -5,130 +5,13 @@ use mortar_tests::mortar_client::{volume_admin, Volume};
 use mortar_tests::mortar_proto::tls::Role;
 use mortar_tests::mortar_proto::transport::{client_endpoint_at, Pool};
 use mortar_tests::mortar_proto::{FsError, ROOT_INODE};
+use mortar_tests::workload::{Fault, Writer};
 use mortar_tests::{wait_for, Cluster, NetCut, DEADLINE};
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const CHUNK: u32 = 64 * 1024;
 
-async fn leader_index(c: &Cluster) -> usize {
-    let pool = c.admin_pool();
-    wait_for("a metadata leader", DEADLINE, || {
-        let pool = pool.clone();
-        let addrs = c.addrs();
-        async move {
-            for (i, a) in addrs.iter().enumerate() {
-                if let Ok(s) = volume_admin::status(&pool, a).await {
-                    if s.raft_role == "leader" {
-                        return Some(i);
-                    }
-                }
-            }
-            None
-        }
-    })
-    .await
-}
-
-async fn wait_up(c: &Cluster, i: usize) {
-    let pool = c.admin_pool();
-    let addr = c.addrs()[i].clone();
-    wait_for(&format!("brick {addr} to answer"), DEADLINE, || {
-        let (pool, addr) = (pool.clone(), addr.clone());
-        async move { volume_admin::status(&pool, &addr).await.ok() }
-    })
-    .await;
-}
-
-/// The application: write and fsync a small file every 10 ms, read it back; every operation's
-/// duration, every failure and every acknowledged write are recorded.
-struct Workload {
-    stop: Arc<AtomicBool>,
-    report: Arc<Mutex<Report>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-#[derive(Default, Debug)]
-struct Report {
-    ops: u64,
-    failures: Vec<String>,
-    longest: Duration,
-    acked: Vec<(PathBuf, Vec<u8>)>,
-}
-
-impl Workload {
-    fn start(dir: &Path) -> Workload {
-        std::fs::create_dir_all(dir).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let report = Arc::new(Mutex::new(Report::default()));
-        let (s, r, dir) = (stop.clone(), report.clone(), dir.to_path_buf());
-        let thread = std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                n += 1;
-                let path = dir.join(format!("w{n}"));
-                let body = format!("write {n} {}", "x".repeat((n % 200) as usize)).into_bytes();
-                let t = Instant::now();
-                let result = (|| -> std::io::Result<()> {
-                    let mut f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o644)
-                        .open(&path)?;
-                    f.write_all(&body)?;
-                    f.sync_all()?;
-                    drop(f);
-                    let mut back = Vec::new();
-                    std::fs::File::open(&path)?.read_to_end(&mut back)?;
-                    if back != body {
-                        return Err(std::io::Error::other("read back different bytes"));
-                    }
-                    Ok(())
-                })();
-                let took = t.elapsed();
-                let mut rep = r.lock().unwrap();
-                rep.ops += 1;
-                rep.longest = rep.longest.max(took);
-                match result {
-                    Ok(()) => rep.acked.push((path, body)),
-                    Err(e) => rep.failures.push(format!("{}: {e}", path.display())),
-                }
-                drop(rep);
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        Workload {
-            stop,
-            report,
-            thread: Some(thread),
-        }
-    }
-
-    /// Operations so far, to wait for progress.
-    fn ops(&self) -> u64 {
-        self.report.lock().unwrap().ops
-    }
-
-    fn finish(mut self) -> Report {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        std::mem::take(&mut *self.report.lock().unwrap())
-    }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-async fn progresses(w: &Workload, what: &str) {
+async fn progresses(w: &Writer, what: &str) {
     let from = w.ops();
     wait_for(what, DEADLINE, || {
         let done = w.ops() >= from + 20;
@@ -137,82 +20,55 @@ async fn progresses(w: &Workload, what: &str) {
     .await;
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Fault {
-    Kill,
-    Freeze,
-    Cut,
-}
-
 /// Under the live workload, fault the metadata leader (the hardest brick to lose) with each
-/// kind of fault: no application operation fails, the longest stall stays within 5 s, and
-/// every acknowledged write is there afterwards.
+/// kind of fault, each held for a minute: no application operation fails, the longest stall
+/// stays within 5 s, and every acknowledged write is there afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_application_rides_through_kill_freeze_and_cut_of_the_leader() {
-    let hold: u64 = std::env::var("MORTAR_FAULT_HOLD_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let hold = Duration::from_secs(
+        std::env::var("MORTAR_FAULT_HOLD_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60),
+    );
     let mut c = Cluster::start(3);
     c.create_volume("www", CHUNK).await;
     let m = c.mount("www", "mnt", "").await;
-    let w = Workload::start(&m.path.join("app"));
+    let w = Writer::start(&m.path.join("app"));
     progresses(&w, "the workload to start").await;
-
-    for fault in [Fault::Kill, Fault::Freeze, Fault::Cut] {
-        let victim = leader_index(&c).await;
-        eprintln!("fault {fault:?} on the leader, brick {victim}");
-        match fault {
-            Fault::Kill => {
-                c.bricks[victim].kill();
-                progresses(&w, "the workload to go on after the kill").await;
-                c.bricks[victim].start();
-            }
-            Fault::Freeze => {
-                c.bricks[victim].freeze();
-                tokio::time::sleep(Duration::from_secs(hold)).await;
-                c.bricks[victim].thaw();
-            }
-            Fault::Cut => {
-                let cut = NetCut::isolate(&c.addrs()[victim]);
-                tokio::time::sleep(Duration::from_secs(hold)).await;
-                drop(cut);
-            }
-        }
-        wait_up(&c, victim).await;
+    let started = Instant::now();
+    for fault in Fault::ALL {
+        let victim = c.leader_index().await;
+        let from = Instant::now();
+        fault.inject(&mut c, victim, hold).await;
         progresses(&w, "the workload to go on after the brick returned").await;
-        let rep = w.report.lock().unwrap();
+        let window = w.log.lock().unwrap().window(from, Instant::now());
         eprintln!(
-            "after {fault:?}: {} operations, longest {:?}, {} failures",
-            rep.ops,
-            rep.longest,
-            rep.failures.len()
+            "{fault:?} of the leader (brick {victim}) for {hold:?}: {} operations, {} failed, longest {:?}",
+            window.ops,
+            window.failed.len(),
+            window.longest
         );
     }
-    let rep = w.finish();
+    let log = w.finish();
+    let all = log.window(started, Instant::now());
     assert!(
-        rep.failures.is_empty(),
+        all.failed.is_empty(),
         "application operations failed: {:?}",
-        &rep.failures[..rep.failures.len().min(10)]
+        &all.failed[..all.failed.len().min(10)]
     );
     assert!(
-        rep.longest <= Duration::from_secs(5),
+        all.longest <= Duration::from_secs(5),
         "longest application stall {:?}",
-        rep.longest
+        all.longest
     );
-    for (path, body) in &rep.acked {
-        assert_eq!(
-            &std::fs::read(path).unwrap(),
-            body,
-            "{} lost or changed",
-            path.display()
-        );
-    }
+    let lost = log.lost();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     eprintln!(
         "{} operations, {} acknowledged writes, longest stall {:?}",
-        rep.ops,
-        rep.acked.len(),
-        rep.longest
+        all.ops,
+        log.acked.len(),
+        all.longest
     );
 }
 
@@ -228,7 +84,7 @@ async fn with_one_brick_left_reads_work_and_writes_are_erofs() {
     std::fs::write(m.path.join("small"), b"small file").unwrap();
     std::fs::create_dir(m.path.join("dir")).unwrap();
 
-    let leader = leader_index(&c).await;
+    let leader = c.leader_index().await;
     let other = (leader + 1) % 3;
     c.bricks[leader].kill();
     c.bricks[other].kill();
@@ -328,7 +184,7 @@ async fn with_every_brick_away_operations_time_out_and_the_mount_recovers() {
 async fn a_partitioned_old_leader_acknowledges_nothing() {
     let c = Cluster::start(3);
     let majority_client = c.create_volume("www", CHUNK).await;
-    let old = leader_index(&c).await;
+    let old = c.leader_index().await;
     let addrs = c.addrs();
     let others: Vec<String> = (0..3)
         .filter(|i| *i != old)

@@ -103,17 +103,6 @@ async fn assert_all_copies_verify(c: &Cluster, chunks: &BTreeSet<ChunkId>) {
     }
 }
 
-async fn wait_up(c: &Cluster, i: usize) {
-    let pool = c.admin_pool();
-    let addr = c.addrs()[i].clone();
-    wait_for(&format!("brick {addr} to answer"), DEADLINE, || {
-        let pool = pool.clone();
-        let addr = addr.clone();
-        async move { volume_admin::status(&pool, &addr).await.ok() }
-    })
-    .await;
-}
-
 /// Stop brick `i`, change its RocksDB directly (what a bad disk or a bug would do), restart it.
 async fn tamper(c: &mut Cluster, i: usize, change: impl FnOnce(&Store)) {
     c.bricks[i].stop();
@@ -122,7 +111,7 @@ async fn tamper(c: &mut Cluster, i: usize, change: impl FnOnce(&Store)) {
         change(&store);
     }
     c.bricks[i].start();
-    wait_up(c, i).await;
+    c.wait_up(i).await;
 }
 
 fn pending(out: &str, addr: &str) -> (u64, u64) {
@@ -166,7 +155,7 @@ async fn heal_fills_a_brick_that_missed_writes_and_collects_garbage() {
     assert!(missing_while_down > 0, "info shows nothing pending");
 
     c.bricks[away].start();
-    wait_up(&c, away).await;
+    c.wait_up(away).await;
     let sets = chunk_sets(&c).await;
     let lacking: BTreeSet<ChunkId> = sets[0].difference(&sets[away]).copied().collect();
     assert!(

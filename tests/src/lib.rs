@@ -6,6 +6,7 @@
 //! even when the test fails; on failure the tail of each brick's log is printed.
 
 pub mod tree;
+pub mod workload;
 
 use mortar_client::mortar_proto::tls::{self, Identity, Role, Validity};
 use mortar_client::Volume;
@@ -305,6 +306,37 @@ impl Cluster {
         mortar_proto::transport::Pool::new(
             mortar_proto::transport::client_endpoint(&id).expect("endpoint"),
         )
+    }
+
+    /// The index of the brick that is the metadata leader (waits for an election).
+    pub async fn leader_index(&self) -> usize {
+        let pool = self.admin_pool();
+        wait_for("a metadata leader", DEADLINE, || {
+            let pool = pool.clone();
+            let addrs = self.addrs();
+            async move {
+                for (i, a) in addrs.iter().enumerate() {
+                    if let Ok(s) = mortar_client::volume_admin::status(&pool, a).await {
+                        if s.raft_role == "leader" {
+                            return Some(i);
+                        }
+                    }
+                }
+                None
+            }
+        })
+        .await
+    }
+
+    /// Wait until brick `i` answers.
+    pub async fn wait_up(&self, i: usize) {
+        let pool = self.admin_pool();
+        let addr = self.addrs()[i].clone();
+        wait_for(&format!("brick {addr} to answer"), DEADLINE, || {
+            let (pool, addr) = (pool.clone(), addr.clone());
+            async move { mortar_client::volume_admin::status(&pool, &addr).await.ok() }
+        })
+        .await;
     }
 
     pub fn log_contains(&self, index: usize, needle: &str) -> bool {
