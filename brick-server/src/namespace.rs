@@ -994,8 +994,8 @@ mod tests {
         })
         .map(attr)
     }
-    fn create(m: &mut MemMeta, parent: InodeId, name: &str) -> Result<Attr, FsError> {
-        m.run(MetaOp::Mknod {
+    fn create_op(parent: InodeId, name: &str) -> MetaOp {
+        MetaOp::Mknod {
             parent,
             name: name.into(),
             kind: FileKind::Regular,
@@ -1004,8 +1004,10 @@ mod tests {
             gid: 0,
             rdev: 0,
             exclusive: true,
-        })
-        .map(attr)
+        }
+    }
+    fn create(m: &mut MemMeta, parent: InodeId, name: &str) -> Result<Attr, FsError> {
+        m.run(create_op(parent, name)).map(attr)
     }
     fn lookup(m: &MemMeta, parent: InodeId, name: &str) -> Result<Attr, FsError> {
         query(
@@ -1411,16 +1413,7 @@ mod tests {
             }
             writes.1
         };
-        let create = MetaOp::Mknod {
-            parent: ROOT_INODE,
-            name: b"f".to_vec(),
-            kind: FileKind::Regular,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            exclusive: true,
-        };
+        let create = create_op(ROOT_INODE, "f");
         let first = run(&mut m, create.clone(), once(1)).unwrap();
         // The same request again (lost answer): same outcome, not EEXIST, nothing new made.
         assert_eq!(run(&mut m, create.clone(), once(1)).unwrap(), first);

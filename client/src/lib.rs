@@ -214,6 +214,7 @@ impl Volume {
             let r = self.pool.call(&addr, req, ATTEMPT_TIMEOUT).await;
             (addr, r)
         };
+        let first_addr = first.clone();
         let mut pending = FuturesUnordered::new();
         pending.push(ask(first, Duration::ZERO));
         let mut hedge = hedge;
@@ -242,6 +243,9 @@ impl Volume {
                     }
                 }
                 _ = tokio::time::sleep(META_HEDGE), if hedge.is_some() => {
+                    // The first brick is slow to answer: ask another, and try the first after
+                    // healthy bricks for the next operations too (it may be frozen).
+                    self.pool.mark_suspect(&first_addr);
                     if let Some(h) = hedge.take() {
                         pending.push(ask(h, Duration::ZERO));
                     }

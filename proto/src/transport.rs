@@ -17,6 +17,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// probe reconnects; probes back off from this delay up to [`MAX_PROBE_BACKOFF`].
 pub const PROBE_BACKOFF: Duration = Duration::from_millis(250);
 pub const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(2);
+/// A brick that timed out is tried after healthy ones for this long (or until it answers), so
+/// one slow answer does not demote it for good.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -148,7 +151,8 @@ pub enum Health {
 #[derive(Default)]
 struct PoolState {
     conns: HashMap<String, quinn::Connection>,
-    suspect: std::collections::HashSet<String>,
+    /// Bricks whose last request timed out (or lagged enough to be hedged), and since when.
+    suspect: HashMap<String, std::time::Instant>,
     /// Bricks whose last connect failed: how many times in a row, and whether a probe runs.
     down: HashMap<String, Down>,
 }
@@ -189,11 +193,24 @@ impl Pool {
         let st = self.state.lock().expect("pool lock");
         if st.down.contains_key(addr) {
             Health::Down
-        } else if st.suspect.contains(addr) {
+        } else if st
+            .suspect
+            .get(addr)
+            .is_some_and(|since| since.elapsed() < SUSPECT_FOR)
+        {
             Health::Suspect
         } else {
             Health::Up
         }
+    }
+
+    /// Note that `addr` did not answer in time: it is tried after healthy bricks for a while.
+    pub fn mark_suspect(&self, addr: &str) {
+        self.state
+            .lock()
+            .expect("pool lock")
+            .suspect
+            .insert(addr.to_string(), std::time::Instant::now());
     }
 
     pub fn endpoint(&self) -> &quinn::Endpoint {
@@ -324,11 +341,7 @@ impl Pool {
         let result = tokio::time::timeout(timeout, self.call_inner(addr, req)).await;
         match result {
             Err(_) => {
-                self.state
-                    .lock()
-                    .expect("pool lock")
-                    .suspect
-                    .insert(addr.to_string());
+                self.mark_suspect(addr);
                 Err(TransportError::Timeout {
                     addr: addr.to_string(),
                     after: timeout,

@@ -43,22 +43,6 @@ async fn write_files(
     out
 }
 
-/// Every chunk id each brick holds, through the admin API.
-async fn chunks_per_brick(c: &Cluster) -> Vec<BTreeSet<ChunkId>> {
-    let pool = c.admin_pool();
-    let mut out = Vec::new();
-    for a in c.addrs() {
-        out.push(
-            volume_admin::list_chunks(&pool, &a)
-                .await
-                .unwrap()
-                .into_iter()
-                .collect(),
-        );
-    }
-    out
-}
-
 /// Acceptance 1, 2, 3: a 2,500-entry tree written and read back exactly; every chunk on all
 /// three bricks; identical after all bricks restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,7 +64,7 @@ async fn tree_round_trips_is_on_every_brick_and_survives_full_restart() {
         "only {} chunks referenced",
         referenced.len()
     );
-    for (i, held) in chunks_per_brick(&c).await.iter().enumerate() {
+    for (i, held) in c.chunks_per_brick().await.iter().enumerate() {
         let missing: Vec<_> = referenced.difference(held).collect();
         assert!(
             missing.is_empty(),
@@ -220,7 +204,7 @@ async fn writer_rides_through_a_killed_brick_which_catches_up() {
         assert_eq!(&vol.read(*ino, 0, data.len() as u64).await.unwrap(), data);
     }
     let referenced = tree::referenced_chunks(&vol).await;
-    let held = chunks_per_brick(&c).await;
+    let held = c.chunks_per_brick().await;
     let missed: BTreeSet<ChunkId> = referenced.difference(&held[victim]).copied().collect();
     assert!(
         !missed.is_empty(),
@@ -369,7 +353,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .await
         .unwrap();
     assert!(matches!(r, Err(FsError::HashMismatch(_))), "{r:?}");
-    for held in chunks_per_brick(&c).await {
+    for held in c.chunks_per_brick().await {
         assert!(
             !held.contains(&wrong) && !held.contains(&ChunkId::of(&data)),
             "a rejected chunk was stored"

@@ -66,21 +66,6 @@ async fn read_back(vol: &Volume, files: &[(String, Vec<u8>)]) {
     }
 }
 
-async fn chunk_sets(c: &Cluster) -> Vec<BTreeSet<ChunkId>> {
-    let pool = c.admin_pool();
-    let mut out = Vec::new();
-    for a in c.addrs() {
-        out.push(
-            volume_admin::list_chunks(&pool, &a)
-                .await
-                .unwrap()
-                .into_iter()
-                .collect(),
-        );
-    }
-    out
-}
-
 /// Every brick serves a copy of each chunk that matches its id.
 async fn assert_all_copies_verify(c: &Cluster, chunks: &BTreeSet<ChunkId>) {
     let pool = c.admin_pool();
@@ -156,7 +141,7 @@ async fn heal_fills_a_brick_that_missed_writes_and_collects_garbage() {
 
     c.bricks[away].start();
     c.wait_up(away).await;
-    let sets = chunk_sets(&c).await;
+    let sets = c.chunks_per_brick().await;
     let lacking: BTreeSet<ChunkId> = sets[0].difference(&sets[away]).copied().collect();
     assert!(
         !lacking.is_empty(),
@@ -174,7 +159,7 @@ async fn heal_fills_a_brick_that_missed_writes_and_collects_garbage() {
     let r = heal(&c, &[]);
     assert_eq!(r.code, 0, "heal after the brick returned completes");
     assert!(r.out.contains(&format!("copied {} chunks", lacking.len())));
-    let sets = chunk_sets(&c).await;
+    let sets = c.chunks_per_brick().await;
     assert_eq!(sets[0], sets[1]);
     assert_eq!(sets[0], sets[2]);
     let referenced = referenced_chunks(&vol).await;
@@ -205,7 +190,7 @@ async fn heal_fills_a_brick_that_missed_writes_and_collects_garbage() {
     // Inside the grace period (default 1 h) nothing goes: a reader may still hold them.
     let r = heal(&c, &[]);
     assert_eq!(r.code, 0);
-    for s in chunk_sets(&c).await {
+    for s in c.chunks_per_brick().await {
         assert!(
             garbage.is_subset(&s),
             "garbage collected inside the grace period"
@@ -213,7 +198,7 @@ async fn heal_fills_a_brick_that_missed_writes_and_collects_garbage() {
     }
     let r = heal(&c, &["--gc-grace", "0"]);
     assert_eq!(r.code, 0);
-    for s in chunk_sets(&c).await {
+    for s in c.chunks_per_brick().await {
         assert!(s.is_disjoint(&garbage), "garbage left after collection");
         assert!(
             now_referenced.is_subset(&s),

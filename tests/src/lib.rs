@@ -328,6 +328,22 @@ impl Cluster {
         .await
     }
 
+    /// Every chunk id each brick holds, through the admin API.
+    pub async fn chunks_per_brick(&self) -> Vec<std::collections::BTreeSet<mortar_proto::ChunkId>> {
+        let pool = self.admin_pool();
+        let mut out = Vec::new();
+        for a in self.addrs() {
+            out.push(
+                mortar_client::volume_admin::list_chunks(&pool, &a)
+                    .await
+                    .expect("list a brick's chunks")
+                    .into_iter()
+                    .collect(),
+            );
+        }
+        out
+    }
+
     /// Wait until brick `i` answers.
     pub async fn wait_up(&self, i: usize) {
         let pool = self.admin_pool();

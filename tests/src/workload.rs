@@ -108,6 +108,16 @@ impl Writer {
         self.log.lock().expect("log lock").ops.len()
     }
 
+    /// Wait until the writer has done 20 more operations.
+    pub async fn progresses(&self, what: &str) {
+        let from = self.ops();
+        crate::wait_for(what, crate::DEADLINE, || {
+            let done = self.ops() >= from + 20;
+            async move { done.then_some(()) }
+        })
+        .await;
+    }
+
     pub fn finish(mut self) -> Log {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
