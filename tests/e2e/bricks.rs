@@ -453,35 +453,6 @@ async fn volume_create_refuses_bad_brick_lists_without_side_effects() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already belongs to volume 'www'"));
 }
 
-/// Every brick's namespace digest, once all report the same applied index.
-async fn settled_digests(c: &Cluster) -> Vec<[u8; 32]> {
-    let pool = c.admin_pool();
-    let addrs = c.addrs();
-    wait_for("all bricks to apply the same log index", DEADLINE, || {
-        let (pool, addrs) = (pool.clone(), addrs.clone());
-        async move {
-            let mut seen = Vec::new();
-            for a in &addrs {
-                match volume_admin::meta_digest(&pool, a).await {
-                    Ok(d) => seen.push(d),
-                    Err(e) => {
-                        eprintln!("digest of {a}: {e}");
-                        return None;
-                    }
-                }
-            }
-            eprintln!(
-                "applied indexes: {:?}",
-                seen.iter().map(|(i, _)| *i).collect::<Vec<_>>()
-            );
-            seen.iter()
-                .all(|(i, _)| *i == seen[0].0)
-                .then(|| seen.into_iter().map(|(_, d)| d).collect())
-        }
-    })
-    .await
-}
-
 /// Snapshots and log purging: bricks restart from snapshot plus log, and a brick that was down
 /// past a purge catches up by installing a snapshot, ending with the same namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -506,7 +477,7 @@ async fn snapshots_purge_restart_and_catch_up_by_snapshot() {
         vol
     };
     let vol = check(vol, expect.clone()).await;
-    let d = settled_digests(&c).await;
+    let d = c.settled_meta_digests().await;
     assert!(
         d.iter().all(|x| *x == d[0]),
         "replicas differ after restart"
@@ -517,7 +488,7 @@ async fn snapshots_purge_restart_and_catch_up_by_snapshot() {
     c.bricks[victim].stop();
     expect.extend(write_files(&vol, dir.ino, 120..300, "later").await);
     c.bricks[victim].start();
-    let d = settled_digests(&c).await;
+    let d = c.settled_meta_digests().await;
     assert!(
         d.iter().all(|x| *x == d[0]),
         "the caught-up brick's namespace differs"

@@ -1,7 +1,7 @@
 //! Issue "Failover": real bricks killed, frozen and cut off the network (iptables) under a live
 //! workload on a real FUSE mount; quorum loss; all bricks away; a partitioned old leader.
 
-use mortar_tests::mortar_client::{volume_admin, Volume};
+use mortar_tests::mortar_client::Volume;
 use mortar_tests::mortar_proto::tls::Role;
 use mortar_tests::mortar_proto::transport::{client_endpoint_at, Pool};
 use mortar_tests::mortar_proto::{FsError, ROOT_INODE};
@@ -222,18 +222,11 @@ async fn a_partitioned_old_leader_acknowledges_nothing() {
     drop(cut);
 
     // Healed: every brick converges on one namespace, without the minority's names.
-    let pool = c.admin_pool();
-    wait_for("every brick to hold the same namespace", DEADLINE, || {
-        let (pool, addrs) = (pool.clone(), addrs.clone());
-        async move {
-            let mut seen = Vec::new();
-            for a in &addrs {
-                seen.push(volume_admin::meta_digest(&pool, a).await.ok()?);
-            }
-            seen.windows(2).all(|w| w[0] == w[1]).then_some(())
-        }
-    })
-    .await;
+    let digests = c.settled_meta_digests().await;
+    assert!(
+        digests.windows(2).all(|w| w[0] == w[1]),
+        "bricks at one applied index hold different namespaces"
+    );
     for i in 0..5 {
         let name = format!("minority-{i}");
         assert_eq!(

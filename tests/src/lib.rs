@@ -328,6 +328,35 @@ impl Cluster {
         .await
     }
 
+    /// Every brick's namespace digest, once all report the same applied index.
+    pub async fn settled_meta_digests(&self) -> Vec<[u8; 32]> {
+        let pool = self.admin_pool();
+        let addrs = self.addrs();
+        wait_for("all bricks to apply the same log index", DEADLINE, || {
+            let (pool, addrs) = (pool.clone(), addrs.clone());
+            async move {
+                let mut seen = Vec::new();
+                for a in &addrs {
+                    match mortar_client::volume_admin::meta_digest(&pool, a).await {
+                        Ok(d) => seen.push(d),
+                        Err(e) => {
+                            eprintln!("digest of {a}: {e}");
+                            return None;
+                        }
+                    }
+                }
+                eprintln!(
+                    "applied indexes: {:?}",
+                    seen.iter().map(|(i, _)| *i).collect::<Vec<_>>()
+                );
+                seen.iter()
+                    .all(|(i, _)| *i == seen[0].0)
+                    .then(|| seen.into_iter().map(|(_, d)| d).collect())
+            }
+        })
+        .await
+    }
+
     /// Every chunk id each brick holds, through the admin API.
     pub async fn chunks_per_brick(&self) -> Vec<std::collections::BTreeSet<mortar_proto::ChunkId>> {
         let pool = self.admin_pool();
