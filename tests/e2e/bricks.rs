@@ -105,12 +105,7 @@ async fn tree_round_trips_is_on_every_brick_and_survives_full_restart() {
     );
     drop(vol);
 
-    for b in &mut c.bricks {
-        b.stop();
-    }
-    for b in &mut c.bricks {
-        b.start();
-    }
+    c.restart_all();
     let vol = c.client("www").await;
     assert_eq!(tree::verify(&vol, &src).await, spec.entries());
     assert_eq!(tree::referenced_chunks(&vol).await, referenced);
@@ -462,12 +457,7 @@ async fn snapshots_purge_restart_and_catch_up_by_snapshot() {
     let dir = vol.mkdir(ROOT_INODE, b"d", 0o755, 0, 0).await.unwrap();
     let mut expect = write_files(&vol, dir.ino, 0..120, "file").await;
     drop(vol);
-    for b in &mut c.bricks {
-        b.stop();
-    }
-    for b in &mut c.bricks {
-        b.start();
-    }
+    c.restart_all();
     let vol = c.client("www").await;
     let check = |vol: mortar_tests::mortar_client::Volume, expect: Vec<(String, Vec<u8>)>| async move {
         for (name, body) in &expect {

@@ -357,6 +357,16 @@ impl Cluster {
         .await
     }
 
+    /// SIGTERM every brick, then start them all again (a full volume restart).
+    pub fn restart_all(&mut self) {
+        for b in &mut self.bricks {
+            b.stop();
+        }
+        for b in &mut self.bricks {
+            b.start();
+        }
+    }
+
     /// Every chunk id each brick holds, through the admin API.
     pub async fn chunks_per_brick(&self) -> Vec<std::collections::BTreeSet<mortar_proto::ChunkId>> {
         let pool = self.admin_pool();

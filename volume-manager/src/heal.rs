@@ -427,17 +427,25 @@ async fn collect_garbage(
     Ok(())
 }
 
-async fn digest_differences(vol: &Volume, set: &[&BrickRef]) -> Result<Vec<u16>> {
-    let mut digests: Vec<Vec<Bucket>> = Vec::new();
+async fn digests(vol: &Volume, set: &[&BrickRef]) -> Result<Vec<Vec<Bucket>>> {
+    let mut out = Vec::new();
     for b in set {
-        digests.push(
+        out.push(
             admin::chunk_digest(vol.pool(), &b.addr)
                 .await
                 .with_context(|| format!("cannot read the chunk digest of {}", b.addr))?,
         );
     }
+    Ok(out)
+}
+
+fn differences(digests: &[Vec<Bucket>]) -> Vec<u16> {
     let refs: Vec<&[Bucket]> = digests.iter().map(|d| d.as_slice()).collect();
-    Ok(differing_buckets(&refs))
+    differing_buckets(&refs)
+}
+
+async fn digest_differences(vol: &Volume, set: &[&BrickRef]) -> Result<Vec<u16>> {
+    Ok(differences(&digests(vol, set).await?))
 }
 
 /// For chunks seen on some bricks: which of `bricks` lack which.
@@ -695,11 +703,13 @@ pub async fn info(vol: &Volume) -> Result<bool> {
     );
     for (set_no, set) in vol.config().replica_sets.iter().enumerate() {
         let set_up: Vec<&BrickRef> = set.iter().filter(|b| up.contains_key(&b.addr)).collect();
-        let mut counts = HashMap::new();
-        for b in &set_up {
-            let d = admin::chunk_digest(vol.pool(), &b.addr).await?;
-            counts.insert(b.id, d.iter().map(|x| x.count).sum::<u64>());
-        }
+        // One digest per answering brick serves both the chunk counts and the comparison.
+        let set_digests = digests(vol, &set_up).await?;
+        let counts: HashMap<BrickId, u64> = set_up
+            .iter()
+            .zip(&set_digests)
+            .map(|(b, d)| (b.id, d.iter().map(|x| x.count).sum()))
+            .collect();
         for b in set {
             let p = pending.get(&b.id);
             let (missing, corrupt, bytes) = p
@@ -728,7 +738,7 @@ pub async fn info(vol: &Volume) -> Result<bool> {
                 ),
             }
         }
-        let differing = digest_differences(vol, &set_up).await?.len();
+        let differing = differences(&set_digests).len();
         anything |= differing > 0;
         println!(
             "Replica set {}: chunk digests differ in {differing} of {} buckets{}",
