@@ -10,7 +10,7 @@ use mortar_proto::tls::{peer_identity, Role};
 use mortar_proto::transport::{Health, Pool};
 use mortar_proto::wire::{
     read_frame, write_frame, AdminRequest, BrickHello, BrickStatus, FrameError, MetaOk, MetaOp,
-    OpId, Query, Reply, Request, Response,
+    OpId, PeerHealth, Query, Reply, Request, Response,
 };
 use mortar_proto::{BrickId, BrickRef, FsError, StatFs, Timestamp, VolumeConfig, NAME_MAX};
 use openraft::error::{ClientWriteError, RaftError};
@@ -361,7 +361,7 @@ impl Brick {
     async fn admin(&self, role: Role, req: AdminRequest) -> Response {
         let need = |wanted: &[Role]| require(role, wanted);
         match req {
-            AdminRequest::Status => Ok(Reply::Status(self.status()?)),
+            AdminRequest::Status => Ok(Reply::Status(self.status().await?)),
             AdminRequest::InitVolume(config) => {
                 need(&[Role::Admin])?;
                 self.init_volume(config).await
@@ -461,7 +461,7 @@ impl Brick {
         }
     }
 
-    pub fn status(&self) -> Result<BrickStatus, FsError> {
+    pub async fn status(&self) -> Result<BrickStatus, FsError> {
         let m = self.raft.metrics().borrow().clone();
         let (chunk_count, chunk_bytes) = self.store.chunk_totals()?;
         let initialized = m
@@ -488,7 +488,31 @@ impl Brick {
             chunk_count,
             chunk_bytes,
             heal_backlog: self.store.count(CF_HEAL_INDEX)?,
+            peers: self.peer_health().await,
         })
+    }
+
+    /// Whether this brick can reach each other brick now: a live connection, or a fresh connect
+    /// (bounded by the connect timeout; a brick already marked down answers at once).
+    async fn peer_health(&self) -> Vec<PeerHealth> {
+        let Ok(volume) = self.volume() else {
+            return Vec::new();
+        };
+        let checks = volume
+            .bricks()
+            .filter(|b| b.id != self.id)
+            .map(|b| async move {
+                let health = match self.pool.connection(&b.addr).await {
+                    Ok(_) => self.pool.health(&b.addr),
+                    Err(_) => Health::Down,
+                };
+                PeerHealth {
+                    id: b.id,
+                    addr: b.addr.clone(),
+                    health,
+                }
+            });
+        futures::future::join_all(checks).await
     }
 
     /// Start the metadata group over the volume's bricks and store the volume in it. Safe to

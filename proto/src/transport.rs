@@ -63,6 +63,16 @@ impl From<TransportError> for FsError {
     }
 }
 
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Health::Up => "up",
+            Health::Suspect => "suspect",
+            Health::Down => "down",
+        })
+    }
+}
+
 impl TransportError {
     /// Our certificate was refused: retrying elsewhere will not help.
     pub fn is_refused(&self) -> bool {
@@ -139,7 +149,9 @@ async fn resolve(addr: &str) -> Result<SocketAddr, TransportError> {
 }
 
 /// What the pool believes about a brick, best first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Health {
     Up,
     /// Its last request timed out and nothing has succeeded since (frozen, overloaded, cut).
@@ -153,14 +165,13 @@ struct PoolState {
     conns: HashMap<String, quinn::Connection>,
     /// Bricks whose last request timed out (or lagged enough to be hedged), and since when.
     suspect: HashMap<String, std::time::Instant>,
-    /// Bricks whose last connect failed: how many times in a row, and whether a probe runs.
+    /// Bricks whose last connect failed, with how many times in a row; each has a probe running.
     down: HashMap<String, Down>,
 }
 
 struct Down {
     failures: u32,
     since: std::time::Instant,
-    probing: bool,
 }
 
 /// Connections to bricks by address, opened on first use and replaced when they die. A brick
@@ -219,19 +230,13 @@ impl Pool {
 
     pub async fn connection(&self, addr: &str) -> Result<quinn::Connection, TransportError> {
         {
-            let mut st = self.state.lock().expect("pool lock");
+            let st = self.state.lock().expect("pool lock");
             if let Some(c) = st.conns.get(addr) {
                 if c.close_reason().is_none() {
                     return Ok(c.clone());
                 }
             }
-            if let Some(d) = st.down.get_mut(addr) {
-                if !d.probing {
-                    d.probing = true;
-                    let pool = self.clone();
-                    let addr = addr.to_string();
-                    tokio::spawn(async move { pool.probe(addr).await });
-                }
+            if let Some(d) = st.down.get(addr) {
                 return Err(TransportError::Connect {
                     addr: addr.to_string(),
                     reason: format!(
@@ -249,16 +254,7 @@ impl Pool {
             let result = pool.connect(&addr).await;
             if let Err(e) = &result {
                 if !e.is_refused() {
-                    pool.state
-                        .lock()
-                        .expect("pool lock")
-                        .down
-                        .entry(addr.clone())
-                        .or_insert(Down {
-                            failures: 1,
-                            since: std::time::Instant::now(),
-                            probing: false,
-                        });
+                    pool.mark_down(&addr);
                 }
             }
             result
@@ -272,7 +268,29 @@ impl Pool {
         }
     }
 
+    /// Mark `addr` down and start the probe that reconnects it. The probe starts now, not on
+    /// the next request: a brick nobody asks (a follower's view of its peers) must not stay
+    /// down in `status` after it has returned.
+    fn mark_down(&self, addr: &str) {
+        let mut st = self.state.lock().expect("pool lock");
+        if st.down.contains_key(addr) {
+            return;
+        }
+        st.down.insert(
+            addr.to_string(),
+            Down {
+                failures: 1,
+                since: std::time::Instant::now(),
+            },
+        );
+        let pool = self.clone();
+        let addr = addr.to_string();
+        tokio::spawn(async move { pool.probe(addr).await });
+    }
+
     async fn probe(&self, addr: String) {
+        // Logged when it changes, so a brick that stays unreachable says why without flooding.
+        let mut last_error = String::new();
         loop {
             let failures = match self.state.lock().expect("pool lock").down.get(&addr) {
                 Some(d) => d.failures,
@@ -282,9 +300,16 @@ impl Pool {
                 (PROBE_BACKOFF * 2u32.saturating_pow(failures.min(8))).min(MAX_PROBE_BACKOFF);
             tokio::time::sleep(backoff).await;
             match self.connect(&addr).await {
-                Ok(_) => return,
+                Ok(_) => {
+                    tracing::info!(%addr, failures, "reconnected");
+                    return;
+                }
                 Err(e) => {
-                    tracing::debug!(%addr, error = %e, "probe failed");
+                    let error = e.to_string();
+                    if error != last_error {
+                        tracing::warn!(%addr, %error, failures, "brick still unreachable");
+                        last_error = error;
+                    }
                     let mut st = self.state.lock().expect("pool lock");
                     match st.down.get_mut(&addr) {
                         Some(d) => d.failures += 1,

@@ -309,6 +309,16 @@ pub struct BrickStatus {
     pub chunk_count: u64,
     pub chunk_bytes: u64,
     pub heal_backlog: u64,
+    /// How this brick's connection pool sees each other brick of the volume: a brick that cannot
+    /// reach a peer silently runs without that replica, so the operator must see it.
+    pub peers: Vec<PeerHealth>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHealth {
+    pub id: BrickId,
+    pub addr: String,
+    pub health: crate::transport::Health,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -94,6 +94,9 @@ async fn tree_round_trips_is_on_every_brick_and_survives_full_restart() {
         assert_eq!(r["up"], true);
         assert!(r["status"]["chunk_count"].as_u64().unwrap() >= referenced.len() as u64);
         assert_eq!(r["status"]["heal_backlog"], 0);
+        let peers = r["status"]["peers"].as_array().unwrap();
+        assert_eq!(peers.len(), 2, "{r}");
+        assert!(peers.iter().all(|p| p["health"] == "Up"), "{r}");
     }
     let roles: BTreeSet<String> = rows
         .iter()
@@ -174,6 +177,27 @@ async fn writer_rides_through_a_killed_brick_which_catches_up() {
     .await;
     stop.store(true, Ordering::Relaxed);
     let files = writer.await.unwrap().expect("writer saw no error");
+
+    // The operator sees the missing brick, and that the others cannot reach it.
+    let out = c.cli(&["volume", "status", "www", "--bricks", &c.addrs().join(",")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let victim_addr = &c.addrs()[victim];
+    for i in (0..3).filter(|i| *i != victim) {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&c.addrs()[i]))
+            .unwrap_or_else(|| panic!("no row for brick {i}: {text}"));
+        assert!(row.ends_with("1/2"), "{text}");
+    }
+    assert_eq!(
+        text.matches(&format!(
+            "peer {victim_addr} ({victim_id}) is down from here"
+        ))
+        .count(),
+        2,
+        "{text}"
+    );
 
     c.bricks[victim].start();
     let mut leader_applied = 0;

@@ -9,6 +9,7 @@ pub mod tree;
 pub mod workload;
 
 use mortar_client::mortar_proto::tls::{self, Identity, Role, Validity};
+use mortar_client::mortar_proto::transport::Health;
 use mortar_client::Volume;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -392,6 +393,48 @@ impl Cluster {
             async move { mortar_client::volume_admin::status(&pool, &addr).await.ok() }
         })
         .await;
+    }
+
+    /// Wait until the volume has all its redundancy back: every brick answers, reaches every
+    /// other brick (as its `status` reports), and has applied the metadata log as far as any
+    /// brick had when the wait began. Returns how long that took.
+    pub async fn wait_recovered(&self) -> Duration {
+        let pool = self.admin_pool();
+        let since = Instant::now();
+        let mut target = 0;
+        let mut missing = Vec::new();
+        while since.elapsed() < DEADLINE {
+            missing.clear();
+            let mut applied = Vec::new();
+            for a in self.addrs() {
+                match mortar_client::volume_admin::status(&pool, &a).await {
+                    Ok(s) => {
+                        missing.extend(
+                            s.peers
+                                .iter()
+                                .filter(|p| p.health != Health::Up)
+                                .map(|p| format!("{a} sees {} {}", p.addr, p.health)),
+                        );
+                        applied.push(s.applied_index);
+                    }
+                    Err(e) => missing.push(format!("{a}: {e}")),
+                }
+            }
+            if target == 0 && missing.is_empty() {
+                target = applied.iter().copied().max().unwrap_or(0);
+            }
+            missing.extend(
+                applied
+                    .iter()
+                    .filter(|&&i| i < target)
+                    .map(|i| format!("a brick has applied {i} of {target}")),
+            );
+            if missing.is_empty() {
+                return since.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("after {DEADLINE:?} the volume has not recovered: {missing:?}");
     }
 
     pub fn log_contains(&self, index: usize, needle: &str) -> bool {

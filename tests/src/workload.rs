@@ -164,7 +164,9 @@ pub enum Fault {
 impl Fault {
     pub const ALL: [Fault; 3] = [Fault::Kill, Fault::Freeze, Fault::Cut];
 
-    /// Apply the fault to brick `victim`, hold it, undo it, and wait until the brick answers.
+    /// Apply the fault to brick `victim`, hold it, undo it, and wait until the volume has
+    /// recovered (the next fault must not meet a volume still short of a replica: that would be
+    /// two faults at once).
     pub async fn inject(self, c: &mut crate::Cluster, victim: usize, hold: Duration) {
         match self {
             Fault::Kill => {
@@ -183,6 +185,7 @@ impl Fault {
                 drop(cut);
             }
         }
-        c.wait_up(victim).await;
+        let took = c.wait_recovered().await;
+        eprintln!("{self:?} of brick {victim} undone; volume recovered after {took:?}");
     }
 }

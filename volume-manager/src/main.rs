@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use mortar_client::volume_admin::{self, AdminError};
 use mortar_client::Volume;
 use mortar_proto::tls::{self, Identity, Role, Validity};
-use mortar_proto::transport::{client_endpoint, Pool};
+use mortar_proto::transport::{client_endpoint, Health, Pool};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -352,22 +352,33 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("Status of volume: {name}");
                 println!(
-                    "{:<22} {:<20} {:<5} {:<10} {:>9} {:>9} {:>10} {:>6}",
-                    "Brick", "ID", "Up", "Raft", "Applied", "Chunks", "Bytes", "Heal"
+                    "{:<22} {:<20} {:<5} {:<10} {:>9} {:>9} {:>10} {:>6} {:>6}",
+                    "Brick", "ID", "Up", "Raft", "Applied", "Chunks", "Bytes", "Heal", "Peers"
                 );
                 for (b, s) in vol.config().bricks().zip(&statuses) {
                     match s {
-                        Ok(s) => println!(
-                            "{:<22} {:<20} {:<5} {:<10} {:>9} {:>9} {:>10} {:>6}",
-                            b.addr,
-                            s.id,
-                            "Y",
-                            s.raft_role,
-                            s.applied_index,
-                            s.chunk_count,
-                            human(s.chunk_bytes),
-                            s.heal_backlog
-                        ),
+                        Ok(s) => {
+                            let reached = s.peers.iter().filter(|p| p.health == Health::Up);
+                            println!(
+                                "{:<22} {:<20} {:<5} {:<10} {:>9} {:>9} {:>10} {:>6} {:>6}",
+                                b.addr,
+                                s.id,
+                                "Y",
+                                s.raft_role,
+                                s.applied_index,
+                                s.chunk_count,
+                                human(s.chunk_bytes),
+                                s.heal_backlog,
+                                format!("{}/{}", reached.count(), s.peers.len())
+                            );
+                            // A brick that cannot reach a peer runs without that replica.
+                            for p in s.peers.iter().filter(|p| p.health != Health::Up) {
+                                println!(
+                                    "    peer {} ({}) is {} from here",
+                                    p.addr, p.id, p.health
+                                );
+                            }
+                        }
                         Err(e) => println!("{:<22} {:<20} {:<5} {}", b.addr, b.id, "N", e),
                     }
                 }
