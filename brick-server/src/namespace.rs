@@ -4,11 +4,11 @@
 //! fails with none: writes collect in a [`Txn`] that is discarded on error.
 
 pub use crate::store::Rows;
-use mortar_proto::wire::{MetaOk, MetaOp, OpId, Query, SetAttr, TimeSet, XattrMode};
+use mortar_proto::wire::{MetaOk, MetaOp, OpId, Query};
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
     validate_name, Attr, ChunkId, Content, DirEntry, FileKind, FsError, Inode, InodeId, Timestamp,
-    VolumeConfig, ROOT_INODE, SYMLINK_MAX, XATTR_VALUE_MAX,
+    VolumeConfig, ROOT_INODE, SYMLINK_MAX,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -286,13 +286,6 @@ fn new_inode(ino: InodeId, kind: FileKind, perm: u32, uid: u32, gid: u32, now: T
     }
 }
 
-fn resolve(t: TimeSet, now: Timestamp) -> Timestamp {
-    match t {
-        TimeSet::Now => now,
-        TimeSet::At(ts) => ts,
-    }
-}
-
 /// Apply one operation. On error nothing in `txn` may be committed.
 pub fn apply<R: MetaRead>(
     txn: &mut Txn<'_, R>,
@@ -487,12 +480,7 @@ pub fn apply<R: MetaRead>(
         } => rename(txn, *parent, name, *new_parent, new_name, *flags, now),
         MetaOp::SetAttr { ino, set } => {
             let mut s = txn.stored(*ino)?;
-            apply_setattr(&mut s.inode.attr, set, now);
-            if let Some(perm) = set.perm {
-                if let Some((_, acl)) = s.inode.xattrs.iter_mut().find(|(n, _)| n == ACL_ACCESS) {
-                    acl_chmod(acl, perm);
-                }
-            }
+            s.inode.set_attr(set, now);
             txn.save(&s);
             Ok(MetaOk::Attr(s.inode.attr))
         }
@@ -502,44 +490,14 @@ pub fn apply<R: MetaRead>(
             value,
             mode,
         } => {
-            check_xattr_name(name)?;
-            if value.len() > XATTR_VALUE_MAX {
-                return Err(FsError::TooLarge(format!(
-                    "xattr value of {} bytes",
-                    value.len()
-                )));
-            }
             let mut s = txn.stored(*ino)?;
-            if name == ACL_ACCESS {
-                let mode = acl_mode(value)
-                    .ok_or_else(|| FsError::Invalid("malformed POSIX ACL".into()))?;
-                s.inode.attr.perm = (s.inode.attr.perm & !0o777) | mode;
-            }
-            let pos = s.inode.xattrs.iter().position(|(n, _)| n == name);
-            match (pos, mode) {
-                (Some(_), XattrMode::Create) => return Err(FsError::Exists),
-                (None, XattrMode::Replace) => return Err(FsError::NoXattr),
-                (Some(i), _) => s.inode.xattrs[i].1 = value.clone(),
-                (None, _) => {
-                    s.inode.xattrs.push((name.clone(), value.clone()));
-                    s.inode.xattrs.sort();
-                }
-            }
-            s.inode.attr.ctime = now;
+            s.inode.set_xattr(name, value, *mode, now)?;
             txn.save(&s);
             Ok(MetaOk::Done)
         }
         MetaOp::RemoveXattr { ino, name } => {
-            check_xattr_name(name)?;
             let mut s = txn.stored(*ino)?;
-            let pos = s
-                .inode
-                .xattrs
-                .iter()
-                .position(|(n, _)| n == name)
-                .ok_or(FsError::NoXattr)?;
-            s.inode.xattrs.remove(pos);
-            s.inode.attr.ctime = now;
+            s.inode.remove_xattr(name, now)?;
             txn.save(&s);
             Ok(MetaOk::Done)
         }
@@ -606,6 +564,22 @@ pub fn apply<R: MetaRead>(
             }
             Ok(MetaOk::Done)
         }
+        MetaOp::Batch(ops) => {
+            let mut results = Vec::with_capacity(ops.len());
+            for op in ops {
+                match op {
+                    MetaOp::SetContent { .. }
+                    | MetaOp::SetAttr { .. }
+                    | MetaOp::SetXattr { .. } => results.push(apply(txn, op, now)?),
+                    _ => {
+                        return Err(FsError::Invalid(
+                            "only content, attribute and xattr changes may be batched".into(),
+                        ))
+                    }
+                }
+            }
+            Ok(MetaOk::Batch(results))
+        }
         MetaOp::ForgetReleased(ids) => {
             for id in ids {
                 txn.delete(Table::Sys, &released_key(id));
@@ -613,95 +587,6 @@ pub fn apply<R: MetaRead>(
             Ok(MetaOk::Done)
         }
     }
-}
-
-/// The POSIX access ACL, in the kernel's xattr format: a u32 version (2), then entries of
-/// (u16 tag, u16 perm, u32 id), little-endian. Without kernel ACL support it reaches us as an
-/// xattr; we keep it and the mode bits in step, as a Linux filesystem does (`cp -a` sets modes
-/// through it).
-const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
-const ACL_USER_OBJ: u16 = 0x01;
-const ACL_GROUP_OBJ: u16 = 0x04;
-const ACL_MASK: u16 = 0x10;
-const ACL_OTHER: u16 = 0x20;
-
-fn acl_entries(value: &[u8]) -> Option<impl Iterator<Item = (usize, u16, u16)> + '_> {
-    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) || value[..4] != 2u32.to_le_bytes() {
-        return None;
-    }
-    Some(value[4..].chunks_exact(8).enumerate().map(|(i, e)| {
-        (
-            4 + i * 8,
-            u16::from_le_bytes([e[0], e[1]]),
-            u16::from_le_bytes([e[2], e[3]]),
-        )
-    }))
-}
-
-/// The rwx bits an access ACL implies (the mask stands for the group bits when present).
-fn acl_mode(value: &[u8]) -> Option<u32> {
-    let (mut user, mut group, mut mask, mut other) = (None, None, None, None);
-    for (_, tag, perm) in acl_entries(value)? {
-        let p = Some((perm & 7) as u32);
-        match tag {
-            ACL_USER_OBJ => user = p,
-            ACL_GROUP_OBJ => group = p,
-            ACL_MASK => mask = p,
-            ACL_OTHER => other = p,
-            _ => {}
-        }
-    }
-    Some(user? << 6 | mask.or(group)? << 3 | other?)
-}
-
-/// Rewrite an access ACL's owner, group (or mask) and other entries after a chmod.
-fn acl_chmod(value: &mut [u8], perm: u32) {
-    let has_mask = acl_entries(value).is_some_and(|mut it| it.any(|(_, t, _)| t == ACL_MASK));
-    let Some(entries) = acl_entries(value) else {
-        return;
-    };
-    let updates: Vec<(usize, u16)> = entries
-        .filter_map(|(at, tag, _)| match tag {
-            ACL_USER_OBJ => Some((at, (perm >> 6) & 7)),
-            ACL_MASK => Some((at, (perm >> 3) & 7)),
-            ACL_GROUP_OBJ if !has_mask => Some((at, (perm >> 3) & 7)),
-            ACL_OTHER => Some((at, perm & 7)),
-            _ => None,
-        })
-        .map(|(at, p)| (at, p as u16))
-        .collect();
-    for (at, p) in updates {
-        value[at + 2..at + 4].copy_from_slice(&p.to_le_bytes());
-    }
-}
-
-fn check_xattr_name(name: &[u8]) -> Result<(), FsError> {
-    if name.is_empty() || name.contains(&0) {
-        return Err(FsError::Invalid("empty xattr name".into()));
-    }
-    if name.len() > 255 {
-        return Err(FsError::NameTooLong);
-    }
-    Ok(())
-}
-
-fn apply_setattr(attr: &mut Attr, set: &SetAttr, now: Timestamp) {
-    if let Some(p) = set.perm {
-        attr.perm = p & 0o7777;
-    }
-    if let Some(u) = set.uid {
-        attr.uid = u;
-    }
-    if let Some(g) = set.gid {
-        attr.gid = g;
-    }
-    if let Some(t) = set.atime {
-        attr.atime = resolve(t, now);
-    }
-    if let Some(t) = set.mtime {
-        attr.mtime = resolve(t, now);
-    }
-    attr.ctime = now;
 }
 
 fn rename<R: MetaRead>(
@@ -962,6 +847,8 @@ impl MemMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mortar_proto::attrs::{acl_mode, ACL_ACCESS, ACL_GROUP_OBJ, ACL_OTHER, ACL_USER_OBJ};
+    use mortar_proto::wire::{SetAttr, TimeSet, XattrMode};
     use mortar_proto::BrickRef;
 
     fn vol() -> MemMeta {
@@ -1232,6 +1119,64 @@ mod tests {
             MetaOk::Inode(i) => assert_eq!(i.content, Content::Inline(b"hello".to_vec())),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_batch_applies_in_order_or_not_at_all() {
+        let mut m = vol();
+        let f = create(&mut m, ROOT_INODE, "f").unwrap();
+        let content = |v, data: &[u8]| MetaOp::SetContent {
+            ino: f.ino,
+            expect_version: v,
+            size: data.len() as u64,
+            content: Content::Inline(data.to_vec()),
+        };
+        let old = Timestamp {
+            secs: 1_300_000_000,
+            nanos: 5,
+        };
+        let touch = MetaOp::SetAttr {
+            ino: f.ino,
+            set: SetAttr {
+                mtime: Some(TimeSet::At(old)),
+                perm: Some(0o640),
+                ..Default::default()
+            },
+        };
+        let xattr = |mode| MetaOp::SetXattr {
+            ino: f.ino,
+            name: b"user.k".to_vec(),
+            value: b"v".to_vec(),
+            mode,
+        };
+        let out = m
+            .run(MetaOp::Batch(vec![
+                content(0, b"hello"),
+                touch.clone(),
+                xattr(XattrMode::Create),
+            ]))
+            .unwrap();
+        assert!(matches!(&out, MetaOk::Batch(r) if r.len() == 3), "{out:?}");
+        let a = lookup(&m, ROOT_INODE, "f").unwrap();
+        assert_eq!((a.size, a.perm, a.mtime, a.version), (5, 0o640, old, 1));
+        // The second XATTR_CREATE fails, so the content change before it is not applied.
+        let err = m.run(MetaOp::Batch(vec![
+            content(1, b"bye"),
+            xattr(XattrMode::Create),
+        ]));
+        assert_eq!(err, Err(FsError::Exists));
+        assert_eq!(lookup(&m, ROOT_INODE, "f").unwrap().size, 5);
+        let nested = MetaOp::Batch(vec![MetaOp::Batch(vec![touch])]);
+        assert!(matches!(m.run(nested), Err(FsError::Invalid(_))));
+        let unlink = MetaOp::Unlink {
+            parent: ROOT_INODE,
+            name: b"f".to_vec(),
+        };
+        assert!(matches!(
+            m.run(MetaOp::Batch(vec![unlink])),
+            Err(FsError::Invalid(_))
+        ));
+        assert!(lookup(&m, ROOT_INODE, "f").is_ok());
     }
 
     #[test]

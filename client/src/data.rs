@@ -9,8 +9,8 @@ use crate::{expect_attr, Volume};
 use futures::stream::FuturesUnordered;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mortar_proto::layout;
-use mortar_proto::wire::{MetaOp, PutChunk, Reply, Request};
-use mortar_proto::{Attr, ChunkId, Content, FsError, Inode, InodeId, INLINE_MAX};
+use mortar_proto::wire::{MetaOk, MetaOp, PutChunk, Reply, Request};
+use mortar_proto::{Attr, ChunkId, Content, FsError, Inode, InodeId, Timestamp, INLINE_MAX};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -189,6 +189,7 @@ impl Volume {
         &self,
         ino: InodeId,
         mut base: Option<Inode>,
+        then: &[MetaOp],
         update: F,
     ) -> Result<Inode, FsError>
     where
@@ -208,23 +209,35 @@ impl Volume {
             let version = inode.attr.version;
             let xattrs = inode.xattrs.clone();
             let (size, content) = update(inode).await?;
-            let op = MetaOp::SetContent {
+            let mut op = MetaOp::SetContent {
                 ino,
                 expect_version: version,
                 size,
                 content: content.clone(),
             };
-            match self.write_op(op).await {
-                Err(FsError::Conflict(_)) => continue,
-                other => {
-                    let attr = expect_attr(other?)?;
-                    return Ok(Inode {
-                        attr,
-                        content,
-                        xattrs,
-                    });
-                }
+            if !then.is_empty() {
+                op = MetaOp::Batch(std::iter::once(op).chain(then.iter().cloned()).collect());
             }
+            let first = match self.write_op(op).await {
+                Err(FsError::Conflict(_)) => continue,
+                Ok(MetaOk::Batch(results)) => results
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| FsError::Invalid("empty answer to a batch".into()))?,
+                other => other?,
+            };
+            let mut committed = Inode {
+                attr: expect_attr(first)?,
+                content,
+                xattrs,
+            };
+            // The batch's attribute changes, as the namespace applied them (times may differ
+            // from the bricks' clock by the round trip; the next fetch corrects them).
+            let now = Timestamp::now();
+            for op in then {
+                apply_to_inode(&mut committed, op, now);
+            }
+            return Ok(committed);
         }
         Err(FsError::Unavailable(
             "file kept changing under concurrent writers".into(),
@@ -250,24 +263,31 @@ impl Volume {
         ranges: &[(u64, &[u8])],
         sync: bool,
     ) -> Result<Attr, FsError> {
-        Ok(self.write_ranges_on(ino, None, ranges, sync).await?.attr)
+        Ok(self
+            .write_ranges_on(ino, None, ranges, sync, &[])
+            .await?
+            .attr)
     }
 
     /// [`Volume::write_ranges`] starting from the caller's copy of the inode, if any; returns
     /// the inode as committed.
+    /// Apply writes to `base` (our copy of the inode, if we have one) and commit them, followed
+    /// in the same commit by `then`: attribute and xattr changes of this file made after the
+    /// writes (chmod, chown, utimens, setxattr), so a flush cannot overwrite them.
     pub async fn write_ranges_on(
         &self,
         ino: InodeId,
         base: Option<Inode>,
         ranges: &[(u64, &[u8])],
         sync: bool,
+        then: &[MetaOp],
     ) -> Result<Inode, FsError> {
         let end = ranges
             .iter()
             .map(|(o, d)| o + d.len() as u64)
             .max()
             .unwrap_or(0);
-        self.commit_with(ino, base, |inode| async move {
+        self.commit_with(ino, base, then, |inode| async move {
             let size = inode.attr.size.max(end);
             let cs = self.chunk_size();
             let mut chunks = match inode.content {
@@ -328,7 +348,7 @@ impl Volume {
     /// Set a file's size, cutting or extending with zeros.
     pub async fn truncate(&self, ino: InodeId, new_size: u64) -> Result<Attr, FsError> {
         let committed = self
-            .commit_with(ino, None, |inode| async move {
+            .commit_with(ino, None, &[], |inode| async move {
                 let cs = self.chunk_size();
                 match inode.content {
                     Content::Inline(mut b) if new_size as usize <= INLINE_MAX => {
@@ -450,4 +470,18 @@ async fn read_full<R: AsyncRead + Unpin>(reader: &mut R, n: usize) -> Result<Vec
         .await
         .map_err(|e| FsError::Io(e.to_string()))?;
     Ok(buf)
+}
+
+/// Apply an attribute or xattr change to a local copy of an inode, as the namespace does.
+/// Anything else (or a change the namespace would refuse) leaves it as it is.
+pub fn apply_to_inode(inode: &mut Inode, op: &MetaOp, now: Timestamp) {
+    match op {
+        MetaOp::SetAttr { set, .. } => inode.set_attr(set, now),
+        MetaOp::SetXattr {
+            name, value, mode, ..
+        } => {
+            let _ = inode.set_xattr(name, value, *mode, now);
+        }
+        _ => {}
+    }
 }

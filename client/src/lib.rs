@@ -6,6 +6,7 @@
 
 mod cache;
 mod data;
+pub use data::apply_to_inode;
 pub mod volume_admin;
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -465,6 +466,11 @@ impl Volume {
 
     pub async fn setattr(&self, ino: InodeId, set: SetAttr) -> Result<Attr, FsError> {
         expect_attr(self.write_op(MetaOp::SetAttr { ino, set }).await?)
+    }
+
+    /// Commit file attribute and xattr changes as one (see [`MetaOp::Batch`]).
+    pub async fn commit_batch(&self, ops: Vec<MetaOp>) -> Result<(), FsError> {
+        self.write_op(MetaOp::Batch(ops)).await.map(|_| ())
     }
 
     pub async fn setxattr(

@@ -2,9 +2,10 @@
 //! open-file handles with write buffers, directory listings with stable offsets, read-only
 //! enforcement, and the bookkeeping that keeps the kernel's caches coherent.
 
-use mortar_client::mortar_proto::wire::{SetAttr, XattrMode};
+use mortar_client::mortar_proto::attrs::check_xattr;
+use mortar_client::mortar_proto::wire::{MetaOp, SetAttr, TimeSet, XattrMode};
 use mortar_client::mortar_proto::{
-    Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs,
+    Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs, Timestamp,
 };
 use mortar_client::Volume;
 use std::collections::HashMap;
@@ -29,6 +30,11 @@ struct Pending {
     bytes: usize,
     /// Highest end offset among `ranges` (0 when empty), for getattr.
     end: u64,
+    /// chmod/chown/utimens/setxattr of this file made while its data was buffered, with the
+    /// time each was made: committed after the data in the same Raft entry (so the flush does
+    /// not overwrite `cp -a`'s mtime, and costs one commit instead of four), and shown by this
+    /// mount until then.
+    after: Vec<(MetaOp, Timestamp)>,
 }
 
 pub struct OpenFile {
@@ -112,12 +118,48 @@ impl Core {
             .collect()
     }
 
-    /// Attributes as this mount sees them: a writer sees its buffered extension at once.
+    /// Hold back an attribute or xattr change of `ino` until the flush of a handle that has
+    /// buffered data (false when none has: the caller commits it now).
+    fn defer(&self, ino: InodeId, op: MetaOp) -> bool {
+        for f in self.handles_of(ino) {
+            let mut p = f.pending.lock().expect("pending lock");
+            if !p.ranges.is_empty() {
+                p.after.push((op, Timestamp::now()));
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Commit what is held back for `ino` before an operation that must see or follow it.
+    async fn flush_deferred(&self, ino: InodeId) -> Result<(), FsError> {
+        for f in self.handles_of(ino) {
+            if !f.pending.lock().expect("pending lock").after.is_empty() {
+                self.flush_file(&f, false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attributes as this mount sees them: a writer sees its buffered extension and its
+    /// held-back attribute changes at once.
     fn present(&self, mut a: Attr) -> Attr {
         if a.kind == FileKind::Regular {
             let server = a.size;
             for f in self.handles_of(a.ino) {
                 a.size = a.size.max(f.size_floor.load(Ordering::Acquire));
+                let p = f.pending.lock().expect("pending lock");
+                if !p.after.is_empty() {
+                    let mut shown = Inode {
+                        attr: a,
+                        content: Content::None,
+                        xattrs: Vec::new(),
+                    };
+                    for (op, at) in &p.after {
+                        mortar_client::apply_to_inode(&mut shown, op, *at);
+                    }
+                    a = shown.attr;
+                }
             }
             tracing::debug!(
                 ino = a.ino,
@@ -175,6 +217,22 @@ impl Core {
             }
         }
         if set != SetAttr::default() {
+            if attr.is_none()
+                && self.defer(
+                    ino,
+                    MetaOp::SetAttr {
+                        ino,
+                        set: set.clone(),
+                    },
+                )
+            {
+                // Answer from this mount's view: the open handle's inode plus what is held back.
+                let f = self.handles_of(ino).into_iter().next();
+                if let Some(f) = f {
+                    let base = f.state.lock().await.inode.attr.clone();
+                    return Ok(self.present(base));
+                }
+            }
             attr = Some(self.vol.setattr(ino, set).await?);
         }
         let attr = match attr {
@@ -390,6 +448,18 @@ impl Core {
         }
         p.bytes += data.len();
         p.end = p.end.max(offset + data.len() as u64);
+        // A write after a held-back utimens changes mtime again (the commit puts changes after
+        // the data, so say so explicitly).
+        let touch = MetaOp::SetAttr {
+            ino: f.ino,
+            set: SetAttr {
+                mtime: Some(TimeSet::Now),
+                ..SetAttr::default()
+            },
+        };
+        if p.after.last().is_some_and(|(op, _)| *op != touch) {
+            p.after.push((touch, Timestamp::now()));
+        }
         f.size_floor.fetch_max(p.end, Ordering::AcqRel);
         Ok(p.bytes >= FLUSH_THRESHOLD)
     }
@@ -405,9 +475,19 @@ impl Core {
     async fn flush_file(&self, f: &OpenFile, sync: bool) -> Result<(), FsError> {
         let mut st = f.state.lock().await;
         let taken = std::mem::take(&mut *f.pending.lock().expect("pending lock"));
-        if taken.ranges.is_empty() {
+        if taken.ranges.is_empty() && taken.after.is_empty() {
             // Nothing buffered: what this handle wrote is already on a quorum.
             return Ok(());
+        }
+        let then: Vec<MetaOp> = taken.after.iter().map(|(op, _)| op.clone()).collect();
+        if taken.ranges.is_empty() {
+            // Changes are held back only behind data; should that ever not hold, send them alone.
+            let result = self.vol.commit_batch(then).await;
+            if result.is_err() {
+                let mut p = f.pending.lock().expect("pending lock");
+                p.after.splice(0..0, taken.after);
+            }
+            return result;
         }
         let ranges: Vec<(u64, &[u8])> = taken
             .ranges
@@ -417,7 +497,11 @@ impl Core {
         // Commit against our own copy of the inode: no round trip to read it first, and if
         // someone else changed the file meanwhile, the version check makes us re-read.
         let base = (!st.stale).then(|| st.inode.clone());
-        match self.vol.write_ranges_on(f.ino, base, &ranges, sync).await {
+        match self
+            .vol
+            .write_ranges_on(f.ino, base, &ranges, sync, &then)
+            .await
+        {
             Ok(committed) => {
                 st.inode = committed;
                 st.stale = false;
@@ -428,6 +512,7 @@ impl Core {
                 let mut p = f.pending.lock().expect("pending lock");
                 let newer = std::mem::replace(&mut *p, taken);
                 p.ranges.extend(newer.ranges);
+                p.after.extend(newer.after);
                 p.bytes += newer.bytes;
                 p.end = p.end.max(newer.end);
                 Err(e)
@@ -515,19 +600,37 @@ impl Core {
         mode: XattrMode,
     ) -> Result<(), FsError> {
         self.writable()?;
+        // Only a plain set can be held back: it fails only on what check_xattr sees here, while
+        // XATTR_CREATE / XATTR_REPLACE depend on the committed state.
+        if mode == XattrMode::Any {
+            check_xattr(name, value)?;
+            let op = MetaOp::SetXattr {
+                ino,
+                name: name.to_vec(),
+                value: value.to_vec(),
+                mode,
+            };
+            if self.defer(ino, op) {
+                return Ok(());
+            }
+        }
+        self.flush_deferred(ino).await?;
         self.vol.setxattr(ino, name, value, mode).await
     }
 
     pub async fn getxattr(&self, ino: InodeId, name: &[u8]) -> Result<Vec<u8>, FsError> {
+        self.flush_deferred(ino).await?;
         self.vol.getxattr(ino, name).await
     }
 
     pub async fn listxattr(&self, ino: InodeId) -> Result<Vec<Vec<u8>>, FsError> {
+        self.flush_deferred(ino).await?;
         self.vol.listxattr(ino).await
     }
 
     pub async fn removexattr(&self, ino: InodeId, name: &[u8]) -> Result<(), FsError> {
         self.writable()?;
+        self.flush_deferred(ino).await?;
         self.vol.removexattr(ino, name).await
     }
 }

@@ -1,6 +1,7 @@
 //! Shared by every mortar part: wire messages and framing, QUIC transport with mutual TLS,
 //! identifiers, chunk placement and errno-carrying errors.
 
+pub mod attrs;
 pub mod digest;
 pub mod error;
 pub mod layout;

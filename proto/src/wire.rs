@@ -161,6 +161,10 @@ pub enum MetaOp {
     },
     /// Garbage collection removed these chunks from every brick: drop their release records.
     ForgetReleased(Vec<ChunkId>),
+    /// File operations applied in order as one: all succeed or none does. A file's new content
+    /// and the chmod/chown/utimens/setxattr made while it was buffered commit together, in
+    /// one Raft entry. Only SetContent, SetAttr and SetXattr may appear in a batch.
+    Batch(Vec<MetaOp>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +197,8 @@ pub enum MetaOk {
     StatFs(StatFs),
     Volume(VolumeConfig),
     Done,
+    /// One result per operation of a [`MetaOp::Batch`].
+    Batch(Vec<MetaOk>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

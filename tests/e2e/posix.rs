@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
@@ -351,6 +352,55 @@ async fn attributes_xattrs_statfs() {
     assert_eq!(xattr::get(&f, "user.color").unwrap(), None);
     assert_eq!(errno(xattr::remove(&f, "user.color")), libc::ENODATA);
 
+    // Changes made through a file whose data is still buffered show at once and survive the
+    // flush at close; a write after utimens moves mtime again.
+    let g = m.path.join("g");
+    let mut h = File::create(&g).unwrap();
+    h.write_all(b"buffered").unwrap();
+    h.set_permissions(fs::Permissions::from_mode(0o604))
+        .unwrap();
+    std::os::unix::fs::fchown(&h, Some(42), Some(43)).unwrap();
+    let old = [t(1_300_000_000, 5), t(1_300_000_000, 5)];
+    assert_eq!(unsafe { libc::futimens(h.as_raw_fd(), old.as_ptr()) }, 0);
+    xattr::FileExt::set_xattr(&h, "user.k", b"v").unwrap();
+    let md = h.metadata().unwrap();
+    assert_eq!(
+        (
+            md.mode() & 0o7777,
+            md.uid(),
+            md.gid(),
+            md.mtime(),
+            md.size()
+        ),
+        (0o604, 42, 43, 1_300_000_000, 8)
+    );
+    drop(h);
+    let md = fs::metadata(&g).unwrap();
+    assert_eq!(
+        (
+            md.mode() & 0o7777,
+            md.uid(),
+            md.gid(),
+            md.mtime(),
+            md.mtime_nsec()
+        ),
+        (0o604, 42, 43, 1_300_000_000, 5)
+    );
+    assert_eq!(xattr::get(&g, "user.k").unwrap().unwrap(), b"v");
+    assert_eq!(fs::read(&g).unwrap(), b"buffered");
+    let mut h = OpenOptions::new().write(true).open(&g).unwrap();
+    h.write_all(b"x").unwrap();
+    assert_eq!(unsafe { libc::futimens(h.as_raw_fd(), old.as_ptr()) }, 0);
+    h.write_all(b"y").unwrap();
+    drop(h);
+    let md = fs::metadata(&g).unwrap();
+    assert!(
+        (md.mtime() - now).abs() < 60,
+        "mtime {} after a later write",
+        md.mtime()
+    );
+    assert_eq!(fs::read(&g).unwrap(), b"xyffered");
+
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     assert_eq!(unsafe { libc::statvfs(c(&m.path).as_ptr(), &mut st) }, 0);
     assert!(
@@ -358,6 +408,72 @@ async fn attributes_xattrs_statfs() {
         "statfs reports no capacity"
     );
     assert_eq!(st.f_namemax, 255);
+}
+
+/// `cp -a` into the mount keeps what it copies (owner, mode, nanosecond mtime, xattrs, content),
+/// as this mount and a second one see it: attributes set through an open file with buffered
+/// data must not be overwritten when that data is flushed at close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cp_a_preserves_what_it_copies() {
+    let cl = Cluster::start(3);
+    cl.create_volume("www", 64 * 1024).await;
+    let a = cl.mount("www", "a", "").await;
+    let src = cl.dir.path().join("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    let files = [
+        ("small.html", 700usize, 0o644, (33, 33)),
+        ("sub/script.php", 20_000, 0o640, (1234, 5678)),
+        ("sub/big.css", 200_000, 0o600, (0, 33)),
+        ("empty", 0, 0o755, (7, 7)),
+    ];
+    for (i, (name, len, mode, (uid, gid))) in files.iter().enumerate() {
+        let p = src.join(name);
+        let body: Vec<u8> = (0..*len).map(|k| (k * 13 + i) as u8).collect();
+        fs::write(&p, body).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).unwrap();
+        std::os::unix::fs::chown(&p, Some(*uid), Some(*gid)).unwrap();
+        xattr::set(&p, "user.origin", name.as_bytes()).unwrap();
+        let t = libc::timespec {
+            tv_sec: 1_400_000_000 + i as i64,
+            tv_nsec: 123_456_789,
+        };
+        utimens(&p, t, t);
+    }
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(a.path.join("copy"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b = cl.mount("www", "b", "").await;
+    for m in [&a, &b] {
+        for (name, ..) in &files {
+            let (s, d) = (src.join(name), m.path.join("copy").join(name));
+            let (ms, md) = (fs::metadata(&s).unwrap(), fs::metadata(&d).unwrap());
+            let seen = |x: &fs::Metadata| {
+                (
+                    x.mode(),
+                    x.uid(),
+                    x.gid(),
+                    x.size(),
+                    x.mtime(),
+                    x.mtime_nsec(),
+                )
+            };
+            assert_eq!(seen(&md), seen(&ms), "{} in {}", name, m.path.display());
+            assert_eq!(fs::read(&d).unwrap(), fs::read(&s).unwrap(), "{name}");
+            assert_eq!(
+                xattr::get(&d, "user.origin").unwrap().unwrap(),
+                name.as_bytes(),
+                "{name}"
+            );
+        }
+    }
 }
 
 /// Two mounts of one volume: close-to-open consistency and renames seen across mounts.

@@ -1,0 +1,163 @@
+//! How attribute and xattr changes alter an inode. One definition for the namespace (which
+//! applies them under Raft) and the client (which shows changes it holds back until a flush),
+//! so both compute the same result.
+
+use crate::wire::{SetAttr, TimeSet, XattrMode};
+use crate::{FsError, Inode, Timestamp, XATTR_VALUE_MAX};
+
+/// The POSIX access ACL, in the kernel's xattr format: a u32 version (2), then entries of
+/// (u16 tag, u16 perm, u32 id), little-endian. Without kernel ACL support it reaches us as an
+/// xattr; we keep it and the mode bits in step, as a Linux filesystem does (`cp -a` sets modes
+/// through it).
+pub const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+pub const ACL_USER_OBJ: u16 = 0x01;
+pub const ACL_GROUP_OBJ: u16 = 0x04;
+pub const ACL_MASK: u16 = 0x10;
+pub const ACL_OTHER: u16 = 0x20;
+
+fn acl_entries(value: &[u8]) -> Option<impl Iterator<Item = (usize, u16, u16)> + '_> {
+    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) || value[..4] != 2u32.to_le_bytes() {
+        return None;
+    }
+    Some(value[4..].chunks_exact(8).enumerate().map(|(i, e)| {
+        (
+            4 + i * 8,
+            u16::from_le_bytes([e[0], e[1]]),
+            u16::from_le_bytes([e[2], e[3]]),
+        )
+    }))
+}
+
+/// The rwx bits an access ACL implies (the mask stands for the group bits when present).
+pub fn acl_mode(value: &[u8]) -> Option<u32> {
+    let (mut user, mut group, mut mask, mut other) = (None, None, None, None);
+    for (_, tag, perm) in acl_entries(value)? {
+        let p = Some((perm & 7) as u32);
+        match tag {
+            ACL_USER_OBJ => user = p,
+            ACL_GROUP_OBJ => group = p,
+            ACL_MASK => mask = p,
+            ACL_OTHER => other = p,
+            _ => {}
+        }
+    }
+    Some(user? << 6 | mask.or(group)? << 3 | other?)
+}
+
+/// Rewrite an access ACL's owner, group (or mask) and other entries after a chmod.
+fn acl_chmod(value: &mut [u8], perm: u32) {
+    let has_mask = acl_entries(value).is_some_and(|mut it| it.any(|(_, t, _)| t == ACL_MASK));
+    let Some(entries) = acl_entries(value) else {
+        return;
+    };
+    let updates: Vec<(usize, u16)> = entries
+        .filter_map(|(at, tag, _)| match tag {
+            ACL_USER_OBJ => Some((at, (perm >> 6) & 7)),
+            ACL_MASK => Some((at, (perm >> 3) & 7)),
+            ACL_GROUP_OBJ if !has_mask => Some((at, (perm >> 3) & 7)),
+            ACL_OTHER => Some((at, perm & 7)),
+            _ => None,
+        })
+        .map(|(at, p)| (at, p as u16))
+        .collect();
+    for (at, p) in updates {
+        value[at + 2..at + 4].copy_from_slice(&p.to_le_bytes());
+    }
+}
+
+pub fn check_xattr_name(name: &[u8]) -> Result<(), FsError> {
+    if name.is_empty() || name.contains(&0) {
+        return Err(FsError::Invalid("empty xattr name".into()));
+    }
+    if name.len() > 255 {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
+}
+
+/// Why a `setxattr` would fail whatever the inode holds (name, size, ACL format).
+pub fn check_xattr(name: &[u8], value: &[u8]) -> Result<(), FsError> {
+    check_xattr_name(name)?;
+    if value.len() > XATTR_VALUE_MAX {
+        return Err(FsError::TooLarge(format!(
+            "xattr value of {} bytes",
+            value.len()
+        )));
+    }
+    if name == ACL_ACCESS && acl_mode(value).is_none() {
+        return Err(FsError::Invalid("malformed POSIX ACL".into()));
+    }
+    Ok(())
+}
+
+fn resolve(t: TimeSet, now: Timestamp) -> Timestamp {
+    match t {
+        TimeSet::Now => now,
+        TimeSet::At(ts) => ts,
+    }
+}
+
+impl Inode {
+    /// chmod, chown, utimens: the attributes change, ctime becomes `now`, and a chmod keeps
+    /// the access ACL in step.
+    pub fn set_attr(&mut self, set: &SetAttr, now: Timestamp) {
+        let attr = &mut self.attr;
+        if let Some(p) = set.perm {
+            attr.perm = p & 0o7777;
+            if let Some((_, acl)) = self.xattrs.iter_mut().find(|(n, _)| n == ACL_ACCESS) {
+                acl_chmod(acl, p);
+            }
+        }
+        if let Some(u) = set.uid {
+            attr.uid = u;
+        }
+        if let Some(g) = set.gid {
+            attr.gid = g;
+        }
+        if let Some(t) = set.atime {
+            attr.atime = resolve(t, now);
+        }
+        if let Some(t) = set.mtime {
+            attr.mtime = resolve(t, now);
+        }
+        attr.ctime = now;
+    }
+
+    /// setxattr; setting the access ACL also sets the mode bits.
+    pub fn set_xattr(
+        &mut self,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+        now: Timestamp,
+    ) -> Result<(), FsError> {
+        check_xattr(name, value)?;
+        let pos = self.xattrs.iter().position(|(n, _)| n == name);
+        match (pos, mode) {
+            (Some(_), XattrMode::Create) => return Err(FsError::Exists),
+            (None, XattrMode::Replace) => return Err(FsError::NoXattr),
+            (Some(i), _) => self.xattrs[i].1 = value.to_vec(),
+            (None, _) => {
+                self.xattrs.push((name.to_vec(), value.to_vec()));
+                self.xattrs.sort();
+            }
+        }
+        if let Some(bits) = (name == ACL_ACCESS).then(|| acl_mode(value)).flatten() {
+            self.attr.perm = (self.attr.perm & !0o777) | bits;
+        }
+        self.attr.ctime = now;
+        Ok(())
+    }
+
+    pub fn remove_xattr(&mut self, name: &[u8], now: Timestamp) -> Result<(), FsError> {
+        check_xattr_name(name)?;
+        let pos = self
+            .xattrs
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or(FsError::NoXattr)?;
+        self.xattrs.remove(pos);
+        self.attr.ctime = now;
+        Ok(())
+    }
+}
