@@ -1095,16 +1095,20 @@ mod tests {
         );
     }
 
+    fn inline_content(ino: InodeId, expect_version: u64, data: &[u8]) -> MetaOp {
+        MetaOp::SetContent {
+            ino,
+            expect_version,
+            size: data.len() as u64,
+            content: Content::Inline(data.to_vec()),
+        }
+    }
+
     #[test]
     fn set_content_checks_version() {
         let mut m = vol();
         let f = create(&mut m, ROOT_INODE, "f").unwrap();
-        let set = |v, data: &[u8]| MetaOp::SetContent {
-            ino: f.ino,
-            expect_version: v,
-            size: data.len() as u64,
-            content: Content::Inline(data.to_vec()),
-        };
+        let set = |v, data: &[u8]| inline_content(f.ino, v, data);
         let a = attr(m.run(set(0, b"hello")).unwrap());
         assert_eq!((a.size, a.version), (5, 1));
         assert_eq!(m.run(set(0, b"x")), Err(FsError::Conflict(1)));
@@ -1125,12 +1129,7 @@ mod tests {
     fn a_batch_applies_in_order_or_not_at_all() {
         let mut m = vol();
         let f = create(&mut m, ROOT_INODE, "f").unwrap();
-        let content = |v, data: &[u8]| MetaOp::SetContent {
-            ino: f.ino,
-            expect_version: v,
-            size: data.len() as u64,
-            content: Content::Inline(data.to_vec()),
-        };
+        let content = |v, data: &[u8]| inline_content(f.ino, v, data);
         let old = Timestamp {
             secs: 1_300_000_000,
             nanos: 5,

@@ -269,11 +269,10 @@ impl Volume {
             .attr)
     }
 
-    /// [`Volume::write_ranges`] starting from the caller's copy of the inode, if any; returns
-    /// the inode as committed.
     /// Apply writes to `base` (our copy of the inode, if we have one) and commit them, followed
     /// in the same commit by `then`: attribute and xattr changes of this file made after the
-    /// writes (chmod, chown, utimens, setxattr), so a flush cannot overwrite them.
+    /// writes (chmod, chown, utimens, setxattr), so a flush cannot overwrite them. Returns the
+    /// inode as committed.
     pub async fn write_ranges_on(
         &self,
         ino: InodeId,

@@ -472,11 +472,6 @@ impl Volume {
         expect_attr(self.write_op(MetaOp::SetAttr { ino, set }).await?)
     }
 
-    /// Commit file attribute and xattr changes as one (see [`MetaOp::Batch`]).
-    pub async fn commit_batch(&self, ops: Vec<MetaOp>) -> Result<(), FsError> {
-        self.write_op(MetaOp::Batch(ops)).await.map(|_| ())
-    }
-
     pub async fn setxattr(
         &self,
         ino: InodeId,

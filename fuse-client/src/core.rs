@@ -119,16 +119,17 @@ impl Core {
     }
 
     /// Hold back an attribute or xattr change of `ino` until the flush of a handle that has
-    /// buffered data (false when none has: the caller commits it now).
-    fn defer(&self, ino: InodeId, op: MetaOp) -> bool {
+    /// buffered data, and return that handle (None when none has: the caller commits it now).
+    fn defer(&self, ino: InodeId, op: MetaOp) -> Option<Arc<OpenFile>> {
         for f in self.handles_of(ino) {
             let mut p = f.pending.lock().expect("pending lock");
             if !p.ranges.is_empty() {
                 p.after.push((op, Timestamp::now()));
-                return true;
+                drop(p);
+                return Some(f);
             }
         }
-        false
+        None
     }
 
     /// Commit what is held back for `ino` before an operation that must see or follow it.
@@ -217,21 +218,14 @@ impl Core {
             }
         }
         if set != SetAttr::default() {
-            if attr.is_none()
-                && self.defer(
-                    ino,
-                    MetaOp::SetAttr {
-                        ino,
-                        set: set.clone(),
-                    },
-                )
-            {
-                // Answer from this mount's view: the open handle's inode plus what is held back.
-                let f = self.handles_of(ino).into_iter().next();
-                if let Some(f) = f {
-                    let base = f.state.lock().await.inode.attr.clone();
-                    return Ok(self.present(base));
-                }
+            let op = MetaOp::SetAttr {
+                ino,
+                set: set.clone(),
+            };
+            if let Some(f) = attr.is_none().then(|| self.defer(ino, op)).flatten() {
+                // Answer from this mount's view: the handle's inode plus what is held back.
+                let base = f.state.lock().await.inode.attr.clone();
+                return Ok(self.present(base));
             }
             attr = Some(self.vol.setattr(ino, set).await?);
         }
@@ -475,20 +469,13 @@ impl Core {
     async fn flush_file(&self, f: &OpenFile, sync: bool) -> Result<(), FsError> {
         let mut st = f.state.lock().await;
         let taken = std::mem::take(&mut *f.pending.lock().expect("pending lock"));
-        if taken.ranges.is_empty() && taken.after.is_empty() {
-            // Nothing buffered: what this handle wrote is already on a quorum.
+        if taken.ranges.is_empty() {
+            // Nothing buffered: what this handle wrote is already on a quorum. (Changes are
+            // held back only behind buffered data, so none are waiting either.)
+            debug_assert!(taken.after.is_empty());
             return Ok(());
         }
         let then: Vec<MetaOp> = taken.after.iter().map(|(op, _)| op.clone()).collect();
-        if taken.ranges.is_empty() {
-            // Changes are held back only behind data; should that ever not hold, send them alone.
-            let result = self.vol.commit_batch(then).await;
-            if result.is_err() {
-                let mut p = f.pending.lock().expect("pending lock");
-                p.after.splice(0..0, taken.after);
-            }
-            return result;
-        }
         let ranges: Vec<(u64, &[u8])> = taken
             .ranges
             .iter()
@@ -610,7 +597,7 @@ impl Core {
                 value: value.to_vec(),
                 mode,
             };
-            if self.defer(ino, op) {
+            if self.defer(ino, op).is_some() {
                 return Ok(());
             }
         }
