@@ -7,3 +7,4 @@ pub mod namespace;
 pub mod raft;
 pub mod server;
 pub mod store;
+pub mod watch;

@@ -3,6 +3,7 @@ use clap::Parser;
 use mortar_brick::raft::{self, LogStore, Network, StateMachine};
 use mortar_brick::server::Brick;
 use mortar_brick::store::Store;
+use mortar_brick::watch::Watchers;
 use mortar_proto::tls::Identity;
 use mortar_proto::transport::{server_endpoint, Pool};
 use std::net::SocketAddr;
@@ -93,6 +94,7 @@ async fn run(args: Args) -> Result<()> {
         pool,
         volume,
         data_dir: args.data.clone(),
+        watchers: Arc::new(Watchers::new(id, raft.clone())),
     });
     tracing::info!(brick = id, listen = %args.listen, data = %args.data.display(), "brick serving");
     let server = tokio::spawn(brick.clone().serve(endpoint.clone()));

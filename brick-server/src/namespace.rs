@@ -4,7 +4,7 @@
 //! fails with none: writes collect in a [`Txn`] that is discarded on error.
 
 pub use crate::store::Rows;
-use mortar_proto::wire::{MetaOk, MetaOp, OpId, Query};
+use mortar_proto::wire::{Inval, MetaOk, MetaOp, OpId, Query};
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
     validate_name, Attr, ChunkId, Content, DirEntry, FileKind, FsError, Inode, InodeId, Timestamp,
@@ -130,6 +130,21 @@ fn u64_of(b: Option<Vec<u8>>) -> u64 {
     b.and_then(|v| v.try_into().ok())
         .map(u64::from_be_bytes)
         .unwrap_or(0)
+}
+
+/// What a transaction's writes modify, as clients cache it: inodes and directory entries.
+pub fn touched(writes: &BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>) -> Vec<Inval> {
+    writes
+        .keys()
+        .filter_map(|(table, key)| match table {
+            Table::Inodes => Some(Inval::Inode(u64_of(Some(key.clone())))),
+            Table::Dentries if key.len() >= 8 => {
+                let (parent, name) = key.split_at(8);
+                Some(Inval::Entry(u64_of(Some(parent.to_vec())), name.to_vec()))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Writes of one operation, readable before they are committed.

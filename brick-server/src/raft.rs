@@ -10,7 +10,7 @@ use crate::store::{
     Store, CF_META_DENTRIES, CF_META_INODES, CF_META_SYS, CF_RAFT_LOG, CF_RAFT_STATE,
 };
 use mortar_proto::transport::Pool;
-use mortar_proto::wire::{self, MetaOk, MetaOp, OpId, RaftKind, RaftRpc, Reply, Request};
+use mortar_proto::wire::{self, Inval, MetaOk, MetaOp, OpId, RaftKind, RaftRpc, Reply, Request};
 use mortar_proto::{FsError, Timestamp, VolumeConfig};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -48,10 +48,17 @@ pub struct Command {
 
 pub type MetaResult = Result<MetaOk, FsError>;
 
+/// The outcome of one applied entry, with what it modified (for the leader's invalidations).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Applied {
+    pub result: MetaResult,
+    pub touched: Vec<Inval>,
+}
+
 openraft::declare_raft_types!(
     pub TypeConfig:
         D = Command,
-        R = MetaResult,
+        R = Applied,
         NodeId = NodeId,
         Node = BasicNode,
 );
@@ -394,7 +401,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.applied()
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<MetaResult>>
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Applied>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -403,6 +410,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut volume_changed = false;
         for entry in entries {
             let mut batch = WriteBatch::default();
+            let mut touched = Vec::new();
             let result = match &entry.payload {
                 EntryPayload::Blank => Ok(MetaOk::Done),
                 EntryPayload::Membership(m) => {
@@ -418,6 +426,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     // apply_once leaves only the writes to keep: the change's on success, and
                     // the remembered outcome either way.
                     {
+                        touched = namespace::touched(&txn.writes);
                         for ((table, key), value) in txn.writes {
                             let cf = self.store.cf(table_cf(table));
                             match value {
@@ -435,7 +444,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 enc(&Some(entry.log_id)),
             );
             self.store.write(batch, false).map_err(io_err)?;
-            results.push(result);
+            results.push(Applied { result, touched });
         }
         if volume_changed {
             self.refresh_volume()?;

@@ -6,11 +6,12 @@ use crate::heal;
 use crate::namespace;
 use crate::raft::{self, Command, DbMeta, Raft, SharedVolume};
 use crate::store::{Store, CF_HEAL_INDEX};
+use crate::watch::Watchers;
 use mortar_proto::tls::{peer_identity, Role};
 use mortar_proto::transport::{Health, Pool};
 use mortar_proto::wire::{
     read_frame, write_frame, AdminRequest, BrickHello, BrickStatus, FrameError, MetaOk, MetaOp,
-    OpId, PeerHealth, Query, Reply, Request, Response,
+    OpId, PeerHealth, Query, Reply, Request, Response, Stamp,
 };
 use mortar_proto::{BrickId, BrickRef, FsError, StatFs, Timestamp, VolumeConfig, NAME_MAX};
 use openraft::error::{ClientWriteError, RaftError};
@@ -36,6 +37,7 @@ pub struct Brick {
     pub pool: Pool,
     pub volume: SharedVolume,
     pub data_dir: PathBuf,
+    pub watchers: Arc<Watchers>,
 }
 
 /// Refuse (and log) a request the peer's certificate role does not allow.
@@ -91,6 +93,10 @@ impl Brick {
         mut recv: quinn::RecvStream,
     ) {
         let response = match read_frame::<Request>(&mut recv).await {
+            Ok(Request::Watch { client }) if role == Role::Client => {
+                // The stream stays open for the watch's lifetime.
+                return self.watchers.clone().serve(client, send, recv).await;
+            }
             Ok(req) => self.dispatch(role, req).await,
             Err(FrameError::Read(e)) => {
                 tracing::debug!(error = %e, "stream ended before a request");
@@ -148,6 +154,9 @@ impl Brick {
                 raft::serve_rpc(&self.raft, rpc).await
             }
             Request::Admin(a) => self.admin(role, a).await,
+            Request::Watch { .. } => Err(FsError::NotPermitted(
+                "only a client certificate may watch the namespace".into(),
+            )),
         }
     }
 
@@ -200,14 +209,8 @@ impl Brick {
     async fn forward(&self, leader: &BrickRef, req: &Request) -> Reply {
         match self.pool.call(&leader.addr, req, FORWARD_TIMEOUT).await {
             Ok(Ok(reply)) => reply,
-            Ok(Err(e)) => Reply::Meta {
-                result: Err(e),
-                leader: Some(leader.clone()),
-            },
-            Err(e) => Reply::Meta {
-                result: Err(unavailable(e)),
-                leader: None,
-            },
+            Ok(Err(e)) => Reply::meta(Err(e), Some(leader.clone())),
+            Err(e) => Reply::meta(Err(unavailable(e)), None),
         }
     }
 
@@ -241,23 +244,18 @@ impl Brick {
 
     async fn meta_write_within(&self, op: MetaOp, once: Option<OpId>, wait: Duration) -> Reply {
         if !self.quorum_reachable() {
-            return Reply::Meta {
-                result: Err(FsError::ReadOnly(
+            return Reply::meta(
+                Err(FsError::ReadOnly(
                     "this brick cannot reach a majority of the volume's bricks".into(),
                 )),
-                leader: None,
-            };
+                None,
+            );
         }
         let deadline = Instant::now() + wait;
         loop {
             let leader = match self.await_leader(deadline).await {
                 Ok(l) => l,
-                Err(e) => {
-                    return Reply::Meta {
-                        result: Err(e),
-                        leader: None,
-                    }
-                }
+                Err(e) => return Reply::meta(Err(e), None),
             };
             if leader.id != self.id {
                 let req = Request::Meta {
@@ -280,28 +278,34 @@ impl Brick {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, self.raft.client_write(cmd)).await {
                 Ok(Ok(resp)) => {
+                    let index = resp.log_id.index;
+                    let touched = resp.data.touched;
+                    self.watchers
+                        .after_change(once.map(|o| o.client), index, &touched)
+                        .await;
                     return Reply::Meta {
-                        result: resp.data,
+                        result: resp.data.result,
                         leader: Some(leader),
-                    }
+                        stamp: Some(Stamp {
+                            leader: self.id,
+                            term: resp.log_id.leader_id.term,
+                            index,
+                        }),
+                        touched,
+                    };
                 }
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
                     // Leadership moved between our check and the write; look again.
                     continue;
                 }
-                Ok(Err(e)) => {
-                    return Reply::Meta {
-                        result: Err(unavailable(e)),
-                        leader: None,
-                    }
-                }
+                Ok(Err(e)) => return Reply::meta(Err(unavailable(e)), None),
                 Err(_) => {
-                    return Reply::Meta {
-                        result: Err(FsError::Unavailable(format!(
+                    return Reply::meta(
+                        Err(FsError::Unavailable(format!(
                             "metadata write not committed within {wait:?} (no quorum?)"
                         ))),
-                        leader: None,
-                    }
+                        None,
+                    )
                 }
             }
         }
@@ -313,12 +317,7 @@ impl Brick {
         let leader = if self.quorum_reachable() {
             match self.await_leader(deadline).await {
                 Ok(l) => Some(l),
-                Err(e) => {
-                    return Reply::Meta {
-                        result: Err(e),
-                        leader: None,
-                    }
-                }
+                Err(e) => return Reply::meta(Err(e), None),
             }
         } else {
             None
@@ -327,17 +326,25 @@ impl Brick {
             let req = Request::Query(q);
             return tokio::select! {
                 reply = self.forward(l, &req) => reply,
-                _ = self.leader_moves_from(l.id) => Reply::Meta {
-                    result: Err(FsError::Unavailable("the metadata leader changed".into())),
-                    leader: self.leader(),
-                },
+                _ = self.leader_moves_from(l.id) => Reply::meta(Err(FsError::Unavailable("the metadata leader changed".into())), self.leader()),
             };
         }
+        // The applied index before the read: the answer reflects at least this much, and the
+        // watch invalidates anything later that touches it. Only a caught-up leader stamps.
+        let stamp = leader
+            .as_ref()
+            .and_then(|_| self.watchers.stamp())
+            .filter(|st| st.leader == self.id);
         let result = match q {
             Query::StatFs => self.statfs(),
             q => namespace::query(&DbMeta(&self.store), &q),
         };
-        Reply::Meta { result, leader }
+        Reply::Meta {
+            result,
+            leader,
+            stamp,
+            touched: Vec::new(),
+        }
     }
 
     fn statfs(&self) -> Result<MetaOk, FsError> {

@@ -6,6 +6,8 @@
 
 mod cache;
 mod data;
+mod meta_cache;
+mod watch;
 pub use data::apply_to_inode;
 pub mod volume_admin;
 
@@ -14,12 +16,14 @@ use mortar_proto::tls::Identity;
 use mortar_proto::transport::{client_endpoint, Pool};
 use mortar_proto::transport::{Health, TransportError};
 use mortar_proto::wire::Response;
-use mortar_proto::wire::{MetaOk, MetaOp, OpId, Query, Reply, Request, SetAttr, XattrMode};
+use mortar_proto::wire::{
+    Inval, MetaOk, MetaOp, OpId, Query, Reply, Request, SetAttr, Stamp, XattrMode,
+};
 use mortar_proto::{
     Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs, VolumeConfig,
 };
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use mortar_proto;
@@ -45,6 +49,22 @@ pub struct Volume {
     client_id: u128,
     next_seq: AtomicU64,
     op_timeout: Duration,
+    /// Namespace answers served from memory while the watch holds a lease.
+    meta_cache: meta_cache::MetaCache,
+    /// Told what other clients changed, after the cache dropped it (the FUSE layer passes it
+    /// on to the kernel's caches).
+    inval_hook: OnceLock<InvalHook>,
+    /// Namespace requests sent to bricks (reads and changes), for tests and metrics.
+    meta_requests: AtomicU64,
+}
+
+pub type InvalHook = Box<dyn Fn(&[Inval]) + Send + Sync>;
+
+/// A brick's namespace answer with where it stands in the log and what it changed.
+struct Answer {
+    result: Result<MetaOk, FsError>,
+    stamp: Option<Stamp>,
+    touched: Vec<Inval>,
 }
 
 /// Verified chunks a client keeps in memory.
@@ -87,8 +107,11 @@ impl Volume {
             client_id: rand::random(),
             next_seq: AtomicU64::new(1),
             op_timeout: DEFAULT_OP_TIMEOUT,
+            meta_cache: meta_cache::MetaCache::default(),
+            inval_hook: OnceLock::new(),
+            meta_requests: AtomicU64::new(0),
         };
-        let config = match partial.meta(Request::Query(Query::Volume)).await? {
+        let config = match partial.meta(Request::Query(Query::Volume)).await.result? {
             MetaOk::Volume(v) => v,
             other => return Err(FsError::Io(format!("unexpected answer {other:?}"))),
         };
@@ -124,6 +147,27 @@ impl Volume {
         v
     }
 
+    /// Keep a watch on the metadata leader, so lookups, getattr, open and xattr reads are
+    /// answered from memory while its lease lasts (see [`mortar_proto::wire::WatchDown`]).
+    pub fn start_watch(self: &Arc<Self>) {
+        tokio::spawn(watch::run(Arc::downgrade(self)));
+    }
+
+    /// Call `hook` with what other clients changed, once this client's cache has dropped it.
+    pub fn on_invalidate(&self, hook: InvalHook) {
+        let _ = self.inval_hook.set(hook);
+    }
+
+    /// Whether namespace reads are being answered from memory (a lease is held).
+    pub fn caching(&self) -> bool {
+        self.meta_cache.serving()
+    }
+
+    /// Namespace requests this client has sent to bricks so far.
+    pub fn meta_requests(&self) -> u64 {
+        self.meta_requests.load(Ordering::Relaxed)
+    }
+
     pub fn config(&self) -> &VolumeConfig {
         &self.config
     }
@@ -135,7 +179,16 @@ impl Volume {
     /// Send a namespace request to the leader (or any brick, which forwards it), retrying on
     /// other bricks until the operation timeout. Bricks that cannot reach a quorum answer
     /// changes with EROFS at once (reads still work); that ends the retries.
-    async fn meta(&self, req: Request) -> Result<MetaOk, FsError> {
+    async fn meta(&self, req: Request) -> Answer {
+        self.meta_requests.fetch_add(1, Ordering::Relaxed);
+        self.meta_inner(req).await.unwrap_or_else(|e| Answer {
+            result: Err(e),
+            stamp: None,
+            touched: Vec::new(),
+        })
+    }
+
+    async fn meta_inner(&self, req: Request) -> Result<Answer, FsError> {
         let deadline = Instant::now() + self.op_timeout;
         let mut last_err;
         let mut attempt = 0usize;
@@ -162,7 +215,12 @@ impl Volume {
             attempt += 1;
             let (target, answer) = self.attempt(&req, first, hedge).await;
             match answer {
-                Ok(Ok(Reply::Meta { result, leader })) => {
+                Ok(Ok(Reply::Meta {
+                    result,
+                    leader,
+                    stamp,
+                    touched,
+                })) => {
                     *self.leader.lock().expect("leader lock") = leader.map(|l| l.addr);
                     match result {
                         Err(FsError::Unavailable(e)) => last_err = FsError::Unavailable(e),
@@ -178,7 +236,13 @@ impl Volume {
                             }
                             continue;
                         }
-                        other => return other,
+                        result => {
+                            return Ok(Answer {
+                                result,
+                                stamp,
+                                touched,
+                            })
+                        }
                     }
                 }
                 Ok(Ok(other)) => return Err(FsError::Io(format!("unexpected reply {other:?}"))),
@@ -269,34 +333,96 @@ impl Volume {
             client: self.client_id,
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
         };
-        self.meta(Request::Meta {
-            op,
-            once: Some(once),
-        })
-        .await
+        let ticket = self.meta_cache.ticket();
+        let named = match &op {
+            MetaOp::Mknod { parent, name, .. }
+            | MetaOp::Mkdir { parent, name, .. }
+            | MetaOp::Symlink { parent, name, .. } => Some((*parent, name.clone())),
+            MetaOp::Link {
+                new_parent,
+                new_name,
+                ..
+            } => Some((*new_parent, new_name.clone())),
+            _ => None,
+        };
+        let a = self
+            .meta(Request::Meta {
+                op,
+                once: Some(once),
+            })
+            .await;
+        match a.stamp {
+            // What the change touched is gone from our cache, as from everyone else's.
+            Some(st) => self.meta_cache.invalidate(st.index, &a.touched),
+            // No word on what happened (it may have been applied): trust nothing cached.
+            None => self.meta_cache.drop_all(),
+        }
+        if let (Some(t), Ok(MetaOk::Attr(attr))) = (ticket, &a.result) {
+            match named {
+                Some((parent, name)) => {
+                    self.meta_cache
+                        .put_name(t, a.stamp, parent, &name, Some(attr))
+                }
+                None => self.meta_cache.put_attr(t, a.stamp, attr),
+            }
+        }
+        a.result
     }
 
     async fn query(&self, q: Query) -> Result<MetaOk, FsError> {
-        self.meta(Request::Query(q)).await
+        self.meta(Request::Query(q)).await.result
     }
 
     pub async fn lookup(&self, parent: InodeId, name: &[u8]) -> Result<Attr, FsError> {
-        expect_attr(
-            self.query(Query::Lookup {
+        if let Some(known) = self.meta_cache.name(parent, name) {
+            return known.ok_or(FsError::NotFound);
+        }
+        let ticket = self.meta_cache.ticket();
+        let a = self
+            .meta(Request::Query(Query::Lookup {
                 parent,
                 name: name.to_vec(),
-            })
-            .await?,
-        )
+            }))
+            .await;
+        if let Some(t) = ticket {
+            match &a.result {
+                Ok(MetaOk::Attr(attr)) => {
+                    self.meta_cache
+                        .put_name(t, a.stamp, parent, name, Some(attr))
+                }
+                Err(FsError::NotFound) => self.meta_cache.put_name(t, a.stamp, parent, name, None),
+                _ => {}
+            }
+        }
+        expect_attr(a.result?)
     }
 
     pub async fn getattr(&self, ino: InodeId) -> Result<Attr, FsError> {
-        expect_attr(self.query(Query::GetAttr { ino }).await?)
+        if let Some(attr) = self.meta_cache.attr(ino) {
+            return Ok(attr);
+        }
+        let ticket = self.meta_cache.ticket();
+        let a = self.meta(Request::Query(Query::GetAttr { ino })).await;
+        let attr = expect_attr(a.result?)?;
+        if let Some(t) = ticket {
+            self.meta_cache.put_attr(t, a.stamp, &attr);
+        }
+        Ok(attr)
     }
 
     pub async fn inode(&self, ino: InodeId) -> Result<Inode, FsError> {
-        match self.query(Query::GetInode { ino }).await? {
-            MetaOk::Inode(i) => Ok(i),
+        if let Some(inode) = self.meta_cache.inode(ino) {
+            return Ok(inode);
+        }
+        let ticket = self.meta_cache.ticket();
+        let a = self.meta(Request::Query(Query::GetInode { ino })).await;
+        match a.result? {
+            MetaOk::Inode(i) => {
+                if let Some(t) = ticket {
+                    self.meta_cache.put_inode(t, a.stamp, &i);
+                }
+                Ok(i)
+            }
             other => Err(FsError::Io(format!("unexpected answer {other:?}"))),
         }
     }

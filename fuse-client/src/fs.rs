@@ -8,7 +8,7 @@ use fuser::{
     ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use mortar_client::mortar_proto::wire::{SetAttr, TimeSet, XattrMode};
+use mortar_client::mortar_proto::wire::{Inval, SetAttr, TimeSet, XattrMode};
 use mortar_client::mortar_proto::{Attr, DirEntry, FileKind, FsError, Timestamp};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -108,15 +108,44 @@ pub fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn open_flags(keep_cache: bool) -> FopenFlags {
+fn open_flags(keep_cache: bool, write: bool) -> FopenFlags {
+    let mut f = FopenFlags::empty();
     if keep_cache {
-        FopenFlags::FOPEN_KEEP_CACHE
-    } else {
-        FopenFlags::empty()
+        f |= FopenFlags::FOPEN_KEEP_CACHE;
     }
+    if !write {
+        // A read-only handle has nothing to flush: spare close() a round trip to us.
+        f |= FopenFlags::FOPEN_NOFLUSH;
+    }
+    f
 }
 
 const GENERATION: Generation = Generation(0);
+
+/// Pass what other clients changed on to the kernel's entry, attribute and page caches. The
+/// notifications run on blocking threads: the kernel may hold them while it waits for one of
+/// our answers.
+pub fn kernel_invalidation(
+    notifier: Arc<OnceLock<Notifier>>,
+    rt: tokio::runtime::Handle,
+) -> mortar_client::InvalHook {
+    Box::new(move |items: &[Inval]| {
+        let Some(n) = notifier.get().cloned() else {
+            return;
+        };
+        let items = items.to_vec();
+        rt.spawn_blocking(move || {
+            for item in items {
+                let _ = match item {
+                    Inval::Inode(ino) => n.inval_inode(INodeNo(ino), 0, 0),
+                    Inval::Entry(parent, name) => {
+                        n.inval_entry(INodeNo(parent), OsStr::from_bytes(&name))
+                    }
+                };
+            }
+        });
+    })
+}
 
 /// What creating an entry needs from a request: the name, the permission bits the umask
 /// leaves, and the caller's uid and gid as the new owner.
@@ -401,7 +430,7 @@ impl Filesystem for MortarFs {
                             let _ = n.inval_inode(ino, 0, 0);
                         }
                     }
-                    reply.opened(FileHandle(o.fh), open_flags(o.keep_cache))
+                    reply.opened(FileHandle(o.fh), open_flags(o.keep_cache, write))
                 }
                 Err(e) => reply.error(errno(&e)),
             }
@@ -703,7 +732,7 @@ impl Filesystem for MortarFs {
                     &file_attr(&a),
                     GENERATION,
                     FileHandle(o.fh),
-                    open_flags(o.keep_cache),
+                    open_flags(o.keep_cache, true),
                 ),
                 Err(e) => reply.error(errno(&e)),
             }

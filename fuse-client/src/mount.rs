@@ -215,9 +215,15 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
         })?;
         let mut vol = vol;
         vol.set_op_timeout(opts.op_timeout);
-        let core = Arc::new(Core::new(Arc::new(vol), opts.read_only));
+        let vol = Arc::new(vol);
+        let core = Arc::new(Core::new(vol.clone(), opts.read_only));
         let fs = MortarFs::new(core, rt.handle().clone(), opts.attr_timeout, opts.entry_timeout);
         let notifier = fs.notifier.clone();
+        vol.on_invalidate(crate::fs::kernel_invalidation(notifier.clone(), rt.handle().clone()));
+        {
+            let _in_runtime = rt.enter();
+            vol.start_watch();
+        }
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::FSName(format!("mortar:{}", args.source)),

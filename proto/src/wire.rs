@@ -29,6 +29,11 @@ pub enum Request {
     Query(Query),
     /// Brick to brick only: openraft RPCs, encoded by the brick.
     Raft(RaftRpc),
+    /// Open a watch on the metadata leader: the stream stays open, carrying [`WatchUp`] frames
+    /// up and [`WatchDown`] frames down. See [`crate::wire::WatchDown`] for the lease rules.
+    Watch {
+        client: u128,
+    },
     Admin(AdminRequest),
 }
 
@@ -327,6 +332,76 @@ pub struct PeerHealth {
     pub health: crate::transport::Health,
 }
 
+impl Reply {
+    /// A namespace answer that must not be cached and touched nothing.
+    pub fn meta(result: Result<MetaOk, FsError>, leader: Option<BrickRef>) -> Reply {
+        Reply::Meta {
+            result,
+            leader,
+            stamp: None,
+            touched: Vec::new(),
+        }
+    }
+}
+
+/// Where in the metadata log an answer stands: the leader and its term that answered, and the
+/// log index the answer reflects (the change's own index, or the applied index of a read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub leader: BrickId,
+    pub term: u64,
+    pub index: u64,
+}
+
+/// Something a namespace change modified, to be dropped from clients' caches.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Inval {
+    /// The inode's attributes, content or xattrs.
+    Inode(InodeId),
+    /// The directory entry `name` in `parent` (added, removed or repointed).
+    Entry(InodeId, #[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+/// Client to leader, on a watch stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum WatchUp {
+    /// Ask for the lease to be extended; the client counts the lease from when it sent this.
+    Renew { n: u64 },
+    /// The invalidation `seq` has been applied: the client no longer serves what it named.
+    Ack { seq: u64 },
+}
+
+/// Leader to client, on a watch stream.
+///
+/// The lease rules: after `Renewed { n }`, the client may answer from its cache until
+/// [`WATCH_LEASE`] after it sent `Renew { n }`. The leader confirms its leadership with a
+/// quorum before each `Renewed`, sends `Invalidate` for every change it commits to every
+/// other watcher and waits for the `Ack` (or for that watcher's lease to run out) before it
+/// answers the change, and a new leader answers no change until leases granted by its
+/// predecessors have run out. So a change is acknowledged only once no cache serves the old
+/// state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum WatchDown {
+    /// The watch is registered; answers stamped with this leader and term may be cached.
+    Welcome {
+        leader: BrickId,
+        term: u64,
+    },
+    Renewed {
+        n: u64,
+    },
+    Invalidate {
+        seq: u64,
+        index: u64,
+        items: Vec<Inval>,
+    },
+    /// No watch here (not the leader, or no quorum).
+    Refused(FsError),
+}
+
+/// How long a granted lease lasts, counted by the client from when it asked.
+pub const WATCH_LEASE: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Reply {
     Hello(BrickHello),
@@ -335,9 +410,13 @@ pub enum Reply {
     },
     Chunk(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A namespace answer, with the leader that produced it so the client can go there directly.
+    /// `stamp` says which state the answer reflects (None: not from the leader, do not cache);
+    /// `touched` lists what a change modified, so the client drops its own cached copies.
     Meta {
         result: Result<MetaOk, FsError>,
         leader: Option<BrickRef>,
+        stamp: Option<Stamp>,
+        touched: Vec<Inval>,
     },
     Raft(#[serde(with = "serde_bytes")] Vec<u8>),
     Status(BrickStatus),

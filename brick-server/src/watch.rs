@@ -1,0 +1,273 @@
+//! Coherent client caches, the leader's side: watch sessions, leases and acknowledged
+//! invalidations (the rules are on [`WatchDown`]).
+//!
+//! A client with a live lease answers lookups, getattr, open and getxattr from memory. The
+//! leader therefore answers no change until every other watcher has dropped what the change
+//! touched (it acknowledged the invalidation) or can no longer use it (its lease ran out).
+
+use crate::raft::Raft;
+use mortar_proto::wire::{read_frame, write_frame, Inval, Stamp, WatchDown, WatchUp, WATCH_LEASE};
+use mortar_proto::{BrickId, FsError};
+use openraft::{BasicNode, RaftMetrics, ServerState};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// How long the leader waits for a watcher to acknowledge an invalidation before it gives up on
+/// that watcher (closes its watch) and waits for its lease to run out instead.
+pub const ACK_WAIT: Duration = Duration::from_millis(500);
+
+/// A lease as the leader counts it: a little longer than the client does, for clock-rate
+/// differences between hosts.
+fn lease_margin() -> Duration {
+    WATCH_LEASE + WATCH_LEASE / 20 + Duration::from_millis(20)
+}
+
+struct Session {
+    client: u128,
+    tx: mpsc::UnboundedSender<WatchDown>,
+    acks: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
+    /// Until when the client may use its cache, as far as this leader granted.
+    lease_until: Arc<Mutex<Instant>>,
+    /// Ends the session's stream (the watcher was given up on).
+    stop: Arc<tokio::sync::Notify>,
+}
+
+#[derive(Default)]
+struct State {
+    sessions: HashMap<u64, Session>,
+    /// Leases of watches that ended while their client may still be using them.
+    departed: Vec<Instant>,
+    /// The term this brick leads in and when it first saw itself leading it.
+    leading: Option<(u64, Instant)>,
+}
+
+pub struct Watchers {
+    id: BrickId,
+    raft: Raft,
+    state: Mutex<State>,
+    next_session: AtomicU64,
+    next_seq: AtomicU64,
+}
+
+/// This brick leads in `term` and has applied an entry of that term, so its reads are current
+/// and every later change passes through it.
+fn leading_term(raft: &Raft, id: BrickId) -> Option<u64> {
+    leading_term_of(&raft.metrics().borrow(), id)
+}
+
+fn leading_term_of(m: &RaftMetrics<u64, BasicNode>, id: BrickId) -> Option<u64> {
+    let ready = m.state == ServerState::Leader
+        && m.current_leader == Some(id)
+        && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term);
+    ready.then_some(m.current_term)
+}
+
+impl Watchers {
+    pub fn new(id: BrickId, raft: Raft) -> Watchers {
+        Watchers {
+            id,
+            raft,
+            state: Mutex::default(),
+            next_session: AtomicU64::new(1),
+            next_seq: AtomicU64::new(1),
+        }
+    }
+
+    /// Where this brick's reads stand, when it is a caught-up leader: answers may be cached.
+    pub fn stamp(&self) -> Option<Stamp> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        Some(Stamp {
+            leader: self.id,
+            term: leading_term_of(&m, self.id)?,
+            index: m.last_applied?.index,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("watchers lock")
+    }
+
+    /// Before answering a change: leases granted by earlier leaders, and by watches that ended
+    /// here, must have run out (their holders missed this change's invalidation).
+    async fn settle(&self) {
+        let term = self.raft.metrics().borrow().current_term;
+        let wait_until = {
+            let mut st = self.state();
+            let since = match st.leading {
+                Some((t, since)) if t == term => since,
+                _ => {
+                    let now = Instant::now();
+                    st.leading = Some((term, now));
+                    now
+                }
+            };
+            let now = Instant::now();
+            st.departed.retain(|until| *until > now);
+            st.departed
+                .iter()
+                .copied()
+                .chain(std::iter::once(since + lease_margin()))
+                .max()
+        };
+        if let Some(until) = wait_until {
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
+
+    /// Called after a change at log `index` is applied and before it is answered: every watcher
+    /// but the client that made it drops what the change touched.
+    pub async fn after_change(&self, origin: Option<u128>, index: u64, items: &[Inval]) {
+        self.settle().await;
+        if items.is_empty() {
+            return;
+        }
+        let targets: Vec<(u64, mpsc::UnboundedSender<WatchDown>, _, _)> = self
+            .state()
+            .sessions
+            .iter()
+            .filter(|(_, s)| Some(s.client) != origin)
+            .map(|(id, s)| (*id, s.tx.clone(), s.acks.clone(), s.lease_until.clone()))
+            .collect();
+        let waits = targets
+            .into_iter()
+            .map(|(sid, tx, acks, lease_until)| async move {
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                let (done, acked) = oneshot::channel();
+                acks.lock().expect("acks lock").insert(seq, done);
+                let sent = tx
+                    .send(WatchDown::Invalidate {
+                        seq,
+                        index,
+                        items: items.to_vec(),
+                    })
+                    .is_ok();
+                if sent && matches!(tokio::time::timeout(ACK_WAIT, acked).await, Ok(Ok(()))) {
+                    return;
+                }
+                // No answer: end this watch, and wait until its lease cannot be in use.
+                tracing::warn!(
+                    session = sid,
+                    "a watcher did not acknowledge an invalidation; closing its watch"
+                );
+                self.end_session(sid);
+                let until = *lease_until.lock().expect("lease lock");
+                tokio::time::sleep_until(until.into()).await;
+            });
+        futures::future::join_all(waits).await;
+    }
+
+    fn end_session(&self, sid: u64) {
+        let mut st = self.state();
+        if let Some(s) = st.sessions.remove(&sid) {
+            s.stop.notify_one();
+            let until = *s.lease_until.lock().expect("lease lock");
+            if until > Instant::now() {
+                st.departed.push(until);
+            }
+        }
+    }
+
+    /// Serve one watch stream until the client goes away or this brick stops leading.
+    pub async fn serve(
+        self: Arc<Self>,
+        client: u128,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let Some(term) = leading_term(&self.raft, self.id) else {
+            let refusal = WatchDown::Refused(FsError::Unavailable(
+                "not the metadata leader (or not caught up yet)".into(),
+            ));
+            let _ = write_frame(&mut send, &refusal).await;
+            let _ = send.finish();
+            return;
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let acks: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>> = Arc::default();
+        let lease_until = Arc::new(Mutex::new(Instant::now()));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let sid = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.state().sessions.insert(
+            sid,
+            Session {
+                client,
+                tx: tx.clone(),
+                acks: acks.clone(),
+                lease_until: lease_until.clone(),
+                stop: stop.clone(),
+            },
+        );
+        tracing::debug!(session = sid, term, "watch opened");
+        let _ = tx.send(WatchDown::Welcome {
+            leader: self.id,
+            term,
+        });
+        // Reading frames is not cancel-safe, so it runs on its own and feeds a channel.
+        let (up_tx, mut up_rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            while let Ok(msg) = read_frame::<WatchUp>(&mut recv).await {
+                if up_tx.send(msg).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = self.raft.server_metrics();
+        loop {
+            tokio::select! {
+                up = up_rx.recv() => match up {
+                    None => break,
+                    Some(WatchUp::Ack { seq }) => {
+                        if let Some(done) = acks.lock().expect("acks lock").remove(&seq) {
+                            let _ = done.send(());
+                        }
+                    }
+                    Some(WatchUp::Renew { n }) => {
+                        let asked = Instant::now();
+                        let me = self.clone();
+                        let tx = tx.clone();
+                        let lease_until = lease_until.clone();
+                        tokio::spawn(async move {
+                            // A leader cut off from the others must not extend leases: confirm
+                            // with a quorum first.
+                            if me.raft.ensure_linearizable().await.is_err()
+                                || leading_term(&me.raft, me.id) != Some(term)
+                            {
+                                return;
+                            }
+                            let mut until = lease_until.lock().expect("lease lock");
+                            *until = (*until).max(asked + lease_margin());
+                            drop(until);
+                            let _ = tx.send(WatchDown::Renewed { n });
+                        });
+                    }
+                },
+                down = rx.recv() => match down {
+                    Some(msg) => {
+                        if write_frame(&mut send, &msg).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+                changed = server.changed() => {
+                    let m = server.borrow();
+                    if changed.is_err()
+                        || m.state != ServerState::Leader
+                        || m.vote.leader_id().get_term() != term
+                    {
+                        break;
+                    }
+                }
+                _ = stop.notified() => break,
+            }
+        }
+        self.end_session(sid);
+        reader.abort();
+        let _ = send.finish();
+        tracing::debug!(session = sid, "watch closed");
+    }
+}

@@ -1,0 +1,397 @@
+//! Namespace answers kept in memory while the client holds a lease from the metadata leader
+//! (see [`mortar_proto::wire::WatchDown`] for the rules), so lookups, getattr, open and
+//! getxattr need no round trip. Everything here is dropped when the lease or the watch ends.
+//!
+//! An answer is cached only if it cannot be older than an invalidation already received: each
+//! answer carries the log index it reflects, each invalidation the index of its change, and an
+//! answer older than a recent invalidation of the same item is not kept.
+
+use mortar_proto::wire::{Inval, Stamp};
+use mortar_proto::{Attr, BrickId, Inode, InodeId};
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Inodes (attributes, and whole inodes with small files' content) and names kept.
+const INODES: usize = 32 * 1024;
+const NAMES: usize = 64 * 1024;
+/// Invalidations remembered per item before they are summarised by a floor index.
+const RECENT: usize = 64 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Inode(InodeId),
+    Name(InodeId, Vec<u8>),
+}
+
+impl From<&Inval> for Key {
+    fn from(i: &Inval) -> Key {
+        match i {
+            Inval::Inode(ino) => Key::Inode(*ino),
+            Inval::Entry(parent, name) => Key::Name(*parent, name.clone()),
+        }
+    }
+}
+
+struct Cached {
+    attr: Attr,
+    inode: Option<Inode>,
+}
+
+struct Lease {
+    leader: BrickId,
+    term: u64,
+    until: Option<Instant>,
+}
+
+struct Inner {
+    /// Bumped whenever cached state is thrown away, so answers to requests sent before do not
+    /// come back in.
+    generation: u64,
+    lease: Option<Lease>,
+    inodes: lru::LruCache<InodeId, Cached>,
+    names: lru::LruCache<(InodeId, Vec<u8>), Option<InodeId>>,
+    recent: HashMap<Key, u64>,
+    /// Answers older than this are not cached (recent invalidations were forgotten).
+    floor: u64,
+}
+
+/// Taken before a request is sent; an answer is cached only under the same generation.
+#[derive(Clone, Copy, Debug)]
+pub struct Ticket(u64);
+
+pub struct MetaCache {
+    inner: Mutex<Inner>,
+}
+
+impl Default for MetaCache {
+    fn default() -> Self {
+        MetaCache {
+            inner: Mutex::new(Inner {
+                generation: 0,
+                lease: None,
+                inodes: lru::LruCache::new(NonZeroUsize::new(INODES).expect("nonzero")),
+                names: lru::LruCache::new(NonZeroUsize::new(NAMES).expect("nonzero")),
+                recent: HashMap::new(),
+                floor: 0,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn serving(&self) -> bool {
+        self.lease
+            .as_ref()
+            .and_then(|l| l.until)
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn clear(&mut self) {
+        self.generation += 1;
+        self.inodes.clear();
+        self.names.clear();
+        self.recent.clear();
+        self.floor = 0;
+    }
+
+    /// May an answer stamped `stamp` to a request sent under `ticket` be cached for `keys`?
+    fn admits(&self, ticket: Ticket, stamp: Option<Stamp>, keys: &[Key]) -> bool {
+        let (Some(stamp), Some(lease)) = (stamp, self.lease.as_ref()) else {
+            return false;
+        };
+        ticket.0 == self.generation
+            && stamp.leader == lease.leader
+            && stamp.term == lease.term
+            && stamp.index >= self.floor
+            && keys
+                .iter()
+                .all(|k| self.recent.get(k).is_none_or(|i| *i <= stamp.index))
+    }
+
+    fn forget(&mut self, key: Key, index: u64) {
+        match &key {
+            Key::Inode(ino) => {
+                self.inodes.pop(ino);
+            }
+            Key::Name(parent, name) => {
+                self.names.pop(&(*parent, name.clone()));
+            }
+        }
+        let seen = self.recent.entry(key).or_insert(index);
+        *seen = (*seen).max(index);
+    }
+}
+
+impl MetaCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("meta cache lock")
+    }
+
+    /// A new watch with `leader` in `term`: start from nothing.
+    pub fn watch_started(&self, leader: BrickId, term: u64) {
+        let mut c = self.lock();
+        c.clear();
+        c.lease = Some(Lease {
+            leader,
+            term,
+            until: None,
+        });
+    }
+
+    /// The watch ended (or its lease could not be kept): serve nothing from memory.
+    pub fn watch_ended(&self) {
+        let mut c = self.lock();
+        c.clear();
+        c.lease = None;
+    }
+
+    pub fn renewed(&self, until: Instant) {
+        if let Some(l) = self.lock().lease.as_mut() {
+            l.until = Some(l.until.map_or(until, |u| u.max(until)));
+        }
+    }
+
+    /// Whether answers are served from memory now.
+    pub fn serving(&self) -> bool {
+        self.lock().serving()
+    }
+
+    pub fn ticket(&self) -> Option<Ticket> {
+        let c = self.lock();
+        c.lease.as_ref().map(|_| Ticket(c.generation))
+    }
+
+    /// A change at `index` touched `items`: drop them.
+    pub fn invalidate(&self, index: u64, items: &[Inval]) {
+        let mut c = self.lock();
+        for i in items {
+            c.forget(Key::from(i), index);
+        }
+        if c.recent.len() > RECENT {
+            // Summarise: nothing older than the newest invalidation may be cached any more.
+            let newest = c.recent.values().copied().max().unwrap_or(0);
+            c.recent.clear();
+            c.floor = c.floor.max(newest);
+        }
+    }
+
+    /// Our own change came back without saying where it stands: trust nothing cached.
+    pub fn drop_all(&self) {
+        self.lock().clear();
+    }
+
+    pub fn attr(&self, ino: InodeId) -> Option<Attr> {
+        let mut c = self.lock();
+        if !c.serving() {
+            return None;
+        }
+        c.inodes.get(&ino).map(|e| e.attr.clone())
+    }
+
+    pub fn inode(&self, ino: InodeId) -> Option<Inode> {
+        let mut c = self.lock();
+        if !c.serving() {
+            return None;
+        }
+        c.inodes.get(&ino).and_then(|e| e.inode.clone())
+    }
+
+    /// `Some(None)`: the name is known not to exist; `None`: not known here.
+    pub fn name(&self, parent: InodeId, name: &[u8]) -> Option<Option<Attr>> {
+        let mut c = self.lock();
+        if !c.serving() {
+            return None;
+        }
+        match c.names.get(&(parent, name.to_vec())).copied()? {
+            None => Some(None),
+            Some(ino) => c.inodes.get(&ino).map(|e| Some(e.attr.clone())),
+        }
+    }
+
+    pub fn put_attr(&self, ticket: Ticket, stamp: Option<Stamp>, attr: &Attr) {
+        let mut c = self.lock();
+        if c.admits(ticket, stamp, &[Key::Inode(attr.ino)]) {
+            let inode = c
+                .inodes
+                .pop(&attr.ino)
+                .and_then(|e| e.inode)
+                .filter(|i| i.attr == *attr);
+            c.inodes.put(
+                attr.ino,
+                Cached {
+                    attr: attr.clone(),
+                    inode,
+                },
+            );
+        }
+    }
+
+    pub fn put_inode(&self, ticket: Ticket, stamp: Option<Stamp>, inode: &Inode) {
+        let mut c = self.lock();
+        if c.admits(ticket, stamp, &[Key::Inode(inode.attr.ino)]) {
+            c.inodes.put(
+                inode.attr.ino,
+                Cached {
+                    attr: inode.attr.clone(),
+                    inode: Some(inode.clone()),
+                },
+            );
+        }
+    }
+
+    /// `parent`/`name` leads to `attr`, or (None) does not exist.
+    pub fn put_name(
+        &self,
+        ticket: Ticket,
+        stamp: Option<Stamp>,
+        parent: InodeId,
+        name: &[u8],
+        attr: Option<&Attr>,
+    ) {
+        let mut c = self.lock();
+        let mut keys = vec![Key::Name(parent, name.to_vec())];
+        keys.extend(attr.map(|a| Key::Inode(a.ino)));
+        if !c.admits(ticket, stamp, &keys) {
+            return;
+        }
+        c.names.put((parent, name.to_vec()), attr.map(|a| a.ino));
+        if let Some(a) = attr {
+            let inode = c
+                .inodes
+                .pop(&a.ino)
+                .and_then(|e| e.inode)
+                .filter(|i| i.attr == *a);
+            c.inodes.put(
+                a.ino,
+                Cached {
+                    attr: a.clone(),
+                    inode,
+                },
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mortar_proto::{Content, FileKind, Timestamp};
+    use std::time::Duration;
+
+    fn attr(ino: InodeId, size: u64) -> Attr {
+        Attr {
+            ino,
+            kind: FileKind::Regular,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            size,
+            nlink: 1,
+            rdev: 0,
+            atime: Timestamp::default(),
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+            version: size,
+        }
+    }
+
+    fn stamp(index: u64) -> Option<Stamp> {
+        Some(Stamp {
+            leader: 7,
+            term: 3,
+            index,
+        })
+    }
+
+    fn leased() -> MetaCache {
+        let c = MetaCache::default();
+        c.watch_started(7, 3);
+        c.renewed(Instant::now() + Duration::from_secs(60));
+        c
+    }
+
+    #[test]
+    fn nothing_is_served_without_a_live_lease() {
+        let c = MetaCache::default();
+        c.watch_started(7, 3);
+        let t = c.ticket().unwrap();
+        c.put_attr(t, stamp(5), &attr(2, 1));
+        assert_eq!(c.attr(2), None, "no renewal yet");
+        c.renewed(Instant::now() + Duration::from_secs(60));
+        assert_eq!(c.attr(2).map(|a| a.size), Some(1));
+        c.watch_ended();
+        assert_eq!(c.attr(2), None);
+    }
+
+    #[test]
+    fn an_answer_older_than_an_invalidation_is_not_kept() {
+        let c = leased();
+        let t = c.ticket().unwrap();
+        // The change at 10 was announced before the answer read at 9 arrived.
+        c.invalidate(10, &[Inval::Inode(2)]);
+        c.put_attr(t, stamp(9), &attr(2, 1));
+        assert_eq!(c.attr(2), None);
+        c.put_attr(t, stamp(10), &attr(2, 2));
+        assert_eq!(c.attr(2).map(|a| a.size), Some(2));
+        c.invalidate(11, &[Inval::Inode(2)]);
+        assert_eq!(c.attr(2), None);
+    }
+
+    #[test]
+    fn answers_from_another_leader_or_an_older_watch_are_not_kept() {
+        let c = leased();
+        let old = c.ticket().unwrap();
+        let other = Some(Stamp {
+            leader: 8,
+            term: 3,
+            index: 5,
+        });
+        c.put_attr(old, other, &attr(2, 1));
+        assert_eq!(c.attr(2), None, "another leader");
+        c.watch_started(7, 4);
+        c.renewed(Instant::now() + Duration::from_secs(60));
+        let new_term = Some(Stamp {
+            leader: 7,
+            term: 4,
+            index: 6,
+        });
+        c.put_attr(old, new_term, &attr(2, 1));
+        assert_eq!(c.attr(2), None, "ticket from before the new watch");
+        c.put_attr(c.ticket().unwrap(), new_term, &attr(2, 1));
+        assert!(c.attr(2).is_some());
+    }
+
+    #[test]
+    fn names_negative_and_positive_follow_entry_invalidations() {
+        let c = leased();
+        let t = c.ticket().unwrap();
+        c.put_name(t, stamp(5), 1, b"a", None);
+        assert_eq!(c.name(1, b"a"), Some(None));
+        c.invalidate(6, &[Inval::Entry(1, b"a".to_vec())]);
+        assert_eq!(c.name(1, b"a"), None);
+        c.put_name(t, stamp(6), 1, b"a", Some(&attr(9, 3)));
+        assert_eq!(c.name(1, b"a").flatten().map(|a| a.ino), Some(9));
+        // The inode's own invalidation makes the name unusable too (its attributes are gone).
+        c.invalidate(7, &[Inval::Inode(9)]);
+        assert_eq!(c.name(1, b"a"), None);
+    }
+
+    #[test]
+    fn a_whole_inode_survives_only_while_its_attributes_match() {
+        let c = leased();
+        let t = c.ticket().unwrap();
+        let i = Inode {
+            attr: attr(4, 2),
+            content: Content::Inline(b"hi".to_vec()),
+            xattrs: Vec::new(),
+        };
+        c.put_inode(t, stamp(5), &i);
+        assert!(c.inode(4).is_some());
+        c.put_attr(t, stamp(5), &attr(4, 2));
+        assert!(c.inode(4).is_some(), "same attributes keep the content");
+        c.put_attr(t, stamp(6), &attr(4, 3));
+        assert!(c.inode(4).is_none(), "new attributes drop it");
+    }
+}

@@ -1,0 +1,127 @@
+//! The client's watch on the metadata leader: keeps the lease that lets [`crate::meta_cache`]
+//! answer from memory, and applies and acknowledges the leader's invalidations.
+
+use crate::Volume;
+use mortar_proto::wire::{
+    read_frame, write_frame, Query, Request, WatchDown, WatchUp, WATCH_LEASE,
+};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How often the lease is renewed: several times per lease, so one slow renewal costs nothing.
+const RENEW_EVERY: Duration = Duration::from_millis(250);
+/// Pause before watching again after a watch ended.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// Keep a watch on the current leader for as long as the volume is in use.
+pub(crate) async fn run(volume: Weak<Volume>) {
+    loop {
+        let Some(v) = volume.upgrade() else { return };
+        let outcome = watch_leader(&v).await;
+        v.meta_cache.watch_ended();
+        if let Err(e) = outcome {
+            tracing::debug!(error = %e, "watch ended; answering from the leader until it is back");
+        }
+        drop(v);
+        tokio::time::sleep(RETRY_AFTER).await;
+    }
+}
+
+async fn leader_addr(v: &Volume) -> Option<String> {
+    if let Some(l) = v.leader.lock().expect("leader lock").clone() {
+        return Some(l);
+    }
+    // Any namespace answer names the leader.
+    let _ = v.query(Query::GetAttr { ino: 1 }).await;
+    v.leader.lock().expect("leader lock").clone()
+}
+
+async fn watch_leader(v: &Arc<Volume>) -> Result<(), String> {
+    let addr = leader_addr(v).await.ok_or("no metadata leader known")?;
+    let conn = v.pool.connection(&addr).await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let hello = Request::Watch {
+        client: v.client_id,
+    };
+    write_frame(&mut send, &hello)
+        .await
+        .map_err(|e| e.to_string())?;
+    let first = tokio::time::timeout(WATCH_LEASE, read_frame::<WatchDown>(&mut recv))
+        .await
+        .map_err(|_| format!("{addr} did not answer the watch"))?
+        .map_err(|e| e.to_string())?;
+    match first {
+        WatchDown::Welcome { leader, term } => v.meta_cache.watch_started(leader, term),
+        WatchDown::Refused(e) => {
+            *v.leader.lock().expect("leader lock") = None;
+            return Err(format!("{addr} refused the watch: {e}"));
+        }
+        other => return Err(format!("unexpected first watch message {other:?}")),
+    }
+    tracing::debug!(%addr, "watching the metadata leader");
+    // Reading frames is not cancel-safe, so it runs on its own and feeds a channel.
+    let (down_tx, mut down) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        loop {
+            let msg = read_frame::<WatchDown>(&mut recv).await;
+            let end = msg.is_err();
+            if down_tx.send(msg).is_err() || end {
+                break;
+            }
+        }
+    });
+    let _stop_reader = scopeguard(reader);
+    let mut tick = tokio::time::interval(RENEW_EVERY);
+    let mut asked: BTreeMap<u64, Instant> = BTreeMap::new();
+    let mut n = 0u64;
+    let mut last_renewed = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if last_renewed.elapsed() > 2 * WATCH_LEASE {
+                    return Err(format!("{addr} stopped renewing the lease"));
+                }
+                n += 1;
+                asked.insert(n, Instant::now());
+                write_frame(&mut send, &WatchUp::Renew { n })
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            msg = down.recv() => {
+                let msg = msg.ok_or("watch reader stopped")?.map_err(|e| e.to_string())?;
+                match msg {
+                    WatchDown::Renewed { n } => {
+                        if let Some(at) = asked.remove(&n) {
+                            v.meta_cache.renewed(at + WATCH_LEASE);
+                            last_renewed = Instant::now();
+                        }
+                        asked = asked.split_off(&n);
+                    }
+                    WatchDown::Invalidate { seq, index, items } => {
+                        v.meta_cache.invalidate(index, &items);
+                        write_frame(&mut send, &WatchUp::Ack { seq })
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if let Some(hook) = v.inval_hook.get() {
+                            hook(&items);
+                        }
+                    }
+                    other => return Err(format!("unexpected watch message {other:?}")),
+                }
+            }
+        }
+    }
+}
+
+/// Abort the reader task when the watch ends, however it ends.
+fn scopeguard(task: tokio::task::JoinHandle<()>) -> impl Drop {
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    Abort(task)
+}

@@ -1,0 +1,185 @@
+//! Coherent client caches (issue "Mount a volume as a web document root"): a client holding
+//! the leader's lease answers lookups, getattr and inode reads from memory, and a change made
+//! through another client is acknowledged only once no cache can serve the old state — also
+//! across a change of leader, and when a watcher stops answering.
+
+use mortar_tests::mortar_client::Volume;
+use mortar_tests::mortar_proto::tls::Role;
+use mortar_tests::mortar_proto::transport::{client_endpoint, Pool};
+use mortar_tests::mortar_proto::wire::{
+    read_frame, write_frame, Request, SetAttr, WatchDown, WatchUp,
+};
+use mortar_tests::mortar_proto::{FsError, InodeId, ROOT_INODE};
+use mortar_tests::{wait_for, Cluster, DEADLINE};
+use std::sync::Arc;
+
+const CHUNK: u32 = 64 * 1024;
+
+/// A client with a live watch, once its lease is held.
+async fn watching(c: &Cluster) -> Arc<Volume> {
+    let v = Arc::new(c.client("www").await);
+    v.start_watch();
+    wait_until_caching(&v).await;
+    v
+}
+
+async fn wait_until_caching(v: &Arc<Volume>) {
+    wait_for("the client to hold a lease", DEADLINE, || {
+        let v = v.clone();
+        async move { v.caching().then_some(()) }
+    })
+    .await;
+}
+
+fn chmod(mode: u32) -> SetAttr {
+    SetAttr {
+        perm: Some(mode),
+        ..SetAttr::default()
+    }
+}
+
+/// Every way `reader` can see `ino` under `name` in the root agrees with `perm` and `body`.
+async fn sees(reader: &Volume, name: &[u8], ino: InodeId, perm: u32, body: &[u8]) {
+    assert_eq!(reader.getattr(ino).await.unwrap().perm, perm);
+    assert_eq!(reader.lookup(ROOT_INODE, name).await.unwrap().perm, perm);
+    assert_eq!(reader.read(ino, 0, 1 << 20).await.unwrap(), body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_stay_current_across_clients_and_a_leader_change() {
+    let mut c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let a = watching(&c).await;
+    let b = watching(&c).await;
+
+    let f = b
+        .create(ROOT_INODE, b"page.html", 0o644, 0, 0)
+        .await
+        .unwrap();
+    b.write(f.ino, 0, b"version 1", false).await.unwrap();
+    sees(&a, b"page.html", f.ino, 0o644, b"version 1").await;
+
+    // Reads come from memory: 300 of them cost at most the few that a lease renewal arriving
+    // late on a busy machine sends to the leader, not one each.
+    let before = a.meta_requests();
+    for _ in 0..100 {
+        sees(&a, b"page.html", f.ino, 0o644, b"version 1").await;
+    }
+    let sent = a.meta_requests() - before;
+    assert!(sent < 30, "{sent} namespace requests for 300 cached reads");
+
+    // A name known not to exist is remembered too, until someone creates it.
+    assert!(matches!(
+        a.lookup(ROOT_INODE, b"new.html").await,
+        Err(FsError::NotFound)
+    ));
+    let n = b
+        .create(ROOT_INODE, b"new.html", 0o600, 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(a.lookup(ROOT_INODE, b"new.html").await.unwrap().ino, n.ino);
+
+    // Each change by B is visible to A the moment B's call returns.
+    b.setattr(f.ino, chmod(0o640)).await.unwrap();
+    sees(&a, b"page.html", f.ino, 0o640, b"version 1").await;
+    b.write(f.ino, 0, b"version 2, longer", false)
+        .await
+        .unwrap();
+    sees(&a, b"page.html", f.ino, 0o640, b"version 2, longer").await;
+    b.rename(ROOT_INODE, b"page.html", ROOT_INODE, b"moved.html", 0)
+        .await
+        .unwrap();
+    assert!(matches!(
+        a.lookup(ROOT_INODE, b"page.html").await,
+        Err(FsError::NotFound)
+    ));
+    sees(&a, b"moved.html", f.ino, 0o640, b"version 2, longer").await;
+
+    // Kill the leader. B's next change goes through the new leader, which answers it only
+    // after the old leader's leases ran out; A never serves the old state.
+    let leader = c.leader_index().await;
+    c.bricks[leader].kill();
+    b.setattr(f.ino, chmod(0o604)).await.unwrap();
+    sees(&a, b"moved.html", f.ino, 0o604, b"version 2, longer").await;
+    // Both watch the new leader and cache again, and stay current.
+    wait_until_caching(&a).await;
+    wait_until_caching(&b).await;
+    sees(&a, b"moved.html", f.ino, 0o604, b"version 2, longer").await;
+    b.write(f.ino, 0, b"version 3", false).await.unwrap();
+    b.truncate(f.ino, 9).await.unwrap();
+    sees(&a, b"moved.html", f.ino, 0o604, b"version 3").await;
+    b.unlink(ROOT_INODE, b"moved.html").await.unwrap();
+    assert!(matches!(
+        a.lookup(ROOT_INODE, b"moved.html").await,
+        Err(FsError::NotFound)
+    ));
+    c.bricks[leader].start();
+}
+
+/// A watcher that holds a lease and then stops answering (a frozen or cut-off client) delays
+/// changes only until the leader gives up on it and its lease has run out; the leader then
+/// closes its watch, and later changes do not wait for it at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_watcher_is_dropped_and_changes_go_on() {
+    let c = Cluster::start(3);
+    let v = c.create_volume("www", CHUNK).await;
+    let reader = watching(&c).await;
+    let f = v.create(ROOT_INODE, b"f", 0o644, 0, 0).await.unwrap();
+    assert_eq!(reader.getattr(f.ino).await.unwrap().perm, 0o644);
+
+    let leader = c.addrs()[c.leader_index().await].clone();
+    let pool = Pool::new(client_endpoint(&c.certs.identity(Role::Client, "silent")).unwrap());
+    let conn = pool.connection(&leader).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &Request::Watch { client: 42 })
+        .await
+        .unwrap();
+    assert!(matches!(
+        read_frame::<WatchDown>(&mut recv).await.unwrap(),
+        WatchDown::Welcome { .. }
+    ));
+    write_frame(&mut send, &WatchUp::Renew { n: 1 })
+        .await
+        .unwrap();
+    assert!(matches!(
+        read_frame::<WatchDown>(&mut recv).await.unwrap(),
+        WatchDown::Renewed { n: 1 }
+    ));
+
+    // From here on the silent watcher acknowledges nothing.
+    v.setattr(f.ino, chmod(0o600)).await.unwrap();
+    assert_eq!(reader.getattr(f.ino).await.unwrap().perm, 0o600);
+    // The leader sent it the invalidation, then closed its watch.
+    let mut invalidations = 0;
+    loop {
+        match read_frame::<WatchDown>(&mut recv).await {
+            Ok(WatchDown::Invalidate { .. }) => invalidations += 1,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(invalidations, 1);
+    v.setattr(f.ino, chmod(0o640)).await.unwrap();
+    assert_eq!(reader.getattr(f.ino).await.unwrap().perm, 0o640);
+}
+
+/// Only client certificates may watch; a brick refuses the request on an ordinary stream too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_needs_a_client_certificate() {
+    let c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let leader = c.addrs()[c.leader_index().await].clone();
+    let pool = c.admin_pool();
+    let answer = pool
+        .call(
+            &leader,
+            &Request::Watch { client: 7 },
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer, Err(FsError::NotPermitted(_))),
+        "{answer:?}"
+    );
+}
