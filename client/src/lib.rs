@@ -7,6 +7,7 @@
 mod cache;
 mod data;
 mod meta_cache;
+use meta_cache::Own;
 mod watch;
 pub use data::apply_to_inode;
 pub mod volume_admin;
@@ -59,6 +60,43 @@ pub struct Volume {
 }
 
 pub type InvalHook = Box<dyn Fn(&[Inval]) + Send + Sync>;
+
+/// What a successful create-like change tells the cache: the new name, and for an exclusive
+/// create of a regular file the whole inode (the namespace makes it empty, inline, without
+/// xattrs), so the getxattr the kernel sends before the first write needs no round trip.
+fn own_creation(op: MetaOp, attr: Attr) -> Own {
+    let (parent, name, whole, new_dir) = match op {
+        MetaOp::Mknod {
+            parent,
+            name,
+            kind,
+            exclusive,
+            ..
+        } => (parent, name, exclusive && kind == FileKind::Regular, false),
+        MetaOp::Mkdir { parent, name, .. } => (parent, name, false, true),
+        MetaOp::Symlink { parent, name, .. } => (parent, name, false, false),
+        MetaOp::Link {
+            new_parent,
+            new_name,
+            ..
+        } => (new_parent, new_name, false, false),
+        _ => return Own::Other,
+    };
+    let inode = whole.then(|| {
+        Box::new(Inode {
+            attr: attr.clone(),
+            content: Content::Inline(Vec::new()),
+            xattrs: Vec::new(),
+        })
+    });
+    Own::Made {
+        parent,
+        name,
+        attr,
+        inode,
+        new_dir,
+    }
+}
 
 /// A brick's namespace answer with where it stands in the log and what it changed.
 struct Answer {
@@ -202,7 +240,10 @@ impl Volume {
                 .filter(|a| !read_only.iter().any(|r| r == a))
                 .map(str::to_string)
                 .collect();
-            if order.is_empty() {
+            // Every brick that answers says it is cut off from a quorum, and the others are
+            // down (they may have gone down after that answer): the volume is read-only.
+            let rest_down = order.iter().all(|a| self.pool.health(a) == Health::Down);
+            if order.is_empty() || (!read_only.is_empty() && rest_down) {
                 return Err(FsError::ReadOnly(
                     "no brick this client reaches is in a quorum".into(),
                 ));
@@ -334,37 +375,39 @@ impl Volume {
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
         };
         let ticket = self.meta_cache.ticket();
-        let named = match &op {
-            MetaOp::Mknod { parent, name, .. }
-            | MetaOp::Mkdir { parent, name, .. }
-            | MetaOp::Symlink { parent, name, .. } => Some((*parent, name.clone())),
-            MetaOp::Link {
-                new_parent,
-                new_name,
-                ..
-            } => Some((*new_parent, new_name.clone())),
-            _ => None,
-        };
+        // Changes whose outcome tells the cache more than what they touched.
+        let naming = matches!(
+            op,
+            MetaOp::Mknod { .. }
+                | MetaOp::Mkdir { .. }
+                | MetaOp::Symlink { .. }
+                | MetaOp::Link { .. }
+                | MetaOp::Unlink { .. }
+                | MetaOp::Rmdir { .. }
+        )
+        .then(|| op.clone());
         let a = self
             .meta(Request::Meta {
                 op,
                 once: Some(once),
             })
             .await;
-        match a.stamp {
-            // What the change touched is gone from our cache, as from everyone else's.
-            Some(st) => self.meta_cache.invalidate(st.index, &a.touched),
+        let Some(stamp) = a.stamp else {
             // No word on what happened (it may have been applied): trust nothing cached.
-            None => self.meta_cache.drop_all(),
-        }
-        if let (Some(t), Ok(MetaOk::Attr(attr))) = (ticket, &a.result) {
-            match named {
-                Some((parent, name)) => {
-                    self.meta_cache
-                        .put_name(t, a.stamp, parent, &name, Some(attr))
-                }
-                None => self.meta_cache.put_attr(t, a.stamp, attr),
+            self.meta_cache.drop_all();
+            return a.result;
+        };
+        let own = match (naming, &a.result) {
+            (Some(op), Ok(MetaOk::Attr(attr))) => own_creation(op, attr.clone()),
+            (Some(MetaOp::Unlink { parent, name } | MetaOp::Rmdir { parent, name }), Ok(_)) => {
+                Own::Removed { parent, name }
             }
+            _ => Own::Other,
+        };
+        let other = matches!(own, Own::Other);
+        self.meta_cache.own_change(ticket, stamp, &a.touched, own);
+        if let (true, Some(t), Ok(MetaOk::Attr(attr))) = (other, ticket, &a.result) {
+            self.meta_cache.put_attr(t, Some(stamp), attr);
         }
         a.result
     }

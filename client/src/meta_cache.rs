@@ -8,7 +8,7 @@
 
 use mortar_proto::wire::{Inval, Stamp};
 use mortar_proto::{Attr, BrickId, Inode, InodeId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -23,6 +23,8 @@ const RECENT: usize = 64 * 1024;
 enum Key {
     Inode(InodeId),
     Name(InodeId, Vec<u8>),
+    /// Any name in the directory (for knowing the directory completely).
+    Listing(InodeId),
 }
 
 impl From<&Inval> for Key {
@@ -52,6 +54,9 @@ struct Inner {
     lease: Option<Lease>,
     inodes: lru::LruCache<InodeId, Cached>,
     names: lru::LruCache<(InodeId, Vec<u8>), Option<InodeId>>,
+    /// Directories whose every name is in `names` (this client made them and has seen every
+    /// change to them since): a name not there does not exist.
+    complete: HashSet<InodeId>,
     recent: HashMap<Key, u64>,
     /// Answers older than this are not cached (recent invalidations were forgotten).
     floor: u64,
@@ -73,6 +78,7 @@ impl Default for MetaCache {
                 lease: None,
                 inodes: lru::LruCache::new(NonZeroUsize::new(INODES).expect("nonzero")),
                 names: lru::LruCache::new(NonZeroUsize::new(NAMES).expect("nonzero")),
+                complete: HashSet::new(),
                 recent: HashMap::new(),
                 floor: 0,
             }),
@@ -92,6 +98,7 @@ impl Inner {
         self.generation += 1;
         self.inodes.clear();
         self.names.clear();
+        self.complete.clear();
         self.recent.clear();
         self.floor = 0;
     }
@@ -117,10 +124,45 @@ impl Inner {
             }
             Key::Name(parent, name) => {
                 self.names.pop(&(*parent, name.clone()));
+                self.complete.remove(parent);
+                self.note(Key::Listing(*parent), index);
+            }
+            Key::Listing(dir) => {
+                self.complete.remove(dir);
             }
         }
+        self.note(key, index);
+    }
+
+    fn note(&mut self, key: Key, index: u64) {
         let seen = self.recent.entry(key).or_insert(index);
         *seen = (*seen).max(index);
+    }
+
+    fn put_name(&mut self, parent: InodeId, name: &[u8], ino: Option<InodeId>) {
+        let key = (parent, name.to_vec());
+        if let Some((evicted, _)) = self.names.push(key.clone(), ino) {
+            if evicted != key {
+                // A complete directory must not lose a name silently.
+                self.complete.remove(&evicted.0);
+            }
+        }
+    }
+
+    fn put_attr(&mut self, attr: &Attr, inode: Option<Inode>) {
+        let inode = inode.or_else(|| {
+            self.inodes
+                .pop(&attr.ino)
+                .and_then(|e| e.inode)
+                .filter(|i| i.attr == *attr)
+        });
+        self.inodes.put(
+            attr.ino,
+            Cached {
+                attr: attr.clone(),
+                inode,
+            },
+        );
     }
 }
 
@@ -204,7 +246,12 @@ impl MetaCache {
         if !c.serving() {
             return None;
         }
-        match c.names.get(&(parent, name.to_vec())).copied()? {
+        let known = match c.names.get(&(parent, name.to_vec())).copied() {
+            Some(known) => known,
+            None if c.complete.contains(&parent) => None,
+            None => return None,
+        };
+        match known {
             None => Some(None),
             Some(ino) => c.inodes.get(&ino).map(|e| Some(e.attr.clone())),
         }
@@ -213,31 +260,14 @@ impl MetaCache {
     pub fn put_attr(&self, ticket: Ticket, stamp: Option<Stamp>, attr: &Attr) {
         let mut c = self.lock();
         if c.admits(ticket, stamp, &[Key::Inode(attr.ino)]) {
-            let inode = c
-                .inodes
-                .pop(&attr.ino)
-                .and_then(|e| e.inode)
-                .filter(|i| i.attr == *attr);
-            c.inodes.put(
-                attr.ino,
-                Cached {
-                    attr: attr.clone(),
-                    inode,
-                },
-            );
+            c.put_attr(attr, None);
         }
     }
 
     pub fn put_inode(&self, ticket: Ticket, stamp: Option<Stamp>, inode: &Inode) {
         let mut c = self.lock();
         if c.admits(ticket, stamp, &[Key::Inode(inode.attr.ino)]) {
-            c.inodes.put(
-                inode.attr.ino,
-                Cached {
-                    attr: inode.attr.clone(),
-                    inode: Some(inode.clone()),
-                },
-            );
+            c.put_attr(&inode.attr, Some(inode.clone()));
         }
     }
 
@@ -256,22 +286,76 @@ impl MetaCache {
         if !c.admits(ticket, stamp, &keys) {
             return;
         }
-        c.names.put((parent, name.to_vec()), attr.map(|a| a.ino));
+        c.put_name(parent, name, attr.map(|a| a.ino));
         if let Some(a) = attr {
-            let inode = c
-                .inodes
-                .pop(&a.ino)
-                .and_then(|e| e.inode)
-                .filter(|i| i.attr == *a);
-            c.inodes.put(
-                a.ino,
-                Cached {
-                    attr: a.clone(),
-                    inode,
-                },
-            );
+            c.put_attr(a, None);
         }
     }
+
+    /// This client's own change at `stamp` touched `touched`: drop those, then record what the
+    /// change itself tells. `made`: it created `name` in `parent` as `inode` (or, with only
+    /// attributes known, as that attr); `removed`: it removed `name` from `parent`. A directory
+    /// known completely stays so across our own changes to it (another client's change, even
+    /// one announced later, still ends that).
+    pub fn own_change(&self, ticket: Option<Ticket>, stamp: Stamp, touched: &[Inval], own: Own) {
+        let mut c = self.lock();
+        let complete_before: Vec<InodeId> = match &own {
+            Own::Made { parent, .. } | Own::Removed { parent, .. } => {
+                c.complete.get(parent).copied().into_iter().collect()
+            }
+            Own::Other => Vec::new(),
+        };
+        for i in touched {
+            c.forget(Key::from(i), stamp.index);
+        }
+        let Some(ticket) = ticket else { return };
+        let (parent, name, made) = match own {
+            Own::Made {
+                parent,
+                name,
+                attr,
+                inode,
+                new_dir,
+            } => {
+                if !c.admits(ticket, Some(stamp), &[Key::Inode(attr.ino)]) {
+                    return;
+                }
+                c.put_attr(&attr, inode.map(|i| *i));
+                // Empty as of this change, unless a name in it was announced since.
+                if new_dir && c.admits(ticket, Some(stamp), &[Key::Listing(attr.ino)]) {
+                    c.complete.insert(attr.ino);
+                }
+                (parent, name, Some(attr.ino))
+            }
+            Own::Removed { parent, name } => (parent, name, None),
+            Own::Other => return,
+        };
+        let keys = [Key::Name(parent, name.clone()), Key::Listing(parent)];
+        if c.admits(ticket, Some(stamp), &keys) {
+            c.put_name(parent, &name, made);
+            if complete_before.contains(&parent) {
+                c.complete.insert(parent);
+            }
+        }
+    }
+}
+
+/// What a change by this client tells its cache beyond what it touched.
+pub enum Own {
+    Made {
+        parent: InodeId,
+        name: Vec<u8>,
+        attr: Attr,
+        /// The whole inode, when the change tells it (a fresh empty file).
+        inode: Option<Box<Inode>>,
+        /// A new, empty directory: known completely.
+        new_dir: bool,
+    },
+    Removed {
+        parent: InodeId,
+        name: Vec<u8>,
+    },
+    Other,
 }
 
 #[cfg(test)]
@@ -393,5 +477,77 @@ mod tests {
         assert!(c.inode(4).is_some(), "same attributes keep the content");
         c.put_attr(t, stamp(6), &attr(4, 3));
         assert!(c.inode(4).is_none(), "new attributes drop it");
+    }
+
+    fn made(parent: InodeId, name: &[u8], a: Attr, new_dir: bool) -> Own {
+        Own::Made {
+            parent,
+            name: name.to_vec(),
+            attr: a,
+            inode: None,
+            new_dir,
+        }
+    }
+
+    #[test]
+    fn a_directory_made_here_is_known_completely_until_another_client_changes_it() {
+        let c = leased();
+        let t = c.ticket();
+        let d = Attr {
+            kind: FileKind::Directory,
+            ..attr(10, 0)
+        };
+        let st = |index| stamp(index).unwrap();
+        c.own_change(
+            t,
+            st(5),
+            &[Inval::Entry(1, b"d".to_vec()), Inval::Inode(10)],
+            made(1, b"d", d, true),
+        );
+        assert_eq!(c.name(10, b"x"), Some(None), "a new directory is empty");
+        let x = attr(11, 0);
+        c.own_change(
+            t,
+            st(6),
+            &[
+                Inval::Entry(10, b"x".to_vec()),
+                Inval::Inode(11),
+                Inval::Inode(10),
+            ],
+            made(10, b"x", x, false),
+        );
+        assert_eq!(c.name(10, b"x").flatten().map(|a| a.ino), Some(11));
+        assert_eq!(
+            c.name(10, b"y"),
+            Some(None),
+            "our own create keeps it complete"
+        );
+        c.own_change(
+            t,
+            st(7),
+            &[Inval::Entry(10, b"x".to_vec()), Inval::Inode(10)],
+            Own::Removed {
+                parent: 10,
+                name: b"x".to_vec(),
+            },
+        );
+        assert_eq!(c.name(10, b"x"), Some(None));
+        // Another client adds a name: the directory is no longer known completely.
+        c.invalidate(8, &[Inval::Entry(10, b"z".to_vec()), Inval::Inode(10)]);
+        assert_eq!(c.name(10, b"y"), None);
+        // A directory whose first foreign entry was announced before our mkdir's answer
+        // arrived is never taken as empty.
+        c.invalidate(10, &[Inval::Entry(20, b"w".to_vec())]);
+        let e = Attr {
+            kind: FileKind::Directory,
+            ..attr(20, 0)
+        };
+        c.own_change(
+            t,
+            st(9),
+            &[Inval::Entry(1, b"e".to_vec()), Inval::Inode(20)],
+            made(1, b"e", e, true),
+        );
+        assert_eq!(c.name(20, b"w"), None);
     }
 }

@@ -12,20 +12,26 @@ use tokio::sync::mpsc;
 
 /// How often the lease is renewed: several times per lease, so one slow renewal costs nothing.
 const RENEW_EVERY: Duration = Duration::from_millis(250);
-/// Pause before watching again after a watch ended.
+/// Pause before watching again after a watch ended, doubling while no watch can be opened.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// Keep a watch on the current leader for as long as the volume is in use.
 pub(crate) async fn run(volume: Weak<Volume>) {
+    let mut pause = RETRY_AFTER;
     loop {
         let Some(v) = volume.upgrade() else { return };
         let outcome = watch_leader(&v).await;
         v.meta_cache.watch_ended();
-        if let Err(e) = outcome {
-            tracing::debug!(error = %e, "watch ended; answering from the leader until it is back");
+        match outcome {
+            Ok(()) => pause = RETRY_AFTER,
+            Err(e) => {
+                tracing::debug!(error = %e, "no watch; answering from the leader until there is one");
+                pause = (pause * 2).min(MAX_RETRY_AFTER);
+            }
         }
         drop(v);
-        tokio::time::sleep(RETRY_AFTER).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -38,6 +44,7 @@ async fn leader_addr(v: &Volume) -> Option<String> {
     v.leader.lock().expect("leader lock").clone()
 }
 
+/// Ok when a watch was opened (however it ended later), Err when none could be.
 async fn watch_leader(v: &Arc<Volume>) -> Result<(), String> {
     let addr = leader_addr(v).await.ok_or("no metadata leader known")?;
     let conn = v.pool.connection(&addr).await.map_err(|e| e.to_string())?;
@@ -61,6 +68,18 @@ async fn watch_leader(v: &Arc<Volume>) -> Result<(), String> {
         other => return Err(format!("unexpected first watch message {other:?}")),
     }
     tracing::debug!(%addr, "watching the metadata leader");
+    if let Err(e) = keep_watch(v, &addr, send, recv).await {
+        tracing::debug!(%addr, error = %e, "watch ended");
+    }
+    Ok(())
+}
+
+async fn keep_watch(
+    v: &Arc<Volume>,
+    addr: &str,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), String> {
     // Reading frames is not cancel-safe, so it runs on its own and feeds a channel.
     let (down_tx, mut down) = mpsc::unbounded_channel();
     let reader = tokio::spawn(async move {
