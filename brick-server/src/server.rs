@@ -143,7 +143,12 @@ impl Brick {
             Request::Meta { op, once } => {
                 match op {
                     MetaOp::CreateVolume(_) => need(&[Role::Brick])?,
-                    MetaOp::HealLease { .. } | MetaOp::ForgetReleased(_) => need(&[Role::Admin])?,
+                    // A follower forwards an admin's change under its own brick certificate,
+                    // having checked the admin's: accept both (a brick may commit anything
+                    // through Raft anyway).
+                    MetaOp::HealLease { .. } | MetaOp::ForgetReleased(_) => {
+                        need(&[Role::Admin, Role::Brick])?
+                    }
                     _ => {}
                 }
                 Ok(self.meta_write(op, once).await)
