@@ -331,15 +331,15 @@ impl Brick {
             let req = Request::Query(q);
             return tokio::select! {
                 reply = self.forward(l, &req) => reply,
-                _ = self.leader_moves_from(l.id) => Reply::meta(Err(FsError::Unavailable("the metadata leader changed".into())), self.leader()),
+                _ = self.leader_moves_from(l.id) => Reply::meta(
+                    Err(FsError::Unavailable("the metadata leader changed".into())),
+                    self.leader(),
+                ),
             };
         }
         // The applied index before the read: the answer reflects at least this much, and the
         // watch invalidates anything later that touches it. Only a caught-up leader stamps.
-        let stamp = leader
-            .as_ref()
-            .and_then(|_| self.watchers.stamp())
-            .filter(|st| st.leader == self.id);
+        let stamp = leader.as_ref().and_then(|_| self.watchers.stamp());
         let result = match q {
             Query::StatFs => self.statfs(),
             q => namespace::query(&DbMeta(&self.store), &q),

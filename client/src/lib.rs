@@ -232,6 +232,8 @@ impl Volume {
         let mut attempt = 0usize;
         // Bricks that answered "read-only" (they cannot reach a quorum) during this operation.
         let mut read_only: Vec<String> = Vec::new();
+        // The last of their answers, given as the error.
+        let mut refused: Option<FsError> = None;
         loop {
             let leader = self.leader.lock().expect("leader lock").clone();
             let order: Vec<String> = self
@@ -244,9 +246,9 @@ impl Volume {
             // down (they may have gone down after that answer): the volume is read-only.
             let rest_down = order.iter().all(|a| self.pool.health(a) == Health::Down);
             if order.is_empty() || (!read_only.is_empty() && rest_down) {
-                return Err(FsError::ReadOnly(
-                    "no brick this client reaches is in a quorum".into(),
-                ));
+                return Err(refused.unwrap_or_else(|| {
+                    FsError::ReadOnly("no brick this client reaches is in a quorum".into())
+                }));
             }
             let first = match leader {
                 Some(l) if self.pool.health(&l) == Health::Up && !read_only.contains(&l) => l,
@@ -265,16 +267,11 @@ impl Volume {
                     *self.leader.lock().expect("leader lock") = leader.map(|l| l.addr);
                     match result {
                         Err(FsError::Unavailable(e)) => last_err = FsError::Unavailable(e),
-                        Err(FsError::ReadOnly(e)) => {
-                            // Another brick may still be in the majority: ask the others, and
-                            // give EROFS only when every brick we can reach says so.
+                        Err(e @ FsError::ReadOnly(_)) => {
+                            // Another brick may still be in the majority: ask the others (the
+                            // top of the loop gives EROFS once none is left to ask).
                             read_only.push(target.clone());
-                            let others_reachable = self.seeds.iter().any(|a| {
-                                !read_only.contains(a) && self.pool.health(a) != Health::Down
-                            });
-                            if !others_reachable {
-                                return Err(FsError::ReadOnly(e));
-                            }
+                            refused = Some(e);
                             continue;
                         }
                         result => {
