@@ -147,6 +147,21 @@ pub fn touched(writes: &BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>) -> Vec<Inva
         .collect()
 }
 
+/// The attributes, after a transaction, of the directories it modified: the client that made
+/// the change keeps them, so the kernel's next permission check on the parent needs no round
+/// trip.
+pub fn fresh_dirs(writes: &BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>) -> Vec<Attr> {
+    writes
+        .iter()
+        .filter_map(|((table, _), value)| match (table, value) {
+            (Table::Inodes, Some(v)) => dec::<Stored>(v).ok(),
+            _ => None,
+        })
+        .map(|s| s.inode.attr)
+        .filter(|a| a.kind == FileKind::Directory)
+        .collect()
+}
+
 /// Writes of one operation, readable before they are committed.
 pub struct Txn<'a, R: MetaRead> {
     base: &'a R,

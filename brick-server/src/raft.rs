@@ -11,7 +11,7 @@ use crate::store::{
 };
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{self, Inval, MetaOk, MetaOp, OpId, RaftKind, RaftRpc, Reply, Request};
-use mortar_proto::{FsError, Timestamp, VolumeConfig};
+use mortar_proto::{Attr, FsError, Timestamp, VolumeConfig};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -53,6 +53,8 @@ pub type MetaResult = Result<MetaOk, FsError>;
 pub struct Applied {
     pub result: MetaResult,
     pub touched: Vec<Inval>,
+    /// Directories it modified, as they are now.
+    pub fresh: Vec<Attr>,
 }
 
 openraft::declare_raft_types!(
@@ -411,6 +413,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in entries {
             let mut batch = WriteBatch::default();
             let mut touched = Vec::new();
+            let mut fresh = Vec::new();
             let result = match &entry.payload {
                 EntryPayload::Blank => Ok(MetaOk::Done),
                 EntryPayload::Membership(m) => {
@@ -427,6 +430,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     // the remembered outcome either way.
                     {
                         touched = namespace::touched(&txn.writes);
+                        fresh = namespace::fresh_dirs(&txn.writes);
                         for ((table, key), value) in txn.writes {
                             let cf = self.store.cf(table_cf(table));
                             match value {
@@ -444,7 +448,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 enc(&Some(entry.log_id)),
             );
             self.store.write(batch, false).map_err(io_err)?;
-            results.push(Applied { result, touched });
+            results.push(Applied {
+                result,
+                touched,
+                fresh,
+            });
         }
         if volume_changed {
             self.refresh_volume()?;

@@ -297,6 +297,7 @@ impl Brick {
                             index,
                         }),
                         touched,
+                        fresh: resp.data.fresh,
                     };
                 }
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
@@ -349,6 +350,7 @@ impl Brick {
             leader,
             stamp,
             touched: Vec::new(),
+            fresh: Vec::new(),
         }
     }
 

@@ -103,6 +103,7 @@ struct Answer {
     result: Result<MetaOk, FsError>,
     stamp: Option<Stamp>,
     touched: Vec<Inval>,
+    fresh: Vec<Attr>,
 }
 
 /// Verified chunks a client keeps in memory.
@@ -223,6 +224,7 @@ impl Volume {
             result: Err(e),
             stamp: None,
             touched: Vec::new(),
+            fresh: Vec::new(),
         })
     }
 
@@ -263,6 +265,7 @@ impl Volume {
                     leader,
                     stamp,
                     touched,
+                    fresh,
                 })) => {
                     *self.leader.lock().expect("leader lock") = leader.map(|l| l.addr);
                     match result {
@@ -279,6 +282,7 @@ impl Volume {
                                 result,
                                 stamp,
                                 touched,
+                                fresh,
                             })
                         }
                     }
@@ -403,8 +407,13 @@ impl Volume {
         };
         let other = matches!(own, Own::Other);
         self.meta_cache.own_change(ticket, stamp, &a.touched, own);
-        if let (true, Some(t), Ok(MetaOk::Attr(attr))) = (other, ticket, &a.result) {
-            self.meta_cache.put_attr(t, Some(stamp), attr);
+        if let Some(t) = ticket {
+            if let (true, Ok(MetaOk::Attr(attr))) = (other, &a.result) {
+                self.meta_cache.put_attr(t, Some(stamp), attr);
+            }
+            for dir in &a.fresh {
+                self.meta_cache.put_attr(t, Some(stamp), dir);
+            }
         }
         a.result
     }

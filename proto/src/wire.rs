@@ -340,6 +340,7 @@ impl Reply {
             leader,
             stamp: None,
             touched: Vec::new(),
+            fresh: Vec::new(),
         }
     }
 }
@@ -411,12 +412,14 @@ pub enum Reply {
     Chunk(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A namespace answer, with the leader that produced it so the client can go there directly.
     /// `stamp` says which state the answer reflects (None: not from the leader, do not cache);
-    /// `touched` lists what a change modified, so the client drops its own cached copies.
+    /// `touched` lists what a change modified, so the client drops its own cached copies;
+    /// `fresh` gives the directories among them as they are after the change.
     Meta {
         result: Result<MetaOk, FsError>,
         leader: Option<BrickRef>,
         stamp: Option<Stamp>,
         touched: Vec<Inval>,
+        fresh: Vec<Attr>,
     },
     Raft(#[serde(with = "serde_bytes")] Vec<u8>),
     Status(BrickStatus),

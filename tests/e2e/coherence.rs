@@ -68,6 +68,20 @@ async fn cached_reads_stay_current_across_clients_and_a_leader_change() {
     let sent = a.meta_requests() - before;
     assert!(sent < 30, "{sent} namespace requests for 300 cached reads");
 
+    // A change hands its maker the directory it modified as it is now (the kernel looks at the
+    // parent after each create): 20 creates, each followed by a look at the parent, cost about
+    // 20 requests, not 40. The parent B keeps is the one A reads after the invalidation.
+    let before = b.meta_requests();
+    for i in 0..20 {
+        b.create(ROOT_INODE, format!("made{i}").as_bytes(), 0o644, 0, 0)
+            .await
+            .unwrap();
+        let dir = b.getattr(ROOT_INODE).await.unwrap();
+        assert_eq!(dir, a.getattr(ROOT_INODE).await.unwrap());
+    }
+    let sent = b.meta_requests() - before;
+    assert!(sent < 30, "{sent} namespace requests for 20 creates");
+
     // A name known not to exist is remembered too, until someone creates it.
     assert!(matches!(
         a.lookup(ROOT_INODE, b"new.html").await,
