@@ -8,7 +8,7 @@ use mortar_proto::wire::{Inval, MetaOk, MetaOp, OpId, Query};
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
     validate_name, Attr, ChunkId, Content, DirEntry, FileKind, FsError, Inode, InodeId, Timestamp,
-    VolumeConfig, ROOT_INODE, SYMLINK_MAX,
+    VolumeConfig, INLINE_MAX, ROOT_INODE, SYMLINK_MAX,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -147,18 +147,18 @@ pub fn touched(writes: &BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>) -> Vec<Inva
         .collect()
 }
 
-/// The attributes, after a transaction, of the directories it modified: the client that made
-/// the change keeps them, so the kernel's next permission check on the parent needs no round
-/// trip.
-pub fn fresh_dirs(writes: &BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>) -> Vec<Attr> {
+/// The directories a transaction modified, as they are after it: the client that made the
+/// change keeps them, so the kernel's next permission check on the parent, and xattr reads of
+/// the directory, need no round trip.
+pub fn fresh_dirs(writes: &BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>) -> Vec<Inode> {
     writes
         .iter()
         .filter_map(|((table, _), value)| match (table, value) {
             (Table::Inodes, Some(v)) => dec::<Stored>(v).ok(),
             _ => None,
         })
-        .map(|s| s.inode.attr)
-        .filter(|a| a.kind == FileKind::Directory)
+        .map(|s| s.inode)
+        .filter(|i| i.attr.kind == FileKind::Directory)
         .collect()
 }
 
@@ -547,6 +547,12 @@ pub fn apply<R: MetaRead>(
                 return Err(FsError::Conflict(s.inode.attr.version));
             }
             match content {
+                Content::Inline(b) if b.len() > INLINE_MAX => {
+                    return Err(FsError::Invalid(format!(
+                        "inline content of {} bytes exceeds the {INLINE_MAX}-byte limit",
+                        b.len()
+                    )))
+                }
                 Content::Inline(b) if b.len() as u64 != *size => {
                     return Err(FsError::Invalid(
                         "inline content length differs from size".into(),
@@ -1149,6 +1155,8 @@ mod tests {
             content: Content::Inline(b"x".to_vec()),
         };
         assert!(matches!(m.run(bad), Err(FsError::Invalid(_))));
+        let too_big = vec![0u8; INLINE_MAX + 1];
+        assert!(matches!(m.run(set(1, &too_big)), Err(FsError::Invalid(_))));
         match query(&m, &Query::GetInode { ino: f.ino }).unwrap() {
             MetaOk::Inode(i) => assert_eq!(i.content, Content::Inline(b"hello".to_vec())),
             other => panic!("{other:?}"),

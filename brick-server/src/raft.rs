@@ -11,7 +11,7 @@ use crate::store::{
 };
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{self, Inval, MetaOk, MetaOp, OpId, RaftKind, RaftRpc, Reply, Request};
-use mortar_proto::{Attr, FsError, Timestamp, VolumeConfig};
+use mortar_proto::{FsError, Inode, Timestamp, VolumeConfig};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -54,7 +54,7 @@ pub struct Applied {
     pub result: MetaResult,
     pub touched: Vec<Inval>,
     /// Directories it modified, as they are now.
-    pub fresh: Vec<Attr>,
+    pub fresh: Vec<Inode>,
 }
 
 openraft::declare_raft_types!(

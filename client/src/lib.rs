@@ -73,7 +73,7 @@ fn own_creation(op: MetaOp, attr: Attr) -> Own {
             exclusive,
             ..
         } => (parent, name, exclusive && kind == FileKind::Regular, false),
-        MetaOp::Mkdir { parent, name, .. } => (parent, name, false, true),
+        MetaOp::Mkdir { parent, name, .. } => (parent, name, true, true),
         MetaOp::Symlink { parent, name, .. } => (parent, name, false, false),
         MetaOp::Link {
             new_parent,
@@ -82,10 +82,14 @@ fn own_creation(op: MetaOp, attr: Attr) -> Own {
         } => (new_parent, new_name, false, false),
         _ => return Own::Other,
     };
+    // As the namespace makes them: an empty file, or a directory without xattrs.
     let inode = whole.then(|| {
         Box::new(Inode {
+            content: match attr.kind {
+                FileKind::Directory => Content::None,
+                _ => Content::Inline(Vec::new()),
+            },
             attr: attr.clone(),
-            content: Content::Inline(Vec::new()),
             xattrs: Vec::new(),
         })
     });
@@ -103,7 +107,7 @@ struct Answer {
     result: Result<MetaOk, FsError>,
     stamp: Option<Stamp>,
     touched: Vec<Inval>,
-    fresh: Vec<Attr>,
+    fresh: Vec<Inode>,
 }
 
 /// Verified chunks a client keeps in memory.
@@ -412,7 +416,7 @@ impl Volume {
                 self.meta_cache.put_attr(t, Some(stamp), attr);
             }
             for dir in &a.fresh {
-                self.meta_cache.put_attr(t, Some(stamp), dir);
+                self.meta_cache.put_inode(t, Some(stamp), dir);
             }
         }
         a.result
@@ -684,6 +688,12 @@ impl Volume {
     }
 
     pub async fn removexattr(&self, ino: InodeId, name: &[u8]) -> Result<(), FsError> {
+        // Refused by the cached inode (current while the lease lasts), as the namespace would
+        // refuse it: nothing to commit. `cp -a` removes a directory's default ACL that is
+        // never there.
+        if let Some(mut cached) = self.meta_cache.inode(ino) {
+            cached.remove_xattr(name, mortar_proto::Timestamp::now())?;
+        }
         self.write_op(MetaOp::RemoveXattr {
             ino,
             name: name.to_vec(),

@@ -7,7 +7,7 @@
 //! answer older than a recent invalidation of the same item is not kept.
 
 use mortar_proto::wire::{Inval, Stamp};
-use mortar_proto::{Attr, BrickId, Inode, InodeId};
+use mortar_proto::{Attr, BrickId, Content, Inode, InodeId};
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
@@ -16,6 +16,8 @@ use std::time::Instant;
 /// Inodes (attributes, and whole inodes with small files' content) and names kept.
 const INODES: usize = 32 * 1024;
 const NAMES: usize = 64 * 1024;
+/// File content and xattr bytes held in whole inodes: a cache full of inlined files stays small.
+const WHOLE_BYTES: usize = 64 * 1024 * 1024;
 /// Invalidations remembered per item before they are summarised by a floor index.
 const RECENT: usize = 64 * 1024;
 
@@ -41,6 +43,22 @@ struct Cached {
     inode: Option<Inode>,
 }
 
+impl Cached {
+    fn bytes(&self) -> usize {
+        self.inode.as_ref().map_or(0, |i| {
+            let content = match &i.content {
+                Content::Inline(b) => b.len(),
+                _ => 0,
+            };
+            content
+                + i.xattrs
+                    .iter()
+                    .map(|(n, v)| n.len() + v.len())
+                    .sum::<usize>()
+        })
+    }
+}
+
 struct Lease {
     leader: BrickId,
     term: u64,
@@ -53,6 +71,8 @@ struct Inner {
     generation: u64,
     lease: Option<Lease>,
     inodes: lru::LruCache<InodeId, Cached>,
+    /// What the whole inodes in `inodes` hold, kept under [`WHOLE_BYTES`].
+    whole_bytes: usize,
     names: lru::LruCache<(InodeId, Vec<u8>), Option<InodeId>>,
     /// Directories whose every name is in `names` (this client made them and has seen every
     /// change to them since): a name not there does not exist.
@@ -77,6 +97,7 @@ impl Default for MetaCache {
                 generation: 0,
                 lease: None,
                 inodes: lru::LruCache::new(NonZeroUsize::new(INODES).expect("nonzero")),
+                whole_bytes: 0,
                 names: lru::LruCache::new(NonZeroUsize::new(NAMES).expect("nonzero")),
                 complete: HashSet::new(),
                 recent: HashMap::new(),
@@ -97,6 +118,7 @@ impl Inner {
     fn clear(&mut self) {
         self.generation += 1;
         self.inodes.clear();
+        self.whole_bytes = 0;
         self.names.clear();
         self.complete.clear();
         self.recent.clear();
@@ -120,7 +142,7 @@ impl Inner {
     fn forget(&mut self, key: Key, index: u64) {
         match &key {
             Key::Inode(ino) => {
-                self.inodes.pop(ino);
+                self.drop_inode(*ino);
             }
             Key::Name(parent, name) => {
                 self.names.pop(&(*parent, name.clone()));
@@ -151,18 +173,32 @@ impl Inner {
 
     fn put_attr(&mut self, attr: &Attr, inode: Option<Inode>) {
         let inode = inode.or_else(|| {
-            self.inodes
-                .pop(&attr.ino)
+            self.drop_inode(attr.ino)
                 .and_then(|e| e.inode)
                 .filter(|i| i.attr == *attr)
         });
-        self.inodes.put(
-            attr.ino,
-            Cached {
-                attr: attr.clone(),
-                inode,
-            },
-        );
+        let entry = Cached {
+            attr: attr.clone(),
+            inode,
+        };
+        let add = entry.bytes();
+        while self.whole_bytes + add > WHOLE_BYTES {
+            let Some((_, old)) = self.inodes.pop_lru() else {
+                break;
+            };
+            self.whole_bytes -= old.bytes();
+        }
+        // Either the entry this one replaces or the least recently used one, evicted.
+        if let Some((_, old)) = self.inodes.push(attr.ino, entry) {
+            self.whole_bytes -= old.bytes();
+        }
+        self.whole_bytes += add;
+    }
+
+    fn drop_inode(&mut self, ino: InodeId) -> Option<Cached> {
+        let old = self.inodes.pop(&ino)?;
+        self.whole_bytes -= old.bytes();
+        Some(old)
     }
 }
 
@@ -394,6 +430,36 @@ mod tests {
         c.watch_started(7, 3);
         c.renewed(Instant::now() + Duration::from_secs(60));
         c
+    }
+
+    #[test]
+    fn whole_inodes_are_kept_within_a_byte_budget() {
+        let c = leased();
+        let t = c.ticket().unwrap();
+        let body = vec![7u8; 64 * 1024];
+        let files = 2 * WHOLE_BYTES / body.len();
+        for ino in 2..2 + files as InodeId {
+            let inode = Inode {
+                attr: attr(ino, body.len() as u64),
+                content: Content::Inline(body.clone()),
+                xattrs: vec![(b"user.k".to_vec(), b"v".to_vec())],
+            };
+            c.put_inode(t, stamp(5), &inode);
+            // Replacing an entry accounts for the one it replaces.
+            c.put_inode(t, stamp(5), &inode);
+        }
+        let held = c.lock().whole_bytes;
+        assert!(held <= WHOLE_BYTES, "{held} bytes held");
+        assert!(held > WHOLE_BYTES / 2, "{held} bytes held");
+        let last = 1 + files as InodeId;
+        assert_eq!(
+            c.inode(last).map(|i| i.content),
+            Some(Content::Inline(body))
+        );
+        assert_eq!(c.inode(2), None, "the oldest went first");
+        c.invalidate(6, &[Inval::Inode(last)]);
+        let recount: usize = c.lock().inodes.iter().map(|(_, e)| e.bytes()).sum();
+        assert_eq!(c.lock().whole_bytes, recount);
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
 /// Largest chunk size a volume may be created with.
 pub const MAX_CHUNK_SIZE: u32 = 8 * 1024 * 1024;
 /// Files up to this size are kept inline in their inode (no chunk round trips).
-pub const INLINE_MAX: usize = 16 * 1024;
+pub const INLINE_MAX: usize = 64 * 1024;
 
 /// Content address of an immutable chunk: the blake3 hash of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

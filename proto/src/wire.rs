@@ -419,7 +419,7 @@ pub enum Reply {
         leader: Option<BrickRef>,
         stamp: Option<Stamp>,
         touched: Vec<Inval>,
-        fresh: Vec<Attr>,
+        fresh: Vec<Inode>,
     },
     Raft(#[serde(with = "serde_bytes")] Vec<u8>),
     Status(BrickStatus),

@@ -7,7 +7,7 @@ use mortar_tests::mortar_client::Volume;
 use mortar_tests::mortar_proto::tls::Role;
 use mortar_tests::mortar_proto::transport::{client_endpoint, Pool};
 use mortar_tests::mortar_proto::wire::{
-    read_frame, write_frame, Request, SetAttr, WatchDown, WatchUp,
+    read_frame, write_frame, Request, SetAttr, WatchDown, WatchUp, XattrMode,
 };
 use mortar_tests::mortar_proto::{FsError, InodeId, ROOT_INODE};
 use mortar_tests::{wait_for, Cluster, DEADLINE};
@@ -81,6 +81,31 @@ async fn cached_reads_stay_current_across_clients_and_a_leader_change() {
     }
     let sent = b.meta_requests() - before;
     assert!(sent < 30, "{sent} namespace requests for 20 creates");
+
+    // B made this directory, so it knows its xattrs: removing one that is not there is refused
+    // from memory (`cp -a` removes a default ACL that is never there). Once A adds it, B's
+    // removal goes through.
+    let d = b.mkdir(ROOT_INODE, b"dir", 0o755, 0, 0).await.unwrap();
+    let before = b.meta_requests();
+    for _ in 0..20 {
+        assert!(matches!(
+            b.removexattr(d.ino, b"user.tag").await,
+            Err(FsError::NoXattr)
+        ));
+    }
+    let sent = b.meta_requests() - before;
+    assert!(
+        sent < 10,
+        "{sent} namespace requests for 20 refused removals"
+    );
+    a.setxattr(d.ino, b"user.tag", b"x", XattrMode::Any)
+        .await
+        .unwrap();
+    b.removexattr(d.ino, b"user.tag").await.unwrap();
+    assert!(matches!(
+        a.getxattr(d.ino, b"user.tag").await,
+        Err(FsError::NoXattr)
+    ));
 
     // A name known not to exist is remembered too, until someone creates it.
     assert!(matches!(

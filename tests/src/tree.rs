@@ -67,8 +67,11 @@ pub fn make_tree(root: &Path, spec: &TreeSpec, seed: u64) {
             ][i % 8]
         } else if rng.random_bool(0.7) {
             rng.random_range(0..8_000)
-        } else {
+        } else if rng.random_bool(0.5) {
             rng.random_range(8_000..60_000)
+        } else {
+            // Past the inline limit: one chunk each.
+            rng.random_range(66_000..120_000)
         };
         let mut data = vec![0u8; size];
         rng.fill_bytes(&mut data);
