@@ -58,6 +58,8 @@ const PREFIX_ONCE: &[u8] = b"once/";
 /// the case for a client's own retries, which are bounded by its requests in flight) is not
 /// recognised. A client that goes away leaves at most this many rows behind.
 pub const ONCE_WINDOW: u64 = 256;
+/// Most inode numbers one ReserveInodes hands out.
+pub const MAX_RESERVE: u32 = 1 << 16;
 
 fn once_key(id: &OpId) -> Vec<u8> {
     let mut k = PREFIX_ONCE.to_vec();
@@ -166,6 +168,8 @@ pub fn fresh_dirs(writes: &BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>) -> Vec<I
 pub struct Txn<'a, R: MetaRead> {
     base: &'a R,
     pub writes: BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+    /// The inode number the create being applied must use (a [`MetaOp::Local`] create).
+    chosen: Option<InodeId>,
 }
 
 impl<'a, R: MetaRead> Txn<'a, R> {
@@ -173,6 +177,7 @@ impl<'a, R: MetaRead> Txn<'a, R> {
         Txn {
             base,
             writes: BTreeMap::new(),
+            chosen: None,
         }
     }
 
@@ -245,14 +250,28 @@ impl<'a, R: MetaRead> Txn<'a, R> {
     }
     fn new_ino(&mut self) -> Result<InodeId, FsError> {
         let next = u64_of(self.get(Table::Sys, KEY_NEXT_INO)?).max(ROOT_INODE + 1);
-        self.put(Table::Sys, KEY_NEXT_INO, (next + 1).to_be_bytes().to_vec());
+        let ino = match self.chosen.take() {
+            // Only a number handed out by ReserveInodes and not in use.
+            Some(ino) => {
+                if ino <= ROOT_INODE || ino >= next || self.stored(ino).is_ok() {
+                    return Err(FsError::Invalid(format!(
+                        "inode number {ino} was not reserved or is in use"
+                    )));
+                }
+                ino
+            }
+            None => {
+                self.put(Table::Sys, KEY_NEXT_INO, (next + 1).to_be_bytes().to_vec());
+                next
+            }
+        };
         let count = u64_of(self.get(Table::Sys, KEY_INODE_COUNT)?);
         self.put(
             Table::Sys,
             KEY_INODE_COUNT,
             (count + 1).to_be_bytes().to_vec(),
         );
-        Ok(next)
+        Ok(ino)
     }
     /// Record when chunks of `old` that `new` no longer names were let go.
     fn release(&mut self, old: &Content, new: Option<&Content>, now: Timestamp) {
@@ -285,9 +304,7 @@ impl<'a, R: MetaRead> Txn<'a, R> {
     }
     fn touch_dir(&mut self, ino: InodeId, nlink_delta: i32, now: Timestamp) -> Result<(), FsError> {
         let mut d = self.stored(ino)?;
-        d.inode.attr.nlink = (d.inode.attr.nlink as i64 + nlink_delta as i64).max(0) as u32;
-        d.inode.attr.mtime = now;
-        d.inode.attr.ctime = now;
+        d.inode.attr.touch_dir(nlink_delta, now);
         self.save(&d);
         Ok(())
     }
@@ -296,23 +313,6 @@ impl<'a, R: MetaRead> Txn<'a, R> {
             Some(b) => dec(&b),
             None => Err(FsError::NoVolume),
         }
-    }
-}
-
-fn new_inode(ino: InodeId, kind: FileKind, perm: u32, uid: u32, gid: u32, now: Timestamp) -> Attr {
-    Attr {
-        ino,
-        kind,
-        perm: perm & 0o7777,
-        uid,
-        gid,
-        size: 0,
-        nlink: if kind == FileKind::Directory { 2 } else { 1 },
-        rdev: 0,
-        atime: now,
-        mtime: now,
-        ctime: now,
-        version: 0,
     }
 }
 
@@ -330,7 +330,7 @@ pub fn apply<R: MetaRead>(
             txn.put(Table::Sys, KEY_VOLUME, enc(config));
             let root = Stored {
                 inode: Inode {
-                    attr: new_inode(ROOT_INODE, FileKind::Directory, 0o755, 0, 0, now),
+                    attr: Attr::new(ROOT_INODE, FileKind::Directory, 0o755, 0, 0, now),
                     content: Content::None,
                     xattrs: Vec::new(),
                 },
@@ -373,7 +373,7 @@ pub fn apply<R: MetaRead>(
                 return Ok(MetaOk::Attr(s.inode.attr));
             }
             let ino = txn.new_ino()?;
-            let mut attr = new_inode(ino, *kind, *perm, *uid, *gid, now);
+            let mut attr = Attr::new(ino, *kind, *perm, *uid, *gid, now);
             attr.rdev = *rdev;
             let content = if *kind == FileKind::Regular {
                 Content::Inline(Vec::new())
@@ -405,7 +405,7 @@ pub fn apply<R: MetaRead>(
                 return Err(FsError::Exists);
             }
             let ino = txn.new_ino()?;
-            let attr = new_inode(ino, FileKind::Directory, *perm, *uid, *gid, now);
+            let attr = Attr::new(ino, FileKind::Directory, *perm, *uid, *gid, now);
             txn.save(&Stored {
                 inode: Inode {
                     attr: attr.clone(),
@@ -437,7 +437,7 @@ pub fn apply<R: MetaRead>(
                 return Err(FsError::Exists);
             }
             let ino = txn.new_ino()?;
-            let mut attr = new_inode(ino, FileKind::Symlink, 0o777, *uid, *gid, now);
+            let mut attr = Attr::new(ino, FileKind::Symlink, 0o777, *uid, *gid, now);
             attr.size = target.len() as u64;
             txn.save(&Stored {
                 inode: Inode {
@@ -566,11 +566,7 @@ pub fn apply<R: MetaRead>(
                 }
             }
             txn.release(&s.inode.content, Some(content), now);
-            s.inode.content = content.clone();
-            s.inode.attr.size = *size;
-            s.inode.attr.mtime = now;
-            s.inode.attr.ctime = now;
-            s.inode.attr.version += 1;
+            s.inode.set_content(*size, content.clone(), now);
             txn.save(&s);
             Ok(MetaOk::Attr(s.inode.attr))
         }
@@ -606,15 +602,63 @@ pub fn apply<R: MetaRead>(
                 match op {
                     MetaOp::SetContent { .. }
                     | MetaOp::SetAttr { .. }
-                    | MetaOp::SetXattr { .. } => results.push(apply(txn, op, now)?),
+                    | MetaOp::SetXattr { .. }
+                    | MetaOp::Local { .. } => results.push(apply(txn, op, now)?),
                     _ => {
                         return Err(FsError::Invalid(
-                            "only content, attribute and xattr changes may be batched".into(),
+                            "only content, attribute and xattr changes and local changes may be batched".into(),
                         ))
                     }
                 }
             }
             Ok(MetaOk::Batch(results))
+        }
+        MetaOp::ReserveInodes { count } => {
+            if !(1..=MAX_RESERVE).contains(count) {
+                return Err(FsError::Invalid(format!(
+                    "reserve between 1 and {MAX_RESERVE} inode numbers, not {count}"
+                )));
+            }
+            let first = u64_of(txn.get(Table::Sys, KEY_NEXT_INO)?).max(ROOT_INODE + 1);
+            let next = first + *count as u64;
+            txn.put(Table::Sys, KEY_NEXT_INO, next.to_be_bytes().to_vec());
+            Ok(MetaOk::Inodes {
+                first,
+                count: *count,
+            })
+        }
+        MetaOp::Local { at, ino, op } => {
+            let create = match **op {
+                MetaOp::Mknod {
+                    kind, exclusive, ..
+                } => {
+                    if !exclusive || kind != FileKind::Regular && kind != FileKind::Fifo {
+                        return Err(FsError::Invalid(
+                            "a local mknod makes a new regular file or FIFO".into(),
+                        ));
+                    }
+                    true
+                }
+                MetaOp::Mkdir { .. } | MetaOp::Symlink { .. } => true,
+                MetaOp::SetAttr { .. }
+                | MetaOp::SetXattr { .. }
+                | MetaOp::RemoveXattr { .. }
+                | MetaOp::SetContent { .. } => false,
+                _ => {
+                    return Err(FsError::Invalid(
+                        "only creates and file changes may be made locally".into(),
+                    ))
+                }
+            };
+            if create != ino.is_some() {
+                return Err(FsError::Invalid(
+                    "a local create names its inode number; nothing else does".into(),
+                ));
+            }
+            txn.chosen = *ino;
+            let out = apply(txn, op, *at);
+            txn.chosen = None;
+            out
         }
         MetaOp::ForgetReleased(ids) => {
             for id in ids {
@@ -778,6 +822,23 @@ pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
         Query::Volume => Ok(MetaOk::Volume(txn.volume()?)),
         Query::StatFs => Err(FsError::Invalid("statfs is answered by the brick".into())),
     }
+}
+
+/// The inode `name` in `parent` names, if any.
+pub fn child_ino<R: MetaRead>(
+    r: &R,
+    parent: InodeId,
+    name: &[u8],
+) -> Result<Option<InodeId>, FsError> {
+    Txn::new(r).child(parent, name)
+}
+
+/// For a delegation: the directory's parent, when `ino` is an empty directory other than the
+/// root (None when it is not).
+pub fn empty_dir_parent<R: MetaRead>(r: &R, ino: InodeId) -> Result<Option<InodeId>, FsError> {
+    let txn = Txn::new(r);
+    let s = txn.dir(ino)?;
+    Ok((ino != ROOT_INODE && txn.is_empty_dir(ino)?).then_some(s.parent))
 }
 
 /// Chunks named by up to `limit` inodes after `after`, and the inode to continue after (`None`

@@ -6,14 +6,16 @@ use crate::heal;
 use crate::namespace;
 use crate::raft::{self, Command, DbMeta, Raft, SharedVolume};
 use crate::store::{Store, CF_HEAL_INDEX};
-use crate::watch::Watchers;
+use crate::watch::{Named, Watchers};
 use mortar_proto::tls::{peer_identity, Role};
 use mortar_proto::transport::{Health, Pool};
 use mortar_proto::wire::{
     read_frame, write_frame, AdminRequest, BrickHello, BrickStatus, FrameError, MetaOk, MetaOp,
     OpId, PeerHealth, Query, Reply, Request, Response, Stamp,
 };
-use mortar_proto::{BrickId, BrickRef, FsError, StatFs, Timestamp, VolumeConfig, NAME_MAX};
+use mortar_proto::{
+    BrickId, BrickRef, FsError, InodeId, StatFs, Timestamp, VolumeConfig, NAME_MAX,
+};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState};
 use std::collections::BTreeMap;
@@ -159,6 +161,10 @@ impl Brick {
                 raft::serve_rpc(&self.raft, rpc).await
             }
             Request::Admin(a) => self.admin(role, a).await,
+            Request::Delegate { client, dir } => {
+                need(&[Role::Client])?;
+                Ok(self.delegate(client, dir).await)
+            }
             Request::Watch { .. } => Err(FsError::NotPermitted(
                 "only a client certificate may watch the namespace".into(),
             )),
@@ -275,6 +281,8 @@ impl Brick {
                     _ = self.leader_moves_from(leader.id) => continue,
                 }
             }
+            let named = self.named_by_op(&op);
+            let _in_flight = self.watchers.admit(once.map(|o| o.client), named).await;
             let cmd = Command {
                 op: op.clone(),
                 once,
@@ -338,6 +346,10 @@ impl Brick {
                 ),
             };
         }
+        let _in_flight = match leader {
+            Some(_) => Some(self.watchers.admit(None, self.named_by_query(&q)).await),
+            None => None,
+        };
         // The applied index before the read: the answer reflects at least this much, and the
         // watch invalidates anything later that touches it. Only a caught-up leader stamps.
         let stamp = leader.as_ref().and_then(|_| self.watchers.stamp());
@@ -352,6 +364,114 @@ impl Brick {
             touched: Vec::new(),
             fresh: Vec::new(),
         }
+    }
+
+    /// Grant `client` a delegation of the empty directory `dir`, on the leader.
+    async fn delegate(&self, client: u128, dir: InodeId) -> Reply {
+        let leader = match self.await_leader(Instant::now() + META_TIMEOUT).await {
+            Ok(l) => l,
+            Err(e) => return Reply::meta(Err(e), None),
+        };
+        if leader.id != self.id {
+            return self
+                .forward(&leader, &Request::Delegate { client, dir })
+                .await;
+        }
+        let Some(stamp) = self.watchers.stamp() else {
+            return Reply::meta(
+                Err(FsError::Unavailable(
+                    "the leader is not caught up yet".into(),
+                )),
+                Some(leader),
+            );
+        };
+        let granted = self.watchers.delegate(client, dir, || {
+            namespace::empty_dir_parent(&DbMeta(&self.store), dir)
+        });
+        // The directory as the holder starts from (nothing else changes it from now on).
+        let result = granted
+            .and_then(|()| namespace::query(&DbMeta(&self.store), &Query::GetInode { ino: dir }));
+        Reply::Meta {
+            result,
+            leader: Some(leader),
+            stamp: Some(stamp),
+            touched: Vec::new(),
+            fresh: Vec::new(),
+        }
+    }
+
+    /// What a change names, for recalling delegations before it is made.
+    fn named_by_op(&self, op: &MetaOp) -> Named {
+        let mut named = Named::default();
+        self.add_named(op, &mut named);
+        named
+    }
+
+    fn add_named(&self, op: &MetaOp, named: &mut Named) {
+        match op {
+            MetaOp::Mknod { parent, .. }
+            | MetaOp::Mkdir { parent, .. }
+            | MetaOp::Symlink { parent, .. } => named.inos.push(*parent),
+            MetaOp::Link {
+                ino,
+                new_parent,
+                new_name,
+            } => {
+                named.inos.extend([*ino, *new_parent]);
+                self.add_child(*new_parent, new_name, named);
+            }
+            MetaOp::Unlink { parent, name } | MetaOp::Rmdir { parent, name } => {
+                named.inos.push(*parent);
+                self.add_child(*parent, name, named);
+            }
+            MetaOp::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                ..
+            } => {
+                named.inos.extend([*parent, *new_parent]);
+                self.add_child(*parent, name, named);
+                self.add_child(*new_parent, new_name, named);
+            }
+            MetaOp::SetAttr { ino, .. }
+            | MetaOp::SetXattr { ino, .. }
+            | MetaOp::RemoveXattr { ino, .. }
+            | MetaOp::SetContent { ino, .. } => named.inos.push(*ino),
+            MetaOp::Batch(ops) => ops.iter().for_each(|op| self.add_named(op, named)),
+            MetaOp::Local { op, .. } => self.add_named(op, named),
+            MetaOp::CreateVolume(_)
+            | MetaOp::HealLease { .. }
+            | MetaOp::ForgetReleased(_)
+            | MetaOp::ReserveInodes { .. } => {}
+        }
+    }
+
+    /// The entry `name` of `parent`, when it may be a delegated directory.
+    fn add_child(&self, parent: InodeId, name: &[u8], named: &mut Named) {
+        if self.watchers.delegates_in(parent) {
+            if let Ok(Some(child)) = namespace::child_ino(&DbMeta(&self.store), parent, name) {
+                named.inos.push(child);
+            }
+        }
+    }
+
+    fn named_by_query(&self, q: &Query) -> Named {
+        let mut named = Named::default();
+        match q {
+            Query::Lookup { parent, name } => {
+                named.inos.push(*parent);
+                self.add_child(*parent, name, &mut named);
+            }
+            Query::GetAttr { ino } | Query::GetInode { ino } => named.inos.push(*ino),
+            Query::ReadDir { ino, .. } => {
+                named.inos.push(*ino);
+                named.listed.push(*ino);
+            }
+            Query::StatFs | Query::Volume => {}
+        }
+        named
     }
 
     fn statfs(&self) -> Result<MetaOk, FsError> {

@@ -7,7 +7,7 @@
 
 use crate::raft::Raft;
 use mortar_proto::wire::{read_frame, write_frame, Inval, Stamp, WatchDown, WatchUp, WATCH_LEASE};
-use mortar_proto::{BrickId, FsError};
+use mortar_proto::{BrickId, FsError, InodeId};
 use openraft::{BasicNode, RaftMetrics, ServerState};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 /// How long the leader waits for a watcher to acknowledge an invalidation before it gives up on
 /// that watcher (closes its watch) and waits for its lease to run out instead.
 pub const ACK_WAIT: Duration = Duration::from_millis(500);
+/// How long the leader waits for a delegation's holder to commit what it made under it and
+/// give it back; a holder that takes longer is given up on like a silent watcher.
+pub const RECALL_WAIT: Duration = Duration::from_secs(5);
 
 /// A lease as the leader counts it: a little longer than the client does, for clock-rate
 /// differences between hosts.
@@ -35,9 +38,29 @@ struct Session {
     stop: Arc<tokio::sync::Notify>,
 }
 
+/// A directory delegated to one watch session (see [`mortar_proto::wire::Request::Delegate`]).
+struct Delegation {
+    session: u64,
+    client: u128,
+    parent: InodeId,
+}
+
+/// What a request names, for recalling delegations before it is answered.
+#[derive(Debug, Default)]
+pub struct Named {
+    /// Inodes it reads or changes, including directories it looks up or creates in.
+    pub inos: Vec<InodeId>,
+    /// Directories whose listing it reads (a listing shows each entry's attributes).
+    pub listed: Vec<InodeId>,
+}
+
 #[derive(Default)]
 struct State {
     sessions: HashMap<u64, Session>,
+    delegations: HashMap<InodeId, Delegation>,
+    /// Requests being answered, by the inodes they name: no delegation of those is granted
+    /// until they are done, so a holder never misses a change it did not make.
+    in_flight: HashMap<InodeId, usize>,
     /// Leases of watches that ended while their client may still be using them.
     departed: Vec<Instant>,
     /// The term this brick leads in and when it first saw itself leading it.
@@ -50,6 +73,26 @@ pub struct Watchers {
     state: Mutex<State>,
     next_session: AtomicU64,
     next_seq: AtomicU64,
+}
+
+/// A request counted in flight for the inodes it names (see [`Watchers::admit`]).
+pub struct InFlight {
+    watchers: Arc<Watchers>,
+    inos: Vec<InodeId>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut st = self.watchers.state();
+        for ino in &self.inos {
+            if let Some(n) = st.in_flight.get_mut(ino) {
+                *n -= 1;
+                if *n == 0 {
+                    st.in_flight.remove(ino);
+                }
+            }
+        }
+    }
 }
 
 /// This brick leads in `term` and has applied an entry of that term, so its reads are current
@@ -160,8 +203,122 @@ impl Watchers {
         futures::future::join_all(waits).await;
     }
 
+    /// Delegate the empty directory `dir` to `client`'s watch session. `empty_in` reads the
+    /// applied namespace (the directory's parent when it is an empty directory); it runs while
+    /// no request naming `dir` is being answered, so nothing lands in it unseen by the holder.
+    pub fn delegate(
+        &self,
+        client: u128,
+        dir: InodeId,
+        empty_in: impl FnOnce() -> Result<Option<InodeId>, FsError>,
+    ) -> Result<(), FsError> {
+        let busy = |why: &str| Err(FsError::Busy(format!("no delegation: {why}")));
+        let mut st = self.state();
+        let now = Instant::now();
+        let Some((&sid, _)) = st
+            .sessions
+            .iter()
+            .find(|(_, s)| s.client == client && *s.lease_until.lock().expect("lease lock") > now)
+        else {
+            return busy("the client holds no lease from this leader");
+        };
+        if let Some(d) = st.delegations.get(&dir) {
+            return if d.session == sid {
+                Ok(())
+            } else {
+                busy("delegated to another client")
+            };
+        }
+        if st.in_flight.get(&dir).is_some_and(|n| *n > 0) {
+            return busy("the directory is being changed");
+        }
+        let Some(parent) = empty_in()? else {
+            return busy("not an empty directory");
+        };
+        st.delegations.insert(
+            dir,
+            Delegation {
+                session: sid,
+                client,
+                parent,
+            },
+        );
+        Ok(())
+    }
+
+    /// Before a request is answered: recall every delegation it names that another client
+    /// holds (the holder commits what it made under it first), and count the request in
+    /// flight until the returned guard drops.
+    pub async fn admit(self: &Arc<Self>, origin: Option<u128>, named: Named) -> InFlight {
+        loop {
+            let recalls: Vec<(InodeId, u64)> = {
+                let mut st = self.state();
+                let recalls: Vec<(InodeId, u64)> = st
+                    .delegations
+                    .iter()
+                    .filter(|(dir, d)| {
+                        Some(d.client) != origin
+                            && (named.inos.contains(dir) || named.listed.contains(&d.parent))
+                    })
+                    .map(|(dir, d)| (*dir, d.session))
+                    .collect();
+                if recalls.is_empty() {
+                    for ino in &named.inos {
+                        *st.in_flight.entry(*ino).or_default() += 1;
+                    }
+                    return InFlight {
+                        watchers: self.clone(),
+                        inos: named.inos,
+                    };
+                }
+                recalls
+            };
+            futures::future::join_all(recalls.into_iter().map(|(dir, sid)| self.recall(dir, sid)))
+                .await;
+        }
+    }
+
+    /// Whether a directory delegated to someone has `parent` as its parent (so a request
+    /// naming an entry of `parent` must find out whether that entry is the directory).
+    pub fn delegates_in(&self, parent: InodeId) -> bool {
+        self.state()
+            .delegations
+            .values()
+            .any(|d| d.parent == parent)
+    }
+
+    async fn recall(&self, dir: InodeId, sid: u64) {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let (done, acked) = oneshot::channel();
+        let session = {
+            let st = self.state();
+            st.sessions
+                .get(&sid)
+                .map(|s| (s.tx.clone(), s.acks.clone(), s.lease_until.clone()))
+        };
+        if let Some((tx, acks, lease_until)) = session {
+            acks.lock().expect("acks lock").insert(seq, done);
+            let sent = tx.send(WatchDown::Recall { seq, dir }).is_ok();
+            if !(sent && matches!(tokio::time::timeout(RECALL_WAIT, acked).await, Ok(Ok(())))) {
+                tracing::warn!(
+                    session = sid,
+                    dir,
+                    "a delegation holder did not give it back; closing its watch"
+                );
+                self.end_session(sid);
+                let until = *lease_until.lock().expect("lease lock");
+                tokio::time::sleep_until(until.into()).await;
+            }
+        }
+        let mut st = self.state();
+        if st.delegations.get(&dir).is_some_and(|d| d.session == sid) {
+            st.delegations.remove(&dir);
+        }
+    }
+
     fn end_session(&self, sid: u64) {
         let mut st = self.state();
+        st.delegations.retain(|_, d| d.session != sid);
         if let Some(s) = st.sessions.remove(&sid) {
             s.stop.notify_one();
             let until = *s.lease_until.lock().expect("lease lock");

@@ -197,9 +197,12 @@ impl Volume {
         Fut: std::future::Future<Output = Result<(u64, Content), FsError>>,
     {
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let inode = match base.take() {
-                Some(i) => i,
-                None => self.inode(ino).await?,
+            // Beneath a live delegation this client's copy is the file.
+            let local = self.live_inode(ino);
+            let is_local = local.is_some();
+            let inode = match (local, base.take()) {
+                (Some(i), _) | (None, Some(i)) => i,
+                (None, None) => self.inode(ino).await?,
             };
             match inode.attr.kind {
                 mortar_proto::FileKind::Regular => {}
@@ -215,6 +218,30 @@ impl Volume {
                 size,
                 content: content.clone(),
             };
+            if is_local {
+                match self.change_local(ino, &op).await {
+                    Some(Ok(mut changed)) => {
+                        for (i, then_op) in then.iter().enumerate() {
+                            match self.change_local(ino, then_op).await {
+                                Some(Ok(c)) => changed = c,
+                                Some(Err(e)) => {
+                                    tracing::debug!(ino, error = %e, "a held-back change does not apply")
+                                }
+                                None => {
+                                    // The delegation ended meanwhile: the rest goes as usual.
+                                    self.write_op(MetaOp::Batch(then[i..].to_vec())).await?;
+                                    return self.inode(ino).await;
+                                }
+                            }
+                        }
+                        return Ok(changed);
+                    }
+                    Some(Err(FsError::Conflict(_))) => continue,
+                    Some(Err(e)) => return Err(e),
+                    // The delegation ended meanwhile: commit as usual.
+                    None => {}
+                }
+            }
             if !then.is_empty() {
                 op = MetaOp::Batch(std::iter::once(op).chain(then.iter().cloned()).collect());
             }

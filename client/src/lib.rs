@@ -6,6 +6,8 @@
 
 mod cache;
 mod data;
+mod delegation;
+use delegation::{Make, Name};
 mod meta_cache;
 use meta_cache::Own;
 mod watch;
@@ -57,6 +59,9 @@ pub struct Volume {
     inval_hook: OnceLock<InvalHook>,
     /// Namespace requests sent to bricks (reads and changes), for tests and metrics.
     meta_requests: AtomicU64,
+    /// Directories delegated to this client, and the changes made beneath them not yet
+    /// committed.
+    deleg: delegation::Delegations,
 }
 
 pub type InvalHook = Box<dyn Fn(&[Inval]) + Send + Sync>;
@@ -153,6 +158,7 @@ impl Volume {
             meta_cache: meta_cache::MetaCache::default(),
             inval_hook: OnceLock::new(),
             meta_requests: AtomicU64::new(0),
+            deleg: delegation::Delegations::default(),
         };
         let config = match partial.meta(Request::Query(Query::Volume)).await.result? {
             MetaOk::Volume(v) => v,
@@ -194,6 +200,7 @@ impl Volume {
     /// answered from memory while its lease lasts (see [`mortar_proto::wire::WatchDown`]).
     pub fn start_watch(self: &Arc<Self>) {
         tokio::spawn(watch::run(Arc::downgrade(self)));
+        self.start_committer();
     }
 
     /// Call `hook` with what other clients changed, once this client's cache has dropped it.
@@ -374,11 +381,16 @@ impl Volume {
         self.write_op(op).await
     }
 
+    /// Commit a change, after what this client holds under delegations (so changes land in
+    /// the order they were made).
     async fn write_op(&self, op: MetaOp) -> Result<MetaOk, FsError> {
-        let once = OpId {
-            client: self.client_id,
-            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
-        };
+        if self.deleg.holds_any() {
+            self.commit_held().await?;
+        }
+        self.write_op_as(op, self.next_once()).await
+    }
+
+    async fn write_op_as(&self, op: MetaOp, once: OpId) -> Result<MetaOk, FsError> {
         let ticket = self.meta_cache.ticket();
         // Changes whose outcome tells the cache more than what they touched.
         let naming = matches!(
@@ -427,6 +439,12 @@ impl Volume {
     }
 
     pub async fn lookup(&self, parent: InodeId, name: &[u8]) -> Result<Attr, FsError> {
+        match self.deleg.name(parent, name) {
+            Name::Found(attr) => return Ok(attr),
+            Name::Absent => return Err(FsError::NotFound),
+            Name::Committed(ino) => return self.getattr(ino).await,
+            Name::Elsewhere => {}
+        }
         if let Some(known) = self.meta_cache.name(parent, name) {
             return known.ok_or(FsError::NotFound);
         }
@@ -451,6 +469,9 @@ impl Volume {
     }
 
     pub async fn getattr(&self, ino: InodeId) -> Result<Attr, FsError> {
+        if let Some(attr) = self.deleg.attr(ino) {
+            return Ok(attr);
+        }
         if let Some(attr) = self.meta_cache.attr(ino) {
             return Ok(attr);
         }
@@ -464,6 +485,9 @@ impl Volume {
     }
 
     pub async fn inode(&self, ino: InodeId) -> Result<Inode, FsError> {
+        if let Some(inode) = self.deleg.inode(ino) {
+            return Ok(inode);
+        }
         if let Some(inode) = self.meta_cache.inode(ino) {
             return Ok(inode);
         }
@@ -487,6 +511,9 @@ impl Volume {
         after: Option<&[u8]>,
         limit: u32,
     ) -> Result<Vec<DirEntry>, FsError> {
+        if self.deleg.attr(ino).is_some() {
+            self.give_back(&[ino]).await?;
+        }
         match self
             .query(Query::ReadDir {
                 ino,
@@ -524,6 +551,19 @@ impl Volume {
         rdev: u32,
         exclusive: bool,
     ) -> Result<Attr, FsError> {
+        let make = Make::Node { kind, perm, rdev };
+        if let Some(made) = self.create_local(parent, name, make, uid, gid).await {
+            return match made {
+                // Not exclusive: an existing regular file is opened, as the namespace does.
+                Err(FsError::Exists) if !exclusive && kind == FileKind::Regular => {
+                    match self.lookup(parent, name).await? {
+                        a if a.kind == FileKind::Regular => Ok(a),
+                        _ => Err(FsError::Exists),
+                    }
+                }
+                other => other,
+            };
+        }
         let op = MetaOp::Mknod {
             parent,
             name: name.to_vec(),
@@ -557,7 +597,13 @@ impl Volume {
         uid: u32,
         gid: u32,
     ) -> Result<Attr, FsError> {
-        expect_attr(
+        if let Some(made) = self
+            .create_local(parent, name, Make::Dir { perm }, uid, gid)
+            .await
+        {
+            return made;
+        }
+        let attr = expect_attr(
             self.write_op(MetaOp::Mkdir {
                 parent,
                 name: name.to_vec(),
@@ -566,7 +612,9 @@ impl Volume {
                 gid,
             })
             .await?,
-        )
+        )?;
+        self.deleg.made(attr.ino);
+        Ok(attr)
     }
 
     pub async fn symlink(
@@ -577,6 +625,12 @@ impl Volume {
         uid: u32,
         gid: u32,
     ) -> Result<Attr, FsError> {
+        if let Some(made) = self
+            .create_local(parent, name, Make::Symlink { target }, uid, gid)
+            .await
+        {
+            return made;
+        }
         let op = MetaOp::Symlink {
             parent,
             name: name.to_vec(),
@@ -600,6 +654,7 @@ impl Volume {
         new_parent: InodeId,
         new_name: &[u8],
     ) -> Result<Attr, FsError> {
+        self.give_back(&[ino, new_parent]).await?;
         expect_attr(
             self.write_op(MetaOp::Link {
                 ino,
@@ -611,6 +666,7 @@ impl Volume {
     }
 
     pub async fn unlink(&self, parent: InodeId, name: &[u8]) -> Result<(), FsError> {
+        self.give_back(&[parent]).await?;
         self.write_op(MetaOp::Unlink {
             parent,
             name: name.to_vec(),
@@ -620,6 +676,7 @@ impl Volume {
     }
 
     pub async fn rmdir(&self, parent: InodeId, name: &[u8]) -> Result<(), FsError> {
+        self.give_back(&[parent]).await?;
         self.write_op(MetaOp::Rmdir {
             parent,
             name: name.to_vec(),
@@ -637,6 +694,7 @@ impl Volume {
         new_name: &[u8],
         flags: u32,
     ) -> Result<(), FsError> {
+        self.give_back(&[parent, new_parent]).await?;
         let op = MetaOp::Rename {
             parent,
             name: name.to_vec(),
@@ -648,7 +706,11 @@ impl Volume {
     }
 
     pub async fn setattr(&self, ino: InodeId, set: SetAttr) -> Result<Attr, FsError> {
-        expect_attr(self.write_op(MetaOp::SetAttr { ino, set }).await?)
+        let op = MetaOp::SetAttr { ino, set };
+        if let Some(changed) = self.change_local(ino, &op).await {
+            return changed.map(|i| i.attr);
+        }
+        expect_attr(self.write_op(op).await?)
     }
 
     pub async fn setxattr(
@@ -664,6 +726,9 @@ impl Volume {
             value: value.to_vec(),
             mode,
         };
+        if let Some(changed) = self.change_local(ino, &op).await {
+            return changed.map(|_| ());
+        }
         self.write_op(op).await.map(|_| ())
     }
 
@@ -694,12 +759,14 @@ impl Volume {
         if let Some(mut cached) = self.meta_cache.inode(ino) {
             cached.remove_xattr(name, mortar_proto::Timestamp::now())?;
         }
-        self.write_op(MetaOp::RemoveXattr {
+        let op = MetaOp::RemoveXattr {
             ino,
             name: name.to_vec(),
-        })
-        .await
-        .map(|_| ())
+        };
+        if let Some(changed) = self.change_local(ino, &op).await {
+            return changed.map(|_| ());
+        }
+        self.write_op(op).await.map(|_| ())
     }
 
     pub async fn statfs(&self) -> Result<StatFs, FsError> {

@@ -236,6 +236,15 @@ impl MetaCache {
         self.lock().serving()
     }
 
+    /// Whether a lease from `leader` in `term` is current.
+    pub fn serving_under(&self, leader: BrickId, term: u64) -> bool {
+        let c = self.lock();
+        c.serving()
+            && c.lease
+                .as_ref()
+                .is_some_and(|l| l.leader == leader && l.term == term)
+    }
+
     pub fn ticket(&self) -> Option<Ticket> {
         let c = self.lock();
         c.lease.as_ref().map(|_| Ticket(c.generation))

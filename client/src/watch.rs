@@ -23,6 +23,8 @@ pub(crate) async fn run(volume: Weak<Volume>) {
         let Some(v) = volume.upgrade() else { return };
         let outcome = watch_leader(&v).await;
         v.meta_cache.watch_ended();
+        // Delegations end with the lease; what they held is committed by the committer.
+        v.deleg.lease_lost();
         match outcome {
             Ok(()) => pause = RETRY_AFTER,
             Err(e) => {
@@ -92,6 +94,9 @@ async fn keep_watch(
         }
     });
     let _stop_reader = scopeguard(reader);
+    // Recalls are answered by tasks (committing what a delegation held takes round trips
+    // during which this loop must keep acknowledging invalidations).
+    let (recalled_tx, mut recalled) = mpsc::unbounded_channel::<u64>();
     let mut tick = tokio::time::interval(RENEW_EVERY);
     let mut asked: BTreeMap<u64, Instant> = BTreeMap::new();
     let mut n = 0u64;
@@ -105,6 +110,11 @@ async fn keep_watch(
                 n += 1;
                 asked.insert(n, Instant::now());
                 write_frame(&mut send, &WatchUp::Renew { n })
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Some(seq) = recalled.recv() => {
+                write_frame(&mut send, &WatchUp::Ack { seq })
                     .await
                     .map_err(|e| e.to_string())?;
             }
@@ -126,6 +136,14 @@ async fn keep_watch(
                         if let Some(hook) = v.inval_hook.get() {
                             hook(&items);
                         }
+                    }
+                    WatchDown::Recall { seq, dir } => {
+                        let v = v.clone();
+                        let done = recalled_tx.clone();
+                        tokio::spawn(async move {
+                            v.recalled(dir).await;
+                            let _ = done.send(seq);
+                        });
                     }
                     other => return Err(format!("unexpected watch message {other:?}")),
                 }

@@ -514,7 +514,14 @@ impl Core {
 
     pub async fn fsync(&self, fh: u64) -> Result<(), FsError> {
         let f = self.file(fh)?;
-        self.flush_file(&f, true).await
+        self.flush_file(&f, true).await?;
+        // A file made under a delegation reaches the bricks with what is held.
+        self.vol.commit_held().await
+    }
+
+    /// fsyncdir, and before unmounting: everything made under delegations is committed.
+    pub async fn fsyncdir(&self) -> Result<(), FsError> {
+        self.vol.commit_held().await
     }
 
     pub async fn release(&self, fh: u64) -> Result<(), FsError> {

@@ -614,8 +614,8 @@ impl Filesystem for MortarFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Namespace changes are committed on a quorum before they are acknowledged.
-        reply.ok();
+        // Changes made under a delegation are held in memory until committed.
+        empty_task!(self, reply, |core| core.fsyncdir());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

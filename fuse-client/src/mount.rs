@@ -199,7 +199,7 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
             }
         }
     };
-    let setup = || -> Result<(tokio::runtime::Runtime, fuser::Session<MortarFs>, Arc<std::sync::OnceLock<fuser::Notifier>>)> {
+    let setup = || -> Result<(tokio::runtime::Runtime, fuser::Session<MortarFs>, Arc<Volume>)> {
         init_logging(&opts, &source.volume, !notify)?;
         if notify {
             check_mount_point(&args.mountpoint)?;
@@ -240,9 +240,9 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
         }
         let session = fuser::Session::new(fs, &args.mountpoint, &config).with_context(|| format!("cannot mount at {}", args.mountpoint.display()))?;
         let _ = notifier.set(session.notifier());
-        Ok((rt, session, notifier))
+        Ok((rt, session, vol))
     };
-    let (rt, mut session, _notifier) = match setup() {
+    let (rt, mut session, vol_for_exit) = match setup() {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -265,7 +265,12 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
     });
     tracing::info!(volume = %source.volume, mountpoint = %args.mountpoint.display(), "mounted");
     report("ok");
-    session.run().context("FUSE session ended with an error")?;
+    let ran = session.run().context("FUSE session ended with an error");
+    // Files closed before the unmount may be held under delegations: commit them.
+    if let Err(e) = rt.block_on(vol_for_exit.commit_held()) {
+        tracing::error!(error = %e, "changes made under delegations could not be committed before exit");
+    }
+    ran?;
     tracing::info!("unmounted");
     rt.shutdown_timeout(Duration::from_secs(5));
     Ok(())

@@ -2,8 +2,8 @@
 //! applies them under Raft) and the client (which shows changes it holds back until a flush),
 //! so both compute the same result.
 
-use crate::wire::{SetAttr, TimeSet, XattrMode};
-use crate::{FsError, Inode, Timestamp, XATTR_VALUE_MAX};
+use crate::wire::{MetaOp, SetAttr, TimeSet, XattrMode};
+use crate::{Attr, Content, FileKind, FsError, Inode, InodeId, Timestamp, XATTR_VALUE_MAX};
 
 /// The POSIX access ACL, in the kernel's xattr format: a u32 version (2), then entries of
 /// (u16 tag, u16 perm, u32 id), little-endian. Without kernel ACL support it reaches us as an
@@ -97,7 +97,85 @@ fn resolve(t: TimeSet, now: Timestamp) -> Timestamp {
     }
 }
 
+impl Attr {
+    /// A new inode's attributes as a create makes them.
+    pub fn new(
+        ino: InodeId,
+        kind: FileKind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        now: Timestamp,
+    ) -> Attr {
+        Attr {
+            ino,
+            kind,
+            perm: perm & 0o7777,
+            uid,
+            gid,
+            size: 0,
+            nlink: if kind == FileKind::Directory { 2 } else { 1 },
+            rdev: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            version: 0,
+        }
+    }
+
+    /// A directory gained or lost an entry (`nlink_delta` counts subdirectories).
+    pub fn touch_dir(&mut self, nlink_delta: i32, now: Timestamp) {
+        self.nlink = (self.nlink as i64 + nlink_delta as i64).max(0) as u32;
+        self.mtime = now;
+        self.ctime = now;
+    }
+}
+
 impl Inode {
+    /// A regular file's new content: size and times follow, and the version moves on so
+    /// concurrent writers notice.
+    pub fn set_content(&mut self, size: u64, content: Content, now: Timestamp) {
+        self.content = content;
+        self.attr.size = size;
+        self.attr.mtime = now;
+        self.attr.ctime = now;
+        self.attr.version += 1;
+    }
+
+    /// A change of this one inode (SetAttr, SetXattr, RemoveXattr, SetContent of a regular
+    /// file at its version) as the namespace applies it; anything else is refused.
+    pub fn apply_change(&mut self, op: &MetaOp, now: Timestamp) -> Result<(), FsError> {
+        match op {
+            MetaOp::SetAttr { set, .. } => self.set_attr(set, now),
+            MetaOp::SetXattr {
+                name, value, mode, ..
+            } => self.set_xattr(name, value, *mode, now)?,
+            MetaOp::RemoveXattr { name, .. } => self.remove_xattr(name, now)?,
+            MetaOp::SetContent {
+                expect_version,
+                size,
+                content,
+                ..
+            } => {
+                match self.attr.kind {
+                    FileKind::Regular => {}
+                    FileKind::Directory => return Err(FsError::IsDir),
+                    _ => return Err(FsError::Invalid("not a regular file".into())),
+                }
+                if self.attr.version != *expect_version {
+                    return Err(FsError::Conflict(self.attr.version));
+                }
+                self.set_content(*size, content.clone(), now);
+            }
+            other => {
+                return Err(FsError::Invalid(format!(
+                    "not a change of one inode: {other:?}"
+                )))
+            }
+        }
+        Ok(())
+    }
+
     /// chmod, chown, utimens: the attributes change, ctime becomes `now`, and a chmod keeps
     /// the access ACL in step.
     pub fn set_attr(&mut self, set: &SetAttr, now: Timestamp) {

@@ -35,6 +35,16 @@ pub enum Request {
         client: u128,
     },
     Admin(AdminRequest),
+    /// Ask the metadata leader for a delegation of the empty directory `dir`: until the leader
+    /// recalls it (over the client's watch, before anyone else's request that names the
+    /// directory is answered) or the client's lease runs out, the client alone changes what
+    /// is beneath it, answers those changes from memory and commits them in batches as
+    /// [`MetaOp::Local`]. Refused with EBUSY when the client has no watch here, or the
+    /// directory is not an empty directory of no other delegation.
+    Delegate {
+        client: u128,
+        dir: InodeId,
+    },
 }
 
 /// Names one namespace change of one client: a random client id and a per-client sequence.
@@ -168,8 +178,23 @@ pub enum MetaOp {
     ForgetReleased(Vec<ChunkId>),
     /// File operations applied in order as one: all succeed or none does. A file's new content
     /// and the chmod/chown/utimens/setxattr made while it was buffered commit together, in
-    /// one Raft entry. Only SetContent, SetAttr and SetXattr may appear in a batch.
+    /// one Raft entry. Only SetContent, SetAttr, SetXattr and [`MetaOp::Local`] may appear in
+    /// a batch.
     Batch(Vec<MetaOp>),
+    /// Set aside `count` inode numbers for the caller, who names its creates under a
+    /// delegation with them ([`MetaOp::Local`]). Answered with [`MetaOk::Inodes`].
+    ReserveInodes {
+        count: u32,
+    },
+    /// A change a client made under a directory delegation and already showed to its
+    /// applications, applied as it was made: at the client's time `at` and, for a create
+    /// (Mknod, Mkdir, Symlink), with the inode number `ino` the client took from a range it
+    /// reserved. Only those creates and SetAttr, SetXattr, RemoveXattr and SetContent.
+    Local {
+        at: Timestamp,
+        ino: Option<InodeId>,
+        op: Box<MetaOp>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +229,11 @@ pub enum MetaOk {
     Done,
     /// One result per operation of a [`MetaOp::Batch`].
     Batch(Vec<MetaOk>),
+    /// Inode numbers `first..first + count`, reserved for the caller.
+    Inodes {
+        first: InodeId,
+        count: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -398,6 +428,12 @@ pub enum WatchDown {
     },
     /// No watch here (not the leader, or no quorum).
     Refused(FsError),
+    /// Give back the delegation of `dir`: commit every change made under it, stop answering
+    /// for it from memory, then `Ack { seq }`.
+    Recall {
+        seq: u64,
+        dir: InodeId,
+    },
 }
 
 /// How long a granted lease lasts, counted by the client from when it asked.

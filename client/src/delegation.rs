@@ -1,0 +1,612 @@
+//! Directory delegations, the client's side. A directory this client made is, at its first
+//! create, delegated to it by the metadata leader ([`Request::Delegate`]): from then on this
+//! client alone changes what lies beneath it. Creates, chmod/chown/utimens, xattr changes and
+//! file contents beneath it are answered from memory at once and committed in the background,
+//! many per Raft entry, as [`MetaOp::Local`] changes in the order they were made. The leader
+//! recalls the delegation before it answers any other client's request that names the
+//! directory; this client then commits everything it holds and gives it back, so other
+//! clients never see less than what this one showed (close-to-open holds across mounts).
+//!
+//! What is held here is on no brick yet: like a file's page cache, it is durable once fsync
+//! (or fsyncdir, or unmount) returns. A delegation ends when the lease that carried it ends;
+//! what it held is then committed as soon as a leader answers.
+
+use crate::Volume;
+use mortar_proto::wire::{MetaOk, MetaOp, OpId, Request, Stamp};
+use mortar_proto::{
+    validate_name, Attr, BrickId, Content, FileKind, FsError, Inode, InodeId, Timestamp,
+    SYMLINK_MAX,
+};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+/// Inode numbers reserved at a time for creates under delegations.
+const RESERVE: u32 = 4096;
+/// Changes per commit at most, and bytes of changes per commit at most.
+const BATCH_OPS: usize = 1024;
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Held changes beyond which a change waits for a commit (memory stays bounded).
+const HELD_OPS: usize = 8192;
+const HELD_BYTES: usize = 64 * 1024 * 1024;
+/// Content shown from memory for committed files beneath live delegations, at most; beyond
+/// it they are forgotten (the cache and the bricks answer for them).
+const NODE_BYTES: usize = 128 * 1024 * 1024;
+/// Directories remembered as made by this client and not yet asked about.
+const MADE_MAX: usize = 4096;
+/// Pause before committing again after a commit failed for want of a leader or quorum.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// An inode made or changed under a delegation, as this client shows it.
+struct Node {
+    inode: Inode,
+    /// The delegated directory it lies beneath.
+    root: InodeId,
+    /// A directory's entries: every one of them was made here.
+    entries: Option<HashMap<Vec<u8>, InodeId>>,
+}
+
+/// A change held for commit, with the inode it concerns.
+struct Held {
+    op: MetaOp,
+    ino: InodeId,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct State {
+    /// Leader and term of the watch under which the live delegations were granted.
+    epoch: Option<(BrickId, u64)>,
+    /// Delegated directories this client may still change from memory.
+    roots: HashSet<InodeId>,
+    /// Inodes beneath delegated directories, whole, while this client answers for them.
+    nodes: HashMap<InodeId, Node>,
+    held: VecDeque<Held>,
+    held_bytes: usize,
+    /// A batch that was sent and not answered: sent again, under the same id, before anything.
+    unanswered: Option<(OpId, Vec<Held>)>,
+    /// Reserved inode numbers not used yet.
+    spare: std::ops::Range<InodeId>,
+    made: HashSet<InodeId>,
+    /// Content bytes of `nodes`.
+    node_bytes: usize,
+}
+
+fn content_bytes(c: &Content) -> usize {
+    match c {
+        Content::Inline(b) | Content::Symlink(b) => b.len(),
+        Content::Chunks(c) => c.len() * 33,
+        Content::None => 0,
+    }
+}
+
+impl State {
+    /// Whether `ino` may be changed from memory now.
+    fn live(&self, ino: InodeId) -> Option<InodeId> {
+        self.nodes
+            .get(&ino)
+            .map(|n| n.root)
+            .filter(|r| self.roots.contains(r))
+    }
+
+    fn hold(&mut self, op: MetaOp, ino: InodeId, at: Timestamp, create: bool) {
+        let bytes = match &op {
+            MetaOp::SetContent {
+                content: Content::Inline(b),
+                ..
+            } => b.len(),
+            MetaOp::SetContent {
+                content: Content::Chunks(c),
+                ..
+            } => c.len() * 33,
+            _ => 0,
+        } + 128;
+        let op = MetaOp::Local {
+            at,
+            ino: create.then_some(ino),
+            op: Box::new(op),
+        };
+        self.held_bytes += bytes;
+        self.held.push_back(Held { op, ino, bytes });
+    }
+
+    fn full(&self) -> bool {
+        self.held.len() >= HELD_OPS || self.held_bytes >= HELD_BYTES
+    }
+
+    /// The inodes `root` covers are no longer changed from memory; they are still shown
+    /// from memory until what they hold is committed.
+    fn give_back(&mut self, root: InodeId) {
+        self.roots.remove(&root);
+    }
+
+    /// After a commit: forget inodes of given-back delegations, and files nothing is held
+    /// for (the cache and the bricks answer for them now).
+    fn forget_committed(&mut self) {
+        let held: HashSet<InodeId> = self
+            .held
+            .iter()
+            .chain(self.unanswered.iter().flat_map(|(_, b)| b.iter()))
+            .map(|h| h.ino)
+            .collect();
+        let roots = &self.roots;
+        let crowded = self.node_bytes > NODE_BYTES;
+        let mut freed = 0;
+        self.nodes.retain(|ino, n| {
+            let keep = held.contains(ino)
+                || (roots.contains(&n.root) && (n.entries.is_some() || !crowded));
+            if !keep {
+                freed += content_bytes(&n.inode.content);
+            }
+            keep
+        });
+        self.node_bytes -= freed;
+    }
+}
+
+/// How a name beneath a delegated directory is answered.
+pub(crate) enum Name {
+    /// Not beneath a delegation: ask as usual.
+    Elsewhere,
+    Absent,
+    Found(Attr),
+    /// Made here and committed since: its attributes come from the cache or the bricks.
+    Committed(InodeId),
+}
+
+#[derive(Default)]
+pub(crate) struct Delegations {
+    state: Mutex<State>,
+    /// One commit at a time, so changes land in the order they were made.
+    committing: tokio::sync::Mutex<()>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// What a create under a delegation makes.
+pub(crate) enum Make<'a> {
+    Node {
+        kind: FileKind,
+        perm: u32,
+        rdev: u32,
+    },
+    Dir {
+        perm: u32,
+    },
+    Symlink {
+        target: &'a [u8],
+    },
+}
+
+impl Delegations {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("delegations lock")
+    }
+
+    pub(crate) fn attr(&self, ino: InodeId) -> Option<Attr> {
+        self.lock().nodes.get(&ino).map(|n| n.inode.attr.clone())
+    }
+
+    pub(crate) fn inode(&self, ino: InodeId) -> Option<Inode> {
+        self.lock().nodes.get(&ino).map(|n| n.inode.clone())
+    }
+
+    pub(crate) fn name(&self, parent: InodeId, name: &[u8]) -> Name {
+        let st = self.lock();
+        let Some(entries) = st.nodes.get(&parent).and_then(|n| n.entries.as_ref()) else {
+            return Name::Elsewhere;
+        };
+        match entries.get(name) {
+            None => Name::Absent,
+            Some(ino) => match st.nodes.get(ino) {
+                Some(n) => Name::Found(n.inode.attr.clone()),
+                None => Name::Committed(*ino),
+            },
+        }
+    }
+
+    /// The delegated directories beneath which any of `inos` lies.
+    pub(crate) fn roots_of(&self, inos: &[InodeId]) -> Vec<InodeId> {
+        let st = self.lock();
+        let mut roots: Vec<InodeId> = inos
+            .iter()
+            .filter_map(|i| st.nodes.get(i).map(|n| n.root))
+            .collect();
+        roots.sort_unstable();
+        roots.dedup();
+        roots
+    }
+
+    pub(crate) fn holds_any(&self) -> bool {
+        let st = self.lock();
+        !st.held.is_empty() || st.unanswered.is_some()
+    }
+
+    /// This client made directory `ino`: its first create may ask for a delegation.
+    pub(crate) fn made(&self, ino: InodeId) {
+        let mut st = self.lock();
+        if st.made.len() >= MADE_MAX {
+            st.made.clear();
+        }
+        st.made.insert(ino);
+    }
+
+    /// The lease ended: nothing more is changed from memory.
+    pub(crate) fn lease_lost(&self) {
+        let mut st = self.lock();
+        st.roots.clear();
+        st.epoch = None;
+        st.made.clear();
+        if st.held.is_empty() && st.unanswered.is_none() {
+            st.forget_committed();
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+}
+
+impl Volume {
+    /// Whether the lease of `epoch` is current, so changes may still be made from memory.
+    fn leased_under(&self, epoch: Option<(BrickId, u64)>) -> bool {
+        epoch.is_some_and(|(leader, term)| self.meta_cache.serving_under(leader, term))
+    }
+
+    /// Ask for a delegation of `dir` if this client made it and has not asked yet.
+    async fn maybe_delegate(&self, dir: InodeId) {
+        if !self.deleg.lock().made.remove(&dir) || !self.meta_cache.serving() {
+            return;
+        }
+        let a = self
+            .meta(Request::Delegate {
+                client: self.client_id,
+                dir,
+            })
+            .await;
+        let (Ok(MetaOk::Inode(inode)), Some(Stamp { leader, term, .. })) = (a.result, a.stamp)
+        else {
+            return;
+        };
+        let mut st = self.deleg.lock();
+        let epoch = Some((leader, term));
+        if st.epoch.is_some() && st.epoch != epoch {
+            // Granted by a leader other than the one our live delegations came from: those
+            // ended with their lease, which lease_lost has seen or is about to.
+            return;
+        }
+        if !self.leased_under(epoch) || inode.attr.kind != FileKind::Directory {
+            return;
+        }
+        st.epoch = epoch;
+        st.roots.insert(dir);
+        st.nodes.insert(
+            dir,
+            Node {
+                inode,
+                root: dir,
+                entries: Some(HashMap::new()),
+            },
+        );
+        tracing::debug!(dir, "directory delegated to this client");
+    }
+
+    /// An inode number for a create under a delegation.
+    async fn spare_ino(&self) -> Result<InodeId, FsError> {
+        loop {
+            {
+                let mut st = self.deleg.lock();
+                if let Some(ino) = st.spare.next() {
+                    return Ok(ino);
+                }
+            }
+            let once = self.next_once();
+            match self
+                .write_op_as(MetaOp::ReserveInodes { count: RESERVE }, once)
+                .await?
+            {
+                MetaOk::Inodes { first, count } => {
+                    let mut st = self.deleg.lock();
+                    if st.spare.is_empty() {
+                        st.spare = first..first + count as u64;
+                    }
+                }
+                other => return Err(FsError::Io(format!("unexpected answer {other:?}"))),
+            }
+        }
+    }
+
+    /// A create in `parent` answered from memory, when `parent` lies beneath a live
+    /// delegation (None: make it as usual).
+    pub(crate) async fn create_local(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        make: Make<'_>,
+        uid: u32,
+        gid: u32,
+    ) -> Option<Result<Attr, FsError>> {
+        self.maybe_delegate(parent).await;
+        let live = {
+            let st = self.deleg.lock();
+            st.live(parent).is_some() && self.leased_under(st.epoch)
+        };
+        if !live {
+            return None;
+        }
+        let ino = match self.spare_ino().await {
+            Ok(ino) => ino,
+            Err(e) => return Some(Err(e)),
+        };
+        let result = {
+            let mut st = self.deleg.lock();
+            let Some(root) = st.live(parent).filter(|_| self.leased_under(st.epoch)) else {
+                st.spare = ino..st.spare.end.max(ino + 1);
+                return None;
+            };
+            self.make_node(&mut st, root, parent, name, make, uid, gid, ino)
+        };
+        self.after_hold().await;
+        Some(result)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn make_node(
+        &self,
+        st: &mut State,
+        root: InodeId,
+        parent: InodeId,
+        name: &[u8],
+        make: Make<'_>,
+        uid: u32,
+        gid: u32,
+        ino: InodeId,
+    ) -> Result<Attr, FsError> {
+        validate_name(name)?;
+        let now = Timestamp::now();
+        let (kind, mut attr, content, op) = match make {
+            Make::Node { kind, perm, rdev } => {
+                let mut attr = Attr::new(ino, kind, perm, uid, gid, now);
+                attr.rdev = rdev;
+                let content = match kind {
+                    FileKind::Regular => Content::Inline(Vec::new()),
+                    _ => Content::None,
+                };
+                let op = MetaOp::Mknod {
+                    parent,
+                    name: name.to_vec(),
+                    kind,
+                    perm,
+                    uid,
+                    gid,
+                    rdev,
+                    exclusive: true,
+                };
+                (kind, attr, content, op)
+            }
+            Make::Dir { perm } => {
+                let attr = Attr::new(ino, FileKind::Directory, perm, uid, gid, now);
+                let op = MetaOp::Mkdir {
+                    parent,
+                    name: name.to_vec(),
+                    perm,
+                    uid,
+                    gid,
+                };
+                (FileKind::Directory, attr, Content::None, op)
+            }
+            Make::Symlink { target } => {
+                if target.is_empty() {
+                    return Err(FsError::NotFound);
+                }
+                if target.len() > SYMLINK_MAX || target.contains(&0) {
+                    return Err(FsError::NameTooLong);
+                }
+                let attr = Attr::new(ino, FileKind::Symlink, 0o777, uid, gid, now);
+                let op = MetaOp::Symlink {
+                    parent,
+                    name: name.to_vec(),
+                    target: target.to_vec(),
+                    uid,
+                    gid,
+                };
+                (
+                    FileKind::Symlink,
+                    attr,
+                    Content::Symlink(target.to_vec()),
+                    op,
+                )
+            }
+        };
+        if let Content::Symlink(t) = &content {
+            attr.size = t.len() as u64;
+        }
+        let dir = st.nodes.get_mut(&parent).expect("live parent");
+        let entries = dir.entries.as_mut().ok_or(FsError::NotDir)?;
+        if entries.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        entries.insert(name.to_vec(), ino);
+        dir.inode
+            .attr
+            .touch_dir(i32::from(kind == FileKind::Directory), now);
+        st.node_bytes += content_bytes(&content);
+        st.nodes.insert(
+            ino,
+            Node {
+                inode: Inode {
+                    attr: attr.clone(),
+                    content,
+                    xattrs: Vec::new(),
+                },
+                root,
+                entries: (kind == FileKind::Directory).then(HashMap::new),
+            },
+        );
+        st.hold(op, ino, now, true);
+        Ok(attr)
+    }
+
+    /// A change of one inode answered from memory, when it lies beneath a live delegation
+    /// (None: commit it as usual). Returns the inode as changed.
+    pub(crate) async fn change_local(
+        &self,
+        ino: InodeId,
+        op: &MetaOp,
+    ) -> Option<Result<Inode, FsError>> {
+        let result = {
+            let mut st = self.deleg.lock();
+            st.live(ino).filter(|_| self.leased_under(st.epoch))?;
+            let now = Timestamp::now();
+            let node = st.nodes.get_mut(&ino).expect("live node");
+            let mut changed = node.inode.clone();
+            match changed.apply_change(op, now) {
+                Ok(()) => {
+                    let before = content_bytes(&node.inode.content);
+                    node.inode = changed.clone();
+                    st.node_bytes = st.node_bytes - before + content_bytes(&changed.content);
+                    st.hold(op.clone(), ino, now, false);
+                    Ok(changed)
+                }
+                Err(e) => Err(e),
+            }
+        };
+        self.after_hold().await;
+        Some(result)
+    }
+
+    /// Wake the committer, and wait for it when too much is held.
+    async fn after_hold(&self) {
+        let full = self.deleg.lock().full();
+        self.deleg.wake.notify_one();
+        if full {
+            if let Err(e) = self.commit_held().await {
+                tracing::warn!(error = %e, "changes made under a delegation are not committed yet");
+            }
+        }
+    }
+
+    /// The inode whole when it lies beneath a live delegation (its changes are made here).
+    pub(crate) fn live_inode(&self, ino: InodeId) -> Option<Inode> {
+        let st = self.deleg.lock();
+        st.live(ino).filter(|_| self.leased_under(st.epoch))?;
+        st.nodes.get(&ino).map(|n| n.inode.clone())
+    }
+
+    /// Before a request that must find them at the bricks: give back the delegations any of
+    /// `inos` lie beneath, and commit what is held.
+    pub(crate) async fn give_back(&self, inos: &[InodeId]) -> Result<(), FsError> {
+        let roots = self.deleg.roots_of(inos);
+        if roots.is_empty() && !self.deleg.holds_any() {
+            return Ok(());
+        }
+        {
+            let mut st = self.deleg.lock();
+            for r in roots {
+                tracing::debug!(dir = r, "giving back a delegation");
+                st.give_back(r);
+            }
+        }
+        self.commit_held().await
+    }
+
+    /// The leader recalls the delegation of `dir`.
+    pub(crate) async fn recalled(&self, dir: InodeId) {
+        self.deleg.lock().give_back(dir);
+        if let Err(e) = self.commit_held().await {
+            tracing::error!(dir, error = %e, "could not commit what a recalled delegation held");
+        }
+    }
+
+    /// Commit everything held so far (fsync, fsyncdir, unmount, a recall).
+    pub async fn commit_held(&self) -> Result<(), FsError> {
+        let _one = self.deleg.committing.lock().await;
+        loop {
+            let (once, batch) = {
+                let mut st = self.deleg.lock();
+                match st.unanswered.take() {
+                    Some(b) => b,
+                    None => {
+                        let mut batch = Vec::new();
+                        let mut bytes = 0;
+                        while let Some(h) = st.held.front() {
+                            if !batch.is_empty()
+                                && (batch.len() >= BATCH_OPS || bytes + h.bytes > BATCH_BYTES)
+                            {
+                                break;
+                            }
+                            bytes += h.bytes;
+                            st.held_bytes -= h.bytes;
+                            batch.push(st.held.pop_front().expect("front"));
+                        }
+                        if batch.is_empty() {
+                            st.forget_committed();
+                            return Ok(());
+                        }
+                        (self.next_once(), batch)
+                    }
+                }
+            };
+            let ops: Vec<MetaOp> = batch.iter().map(|h| h.op.clone()).collect();
+            let n = ops.len();
+            match self.write_op_as(MetaOp::Batch(ops), once).await {
+                Ok(_) => {
+                    tracing::debug!(changes = n, "committed changes made under delegations");
+                }
+                Err(e @ (FsError::Unavailable(_) | FsError::ReadOnly(_) | FsError::Io(_))) => {
+                    // Nothing is lost: the same batch goes again, under the same id (it may
+                    // have been applied), before anything else.
+                    self.deleg.lock().unanswered = Some((once, batch));
+                    return Err(e);
+                }
+                Err(e) => {
+                    // Refused as a whole (a delegation was lost and someone else got there
+                    // first): keep every change that still applies.
+                    tracing::error!(error = %e, changes = n, "a batch of delegated changes was refused; committing them one by one");
+                    for h in batch {
+                        let once = self.next_once();
+                        if let Err(e) = self.write_op_as(h.op.clone(), once).await {
+                            tracing::error!(ino = h.ino, error = %e, "a change made under a lost delegation could not be committed: {:?}", h.op);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn next_once(&self) -> OpId {
+        OpId {
+            client: self.client_id,
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+/// Commit held changes in the background, as soon as they are made: a commit under way lets
+/// the next changes pile up, so batches grow with the rate of changes.
+pub(crate) async fn run(volume: Weak<Volume>, wake: Arc<tokio::sync::Notify>) {
+    let mut pause = RETRY_AFTER;
+    loop {
+        wake.notified().await;
+        loop {
+            let Some(v) = volume.upgrade() else { return };
+            if !v.deleg.holds_any() {
+                break;
+            }
+            match v.commit_held().await {
+                Ok(()) => pause = RETRY_AFTER,
+                Err(e) => {
+                    tracing::warn!(error = %e, "delegated changes not committed yet; retrying");
+                    drop(v);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_RETRY_AFTER);
+                }
+            }
+        }
+    }
+}
+
+impl Volume {
+    pub(crate) fn start_committer(self: &Arc<Self>) {
+        tokio::spawn(run(Arc::downgrade(self), self.deleg.wake.clone()));
+    }
+}
