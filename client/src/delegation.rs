@@ -158,10 +158,14 @@ pub(crate) enum Name {
 
 #[derive(Default)]
 pub(crate) struct Delegations {
+    /// Batches of held changes sent so far, for tests and metrics.
+    pub(crate) batches: std::sync::atomic::AtomicU64,
+    /// Tests stop the background commits, to see what only a recall or fsync commits.
+    pub(crate) paused: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     /// One commit at a time, so changes land in the order they were made.
     committing: tokio::sync::Mutex<()>,
-    wake: Arc<tokio::sync::Notify>,
+    pub(crate) wake: Arc<tokio::sync::Notify>,
 }
 
 /// What a create under a delegation makes.
@@ -548,6 +552,7 @@ impl Volume {
             };
             let ops: Vec<MetaOp> = batch.iter().map(|h| h.op.clone()).collect();
             let n = ops.len();
+            self.deleg.batches.fetch_add(1, Ordering::Relaxed);
             match self.write_op_as(MetaOp::Batch(ops), once).await {
                 Ok(_) => {
                     tracing::debug!(changes = n, "committed changes made under delegations");
@@ -589,7 +594,7 @@ pub(crate) async fn run(volume: Weak<Volume>, wake: Arc<tokio::sync::Notify>) {
         wake.notified().await;
         loop {
             let Some(v) = volume.upgrade() else { return };
-            if !v.deleg.holds_any() {
+            if !v.deleg.holds_any() || v.deleg.paused.load(Ordering::Relaxed) {
                 break;
             }
             match v.commit_held().await {

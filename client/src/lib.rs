@@ -218,6 +218,18 @@ impl Volume {
         self.meta_requests.load(Ordering::Relaxed)
     }
 
+    /// Stop (or resume) committing changes held under delegations in the background: only
+    /// recalls, fsync and [`Volume::commit_held`] commit them meanwhile. For tests.
+    pub fn pause_background_commits(&self, paused: bool) {
+        self.deleg.paused.store(paused, Ordering::Relaxed);
+        self.deleg.wake.notify_one();
+    }
+
+    /// Batches of changes made under delegations sent so far (each is one namespace request).
+    pub fn delegated_batches(&self) -> u64 {
+        self.deleg.batches.load(Ordering::Relaxed)
+    }
+
     pub fn config(&self) -> &VolumeConfig {
         &self.config
     }

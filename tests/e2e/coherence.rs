@@ -222,3 +222,110 @@ async fn a_watch_needs_a_client_certificate() {
         "{answer:?}"
     );
 }
+
+/// A directory a client made is delegated to it at its first create: creates and changes
+/// beneath it are answered from memory and committed in the background, and another client's
+/// first look at the directory recalls the delegation, so it sees everything the maker did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_beneath_a_delegated_directory_are_recalled_before_another_client_looks() {
+    let c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let a = watching(&c).await;
+    let b = watching(&c).await;
+    let site = a.mkdir(ROOT_INODE, b"site", 0o755, 0, 0).await.unwrap();
+    // Nothing is committed in the background: only the recall can bring it to B.
+    a.pause_background_commits(true);
+
+    // 10 directories of 20 files, some inline, some spanning chunks, each chmod'ed and given
+    // an xattr: 210 creates and 600 changes.
+    let foreground = |v: &Volume| v.meta_requests() - v.delegated_batches();
+    let before = foreground(&a);
+    let mut made = Vec::new();
+    for i in 0..10 {
+        let sub = a
+            .mkdir(site.ino, format!("sub{i}").as_bytes(), 0o750, 0, 0)
+            .await
+            .unwrap();
+        for j in 0..20 {
+            let name = format!("f{j}.php");
+            let f = a.create(sub.ino, name.as_bytes(), 0o644, 0, 0).await.unwrap();
+            let len = if j % 5 == 0 { 3 * CHUNK as usize + 17 } else { 100 + j * 7 };
+            let body: Vec<u8> = (0..len).map(|k| (k * 31 + i * 7 + j) as u8).collect();
+            a.write(f.ino, 0, &body, false).await.unwrap();
+            a.setattr(f.ino, chmod(0o640)).await.unwrap();
+            a.setxattr(f.ino, b"user.n", name.as_bytes(), XattrMode::Any)
+                .await
+                .unwrap();
+            // The maker sees its own changes at once.
+            assert_eq!(a.getattr(f.ino).await.unwrap().perm, 0o640);
+            made.push((i, name, f.ino, body));
+        }
+    }
+    // Only the delegation and the inode numbers were asked for; everything else is held.
+    let sent = foreground(&a) - before;
+    assert_eq!(a.delegated_batches(), 0);
+    assert!(
+        sent < 10,
+        "{sent} foreground namespace requests for 210 creates and 600 changes"
+    );
+
+    // B's first lookup in the directory recalls the delegation: every file is there, whole.
+    for (i, name, ino, body) in &made {
+        let sub = b
+            .lookup(site.ino, format!("sub{i}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(sub.perm, 0o750);
+        let f = b.lookup(sub.ino, name.as_bytes()).await.unwrap();
+        assert_eq!((f.ino, f.perm, f.size), (*ino, 0o640, body.len() as u64));
+        assert_eq!(b.read(*ino, 0, 1 << 20).await.unwrap(), *body);
+        assert_eq!(b.getxattr(*ino, b"user.n").await.unwrap(), name.as_bytes());
+    }
+    assert_eq!(b.readdir_all(site.ino).await.unwrap().len(), 10);
+
+    // The delegation is given back: A's next change commits before it returns, and B sees it.
+    let before = foreground(&a);
+    let late = a.create(site.ino, b"late", 0o600, 0, 0).await.unwrap();
+    assert!(foreground(&a) > before, "a create after the recall went to the leader");
+    assert_eq!(b.lookup(site.ino, b"late").await.unwrap().ino, late.ino);
+}
+
+/// Changes held under a delegation are not lost when the leader dies before or while they are
+/// committed: the client commits them through the new leader (the same batch again, applied
+/// once), and another client sees them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_changes_survive_the_leaders_death() {
+    let mut c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let a = watching(&c).await;
+    let dir = a.mkdir(ROOT_INODE, b"up", 0o755, 0, 0).await.unwrap();
+    let mut inos = Vec::new();
+    for i in 0..100 {
+        let f = a
+            .create(dir.ino, format!("{i}").as_bytes(), 0o644, 0, 0)
+            .await
+            .unwrap();
+        a.write(f.ino, 0, format!("body {i}").as_bytes(), false)
+            .await
+            .unwrap();
+        inos.push(f.ino);
+    }
+    let leader = c.leader_index().await;
+    c.bricks[leader].kill();
+    // A later create still works (through the new leader once the lease is gone), and what
+    // A holds reaches the new leader: commit_held (fsync, fsyncdir) returns once it has.
+    let more = a.create(dir.ino, b"more", 0o644, 0, 0).await.unwrap();
+    a.commit_held().await.unwrap();
+
+    let b = watching(&c).await;
+    for (i, ino) in inos.iter().enumerate() {
+        let f = b.lookup(dir.ino, format!("{i}").as_bytes()).await.unwrap();
+        assert_eq!(f.ino, *ino);
+        assert_eq!(
+            b.read(*ino, 0, 100).await.unwrap(),
+            format!("body {i}").as_bytes()
+        );
+    }
+    assert_eq!(b.lookup(dir.ino, b"more").await.unwrap().ino, more.ino);
+    c.bricks[leader].start();
+}
