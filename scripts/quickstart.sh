@@ -16,11 +16,27 @@ PKI="$STATE/pki"
 
 mounted() { grep -qs "^mortar:[^ ]* $1 fuse" /proc/self/mounts; }
 
+# Processes serving a mortar mount at $1 (read from /proc: procps may not be installed).
+mount_pids() {
+    local d cmd
+    for d in /proc/[0-9]*; do
+        cmd=$(tr '\0' ' ' <"$d/cmdline" 2>/dev/null) || continue
+        case "$cmd" in *mortar-mount*" $1 "*) echo "${d#/proc/}" ;; esac
+    done
+}
+
 stop() {
     if [ -f "$STATE/mountpoint" ]; then
         mnt=$(cat "$STATE/mountpoint")
         if mounted "$mnt"; then
+            # The mount commits what it still holds (files closed under a directory
+            # delegation) after the unmount and before it exits: wait for that before the
+            # bricks stop.
+            pids=$(mount_pids "$mnt")
             umount "$mnt" && echo "unmounted $mnt"
+            for pid in $pids; do
+                for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            done
         fi
     fi
     for i in 1 2 3; do

@@ -1278,6 +1278,83 @@ mod tests {
     }
 
     #[test]
+    fn local_changes_use_reserved_numbers_and_the_clients_time() {
+        let mut m = vol();
+        let (first, count) = match m.run(MetaOp::ReserveInodes { count: 10 }).unwrap() {
+            MetaOk::Inodes { first, count } => (first, count),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(count, 10);
+        // Ordinary creates take numbers after the reserved range.
+        assert!(create(&mut m, ROOT_INODE, "plain").unwrap().ino >= first + 10);
+        let at = Timestamp {
+            secs: 1_700_000_000,
+            nanos: 42,
+        };
+        let local = |ino: Option<InodeId>, op: MetaOp| MetaOp::Local {
+            at,
+            ino,
+            op: Box::new(op),
+        };
+        let made = attr(
+            m.run(MetaOp::Batch(vec![
+                local(Some(first + 3), create_op(ROOT_INODE, "held")),
+                local(None, inline_content(first + 3, 0, b"data")),
+            ]))
+            .map(|ok| match ok {
+                MetaOk::Batch(mut r) => r.remove(0),
+                other => panic!("{other:?}"),
+            })
+            .unwrap(),
+        );
+        assert_eq!((made.ino, made.ctime), (first + 3, at));
+        let f = lookup(&m, ROOT_INODE, "held").unwrap();
+        assert_eq!((f.ino, f.size, f.mtime, f.version), (first + 3, 4, at, 1));
+        // A number in use, one never handed out, or a create without a number is refused.
+        for (ino, name) in [
+            (Some(first + 3), "again"),
+            (Some(first + 1000), "unreserved"),
+            (Some(ROOT_INODE), "root"),
+            (None, "unnamed"),
+        ] {
+            assert!(
+                matches!(
+                    m.run(local(ino, create_op(ROOT_INODE, name))),
+                    Err(FsError::Invalid(_))
+                ),
+                "{name}"
+            );
+            assert_eq!(lookup(&m, ROOT_INODE, name).err(), Some(FsError::NotFound));
+        }
+        // Only creates name a number; only creates and file changes may be local.
+        let chmod = MetaOp::SetAttr {
+            ino: first + 3,
+            set: SetAttr {
+                perm: Some(0o600),
+                ..Default::default()
+            },
+        };
+        assert!(matches!(
+            m.run(local(Some(first + 4), chmod)),
+            Err(FsError::Invalid(_))
+        ));
+        let unlink = MetaOp::Unlink {
+            parent: ROOT_INODE,
+            name: b"held".to_vec(),
+        };
+        assert!(matches!(
+            m.run(local(None, unlink)),
+            Err(FsError::Invalid(_))
+        ));
+        for count in [0, MAX_RESERVE + 1] {
+            assert!(matches!(
+                m.run(MetaOp::ReserveInodes { count }),
+                Err(FsError::Invalid(_))
+            ));
+        }
+    }
+
+    #[test]
     fn readdir_pages_by_name() {
         let mut m = vol();
         for i in 0..10 {

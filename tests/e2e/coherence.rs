@@ -248,8 +248,15 @@ async fn changes_beneath_a_delegated_directory_are_recalled_before_another_clien
             .unwrap();
         for j in 0..20 {
             let name = format!("f{j}.php");
-            let f = a.create(sub.ino, name.as_bytes(), 0o644, 0, 0).await.unwrap();
-            let len = if j % 5 == 0 { 3 * CHUNK as usize + 17 } else { 100 + j * 7 };
+            let f = a
+                .create(sub.ino, name.as_bytes(), 0o644, 0, 0)
+                .await
+                .unwrap();
+            let len = if j % 5 == 0 {
+                3 * CHUNK as usize + 17
+            } else {
+                100 + j * 7
+            };
             let body: Vec<u8> = (0..len).map(|k| (k * 31 + i * 7 + j) as u8).collect();
             a.write(f.ino, 0, &body, false).await.unwrap();
             a.setattr(f.ino, chmod(0o640)).await.unwrap();
@@ -286,7 +293,10 @@ async fn changes_beneath_a_delegated_directory_are_recalled_before_another_clien
     // The delegation is given back: A's next change commits before it returns, and B sees it.
     let before = foreground(&a);
     let late = a.create(site.ino, b"late", 0o600, 0, 0).await.unwrap();
-    assert!(foreground(&a) > before, "a create after the recall went to the leader");
+    assert!(
+        foreground(&a) > before,
+        "a create after the recall went to the leader"
+    );
     assert_eq!(b.lookup(site.ino, b"late").await.unwrap().ino, late.ino);
 }
 
