@@ -91,7 +91,15 @@ impl Store {
         let mut table = BlockBasedOptions::default();
         table.set_bloom_filter(10.0, false);
         meta_opts.set_block_based_table_factory(&table);
-        meta_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Inodes hold small files inline. Compress only the deeper levels: flushes and the
+        // first compactions rewrite fresh data on every copy into the volume, and compressing
+        // it there cost the bricks more CPU than anything else during `cp -a` (perf: LZ4 13%).
+        use rocksdb::DBCompressionType::{Lz4, None as Plain};
+        meta_opts.set_compression_per_level(&[Plain, Plain, Lz4, Lz4, Lz4, Lz4, Lz4]);
+
+        // Log entries are deleted once applied and snapshotted: compressing them is wasted.
+        let mut log_opts = Options::default();
+        log_opts.set_compression_type(Plain);
 
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunk_opts),
@@ -100,7 +108,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_META_INODES, meta_opts.clone()),
             ColumnFamilyDescriptor::new(CF_META_DENTRIES, meta_opts.clone()),
             ColumnFamilyDescriptor::new(CF_META_SYS, meta_opts),
-            ColumnFamilyDescriptor::new(CF_RAFT_LOG, Options::default()),
+            ColumnFamilyDescriptor::new(CF_RAFT_LOG, log_opts),
             ColumnFamilyDescriptor::new(CF_RAFT_STATE, Options::default()),
             ColumnFamilyDescriptor::new(CF_HEAL_INDEX, Options::default()),
             ColumnFamilyDescriptor::new(CF_CONFIG, Options::default()),

@@ -488,6 +488,40 @@ async fn two_mounts_see_each_others_changes() {
             "stale read in round {round}"
         );
     }
+
+    // A tree made in A is whole and current in B at once. A directory A made is delegated to
+    // A, so A's closes there commit nothing of their own; B's first look recalls the
+    // delegation, and A commits everything it holds before B gets an answer.
+    let site = a.path.join("site");
+    fs::create_dir(&site).unwrap();
+    fs::create_dir(site.join("css")).unwrap();
+    let mut made = Vec::new();
+    for i in 0..50u32 {
+        let rel = if i % 2 == 0 {
+            format!("site/css/s{i}.css")
+        } else {
+            format!("site/p{i}.php")
+        };
+        let body: Vec<u8> = (0..(i * 997) % 70_000).map(|k| (k ^ i) as u8).collect();
+        fs::write(a.path.join(&rel), &body).unwrap();
+        fs::set_permissions(a.path.join(&rel), fs::Permissions::from_mode(0o640)).unwrap();
+        made.push((rel, body));
+    }
+    std::os::unix::fs::symlink("p1.php", site.join("index.php")).unwrap();
+    for (rel, body) in &made {
+        let seen = b.path.join(rel);
+        assert_eq!(&fs::read(&seen).unwrap(), body, "{rel}");
+        let mode = fs::metadata(&seen).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640, "{rel}");
+    }
+    assert_eq!(
+        fs::read_link(b.path.join("site/index.php")).unwrap(),
+        Path::new("p1.php")
+    );
+    // After the recall, A's changes there go to the bricks as they are made; B sees them.
+    fs::write(site.join("p1.php"), b"changed").unwrap();
+    assert_eq!(fs::read(b.path.join("site/p1.php")).unwrap(), b"changed");
+
     fs::rename(a.path.join("page.html"), a.path.join("moved.html")).unwrap();
     let moved = b.path.join("moved.html");
     wait_for("the rename to show in the other mount", DEADLINE, || {
