@@ -217,14 +217,21 @@ impl MortarFs {
         }
     }
 
-    /// Run `f` on the runtime; the closure answers the kernel itself.
+    /// Run `f`; the closure answers the kernel itself. It is polled once here first: most
+    /// requests are answered from memory (the cache, a delegation) without waiting, and then
+    /// the hand-over to a worker thread would cost more than the answer. What must wait
+    /// continues on the runtime, which polls it again at once.
     fn spawn<F, Fut>(&self, f: F)
     where
         F: FnOnce(Arc<Core>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let core = self.core.clone();
-        self.rt.spawn(f(core));
+        let _in_runtime = self.rt.enter();
+        let mut task = Box::pin(f(self.core.clone()));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if std::future::Future::poll(task.as_mut(), &mut cx).is_pending() {
+            self.rt.spawn(task);
+        }
     }
 }
 
