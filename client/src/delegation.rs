@@ -35,6 +35,11 @@ const HELD_BYTES: usize = 64 * 1024 * 1024;
 const NODE_BYTES: usize = 128 * 1024 * 1024;
 /// Directories remembered as made by this client and not yet asked about.
 const MADE_MAX: usize = 4096;
+/// How long the background commit lets changes gather before it sends a batch that is not
+/// yet half full: fewer, larger commits cost the bricks less CPU (measured on `cp -a` of
+/// WordPress: bricks 2.6 CPU-s with no wait, 2.0 with 25 ms; the copy took 2.3-2.8 s and
+/// 1.9-2.4 s).
+const GATHER: Duration = Duration::from_millis(25);
 /// Pause before committing again after a commit failed for want of a leader or quorum.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(2);
@@ -258,7 +263,8 @@ impl Volume {
 
     /// Ask for a delegation of `dir` if this client made it and has not asked yet.
     async fn maybe_delegate(&self, dir: InodeId) {
-        if !self.deleg.lock().made.remove(&dir) || !self.meta_cache.serving() {
+        // Without a lease the leader would refuse: keep the directory for a later create.
+        if !self.meta_cache.serving() || !self.deleg.lock().made.remove(&dir) {
             return;
         }
         let a = self
@@ -586,17 +592,25 @@ impl Volume {
     }
 }
 
-/// Commit held changes in the background, as soon as they are made: a commit under way lets
-/// the next changes pile up, so batches grow with the rate of changes.
+/// Commit held changes in the background, within [`GATHER`] of their making; a commit under
+/// way lets the next changes pile up too, so batches grow with the rate of changes.
 pub(crate) async fn run(volume: Weak<Volume>, wake: Arc<tokio::sync::Notify>) {
     let mut pause = RETRY_AFTER;
     loop {
         wake.notified().await;
+        let mut gathered = false;
         loop {
             let Some(v) = volume.upgrade() else { return };
             if !v.deleg.holds_any() || v.deleg.paused.load(Ordering::Relaxed) {
                 break;
             }
+            if !gathered && v.deleg.lock().held.len() < BATCH_OPS / 2 {
+                drop(v);
+                tokio::time::sleep(GATHER).await;
+                gathered = true;
+                continue;
+            }
+            gathered = false;
             match v.commit_held().await {
                 Ok(()) => pause = RETRY_AFTER,
                 Err(e) => {
