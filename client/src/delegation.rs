@@ -261,6 +261,19 @@ impl Volume {
         epoch.is_some_and(|(leader, term)| self.meta_cache.serving_under(leader, term))
     }
 
+    /// The delegated directory `ino` lies beneath, when it may be changed from memory now. A
+    /// delegation whose lease has lapsed is given back here: a change made the usual way
+    /// meanwhile would be missing from this client's copy.
+    fn usable(&self, st: &mut State, ino: InodeId) -> Option<InodeId> {
+        let root = st.live(ino)?;
+        if self.leased_under(st.epoch) {
+            Some(root)
+        } else {
+            st.give_back(root);
+            None
+        }
+    }
+
     /// Ask for a delegation of `dir` if this client made it and has not asked yet.
     async fn maybe_delegate(&self, dir: InodeId) {
         // Without a lease the leader would refuse: keep the directory for a later create.
@@ -337,8 +350,8 @@ impl Volume {
     ) -> Option<Result<Attr, FsError>> {
         self.maybe_delegate(parent).await;
         let live = {
-            let st = self.deleg.lock();
-            st.live(parent).is_some() && self.leased_under(st.epoch)
+            let mut st = self.deleg.lock();
+            self.usable(&mut st, parent).is_some()
         };
         if !live {
             return None;
@@ -349,7 +362,7 @@ impl Volume {
         };
         let result = {
             let mut st = self.deleg.lock();
-            let Some(root) = st.live(parent).filter(|_| self.leased_under(st.epoch)) else {
+            let Some(root) = self.usable(&mut st, parent) else {
                 st.spare = ino..st.spare.end.max(ino + 1);
                 return None;
             };
@@ -465,7 +478,7 @@ impl Volume {
     ) -> Option<Result<Inode, FsError>> {
         let result = {
             let mut st = self.deleg.lock();
-            st.live(ino).filter(|_| self.leased_under(st.epoch))?;
+            self.usable(&mut st, ino)?;
             let now = Timestamp::now();
             let node = st.nodes.get_mut(&ino).expect("live node");
             let mut changed = node.inode.clone();
@@ -497,8 +510,8 @@ impl Volume {
 
     /// The inode whole when it lies beneath a live delegation (its changes are made here).
     pub(crate) fn live_inode(&self, ino: InodeId) -> Option<Inode> {
-        let st = self.deleg.lock();
-        st.live(ino).filter(|_| self.leased_under(st.epoch))?;
+        let mut st = self.deleg.lock();
+        self.usable(&mut st, ino)?;
         st.nodes.get(&ino).map(|n| n.inode.clone())
     }
 
