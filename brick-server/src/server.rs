@@ -162,7 +162,8 @@ impl Brick {
             }
             Request::Admin(a) => self.admin(role, a).await,
             Request::Delegate { client, dir } => {
-                need(&[Role::Client])?;
+                // A follower forwards a client's request under its brick certificate.
+                need(&[Role::Client, Role::Brick])?;
                 Ok(self.delegate(client, dir).await)
             }
             Request::Watch { .. } => Err(FsError::NotPermitted(

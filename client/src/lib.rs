@@ -230,6 +230,11 @@ impl Volume {
         self.deleg.batches.load(Ordering::Relaxed)
     }
 
+    /// The random id that names this client to the bricks (its watch, its changes).
+    pub fn client_id(&self) -> u128 {
+        self.client_id
+    }
+
     pub fn config(&self) -> &VolumeConfig {
         &self.config
     }

@@ -7,7 +7,7 @@ use mortar_tests::mortar_client::Volume;
 use mortar_tests::mortar_proto::tls::Role;
 use mortar_tests::mortar_proto::transport::{client_endpoint, Pool};
 use mortar_tests::mortar_proto::wire::{
-    read_frame, write_frame, Request, SetAttr, WatchDown, WatchUp, XattrMode,
+    read_frame, write_frame, Reply, Request, SetAttr, WatchDown, WatchUp, XattrMode,
 };
 use mortar_tests::mortar_proto::{FsError, InodeId, ROOT_INODE};
 use mortar_tests::{wait_for, Cluster, DEADLINE};
@@ -338,4 +338,69 @@ async fn held_changes_survive_the_leaders_death() {
     }
     assert_eq!(b.lookup(dir.ino, b"more").await.unwrap().ino, more.ino);
     c.bricks[leader].start();
+}
+
+/// The leader delegates only an empty directory, other than the root, to a client that holds
+/// a lease, and only one client at a time; every refusal is EBUSY or ENOTDIR and grants nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delegations_are_granted_only_where_they_are_safe() {
+    let c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let a = watching(&c).await;
+    let b = watching(&c).await;
+    // Made by a client without a watch, so none of it is delegated yet.
+    let plain = c.client("www").await;
+    let full = plain.mkdir(ROOT_INODE, b"full", 0o755, 0, 0).await.unwrap();
+    plain.create(full.ino, b"x", 0o644, 0, 0).await.unwrap();
+    let empty = plain
+        .mkdir(ROOT_INODE, b"empty", 0o755, 0, 0)
+        .await
+        .unwrap();
+    let file = plain
+        .create(ROOT_INODE, b"file", 0o644, 0, 0)
+        .await
+        .unwrap();
+    let leader = c.addrs()[c.leader_index().await].clone();
+    let ask = |client: u128, dir: InodeId| {
+        let pool = a.pool().clone();
+        let leader = leader.clone();
+        async move {
+            match pool
+                .call(
+                    &leader,
+                    &Request::Delegate { client, dir },
+                    std::time::Duration::from_secs(5),
+                )
+                .await
+                .unwrap()
+            {
+                Ok(Reply::Meta { result, .. }) => result.map(|_| ()),
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let busy = |r: Result<(), FsError>| matches!(r, Err(FsError::Busy(_)));
+    assert!(busy(ask(a.client_id(), ROOT_INODE).await), "the root");
+    assert!(
+        busy(ask(a.client_id(), full.ino).await),
+        "a directory with an entry"
+    );
+    assert!(
+        busy(ask(rand_id(), empty.ino).await),
+        "a client without a lease"
+    );
+    assert_eq!(ask(a.client_id(), file.ino).await, Err(FsError::NotDir));
+    ask(a.client_id(), empty.ino).await.unwrap();
+    assert!(
+        busy(ask(b.client_id(), empty.ino).await),
+        "held by another client"
+    );
+    // B's create there recalls A's delegation first (A holds nothing), then lands.
+    b.create(empty.ino, b"by-b", 0o644, 0, 0).await.unwrap();
+    assert!(a.lookup(empty.ino, b"by-b").await.is_ok());
+}
+
+fn rand_id() -> u128 {
+    rand::random()
 }
