@@ -7,8 +7,8 @@ pub use crate::store::Rows;
 use mortar_proto::wire::{Inval, MetaOk, MetaOp, OpId, Query};
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
-    validate_name, Attr, ChunkId, Content, DirEntry, FileKind, FsError, Inode, InodeId, Timestamp,
-    VolumeConfig, INLINE_MAX, ROOT_INODE, SYMLINK_MAX,
+    validate_name, validate_symlink_target, Attr, ChunkId, Content, DirEntry, FileKind, FsError,
+    Inode, InodeId, Timestamp, VolumeConfig, INLINE_MAX, ROOT_INODE,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -316,6 +316,22 @@ impl<'a, R: MetaRead> Txn<'a, R> {
     }
 }
 
+/// The new inode and entry of a create whose checks passed.
+fn make_entry<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    op: &MetaOp,
+    now: Timestamp,
+) -> Result<MetaOk, FsError> {
+    let ino = txn.new_ino()?;
+    let (parent, name, inode) =
+        Inode::created_by(op, ino, now).ok_or_else(|| FsError::Invalid("not a create".into()))?;
+    let attr = inode.attr.clone();
+    txn.save(&Stored { inode, parent });
+    txn.set_child(parent, name, ino);
+    txn.touch_dir(parent, i32::from(attr.kind == FileKind::Directory), now)?;
+    Ok(MetaOk::Attr(attr))
+}
+
 /// Apply one operation. On error nothing in `txn` may be committed.
 pub fn apply<R: MetaRead>(
     txn: &mut Txn<'_, R>,
@@ -349,11 +365,8 @@ pub fn apply<R: MetaRead>(
             parent,
             name,
             kind,
-            perm,
-            uid,
-            gid,
-            rdev,
             exclusive,
+            ..
         } => {
             validate_name(name)?;
             if *kind == FileKind::Directory || *kind == FileKind::Symlink {
@@ -372,84 +385,18 @@ pub fn apply<R: MetaRead>(
                 }
                 return Ok(MetaOk::Attr(s.inode.attr));
             }
-            let ino = txn.new_ino()?;
-            let mut attr = Attr::new(ino, *kind, *perm, *uid, *gid, now);
-            attr.rdev = *rdev;
-            let content = if *kind == FileKind::Regular {
-                Content::Inline(Vec::new())
-            } else {
-                Content::None
-            };
-            txn.save(&Stored {
-                inode: Inode {
-                    attr: attr.clone(),
-                    content,
-                    xattrs: Vec::new(),
-                },
-                parent: *parent,
-            });
-            txn.set_child(*parent, name, ino);
-            txn.touch_dir(*parent, 0, now)?;
-            Ok(MetaOk::Attr(attr))
+            make_entry(txn, op, now)
         }
-        MetaOp::Mkdir {
-            parent,
-            name,
-            perm,
-            uid,
-            gid,
-        } => {
+        MetaOp::Mkdir { parent, name, .. } | MetaOp::Symlink { parent, name, .. } => {
             validate_name(name)?;
-            txn.dir(*parent)?;
-            if txn.child(*parent, name)?.is_some() {
-                return Err(FsError::Exists);
-            }
-            let ino = txn.new_ino()?;
-            let attr = Attr::new(ino, FileKind::Directory, *perm, *uid, *gid, now);
-            txn.save(&Stored {
-                inode: Inode {
-                    attr: attr.clone(),
-                    content: Content::None,
-                    xattrs: Vec::new(),
-                },
-                parent: *parent,
-            });
-            txn.set_child(*parent, name, ino);
-            txn.touch_dir(*parent, 1, now)?;
-            Ok(MetaOk::Attr(attr))
-        }
-        MetaOp::Symlink {
-            parent,
-            name,
-            target,
-            uid,
-            gid,
-        } => {
-            validate_name(name)?;
-            if target.is_empty() {
-                return Err(FsError::NotFound);
-            }
-            if target.len() > SYMLINK_MAX || target.contains(&0) {
-                return Err(FsError::NameTooLong);
+            if let MetaOp::Symlink { target, .. } = op {
+                validate_symlink_target(target)?;
             }
             txn.dir(*parent)?;
             if txn.child(*parent, name)?.is_some() {
                 return Err(FsError::Exists);
             }
-            let ino = txn.new_ino()?;
-            let mut attr = Attr::new(ino, FileKind::Symlink, 0o777, *uid, *gid, now);
-            attr.size = target.len() as u64;
-            txn.save(&Stored {
-                inode: Inode {
-                    attr: attr.clone(),
-                    content: Content::Symlink(target.clone()),
-                    xattrs: Vec::new(),
-                },
-                parent: *parent,
-            });
-            txn.set_child(*parent, name, ino);
-            txn.touch_dir(*parent, 0, now)?;
-            Ok(MetaOk::Attr(attr))
+            make_entry(txn, op, now)
         }
         MetaOp::Link {
             ino,

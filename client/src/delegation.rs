@@ -14,8 +14,8 @@
 use crate::Volume;
 use mortar_proto::wire::{MetaOk, MetaOp, OpId, Request, Stamp};
 use mortar_proto::{
-    validate_name, Attr, BrickId, Content, FileKind, FsError, Inode, InodeId, Timestamp,
-    SYMLINK_MAX,
+    validate_name, validate_symlink_target, Attr, BrickId, Content, FileKind, FsError, Inode,
+    InodeId, Timestamp,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -173,21 +173,6 @@ pub(crate) struct Delegations {
     pub(crate) wake: Arc<tokio::sync::Notify>,
 }
 
-/// What a create under a delegation makes.
-pub(crate) enum Make<'a> {
-    Node {
-        kind: FileKind,
-        perm: u32,
-        rdev: u32,
-    },
-    Dir {
-        perm: u32,
-    },
-    Symlink {
-        target: &'a [u8],
-    },
-}
-
 impl Delegations {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("delegations lock")
@@ -253,6 +238,45 @@ impl Delegations {
         drop(st);
         self.wake.notify_one();
     }
+}
+
+/// Make the inode `op` creates, numbered `ino`, in this client's copy with the namespace's
+/// own rules, and hold the create for commit.
+fn make_node(st: &mut State, root: InodeId, op: &MetaOp, ino: InodeId) -> Result<Attr, FsError> {
+    let now = Timestamp::now();
+    if let MetaOp::Symlink { target, .. } = op {
+        validate_symlink_target(target)?;
+    }
+    let (parent, name, inode) = Inode::created_by(op, ino, now)
+        .ok_or_else(|| FsError::Invalid(format!("not a create: {op:?}")))?;
+    validate_name(name)?;
+    let attr = inode.attr.clone();
+    let kind = attr.kind;
+    let dir = st.nodes.get_mut(&parent).expect("live parent");
+    let entries = dir.entries.as_mut().ok_or(FsError::NotDir)?;
+    if entries.contains_key(name) {
+        return Err(FsError::Exists);
+    }
+    entries.insert(name.to_vec(), ino);
+    dir.inode
+        .attr
+        .touch_dir(i32::from(kind == FileKind::Directory), now);
+    st.node_bytes += content_bytes(&inode.content);
+    st.nodes.insert(
+        ino,
+        Node {
+            inode,
+            root,
+            entries: (kind == FileKind::Directory).then(HashMap::new),
+        },
+    );
+    // The name is free here, so the create is exclusive (as the namespace requires of it).
+    let mut held = op.clone();
+    if let MetaOp::Mknod { exclusive, .. } = &mut held {
+        *exclusive = true;
+    }
+    st.hold(held, ino, now, true);
+    Ok(attr)
 }
 
 impl Volume {
@@ -338,16 +362,15 @@ impl Volume {
         }
     }
 
-    /// A create in `parent` answered from memory, when `parent` lies beneath a live
-    /// delegation (None: make it as usual).
-    pub(crate) async fn create_local(
-        &self,
-        parent: InodeId,
-        name: &[u8],
-        make: Make<'_>,
-        uid: u32,
-        gid: u32,
-    ) -> Option<Result<Attr, FsError>> {
+    /// A create (Mknod, Mkdir or Symlink) answered from memory, when its parent lies beneath a
+    /// live delegation (None: make it as usual).
+    pub(crate) async fn create_local(&self, op: &MetaOp) -> Option<Result<Attr, FsError>> {
+        let parent = match op {
+            MetaOp::Mknod { parent, .. }
+            | MetaOp::Mkdir { parent, .. }
+            | MetaOp::Symlink { parent, .. } => *parent,
+            _ => return None,
+        };
         self.maybe_delegate(parent).await;
         let live = {
             let mut st = self.deleg.lock();
@@ -366,107 +389,10 @@ impl Volume {
                 st.spare = ino..st.spare.end.max(ino + 1);
                 return None;
             };
-            self.make_node(&mut st, root, parent, name, make, uid, gid, ino)
+            make_node(&mut st, root, op, ino)
         };
         self.after_hold().await;
         Some(result)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn make_node(
-        &self,
-        st: &mut State,
-        root: InodeId,
-        parent: InodeId,
-        name: &[u8],
-        make: Make<'_>,
-        uid: u32,
-        gid: u32,
-        ino: InodeId,
-    ) -> Result<Attr, FsError> {
-        validate_name(name)?;
-        let now = Timestamp::now();
-        let (kind, mut attr, content, op) = match make {
-            Make::Node { kind, perm, rdev } => {
-                let mut attr = Attr::new(ino, kind, perm, uid, gid, now);
-                attr.rdev = rdev;
-                let content = match kind {
-                    FileKind::Regular => Content::Inline(Vec::new()),
-                    _ => Content::None,
-                };
-                let op = MetaOp::Mknod {
-                    parent,
-                    name: name.to_vec(),
-                    kind,
-                    perm,
-                    uid,
-                    gid,
-                    rdev,
-                    exclusive: true,
-                };
-                (kind, attr, content, op)
-            }
-            Make::Dir { perm } => {
-                let attr = Attr::new(ino, FileKind::Directory, perm, uid, gid, now);
-                let op = MetaOp::Mkdir {
-                    parent,
-                    name: name.to_vec(),
-                    perm,
-                    uid,
-                    gid,
-                };
-                (FileKind::Directory, attr, Content::None, op)
-            }
-            Make::Symlink { target } => {
-                if target.is_empty() {
-                    return Err(FsError::NotFound);
-                }
-                if target.len() > SYMLINK_MAX || target.contains(&0) {
-                    return Err(FsError::NameTooLong);
-                }
-                let attr = Attr::new(ino, FileKind::Symlink, 0o777, uid, gid, now);
-                let op = MetaOp::Symlink {
-                    parent,
-                    name: name.to_vec(),
-                    target: target.to_vec(),
-                    uid,
-                    gid,
-                };
-                (
-                    FileKind::Symlink,
-                    attr,
-                    Content::Symlink(target.to_vec()),
-                    op,
-                )
-            }
-        };
-        if let Content::Symlink(t) = &content {
-            attr.size = t.len() as u64;
-        }
-        let dir = st.nodes.get_mut(&parent).expect("live parent");
-        let entries = dir.entries.as_mut().ok_or(FsError::NotDir)?;
-        if entries.contains_key(name) {
-            return Err(FsError::Exists);
-        }
-        entries.insert(name.to_vec(), ino);
-        dir.inode
-            .attr
-            .touch_dir(i32::from(kind == FileKind::Directory), now);
-        st.node_bytes += content_bytes(&content);
-        st.nodes.insert(
-            ino,
-            Node {
-                inode: Inode {
-                    attr: attr.clone(),
-                    content,
-                    xattrs: Vec::new(),
-                },
-                root,
-                entries: (kind == FileKind::Directory).then(HashMap::new),
-            },
-        );
-        st.hold(op, ino, now, true);
-        Ok(attr)
     }
 
     /// A change of one inode answered from memory, when it lies beneath a live delegation

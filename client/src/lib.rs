@@ -7,7 +7,7 @@
 mod cache;
 mod data;
 mod delegation;
-use delegation::{Make, Name};
+use delegation::Name;
 mod meta_cache;
 use meta_cache::Own;
 mod watch;
@@ -568,8 +568,17 @@ impl Volume {
         rdev: u32,
         exclusive: bool,
     ) -> Result<Attr, FsError> {
-        let make = Make::Node { kind, perm, rdev };
-        if let Some(made) = self.create_local(parent, name, make, uid, gid).await {
+        let op = MetaOp::Mknod {
+            parent,
+            name: name.to_vec(),
+            kind,
+            perm,
+            uid,
+            gid,
+            rdev,
+            exclusive,
+        };
+        if let Some(made) = self.create_local(&op).await {
             return match made {
                 // Not exclusive: an existing regular file is opened, as the namespace does.
                 Err(FsError::Exists) if !exclusive && kind == FileKind::Regular => {
@@ -581,16 +590,6 @@ impl Volume {
                 other => other,
             };
         }
-        let op = MetaOp::Mknod {
-            parent,
-            name: name.to_vec(),
-            kind,
-            perm,
-            uid,
-            gid,
-            rdev,
-            exclusive,
-        };
         expect_attr(self.write_op(op).await?)
     }
 
@@ -614,22 +613,17 @@ impl Volume {
         uid: u32,
         gid: u32,
     ) -> Result<Attr, FsError> {
-        if let Some(made) = self
-            .create_local(parent, name, Make::Dir { perm }, uid, gid)
-            .await
-        {
+        let op = MetaOp::Mkdir {
+            parent,
+            name: name.to_vec(),
+            perm,
+            uid,
+            gid,
+        };
+        if let Some(made) = self.create_local(&op).await {
             return made;
         }
-        let attr = expect_attr(
-            self.write_op(MetaOp::Mkdir {
-                parent,
-                name: name.to_vec(),
-                perm,
-                uid,
-                gid,
-            })
-            .await?,
-        )?;
+        let attr = expect_attr(self.write_op(op).await?)?;
         self.deleg.made(attr.ino);
         Ok(attr)
     }
@@ -642,12 +636,6 @@ impl Volume {
         uid: u32,
         gid: u32,
     ) -> Result<Attr, FsError> {
-        if let Some(made) = self
-            .create_local(parent, name, Make::Symlink { target }, uid, gid)
-            .await
-        {
-            return made;
-        }
         let op = MetaOp::Symlink {
             parent,
             name: name.to_vec(),
@@ -655,6 +643,9 @@ impl Volume {
             uid,
             gid,
         };
+        if let Some(made) = self.create_local(&op).await {
+            return made;
+        }
         expect_attr(self.write_op(op).await?)
     }
 

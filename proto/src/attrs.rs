@@ -132,6 +132,66 @@ impl Attr {
 }
 
 impl Inode {
+    /// What a create (Mknod, Mkdir, Symlink) makes, numbered `ino`: its parent, its name and
+    /// the new inode (None for any other change). The namespace and a client holding a
+    /// delegation both make new inodes with this.
+    pub fn created_by(
+        op: &MetaOp,
+        ino: InodeId,
+        now: Timestamp,
+    ) -> Option<(InodeId, &[u8], Inode)> {
+        let (parent, name, attr, content) = match op {
+            MetaOp::Mknod {
+                parent,
+                name,
+                kind,
+                perm,
+                uid,
+                gid,
+                rdev,
+                ..
+            } => {
+                let mut attr = Attr::new(ino, *kind, *perm, *uid, *gid, now);
+                attr.rdev = *rdev;
+                let content = match kind {
+                    FileKind::Regular => Content::Inline(Vec::new()),
+                    _ => Content::None,
+                };
+                (parent, name, attr, content)
+            }
+            MetaOp::Mkdir {
+                parent,
+                name,
+                perm,
+                uid,
+                gid,
+            } => (
+                parent,
+                name,
+                Attr::new(ino, FileKind::Directory, *perm, *uid, *gid, now),
+                Content::None,
+            ),
+            MetaOp::Symlink {
+                parent,
+                name,
+                target,
+                uid,
+                gid,
+            } => {
+                let mut attr = Attr::new(ino, FileKind::Symlink, 0o777, *uid, *gid, now);
+                attr.size = target.len() as u64;
+                (parent, name, attr, Content::Symlink(target.clone()))
+            }
+            _ => return None,
+        };
+        let inode = Inode {
+            attr,
+            content,
+            xattrs: Vec::new(),
+        };
+        Some((*parent, name.as_slice(), inode))
+    }
+
     /// A regular file's new content: size and times follow, and the version moves on so
     /// concurrent writers notice.
     pub fn set_content(&mut self, size: u64, content: Content, now: Timestamp) {

@@ -185,6 +185,17 @@ pub fn validate_name(name: &[u8]) -> Result<(), crate::FsError> {
     Ok(())
 }
 
+/// Check a symlink target as the namespace stores it.
+pub fn validate_symlink_target(target: &[u8]) -> Result<(), crate::FsError> {
+    if target.is_empty() {
+        return Err(crate::FsError::NotFound);
+    }
+    if target.len() > SYMLINK_MAX || target.contains(&0) {
+        return Err(crate::FsError::NameTooLong);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
