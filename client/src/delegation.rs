@@ -97,15 +97,9 @@ impl State {
     }
 
     fn hold(&mut self, op: MetaOp, ino: InodeId, at: Timestamp, create: bool) {
+        // What the change adds to a batch, roughly: its content plus a small fixed part.
         let bytes = match &op {
-            MetaOp::SetContent {
-                content: Content::Inline(b),
-                ..
-            } => b.len(),
-            MetaOp::SetContent {
-                content: Content::Chunks(c),
-                ..
-            } => c.len() * 33,
+            MetaOp::SetContent { content, .. } => content_bytes(content),
             _ => 0,
         } + 128;
         let op = MetaOp::Local {
