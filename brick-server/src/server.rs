@@ -283,13 +283,15 @@ impl Brick {
                 }
             }
             let named = self.named_by_op(&op);
+            let admitted = Instant::now();
             let _in_flight = self.watchers.admit(once.map(|o| o.client), named).await;
             let cmd = Command {
                 op: op.clone(),
                 once,
                 now: Timestamp::now(),
             };
-            let left = deadline.saturating_duration_since(Instant::now());
+            // A recall waited for is not time the commit had: it gets what was left before.
+            let left = deadline.saturating_duration_since(admitted);
             match tokio::time::timeout(left, self.raft.client_write(cmd)).await {
                 Ok(Ok(resp)) => {
                     let index = resp.log_id.index;

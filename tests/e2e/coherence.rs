@@ -155,17 +155,23 @@ async fn cached_reads_stay_current_across_clients_and_a_leader_change() {
     c.bricks[leader].start();
 }
 
-/// A watcher that holds a lease and then stops answering (a frozen or cut-off client) delays
-/// changes only until the leader gives up on it and its lease has run out; the leader then
-/// closes its watch, and later changes do not wait for it at all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_watcher_is_dropped_and_changes_go_on() {
-    let c = Cluster::start(3);
-    let v = c.create_volume("www", CHUNK).await;
-    let reader = watching(&c).await;
-    let f = v.create(ROOT_INODE, b"f", 0o644, 0, 0).await.unwrap();
-    assert_eq!(reader.getattr(f.ino).await.unwrap().perm, 0o644);
+/// Ask `leader` directly for a delegation of `dir` to `client`.
+async fn delegate(pool: &Pool, leader: &str, client: u128, dir: InodeId) -> Result<(), FsError> {
+    let request = Request::Delegate { client, dir };
+    match pool
+        .call(leader, &request, std::time::Duration::from_secs(5))
+        .await
+        .unwrap()
+    {
+        Ok(Reply::Meta { result, .. }) => result.map(|_| ()),
+        Ok(other) => panic!("unexpected {other:?}"),
+        Err(e) => Err(e),
+    }
+}
 
+/// A raw watch on the leader as client 42, holding one lease, that will acknowledge nothing:
+/// a frozen or cut-off client. Returns its pool, the leader's address and the stream.
+async fn silent_watch(c: &Cluster) -> (Pool, String, quinn::SendStream, quinn::RecvStream) {
     let leader = c.addrs()[c.leader_index().await].clone();
     let pool = Pool::new(client_endpoint(&c.certs.identity(Role::Client, "silent")).unwrap());
     let conn = pool.connection(&leader).await.unwrap();
@@ -184,6 +190,21 @@ async fn a_silent_watcher_is_dropped_and_changes_go_on() {
         read_frame::<WatchDown>(&mut recv).await.unwrap(),
         WatchDown::Renewed { n: 1 }
     ));
+    (pool, leader, send, recv)
+}
+
+/// A watcher that holds a lease and then stops answering (a frozen or cut-off client) delays
+/// changes only until the leader gives up on it and its lease has run out; the leader then
+/// closes its watch, and later changes do not wait for it at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_watcher_is_dropped_and_changes_go_on() {
+    let c = Cluster::start(3);
+    let v = c.create_volume("www", CHUNK).await;
+    let reader = watching(&c).await;
+    let f = v.create(ROOT_INODE, b"f", 0o644, 0, 0).await.unwrap();
+    assert_eq!(reader.getattr(f.ino).await.unwrap().perm, 0o644);
+
+    let (_pool, _leader, _send, mut recv) = silent_watch(&c).await;
 
     // From here on the silent watcher acknowledges nothing.
     v.setattr(f.ino, chmod(0o600)).await.unwrap();
@@ -361,25 +382,8 @@ async fn delegations_are_granted_only_where_they_are_safe() {
         .await
         .unwrap();
     let leader = c.addrs()[c.leader_index().await].clone();
-    let ask = |client: u128, dir: InodeId| {
-        let pool = a.pool().clone();
-        let leader = leader.clone();
-        async move {
-            match pool
-                .call(
-                    &leader,
-                    &Request::Delegate { client, dir },
-                    std::time::Duration::from_secs(5),
-                )
-                .await
-                .unwrap()
-            {
-                Ok(Reply::Meta { result, .. }) => result.map(|_| ()),
-                Ok(other) => panic!("unexpected {other:?}"),
-                Err(e) => Err(e),
-            }
-        }
-    };
+    let pool = a.pool().clone();
+    let ask = |client: u128, dir: InodeId| delegate(&pool, &leader, client, dir);
     let busy = |r: Result<(), FsError>| matches!(r, Err(FsError::Busy(_)));
     assert!(busy(ask(a.client_id(), ROOT_INODE).await), "the root");
     assert!(
@@ -403,4 +407,40 @@ async fn delegations_are_granted_only_where_they_are_safe() {
 
 fn rand_id() -> u128 {
     rand::random()
+}
+
+/// A delegation holder that stops answering (frozen or cut off) holds up another client's
+/// change in its directory only until the leader gives up on it: the leader closes the
+/// holder's watch, waits out its lease, and answers the change; the directory is then an
+/// ordinary one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_delegation_holder_is_given_up_on() {
+    let c = Cluster::start(3);
+    let v = c.create_volume("www", CHUNK).await;
+    let dir = v.mkdir(ROOT_INODE, b"d", 0o755, 0, 0).await.unwrap();
+
+    let (pool, leader, _send, mut recv) = silent_watch(&c).await;
+    delegate(&pool, &leader, 42, dir.ino).await.unwrap();
+
+    // From here on the holder answers nothing. A create there still succeeds.
+    let f = v.create(dir.ino, b"f", 0o644, 0, 0).await.unwrap();
+    assert_eq!(v.lookup(dir.ino, b"f").await.unwrap().ino, f.ino);
+    // The holder was asked to give the directory back, then its watch was closed.
+    let mut recalled = false;
+    loop {
+        match read_frame::<WatchDown>(&mut recv).await {
+            Ok(WatchDown::Recall { dir: d, .. }) => recalled |= d == dir.ino,
+            Ok(WatchDown::Renewed { .. } | WatchDown::Invalidate { .. }) => {}
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => break,
+        }
+    }
+    assert!(recalled, "no recall reached the holder");
+    // Later changes there do not wait for it at all: nobody holds the directory now.
+    let again = delegate(&pool, &leader, 42, dir.ino).await;
+    assert!(
+        matches!(again, Err(FsError::Busy(_))),
+        "a client whose watch was closed got a delegation: {again:?}"
+    );
+    v.create(dir.ino, b"g", 0o644, 0, 0).await.unwrap();
 }
