@@ -9,7 +9,7 @@ use crate::raft::Raft;
 use mortar_proto::wire::{read_frame, write_frame, Inval, Stamp, WatchDown, WatchUp, WATCH_LEASE};
 use mortar_proto::{BrickId, FsError, InodeId};
 use openraft::{BasicNode, RaftMetrics, ServerState};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,6 +58,9 @@ pub struct Named {
 struct State {
     sessions: HashMap<u64, Session>,
     delegations: HashMap<InodeId, Delegation>,
+    /// The delegated directories in each parent (a request naming an entry of the parent, or
+    /// listing it, may concern them).
+    delegated_in: HashMap<InodeId, HashSet<InodeId>>,
     /// Requests being answered, by the inodes they name: no delegation of those is granted
     /// until they are done, so a holder never misses a change it did not make.
     in_flight: HashMap<InodeId, usize>,
@@ -65,6 +68,19 @@ struct State {
     departed: Vec<Instant>,
     /// The term this brick leads in and when it first saw itself leading it.
     leading: Option<(u64, Instant)>,
+}
+
+impl State {
+    fn undelegate(&mut self, dir: InodeId) {
+        if let Some(d) = self.delegations.remove(&dir) {
+            if let Some(dirs) = self.delegated_in.get_mut(&d.parent) {
+                dirs.remove(&dir);
+                if dirs.is_empty() {
+                    self.delegated_in.remove(&d.parent);
+                }
+            }
+        }
+    }
 }
 
 pub struct Watchers {
@@ -168,39 +184,54 @@ impl Watchers {
         if items.is_empty() {
             return;
         }
-        let targets: Vec<(u64, mpsc::UnboundedSender<WatchDown>, _, _)> = self
+        let targets: Vec<u64> = self
             .state()
             .sessions
             .iter()
             .filter(|(_, s)| Some(s.client) != origin)
-            .map(|(id, s)| (*id, s.tx.clone(), s.acks.clone(), s.lease_until.clone()))
+            .map(|(id, _)| *id)
             .collect();
-        let waits = targets
-            .into_iter()
-            .map(|(sid, tx, acks, lease_until)| async move {
-                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-                let (done, acked) = oneshot::channel();
-                acks.lock().expect("acks lock").insert(seq, done);
-                let sent = tx
-                    .send(WatchDown::Invalidate {
-                        seq,
-                        index,
-                        items: items.to_vec(),
-                    })
-                    .is_ok();
-                if sent && matches!(tokio::time::timeout(ACK_WAIT, acked).await, Ok(Ok(()))) {
-                    return;
-                }
-                // No answer: end this watch, and wait until its lease cannot be in use.
-                tracing::warn!(
-                    session = sid,
-                    "a watcher did not acknowledge an invalidation; closing its watch"
-                );
-                self.end_session(sid);
-                let until = *lease_until.lock().expect("lease lock");
-                tokio::time::sleep_until(until.into()).await;
-            });
+        let waits = targets.into_iter().map(|sid| {
+            let items = items.to_vec();
+            self.acknowledged(sid, ACK_WAIT, "an invalidation", move |seq| {
+                WatchDown::Invalidate { seq, index, items }
+            })
+        });
         futures::future::join_all(waits).await;
+    }
+
+    /// Send session `sid` the message `msg(seq)` and wait up to `wait` for its `Ack { seq }`.
+    /// A watcher that does not answer in time has its watch closed, and this returns only once
+    /// its lease can no longer be in use.
+    async fn acknowledged(
+        &self,
+        sid: u64,
+        wait: Duration,
+        what: &str,
+        msg: impl FnOnce(u64) -> WatchDown,
+    ) {
+        let Some((tx, acks, lease_until)) = self
+            .state()
+            .sessions
+            .get(&sid)
+            .map(|s| (s.tx.clone(), s.acks.clone(), s.lease_until.clone()))
+        else {
+            return;
+        };
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let (done, acked) = oneshot::channel();
+        acks.lock().expect("acks lock").insert(seq, done);
+        let sent = tx.send(msg(seq)).is_ok();
+        if sent && matches!(tokio::time::timeout(wait, acked).await, Ok(Ok(()))) {
+            return;
+        }
+        tracing::warn!(
+            session = sid,
+            "a watcher did not acknowledge {what}; closing its watch"
+        );
+        self.end_session(sid);
+        let until = *lease_until.lock().expect("lease lock");
+        tokio::time::sleep_until(until.into()).await;
     }
 
     /// Delegate the empty directory `dir` to `client`'s watch session. `empty_in` reads the
@@ -243,6 +274,7 @@ impl Watchers {
                 parent,
             },
         );
+        st.delegated_in.entry(parent).or_default().insert(dir);
         Ok(())
     }
 
@@ -253,14 +285,19 @@ impl Watchers {
         loop {
             let recalls: Vec<(InodeId, u64)> = {
                 let mut st = self.state();
-                let recalls: Vec<(InodeId, u64)> = st
-                    .delegations
+                let listed = named
+                    .listed
                     .iter()
-                    .filter(|(dir, d)| {
-                        Some(d.client) != origin
-                            && (named.inos.contains(dir) || named.listed.contains(&d.parent))
-                    })
-                    .map(|(dir, d)| (*dir, d.session))
+                    .filter_map(|p| st.delegated_in.get(p))
+                    .flatten();
+                let mut dirs: Vec<InodeId> = named.inos.iter().chain(listed).copied().collect();
+                dirs.sort_unstable();
+                dirs.dedup();
+                let recalls: Vec<(InodeId, u64)> = dirs
+                    .into_iter()
+                    .filter_map(|dir| st.delegations.get(&dir).map(|d| (dir, d)))
+                    .filter(|(_, d)| Some(d.client) != origin)
+                    .map(|(dir, d)| (dir, d.session))
                     .collect();
                 if recalls.is_empty() {
                     for ino in &named.inos {
@@ -281,44 +318,32 @@ impl Watchers {
     /// Whether a directory delegated to someone has `parent` as its parent (so a request
     /// naming an entry of `parent` must find out whether that entry is the directory).
     pub fn delegates_in(&self, parent: InodeId) -> bool {
-        self.state()
-            .delegations
-            .values()
-            .any(|d| d.parent == parent)
+        self.state().delegated_in.contains_key(&parent)
     }
 
     async fn recall(&self, dir: InodeId, sid: u64) {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let (done, acked) = oneshot::channel();
-        let session = {
-            let st = self.state();
-            st.sessions
-                .get(&sid)
-                .map(|s| (s.tx.clone(), s.acks.clone(), s.lease_until.clone()))
-        };
-        if let Some((tx, acks, lease_until)) = session {
-            acks.lock().expect("acks lock").insert(seq, done);
-            let sent = tx.send(WatchDown::Recall { seq, dir }).is_ok();
-            if !(sent && matches!(tokio::time::timeout(RECALL_WAIT, acked).await, Ok(Ok(())))) {
-                tracing::warn!(
-                    session = sid,
-                    dir,
-                    "a delegation holder did not give it back; closing its watch"
-                );
-                self.end_session(sid);
-                let until = *lease_until.lock().expect("lease lock");
-                tokio::time::sleep_until(until.into()).await;
-            }
-        }
+        self.acknowledged(sid, RECALL_WAIT, "a recall", |seq| WatchDown::Recall {
+            seq,
+            dir,
+        })
+        .await;
         let mut st = self.state();
         if st.delegations.get(&dir).is_some_and(|d| d.session == sid) {
-            st.delegations.remove(&dir);
+            st.undelegate(dir);
         }
     }
 
     fn end_session(&self, sid: u64) {
         let mut st = self.state();
-        st.delegations.retain(|_, d| d.session != sid);
+        let held: Vec<InodeId> = st
+            .delegations
+            .iter()
+            .filter(|(_, d)| d.session == sid)
+            .map(|(dir, _)| *dir)
+            .collect();
+        for dir in held {
+            st.undelegate(dir);
+        }
         if let Some(s) = st.sessions.remove(&sid) {
             s.stop.notify_one();
             let until = *s.lease_until.lock().expect("lease lock");
