@@ -57,6 +57,9 @@ impl Volume {
 
     /// A chunk from the cache, or fetched (once, however many ask) and cached.
     pub async fn chunk(&self, id: &ChunkId) -> Result<std::sync::Arc<Vec<u8>>, FsError> {
+        if let Some(data) = self.uploads.pending(id) {
+            return Ok(data);
+        }
         self.chunks.get_or_fetch(*id, || self.get_chunk(id)).await
     }
 
@@ -242,6 +245,8 @@ impl Volume {
                     None => {}
                 }
             }
+            // What `update` left to upload behind us must be stored before anything names it.
+            self.wait_uploads().await?;
             if !then.is_empty() {
                 op = MetaOp::Batch(std::iter::once(op).chain(then.iter().cloned()).collect());
             }
@@ -313,6 +318,16 @@ impl Volume {
             .map(|(o, d)| o + d.len() as u64)
             .max()
             .unwrap_or(0);
+        // Beneath a live delegation the flush is held with the other changes, and its chunks
+        // are uploaded behind it; an fsync waits for its own.
+        let behind = !sync && self.live_inode(ino).is_some();
+        let put = |data: Vec<u8>| async move {
+            if behind {
+                Ok(self.put_chunk_behind(data).await)
+            } else {
+                self.put_chunk(data, sync).await
+            }
+        };
         self.commit_with(ino, base, then, |inode| async move {
             let size = inode.attr.size.max(end);
             let cs = self.chunk_size();
@@ -326,7 +341,7 @@ impl Volume {
                     return Ok((size, Content::Inline(b)));
                 }
                 Content::Inline(b) if b.is_empty() => Vec::new(),
-                Content::Inline(b) => vec![Some(self.put_chunk(b, sync).await?)],
+                Content::Inline(b) => vec![Some(put(b).await?)],
                 Content::Chunks(c) => c,
                 _ => return Err(FsError::Invalid("not a regular file".into())),
             };
@@ -358,7 +373,7 @@ impl Volume {
                         }
                         buf[from..to].copy_from_slice(&d[(lo - o) as usize..(hi - o) as usize]);
                     }
-                    Ok::<_, FsError>((i, self.put_chunk(buf, sync).await?))
+                    Ok::<_, FsError>((i, put(buf).await?))
                 })
                 .buffer_unordered(CHUNK_PARALLELISM)
                 .try_collect()

@@ -489,6 +489,11 @@ impl Volume {
                     }
                 }
             };
+            // The chunks these changes name were queued before the changes were held.
+            if let Err(e) = self.wait_uploads().await {
+                self.deleg.lock().unanswered = Some((once, batch));
+                return Err(e);
+            }
             let ops: Vec<MetaOp> = batch.iter().map(|h| h.op.clone()).collect();
             let n = ops.len();
             self.deleg.batches.fetch_add(1, Ordering::Relaxed);

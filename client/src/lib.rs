@@ -9,6 +9,7 @@ mod data;
 mod delegation;
 use delegation::Name;
 mod meta_cache;
+mod upload;
 use meta_cache::Own;
 mod watch;
 pub use data::apply_to_inode;
@@ -62,6 +63,8 @@ pub struct Volume {
     /// Directories delegated to this client, and the changes made beneath them not yet
     /// committed.
     deleg: delegation::Delegations,
+    /// Chunks written beneath delegations, uploaded behind the writer.
+    uploads: upload::Uploads,
 }
 
 pub type InvalHook = Box<dyn Fn(&[Inval]) + Send + Sync>;
@@ -159,6 +162,7 @@ impl Volume {
             inval_hook: OnceLock::new(),
             meta_requests: AtomicU64::new(0),
             deleg: delegation::Delegations::default(),
+            uploads: upload::Uploads::default(),
         };
         let config = match partial.meta(Request::Query(Query::Volume)).await.result? {
             MetaOk::Volume(v) => v,
@@ -201,6 +205,7 @@ impl Volume {
     pub fn start_watch(self: &Arc<Self>) {
         tokio::spawn(watch::run(Arc::downgrade(self)));
         self.start_committer();
+        self.start_uploader();
     }
 
     /// Call `hook` with what other clients changed, once this client's cache has dropped it.
@@ -228,6 +233,11 @@ impl Volume {
     /// Batches of changes made under delegations sent so far (each is one namespace request).
     pub fn delegated_batches(&self) -> u64 {
         self.deleg.batches.load(Ordering::Relaxed)
+    }
+
+    /// Chunks uploaded behind the writer so far (written beneath a delegation).
+    pub fn chunks_uploaded_behind(&self) -> u64 {
+        self.uploads.queued_total.load(Ordering::Relaxed)
     }
 
     /// The random id that names this client to the bricks (its watch, its changes).

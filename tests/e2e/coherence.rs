@@ -284,14 +284,23 @@ async fn changes_beneath_a_delegated_directory_are_recalled_before_another_clien
             a.setxattr(f.ino, b"user.n", name.as_bytes(), XattrMode::Any)
                 .await
                 .unwrap();
-            // The maker sees its own changes at once.
+            // The maker sees its own changes at once, data included.
             assert_eq!(a.getattr(f.ino).await.unwrap().perm, 0o640);
+            assert_eq!(a.read(f.ino, 0, 1 << 20).await.unwrap(), body);
             made.push((i, name, f.ino, body));
         }
     }
-    // Only the delegation and the inode numbers were asked for; everything else is held.
+    // Only the delegation and the inode numbers were asked for; everything else is held, and
+    // the chunks of the larger files went up behind the writer.
     let sent = foreground(&a) - before;
     assert_eq!(a.delegated_batches(), 0);
+    // (40 files of 4 chunks; the first three of a file have the same bytes, and one still
+    // waiting for its upload is not queued twice.)
+    let behind = a.chunks_uploaded_behind();
+    assert!(
+        (40 * 2..=40 * 4).contains(&behind),
+        "{behind} chunks uploaded behind the writer"
+    );
     assert!(
         sent < 10,
         "{sent} foreground namespace requests for 210 creates and 600 changes"
