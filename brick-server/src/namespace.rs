@@ -4,11 +4,12 @@
 //! fails with none: writes collect in a [`Txn`] that is discarded on error.
 
 pub use crate::store::Rows;
+use mortar_proto::attrs::check_content;
 use mortar_proto::wire::{Inval, MetaOk, MetaOp, OpId, Query};
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
     validate_name, validate_symlink_target, Attr, ChunkId, Content, DirEntry, FileKind, FsError,
-    Inode, InodeId, Timestamp, VolumeConfig, INLINE_MAX, ROOT_INODE,
+    Inode, InodeId, Timestamp, VolumeConfig, ROOT_INODE,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -493,25 +494,7 @@ pub fn apply<R: MetaRead>(
             if s.inode.attr.version != *expect_version {
                 return Err(FsError::Conflict(s.inode.attr.version));
             }
-            match content {
-                Content::Inline(b) if b.len() > INLINE_MAX => {
-                    return Err(FsError::Invalid(format!(
-                        "inline content of {} bytes exceeds the {INLINE_MAX}-byte limit",
-                        b.len()
-                    )))
-                }
-                Content::Inline(b) if b.len() as u64 != *size => {
-                    return Err(FsError::Invalid(
-                        "inline content length differs from size".into(),
-                    ))
-                }
-                Content::Inline(_) | Content::Chunks(_) => {}
-                _ => {
-                    return Err(FsError::Invalid(
-                        "file content must be inline or chunks".into(),
-                    ))
-                }
-            }
+            check_content(*size, content)?;
             txn.release(&s.inode.content, Some(content), now);
             s.inode.set_content(*size, content.clone(), now);
             txn.save(&s);
@@ -590,7 +573,8 @@ pub fn apply<R: MetaRead>(
                 MetaOp::SetAttr { .. }
                 | MetaOp::SetXattr { .. }
                 | MetaOp::RemoveXattr { .. }
-                | MetaOp::SetContent { .. } => false,
+                | MetaOp::SetContent { .. }
+                | MetaOp::SetInode { .. } => false,
                 _ => {
                     return Err(FsError::Invalid(
                         "only creates and file changes may be made locally".into(),
@@ -602,11 +586,26 @@ pub fn apply<R: MetaRead>(
                     "a local create names its inode number; nothing else does".into(),
                 ));
             }
+            if let MetaOp::SetInode {
+                expect_version,
+                inode,
+            } = &**op
+            {
+                let mut s = txn.stored(inode.attr.ino)?;
+                let before = s.inode.content.clone();
+                s.inode.set_whole(*expect_version, inode)?;
+                txn.release(&before, Some(&s.inode.content), *at);
+                txn.save(&s);
+                return Ok(MetaOk::Attr(s.inode.attr));
+            }
             txn.chosen = *ino;
             let out = apply(txn, op, *at);
             txn.chosen = None;
             out
         }
+        MetaOp::SetInode { .. } => Err(FsError::Invalid(
+            "a whole inode is set only as a change made under a delegation".into(),
+        )),
         MetaOp::ForgetReleased(ids) => {
             for id in ids {
                 txn.delete(Table::Sys, &released_key(id));
@@ -893,7 +892,7 @@ mod tests {
     use super::*;
     use mortar_proto::attrs::{acl_mode, ACL_ACCESS, ACL_GROUP_OBJ, ACL_OTHER, ACL_USER_OBJ};
     use mortar_proto::wire::{SetAttr, TimeSet, XattrMode};
-    use mortar_proto::BrickRef;
+    use mortar_proto::{BrickRef, INLINE_MAX};
 
     fn vol() -> MemMeta {
         let mut m = MemMeta::default();
@@ -924,6 +923,16 @@ mod tests {
             gid: 0,
         })
         .map(attr)
+    }
+    /// A minimal access ACL (owner, group, other) for mode bits `perm`, as cp -a sets it.
+    fn acl(perm: u32) -> Vec<u8> {
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, shift) in [(ACL_USER_OBJ, 6), (ACL_GROUP_OBJ, 3), (ACL_OTHER, 0)] {
+            acl.extend_from_slice(&tag.to_le_bytes());
+            acl.extend_from_slice(&(((perm >> shift) & 7) as u16).to_le_bytes());
+            acl.extend_from_slice(&u32::MAX.to_le_bytes());
+        }
+        acl
     }
     fn create_op(parent: InodeId, name: &str) -> MetaOp {
         MetaOp::Mknod {
@@ -1302,6 +1311,140 @@ mod tests {
     }
 
     #[test]
+    fn a_local_run_of_changes_sets_the_whole_inode() {
+        let mut m = vol();
+        let f = create(&mut m, ROOT_INODE, "f").unwrap();
+        let inode = |m: &MemMeta, ino| match query(m, &Query::GetInode { ino }).unwrap() {
+            MetaOk::Inode(i) => i,
+            other => panic!("{other:?}"),
+        };
+        let at = Timestamp {
+            secs: 1_700_000_000,
+            nanos: 7,
+        };
+        let set_whole = |expect_version, inode: &Inode| MetaOp::Local {
+            at,
+            ino: None,
+            op: Box::new(MetaOp::SetInode {
+                expect_version,
+                inode: inode.clone(),
+            }),
+        };
+        // What cp -a does to a new file, as the client's copy shows it.
+        let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
+        let mut shown = inode(&m, f.ino);
+        for op in [
+            MetaOp::SetContent {
+                ino: f.ino,
+                expect_version: 0,
+                size: 3 << 20,
+                content: Content::Chunks(vec![Some(a), None, Some(b)]),
+            },
+            MetaOp::SetAttr {
+                ino: f.ino,
+                set: SetAttr {
+                    uid: Some(33),
+                    gid: Some(33),
+                    ..Default::default()
+                },
+            },
+            MetaOp::SetXattr {
+                ino: f.ino,
+                name: ACL_ACCESS.to_vec(),
+                value: acl(0o640),
+                mode: XattrMode::Any,
+            },
+            MetaOp::SetAttr {
+                ino: f.ino,
+                set: SetAttr {
+                    mtime: Some(TimeSet::At(Timestamp { secs: 5, nanos: 6 })),
+                    ..Default::default()
+                },
+            },
+        ] {
+            shown.apply_change(&op, at).unwrap();
+        }
+        let stored = attr(m.run(set_whole(0, &shown)).unwrap());
+        assert_eq!(inode(&m, f.ino), shown);
+        assert_eq!((stored.perm, stored.uid, stored.version), (0o640, 33, 1));
+        // Links and number stay the namespace's; a stale version, a changed kind, an access
+        // ACL that disagrees with the mode, unsorted xattrs and oversized inline content are
+        // refused, and none of them changes anything.
+        let mut linked = shown.clone();
+        linked.attr.nlink = 9;
+        linked.attr.uid = 34;
+        m.run(set_whole(1, &linked)).unwrap();
+        assert_eq!(lookup(&m, ROOT_INODE, "f").unwrap().nlink, 1);
+        let now = inode(&m, f.ino);
+        assert_eq!(m.run(set_whole(0, &now)), Err(FsError::Conflict(1)));
+        let refused = |change: fn(&mut Inode)| {
+            let mut i = now.clone();
+            change(&mut i);
+            i
+        };
+        for bad in [
+            refused(|i| i.attr.kind = FileKind::Fifo),
+            refused(|i| i.attr.perm = 0o600),
+            refused(|i| {
+                i.xattrs.push((b"user.a".to_vec(), Vec::new()));
+                i.xattrs.reverse();
+            }),
+            refused(|i| {
+                i.content = Content::Inline(vec![0; INLINE_MAX + 1]);
+                i.attr.size = INLINE_MAX as u64 + 1;
+                i.attr.version += 1;
+            }),
+            refused(|i| {
+                // New content at the same version: readers would keep stale pages.
+                i.content = Content::Inline(b"x".to_vec());
+                i.attr.size = 1;
+            }),
+        ] {
+            assert!(
+                matches!(m.run(set_whole(1, &bad)), Err(FsError::Invalid(_))),
+                "{bad:?}"
+            );
+            assert_eq!(inode(&m, f.ino), now);
+        }
+        assert!(matches!(
+            m.run(MetaOp::SetInode {
+                expect_version: 1,
+                inode: now.clone()
+            }),
+            Err(FsError::Invalid(_))
+        ));
+        // New content lets go of the chunks it no longer names.
+        let mut shorter = now.clone();
+        shorter.content = Content::Chunks(vec![Some(b)]);
+        shorter.attr.size = 1 << 20;
+        shorter.attr.version = 2;
+        m.run(set_whole(1, &shorter)).unwrap();
+        let let_go: Vec<ChunkId> = released(&m, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(let_go, vec![a]);
+        // A directory's or symlink's content is not the client's to set.
+        let d = m
+            .run(MetaOp::Symlink {
+                parent: ROOT_INODE,
+                name: b"l".to_vec(),
+                target: b"f".to_vec(),
+                uid: 0,
+                gid: 0,
+            })
+            .map(attr)
+            .unwrap();
+        let mut retargeted = inode(&m, d.ino);
+        retargeted.content = Content::Symlink(b"g".to_vec());
+        assert!(matches!(
+            m.run(set_whole(0, &retargeted)),
+            Err(FsError::Invalid(_))
+        ));
+    }
+
+    #[test]
     fn readdir_pages_by_name() {
         let mut m = vol();
         for i in 0..10 {
@@ -1334,12 +1477,7 @@ mod tests {
         let d = mkdir(&mut m, ROOT_INODE, "d").unwrap();
         assert_eq!(d.perm, 0o755);
         // user::rwx group::r-x other::r-x, as cp -a sets it on a 0755 directory.
-        let mut acl = 2u32.to_le_bytes().to_vec();
-        for (tag, perm) in [(ACL_USER_OBJ, 7u16), (ACL_GROUP_OBJ, 5), (ACL_OTHER, 5)] {
-            acl.extend_from_slice(&tag.to_le_bytes());
-            acl.extend_from_slice(&perm.to_le_bytes());
-            acl.extend_from_slice(&u32::MAX.to_le_bytes());
-        }
+        let acl = acl(0o755);
         m.run(MetaOp::SetAttr {
             ino: d.ino,
             set: SetAttr {

@@ -58,6 +58,9 @@ struct Held {
     op: MetaOp,
     ino: InodeId,
     bytes: usize,
+    /// For a change of an existing inode: the version it found (a change made next to it
+    /// of the same inode is folded into it, as the [`MetaOp::SetInode`] of the result).
+    found: Option<u64>,
 }
 
 #[derive(Default)]
@@ -79,6 +82,23 @@ struct State {
     node_bytes: usize,
 }
 
+/// What a change adds to a batch, roughly: its content and xattrs plus a small fixed part.
+fn change_bytes(op: &MetaOp) -> usize {
+    128 + match op {
+        MetaOp::SetContent { content, .. } => content_bytes(content),
+        MetaOp::SetXattr { value, .. } => value.len(),
+        MetaOp::SetInode { inode, .. } => {
+            content_bytes(&inode.content)
+                + inode
+                    .xattrs
+                    .iter()
+                    .map(|(n, v)| n.len() + v.len())
+                    .sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
 fn content_bytes(c: &Content) -> usize {
     match c {
         Content::Inline(b) | Content::Symlink(b) => b.len(),
@@ -96,19 +116,56 @@ impl State {
             .filter(|r| self.roots.contains(r))
     }
 
-    fn hold(&mut self, op: MetaOp, ino: InodeId, at: Timestamp, create: bool) {
-        // What the change adds to a batch, roughly: its content plus a small fixed part.
-        let bytes = match &op {
-            MetaOp::SetContent { content, .. } => content_bytes(content),
-            _ => 0,
-        } + 128;
+    /// Hold a create of `ino`.
+    fn hold_create(&mut self, op: MetaOp, ino: InodeId, at: Timestamp) {
+        self.push(op, ino, at, None);
+    }
+
+    /// Hold `op`, a change of `ino` that found it at version `found` and made it `changed`.
+    /// When the last change held is of the same inode too, the two become one: the inode as
+    /// it now is. Nothing can come between them at the leader, so the result is the same.
+    fn hold_change(
+        &mut self,
+        op: MetaOp,
+        ino: InodeId,
+        at: Timestamp,
+        found: u64,
+        changed: &Inode,
+    ) {
+        let Some(last) = self.held.back_mut().filter(|h| h.ino == ino) else {
+            return self.push(op, ino, at, Some(found));
+        };
+        let Some(expect_version) = last.found else {
+            return self.push(op, ino, at, Some(found));
+        };
+        let whole = MetaOp::SetInode {
+            expect_version,
+            inode: changed.clone(),
+        };
+        let bytes = change_bytes(&whole);
+        last.op = MetaOp::Local {
+            at,
+            ino: None,
+            op: Box::new(whole),
+        };
+        self.held_bytes = self.held_bytes - last.bytes + bytes;
+        last.bytes = bytes;
+    }
+
+    fn push(&mut self, op: MetaOp, ino: InodeId, at: Timestamp, found: Option<u64>) {
+        let bytes = change_bytes(&op);
         let op = MetaOp::Local {
             at,
-            ino: create.then_some(ino),
+            ino: found.is_none().then_some(ino),
             op: Box::new(op),
         };
         self.held_bytes += bytes;
-        self.held.push_back(Held { op, ino, bytes });
+        self.held.push_back(Held {
+            op,
+            ino,
+            bytes,
+            found,
+        });
     }
 
     fn full(&self) -> bool {
@@ -157,8 +214,10 @@ pub(crate) enum Name {
 
 #[derive(Default)]
 pub(crate) struct Delegations {
-    /// Batches of held changes sent so far, for tests and metrics.
+    /// Batches of held changes sent so far, and changes committed in them, for tests and
+    /// metrics.
     pub(crate) batches: std::sync::atomic::AtomicU64,
+    pub(crate) committed: std::sync::atomic::AtomicU64,
     /// Tests stop the background commits, to see what only a recall or fsync commits.
     pub(crate) paused: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
@@ -269,7 +328,7 @@ fn make_node(st: &mut State, root: InodeId, op: &MetaOp, ino: InodeId) -> Result
     if let MetaOp::Mknod { exclusive, .. } = &mut held {
         *exclusive = true;
     }
-    st.hold(held, ino, now, true);
+    st.hold_create(held, ino, now);
     Ok(attr)
 }
 
@@ -405,9 +464,10 @@ impl Volume {
             match changed.apply_change(op, now) {
                 Ok(()) => {
                     let before = content_bytes(&node.inode.content);
+                    let found = node.inode.attr.version;
                     node.inode = changed.clone();
                     st.node_bytes = st.node_bytes - before + content_bytes(&changed.content);
-                    st.hold(op.clone(), ino, now, false);
+                    st.hold_change(op.clone(), ino, now, found, &changed);
                     Ok(changed)
                 }
                 Err(e) => Err(e),
@@ -499,6 +559,7 @@ impl Volume {
             self.deleg.batches.fetch_add(1, Ordering::Relaxed);
             match self.write_op_as(MetaOp::Batch(ops), once).await {
                 Ok(_) => {
+                    self.deleg.committed.fetch_add(n as u64, Ordering::Relaxed);
                     tracing::debug!(changes = n, "committed changes made under delegations");
                 }
                 Err(e @ (FsError::Unavailable(_) | FsError::ReadOnly(_) | FsError::Io(_))) => {

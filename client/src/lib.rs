@@ -235,6 +235,12 @@ impl Volume {
         self.deleg.batches.load(Ordering::Relaxed)
     }
 
+    /// Changes made under delegations and committed in their batches so far (changes of one
+    /// inode made in a row count once).
+    pub fn delegated_changes(&self) -> u64 {
+        self.deleg.committed.load(Ordering::Relaxed)
+    }
+
     /// Chunks uploaded behind the writer so far (written beneath a delegation).
     pub fn chunks_uploaded_behind(&self) -> u64 {
         self.uploads.queued_total.load(Ordering::Relaxed)

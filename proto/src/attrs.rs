@@ -3,7 +3,9 @@
 //! so both compute the same result.
 
 use crate::wire::{MetaOp, SetAttr, TimeSet, XattrMode};
-use crate::{Attr, Content, FileKind, FsError, Inode, InodeId, Timestamp, XATTR_VALUE_MAX};
+use crate::{
+    Attr, Content, FileKind, FsError, Inode, InodeId, Timestamp, INLINE_MAX, XATTR_VALUE_MAX,
+};
 
 /// The POSIX access ACL, in the kernel's xattr format: a u32 version (2), then entries of
 /// (u16 tag, u16 perm, u32 id), little-endian. Without kernel ACL support it reaches us as an
@@ -88,6 +90,23 @@ pub fn check_xattr(name: &[u8], value: &[u8]) -> Result<(), FsError> {
         return Err(FsError::Invalid("malformed POSIX ACL".into()));
     }
     Ok(())
+}
+
+/// Why a regular file's new size and content would be refused whatever the file holds.
+pub fn check_content(size: u64, content: &Content) -> Result<(), FsError> {
+    match content {
+        Content::Inline(b) if b.len() > INLINE_MAX => Err(FsError::Invalid(format!(
+            "inline content of {} bytes exceeds the {INLINE_MAX}-byte limit",
+            b.len()
+        ))),
+        Content::Inline(b) if b.len() as u64 != size => Err(FsError::Invalid(
+            "inline content length differs from size".into(),
+        )),
+        Content::Inline(_) | Content::Chunks(_) => Ok(()),
+        _ => Err(FsError::Invalid(
+            "file content must be inline or chunks".into(),
+        )),
+    }
 }
 
 fn resolve(t: TimeSet, now: Timestamp) -> Timestamp {
@@ -233,6 +252,54 @@ impl Inode {
                 )))
             }
         }
+        Ok(())
+    }
+
+    /// Take what a run of changes under a delegation made of this inode, `to`
+    /// ([`MetaOp::SetInode`]), if nobody changed it since `expect_version`: mode, owner,
+    /// times, xattrs and, for a regular file, size, content and version. Its number, kind,
+    /// links and device stay, and so does anything else's content. Refused unless `to` is
+    /// what such changes can make (the same checks as each change).
+    pub fn set_whole(&mut self, expect_version: u64, to: &Inode) -> Result<(), FsError> {
+        let invalid = |why: &str| Err(FsError::Invalid(format!("inode {}: {why}", to.attr.ino)));
+        if to.attr.ino != self.attr.ino || to.attr.kind != self.attr.kind {
+            return invalid("its number and kind cannot change");
+        }
+        if self.attr.version != expect_version {
+            return Err(FsError::Conflict(self.attr.version));
+        }
+        for (name, value) in &to.xattrs {
+            check_xattr(name, value)?;
+        }
+        if !to.xattrs.windows(2).all(|w| w[0].0 < w[1].0) {
+            return invalid("xattrs must be sorted by name, each name once");
+        }
+        let acl = to.xattrs.iter().find(|(n, _)| n == ACL_ACCESS);
+        if acl.is_some_and(|(_, v)| acl_mode(v) != Some(to.attr.perm & 0o777)) {
+            return invalid("mode bits and the access ACL differ");
+        }
+        let new_content = to.content != self.content || to.attr.size != self.attr.size;
+        if self.attr.kind == FileKind::Regular {
+            if new_content {
+                check_content(to.attr.size, &to.content)?;
+            }
+            if to.attr.version < expect_version + u64::from(new_content) {
+                return invalid("new content needs a new version");
+            }
+            self.content = to.content.clone();
+            self.attr.size = to.attr.size;
+            self.attr.version = to.attr.version;
+        } else if new_content || to.attr.version != expect_version {
+            return invalid("only a regular file's content changes");
+        }
+        let (attr, from) = (&mut self.attr, &to.attr);
+        attr.perm = from.perm & 0o7777;
+        attr.uid = from.uid;
+        attr.gid = from.gid;
+        attr.atime = from.atime;
+        attr.mtime = from.mtime;
+        attr.ctime = from.ctime;
+        self.xattrs = to.xattrs.clone();
         Ok(())
     }
 

@@ -195,6 +195,15 @@ pub enum MetaOp {
         ino: Option<InodeId>,
         op: Box<MetaOp>,
     },
+    /// Several changes of one inode made in a row under a delegation, as their result: the
+    /// inode as the client shows it after them (mode, owner, times, xattrs and, for a regular
+    /// file, size and content). Applied only inside [`MetaOp::Local`], only if the inode is
+    /// still at `expect_version`; its number, kind and links stay the namespace's. `cp -a`
+    /// changes a new file five times after making it: one change instead of five.
+    SetInode {
+        expect_version: u64,
+        inode: Inode,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

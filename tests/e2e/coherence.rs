@@ -319,6 +319,12 @@ async fn changes_beneath_a_delegated_directory_are_recalled_before_another_clien
         assert_eq!(b.getxattr(*ino, b"user.n").await.unwrap(), name.as_bytes());
     }
     assert_eq!(b.readdir_all(site.ino).await.unwrap().len(), 10);
+    // Each file's content, chmod and xattr were made in a row: they went as one change.
+    let committed = a.delegated_changes();
+    assert!(
+        (1..=210 + 200).contains(&committed),
+        "{committed} changes committed for 210 creates and 600 changes of 200 files"
+    );
 
     // The delegation is given back: A's next change commits before it returns, and B sees it.
     let before = foreground(&a);
