@@ -126,30 +126,34 @@ impl State {
     /// it now is. Nothing can come between them at the leader, so the result is the same.
     fn hold_change(
         &mut self,
-        op: MetaOp,
+        op: &MetaOp,
         ino: InodeId,
         at: Timestamp,
         found: u64,
         changed: &Inode,
     ) {
-        let Some(last) = self.held.back_mut().filter(|h| h.ino == ino) else {
-            return self.push(op, ino, at, Some(found));
-        };
-        let Some(expect_version) = last.found else {
-            return self.push(op, ino, at, Some(found));
-        };
-        let whole = MetaOp::SetInode {
-            expect_version,
-            inode: changed.clone(),
-        };
-        let bytes = change_bytes(&whole);
-        last.op = MetaOp::Local {
-            at,
-            ino: None,
-            op: Box::new(whole),
-        };
-        self.held_bytes = self.held_bytes - last.bytes + bytes;
-        last.bytes = bytes;
+        match self.held.back_mut() {
+            Some(Held {
+                op: last,
+                ino: last_ino,
+                bytes,
+                found: Some(expect_version),
+            }) if *last_ino == ino => {
+                let whole = MetaOp::SetInode {
+                    expect_version: *expect_version,
+                    inode: changed.clone(),
+                };
+                let whole_bytes = change_bytes(&whole);
+                *last = MetaOp::Local {
+                    at,
+                    ino: None,
+                    op: Box::new(whole),
+                };
+                self.held_bytes = self.held_bytes - *bytes + whole_bytes;
+                *bytes = whole_bytes;
+            }
+            _ => self.push(op.clone(), ino, at, Some(found)),
+        }
     }
 
     fn push(&mut self, op: MetaOp, ino: InodeId, at: Timestamp, found: Option<u64>) {
@@ -467,7 +471,7 @@ impl Volume {
                     let found = node.inode.attr.version;
                     node.inode = changed.clone();
                     st.node_bytes = st.node_bytes - before + content_bytes(&changed.content);
-                    st.hold_change(op.clone(), ino, now, found, &changed);
+                    st.hold_change(op, ino, now, found, &changed);
                     Ok(changed)
                 }
                 Err(e) => Err(e),

@@ -199,7 +199,8 @@ pub enum MetaOp {
     /// inode as the client shows it after them (mode, owner, times, xattrs and, for a regular
     /// file, size and content). Applied only inside [`MetaOp::Local`], only if the inode is
     /// still at `expect_version`; its number, kind and links stay the namespace's. `cp -a`
-    /// changes a new file five times after making it: one change instead of five.
+    /// changes a new file three or four times after making it (times, ACL, content, owner):
+    /// one change instead.
     SetInode {
         expect_version: u64,
         inode: Inode,
