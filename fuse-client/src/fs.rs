@@ -4,9 +4,9 @@
 use crate::core::Core;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use mortar_client::mortar_proto::wire::{Inval, SetAttr, TimeSet, XattrMode};
 use mortar_client::mortar_proto::{Attr, DirEntry, FileKind, FsError, Timestamp};
@@ -758,5 +758,22 @@ impl Filesystem for MortarFs {
     ) {
         empty_task!(self, reply, |core| core
             .fallocate(fh.0, offset, length, mode));
+    }
+
+    /// No ioctls: ENOTTY, as a local filesystem answers. Asked quietly, because ordinary
+    /// programs ask on every open (Python's `open` tests each file with `isatty`), and fuser's
+    /// default logs a warning for each.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
     }
 }

@@ -399,6 +399,19 @@ async fn attributes_xattrs_statfs() {
         "statfs reports no capacity"
     );
     assert_eq!(st.f_namemax, 255);
+
+    // Terminal ioctls on a file fail with ENOTTY, as on a local filesystem, and leave no
+    // warning in the mount's log (Python asks on every open).
+    let file = fs::File::open(&f).unwrap();
+    let mut tio: libc::termios = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TCGETS, &mut tio) };
+    assert_eq!(
+        (r, errno::<()>(Err(std::io::Error::last_os_error()))),
+        (-1, libc::ENOTTY)
+    );
+    let log = fs::read_to_string(&m.log).unwrap();
+    let warned = log.lines().find(|l| l.contains("Not Implemented"));
+    assert_eq!(warned, None, "the mount warned about an ioctl");
 }
 
 /// `cp -a` into the mount keeps what it copies (owner, mode, nanosecond mtime, xattrs, content),
