@@ -74,6 +74,11 @@ NGX
 to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.2f", n }'; }
 
 docroot() {
+    local copies=${COPIES:-3}
+    if ! [[ $copies =~ ^[1-9][0-9]*$ ]]; then
+        echo "bench.sh: COPIES must be a whole number of at least 1, not '$copies'" >&2
+        exit 2
+    fi
     need_build_packages
     need_packages fuse3 wordpress nginx-light wrk bc curl python3
     local work=/var/tmp/mortar-bench
@@ -94,7 +99,7 @@ docroot() {
     # One copy swings by ±15% from run to run on a shared 2-core machine, on both sides: copy
     # COPIES times, local and mortar in turn, and compare the medians. The first copy stays for
     # the workloads after it; the others are removed.
-    local copies=${COPIES:-3} i where
+    local i where
     for i in $(seq 1 "$copies"); do
         for where in local mnt; do
             local durable=""
@@ -107,6 +112,7 @@ docroot() {
     for where in local mnt; do
         mv "$work/$where/copy1/wordpress" "$work/$where/wordpress"
         rm -rf "$work/$where"/copy*
+        # shellcheck disable=SC2086 # one word per copy
         T[$where.copy]=$(median ${T[$where.copies]})
     done
     for where in local mnt; do
