@@ -87,14 +87,7 @@ fn change_bytes(op: &MetaOp) -> usize {
     128 + match op {
         MetaOp::SetContent { content, .. } => content_bytes(content),
         MetaOp::SetXattr { value, .. } => value.len(),
-        MetaOp::SetInode { inode, .. } => {
-            content_bytes(&inode.content)
-                + inode
-                    .xattrs
-                    .iter()
-                    .map(|(n, v)| n.len() + v.len())
-                    .sum::<usize>()
-        }
+        MetaOp::SetInode { inode, .. } => content_bytes(&inode.content) + inode.xattr_bytes(),
         _ => 0,
     }
 }

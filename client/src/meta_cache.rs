@@ -50,11 +50,7 @@ impl Cached {
                 Content::Inline(b) => b.len(),
                 _ => 0,
             };
-            content
-                + i.xattrs
-                    .iter()
-                    .map(|(n, v)| n.len() + v.len())
-                    .sum::<usize>()
+            content + i.xattr_bytes()
         })
     }
 }

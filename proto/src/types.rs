@@ -134,6 +134,13 @@ pub struct Inode {
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+impl Inode {
+    /// Bytes of xattr names and values, for memory and batch budgets.
+    pub fn xattr_bytes(&self) -> usize {
+        self.xattrs.iter().map(|(n, v)| n.len() + v.len()).sum()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirEntry {
     #[serde(with = "serde_bytes")]
