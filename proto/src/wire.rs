@@ -516,8 +516,32 @@ fn bincode_config() -> impl bincode::config::Config {
 }
 
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
-    // Encoding our own plain types into a Vec cannot fail.
-    bincode::serde::encode_to_vec(msg, bincode_config()).expect("wire types always encode")
+    encode_after(0, msg)
+}
+
+/// Appends to a Vec that was allocated at its final size, so encoding never reallocates.
+struct Appender<'a>(&'a mut Vec<u8>);
+
+impl bincode::enc::write::Writer for Appender<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// `prefix` zero bytes followed by `msg` encoded, in a Vec of exactly that size. A sizing pass
+/// (which copies no bytes) comes first: growing the Vec as it filled copied every chunk about
+/// once more, and a brick encodes every chunk it forwards and every log entry it stores.
+fn encode_after<T: Serialize>(prefix: usize, msg: &T) -> Vec<u8> {
+    // Encoding our own plain types cannot fail.
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(msg, &mut size, bincode_config())
+        .expect("wire types always encode");
+    let mut out = Vec::with_capacity(prefix + size.bytes_written);
+    out.resize(prefix, 0);
+    bincode::serde::encode_into_writer(msg, Appender(&mut out), bincode_config())
+        .expect("wire types always encode");
+    out
 }
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
@@ -539,14 +563,14 @@ pub async fn write_frame<T: Serialize>(
     send: &mut quinn::SendStream,
     msg: &T,
 ) -> Result<(), FrameError> {
-    let body = encode(msg);
-    if body.len() > MAX_FRAME {
-        return Err(FrameError::TooLarge(body.len()));
+    let mut frame = encode_after(4, msg);
+    let len = frame.len() - 4;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
     }
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&body);
-    send.write_all(&frame)
+    frame[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    // Handed over whole: QUIC keeps the buffer itself instead of copying it in.
+    send.write_chunk(bytes::Bytes::from(frame))
         .await
         .map_err(|e| FrameError::Write(e.to_string()))
 }
@@ -562,10 +586,20 @@ pub async fn read_frame<T: DeserializeOwned>(
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| FrameError::Read(e.to_string()))?;
+    // Filled from the stream's own buffers as they arrive, without zeroing it first.
+    let mut body = Vec::with_capacity(len);
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(FrameError::Read(format!(
+                    "stream ended {} bytes into a {len}-byte frame",
+                    body.len()
+                )))
+            }
+            Err(e) => return Err(FrameError::Read(e.to_string())),
+        }
+    }
     decode(&body)
 }
 
@@ -601,6 +635,23 @@ mod tests {
         });
         let back: Request = decode(&encode(&put)).unwrap();
         assert!(matches!(back, Request::PutChunk(p) if p.data == b"x"));
+    }
+
+    #[test]
+    fn encoding_is_sized_exactly_and_matches_bincode() {
+        let put = Request::PutChunk(PutChunk {
+            id: ChunkId::of(b"y"),
+            data: vec![7u8; 300_000],
+            replicate: false,
+            sync: true,
+        });
+        let ours = encode(&put);
+        assert_eq!(ours.capacity(), ours.len(), "the buffer never grew");
+        let theirs = bincode::serde::encode_to_vec(&put, bincode_config()).unwrap();
+        assert_eq!(ours, theirs);
+        let framed = encode_after(4, &put);
+        assert_eq!(framed.len(), 4 + ours.len());
+        assert_eq!(&framed[4..], &ours[..]);
     }
 
     #[test]
