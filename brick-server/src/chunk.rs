@@ -4,7 +4,7 @@
 use crate::store::Store;
 use mortar_proto::layout;
 use mortar_proto::transport::Pool;
-use mortar_proto::wire::{AdminRequest, HealEntry, HealReason, PutChunk, Reply, Request};
+use mortar_proto::wire::{AdminRequest, Frame, HealEntry, HealReason, PutChunk, Reply, Request};
 use mortar_proto::{BrickId, BrickRef, FsError, VolumeConfig, MAX_CHUNK_SIZE};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,15 +42,20 @@ pub async fn put_replicated(
     verify(&p)?;
     let (id, len) = (p.id, p.data.len() as u64);
     let set: Vec<BrickRef> = layout::replica_set(volume, &id).to_vec();
-    let forward = Arc::new(Request::PutChunk(PutChunk {
+    // Encoded once for both peers, from the chunk itself (no copy of it is made first).
+    let forward = Request::PutChunk(PutChunk {
         replicate: false,
-        ..p.clone()
-    }));
+        ..p
+    });
+    let frame = Frame::of(&forward).map_err(|e| FsError::Invalid(e.to_string()))?;
+    let Request::PutChunk(p) = forward else {
+        unreachable!("built as a PutChunk just above")
+    };
     let (tx, mut rx) = mpsc::unbounded_channel();
     for b in set.iter().filter(|b| b.id != self_id) {
-        let (tx, pool, req, b) = (tx.clone(), pool.clone(), forward.clone(), b.clone());
+        let (tx, pool, frame, b) = (tx.clone(), pool.clone(), frame.clone(), b.clone());
         tokio::spawn(async move {
-            let r = match pool.call(&b.addr, &req, REPLICA_TIMEOUT).await {
+            let r = match pool.call_frame(&b.addr, &frame, REPLICA_TIMEOUT).await {
                 Ok(Ok(Reply::ChunkStored { .. })) => Ok(()),
                 Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
                 Ok(Err(e)) => Err(e.to_string()),

@@ -2,7 +2,7 @@
 
 use crate::error::FsError;
 use crate::tls::{Identity, TlsError, BRICK_SERVER_NAME};
-use crate::wire::{read_frame, write_frame, FrameError, Request, Response};
+use crate::wire::{read_frame, send_frame, Frame, FrameError, Request, Response};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -408,6 +408,20 @@ impl Pool {
         req: &Request,
         timeout: Duration,
     ) -> Result<Response, TransportError> {
+        let frame = Frame::of(req).map_err(|err| TransportError::Frame {
+            addr: addr.to_string(),
+            err,
+        })?;
+        self.call_frame(addr, &frame, timeout).await
+    }
+
+    /// [`Pool::call`] with a request encoded beforehand, so one encoding can go to several bricks.
+    pub async fn call_frame(
+        &self,
+        addr: &str,
+        req: &Frame,
+        timeout: Duration,
+    ) -> Result<Response, TransportError> {
         let result = tokio::time::timeout(timeout, self.call_inner(addr, req)).await;
         match result {
             Err(_) => {
@@ -436,7 +450,7 @@ impl Pool {
         }
     }
 
-    async fn call_inner(&self, addr: &str, req: &Request) -> Result<Response, TransportError> {
+    async fn call_inner(&self, addr: &str, req: &Frame) -> Result<Response, TransportError> {
         let conn = self.connection(addr).await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| conn_error(addr, e))?;
         let lost = |conn: &quinn::Connection, err: FrameError| match conn.close_reason() {
@@ -446,7 +460,7 @@ impl Pool {
                 err,
             },
         };
-        write_frame(&mut send, req)
+        send_frame(&mut send, req)
             .await
             .map_err(|e| lost(&conn, e))?;
         let _ = send.finish();

@@ -559,18 +559,33 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
     Ok(msg)
 }
 
+/// A message encoded as one frame (length prefix included), ready to be sent any number of times:
+/// a brick forwards each chunk to two peers from one encoding.
+#[derive(Clone)]
+pub struct Frame(bytes::Bytes);
+
+impl Frame {
+    pub fn of<T: Serialize>(msg: &T) -> Result<Frame, FrameError> {
+        let mut frame = encode_after(4, msg);
+        let len = frame.len() - 4;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        frame[..4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(Frame(bytes::Bytes::from(frame)))
+    }
+}
+
 pub async fn write_frame<T: Serialize>(
     send: &mut quinn::SendStream,
     msg: &T,
 ) -> Result<(), FrameError> {
-    let mut frame = encode_after(4, msg);
-    let len = frame.len() - 4;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
-    }
-    frame[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    // Handed over whole: QUIC keeps the buffer itself instead of copying it in.
-    send.write_chunk(bytes::Bytes::from(frame))
+    send_frame(send, &Frame::of(msg)?).await
+}
+
+pub async fn send_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), FrameError> {
+    // Handed over whole: QUIC keeps a reference to the buffer instead of copying it in.
+    send.write_chunk(frame.0.clone())
         .await
         .map_err(|e| FrameError::Write(e.to_string()))
 }
@@ -649,8 +664,9 @@ mod tests {
         assert_eq!(ours.capacity(), ours.len(), "the buffer never grew");
         let theirs = bincode::serde::encode_to_vec(&put, bincode_config()).unwrap();
         assert_eq!(ours, theirs);
-        let framed = encode_after(4, &put);
+        let framed = Frame::of(&put).unwrap().0;
         assert_eq!(framed.len(), 4 + ours.len());
+        assert_eq!(framed[..4], (ours.len() as u32).to_be_bytes());
         assert_eq!(&framed[4..], &ours[..]);
     }
 
