@@ -41,7 +41,7 @@ pub fn transport_config() -> quinn::TransportConfig {
 
 /// The largest UDP payload path-MTU discovery may grow to. quinn's default stops at 1,452
 /// (Ethernet); loopback and jumbo-frame links carry more, and every datagram saved is per-packet
-/// work saved at both ends (`bench-bricks 200`: 8.6-9.1 CPU-s against 12.1-12.6 at 1,452).
+/// work saved at both ends (`bench-bricks 200`: 8.6-9.4 CPU-s against 12.1-12.6 at 1,452).
 /// quinn hands the kernel up to [`GSO_BATCH`] datagrams in one send, and a send larger than a
 /// UDP datagram can be (65,507 bytes over IPv4) fails with EMSGSIZE, which quinn drops
 /// silently as a lost probe: so the batch, not the link, sets the ceiling. At 8,952 every full
