@@ -604,7 +604,8 @@ async fn holdings(
 }
 
 /// Drop heal index entries whose brick now holds the chunk, or whose chunk no file needs and no
-/// brick holds any more (collected garbage).
+/// brick holds any more (collected garbage). Every index is read first: a missed write is
+/// usually recorded by more than one brick, and each (brick, chunk) is asked about once.
 async fn drain_heal_index(
     vol: &Volume,
     up: &BTreeMap<String, BrickRef>,
@@ -612,23 +613,27 @@ async fn drain_heal_index(
     t: &mut Tally,
 ) -> Result<()> {
     let pool = vol.pool();
-    let mut remaining = 0usize;
+    let mut indexes = Vec::with_capacity(up.len());
     for addr in up.keys() {
-        let entries = admin::list_heal_index(pool, addr).await?;
-        let held = holdings(vol, up, entries.iter().map(|e| (e.brick, e.chunk))).await?;
-        let unneeded: Vec<ChunkId> = entries
-            .iter()
-            .filter(|e| !referenced.contains(&e.chunk))
-            .map(|e| e.chunk)
-            .collect();
-        let still_stored = holdings(
-            vol,
-            up,
-            up.values()
-                .flat_map(|b| unneeded.iter().map(move |c| (b.id, *c))),
-        )
-        .await?;
-        let still_stored: HashSet<ChunkId> = still_stored.into_iter().map(|(_, c)| c).collect();
+        indexes.push((addr, admin::list_heal_index(pool, addr).await?));
+    }
+    let every_entry = || indexes.iter().flat_map(|(_, entries)| entries);
+    let pairs: HashSet<(BrickId, ChunkId)> = every_entry().map(|e| (e.brick, e.chunk)).collect();
+    let held = holdings(vol, up, pairs.into_iter()).await?;
+    let unneeded: HashSet<ChunkId> = every_entry()
+        .filter(|e| !referenced.contains(&e.chunk))
+        .map(|e| e.chunk)
+        .collect();
+    let still_stored = holdings(
+        vol,
+        up,
+        up.values()
+            .flat_map(|b| unneeded.iter().map(move |c| (b.id, *c))),
+    )
+    .await?;
+    let still_stored: HashSet<ChunkId> = still_stored.into_iter().map(|(_, c)| c).collect();
+    let mut remaining = 0usize;
+    for (addr, entries) in &indexes {
         let done: Vec<(BrickId, ChunkId)> = entries
             .iter()
             .filter(|e| {
