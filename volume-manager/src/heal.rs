@@ -604,8 +604,8 @@ async fn holdings(
 }
 
 /// Drop heal index entries whose brick now holds the chunk, or whose chunk no file needs and no
-/// brick holds any more (collected garbage). Every index is read first: a missed write is
-/// usually recorded by more than one brick, and each (brick, chunk) is asked about once.
+/// brick holds any more (collected garbage). Every index is read first, so each brick is asked
+/// once about every (brick, chunk) pair, however many indexes record it.
 async fn drain_heal_index(
     vol: &Volume,
     up: &BTreeMap<String, BrickRef>,
