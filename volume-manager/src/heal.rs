@@ -584,8 +584,10 @@ async fn holdings(
     up: &BTreeMap<String, BrickRef>,
     pairs: impl Iterator<Item = (BrickId, ChunkId)>,
 ) -> Result<HashSet<(BrickId, ChunkId)>> {
+    // Heal indexes of different bricks may record the same miss: each pair is asked once.
+    let mut seen = HashSet::new();
     let mut asked: BTreeMap<BrickId, Vec<ChunkId>> = BTreeMap::new();
-    for (b, c) in pairs {
+    for (b, c) in pairs.filter(|pair| seen.insert(*pair)) {
         asked.entry(b).or_default().push(c);
     }
     let mut held = HashSet::new();
@@ -604,8 +606,8 @@ async fn holdings(
 }
 
 /// Drop heal index entries whose brick now holds the chunk, or whose chunk no file needs and no
-/// brick holds any more (collected garbage). Every index is read first, so each brick is asked
-/// once about every (brick, chunk) pair, however many indexes record it.
+/// brick holds any more (collected garbage). Every index is read first, so bricks are asked
+/// about all of them together rather than once per index.
 async fn drain_heal_index(
     vol: &Volume,
     up: &BTreeMap<String, BrickRef>,
@@ -618,8 +620,7 @@ async fn drain_heal_index(
         indexes.push((addr, admin::list_heal_index(pool, addr).await?));
     }
     let every_entry = || indexes.iter().flat_map(|(_, entries)| entries);
-    let pairs: HashSet<(BrickId, ChunkId)> = every_entry().map(|e| (e.brick, e.chunk)).collect();
-    let held = holdings(vol, up, pairs.into_iter()).await?;
+    let held = holdings(vol, up, every_entry().map(|e| (e.brick, e.chunk))).await?;
     let unneeded: HashSet<ChunkId> = every_entry()
         .filter(|e| !referenced.contains(&e.chunk))
         .map(|e| e.chunk)
