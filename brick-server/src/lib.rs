@@ -3,6 +3,7 @@
 
 pub mod chunk;
 pub mod heal;
+pub mod log_bound;
 pub mod namespace;
 pub mod raft;
 pub mod server;

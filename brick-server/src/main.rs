@@ -1,5 +1,6 @@
 use anyhow::{Context, Result};
 use clap::Parser;
+use mortar_brick::log_bound::{self, LogBound};
 use mortar_brick::raft::{self, LogStore, Network, StateMachine};
 use mortar_brick::server::Brick;
 use mortar_brick::store::Store;
@@ -32,6 +33,10 @@ struct Args {
     /// Metadata log entries between snapshots; older entries are then purged.
     #[arg(long, default_value_t = raft::SNAPSHOT_EVERY, value_parser = clap::value_parser!(u64).range(10..))]
     snapshot_every: u64,
+    /// Log bytes between snapshots, at most (an entry may hold many changes); a quarter of it
+    /// is kept after a purge.
+    #[arg(long, default_value_t = log_bound::SNAPSHOT_BYTES, value_parser = clap::value_parser!(u64).range(4096..))]
+    snapshot_bytes: u64,
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -71,6 +76,7 @@ async fn run(args: Args) -> Result<()> {
     let volume = Arc::default();
     let sm = StateMachine::new(store.clone(), Arc::clone(&volume))
         .context("cannot read the namespace")?;
+    let bound = Arc::new(LogBound::new(args.snapshot_bytes));
     let config = Arc::new(
         raft::config(args.snapshot_every)
             .validate()
@@ -80,7 +86,7 @@ async fn run(args: Args) -> Result<()> {
         id,
         config,
         Network { pool: pool.clone() },
-        LogStore::new(store.clone()),
+        LogStore::new(store.clone(), bound.clone()),
         sm,
     )
     .await
@@ -98,6 +104,7 @@ async fn run(args: Args) -> Result<()> {
     });
     tracing::info!(brick = id, listen = %args.listen, data = %args.data.display(), "brick serving");
     let server = tokio::spawn(brick.clone().serve(endpoint.clone()));
+    tokio::spawn(log_bound::run(raft.clone(), bound));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -5,6 +5,7 @@
 // return it as the traits do.
 #![allow(clippy::result_large_err)]
 
+use crate::log_bound::LogBound;
 use crate::namespace::{self, MetaRead, Table, Txn};
 use crate::store::{
     Store, CF_META_DENTRIES, CF_META_INODES, CF_META_SYS, CF_RAFT_LOG, CF_RAFT_STATE,
@@ -115,11 +116,12 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 #[derive(Clone)]
 pub struct LogStore {
     store: Arc<Store>,
+    bound: Arc<LogBound>,
 }
 
 impl LogStore {
-    pub fn new(store: Arc<Store>) -> LogStore {
-        LogStore { store }
+    pub fn new(store: Arc<Store>, bound: Arc<LogBound>) -> LogStore {
+        LogStore { store, bound }
     }
     fn state<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
         match self.store.get(CF_RAFT_STATE, key).map_err(read_err)? {
@@ -210,12 +212,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let cf = self.store.cf(CF_RAFT_LOG);
         let mut b = WriteBatch::default();
+        let mut sizes = Vec::new();
         for e in entries {
-            b.put_cf(cf, e.log_id.index.to_be_bytes(), enc(&e));
+            let bytes = enc(&e);
+            sizes.push((e.log_id.index, bytes.len() as u64));
+            b.put_cf(cf, e.log_id.index.to_be_bytes(), bytes);
         }
         // The WAL write survives a crash of this process; an fsync from the application syncs
         // the chunk path explicitly (see ARCHITECTURE.md, durability).
         let res = self.store.write(b, false);
+        if res.is_ok() {
+            for (index, bytes) in sizes {
+                self.bound.appended(index, bytes);
+            }
+        }
         callback.log_io_completed(
             res.as_ref()
                 .map(|_| ())
@@ -229,7 +239,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut b = WriteBatch::default();
         b.delete_range_cf(cf, log_id.index.to_be_bytes(), u64::MAX.to_be_bytes());
         b.delete_cf(cf, u64::MAX.to_be_bytes());
-        self.store.write(b, false).map_err(io_err)
+        self.store.write(b, false).map_err(io_err)?;
+        self.bound.truncated(log_id.index);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
@@ -238,7 +250,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Stored as a bare LogId: `get_log_state` reads it back as one.
         b.put_cf(self.store.cf(CF_RAFT_STATE), KEY_PURGED, enc(&log_id));
         b.delete_range_cf(cf, 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes());
-        self.store.write(b, false).map_err(io_err)
+        self.store.write(b, false).map_err(io_err)?;
+        self.bound.purged(log_id.index);
+        tracing::info!("purged the log up to index {}", log_id.index);
+        Ok(())
     }
 }
 

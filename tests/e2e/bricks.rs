@@ -495,6 +495,68 @@ async fn volume_create_refuses_bad_brick_lists_without_side_effects() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already belongs to volume 'www'"));
 }
 
+/// Write `range` files of 32 KiB each under `dir`: inline content, so every byte passes
+/// through the Raft log.
+async fn write_large_inline_files(
+    vol: &Volume,
+    dir: u64,
+    range: std::ops::Range<u32>,
+) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for i in range {
+        let name = format!("big{i}");
+        let a = vol.create(dir, name.as_bytes(), 0o644, 0, 0).await.unwrap();
+        let body: Vec<u8> = (0..32 * 1024u32).map(|b| (b * 7 + i) as u8).collect();
+        vol.write(a.ino, 0, &body, false).await.unwrap();
+        out.push((name, body));
+    }
+    out
+}
+
+/// The highest index brick `i` has purged its log up to, by its own log.
+fn purged_up_to(c: &Cluster, i: usize) -> u64 {
+    std::fs::read_to_string(&c.bricks[i].log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split("purged the log up to index ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The log is bounded by bytes as well as by entries: entries full of inline content make
+/// every brick snapshot and purge long before the entry count (20,000, keeping 2,000) would,
+/// a restart of every brick keeps the namespace, and a follower that was down meanwhile
+/// catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_of_large_entries_is_snapshot_and_purged_by_its_bytes() {
+    let mut c = Cluster::start_with(3, &["--snapshot-bytes", "262144"]);
+    let vol = c.create_volume("www", 1 << 20).await;
+    let dir = vol.mkdir(ROOT_INODE, b"d", 0o755, 0, 0).await.unwrap();
+    // About 1.3 MB of log in some 85 entries (a create and a write per file): five times the
+    // bound, and a quarter of the bound (64 KiB, two files) is all a purge keeps.
+    let mut expect = write_large_inline_files(&vol, dir.ino, 0..40).await;
+    for i in 0..3 {
+        wait_for(&format!("brick{i} to purge by bytes"), DEADLINE, || async {
+            (purged_up_to(&c, i) >= 40).then_some(())
+        })
+        .await;
+    }
+    drop(vol);
+    c.restart_all();
+    let vol = c.client("www").await;
+    let victim = a_follower(&c).await;
+    c.bricks[victim].stop();
+    expect.extend(write_large_inline_files(&vol, dir.ino, 40..80).await);
+    c.bricks[victim].start();
+    let d = c.settled_meta_digests().await;
+    assert!(d.iter().all(|x| *x == d[0]), "replicas differ");
+    for (name, body) in &expect {
+        let a = vol.lookup(dir.ino, name.as_bytes()).await.unwrap();
+        assert_eq!(&vol.read(a.ino, 0, 1 << 20).await.unwrap(), body, "{name}");
+    }
+}
+
 /// Snapshots and log purging: bricks restart from snapshot plus log, and a brick that was down
 /// past a purge catches up by installing a snapshot, ending with the same namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
