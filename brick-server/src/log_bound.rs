@@ -1,6 +1,6 @@
 //! Bounding the Raft log by bytes as well as by entries. openraft snapshots after a number of
 //! entries, but an entry may carry one change or a thousand, with their inline file content: a
-//! mount committing a `cp -a` of WordPress makes about 21 entries of ~1 MB each, so 20,000
+//! mount committing a `cp -a` of WordPress makes 21-39 entries of about 1 MB each, so 20,000
 //! entries could be 20 GB of log. Here a brick snapshots once the entries appended since its
 //! last snapshot pass [`LogBound::snapshot_bytes`], and purges what a snapshot covers beyond a
 //! tail of a quarter of that.
