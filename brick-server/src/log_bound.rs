@@ -59,11 +59,12 @@ impl LogBound {
         }
     }
 
-    /// Bytes of the counted entries after `index` (all of them for None).
-    fn bytes_after(&self, index: Option<u64>) -> u64 {
+    /// Bytes of the counted entries after `after` (from the first for None) up to and
+    /// including `upto`.
+    fn bytes_between(&self, after: Option<u64>, upto: u64) -> u64 {
         self.sizes()
             .iter()
-            .filter(|&&(i, _)| index.is_none_or(|x| i > x))
+            .filter(|&&(i, _)| after.is_none_or(|x| i > x) && i <= upto)
             .map(|&(_, b)| b)
             .sum()
     }
@@ -81,9 +82,15 @@ impl LogBound {
         None
     }
 
-    /// What to do now, given the last snapshot's and the last purge's index.
-    fn due(&self, snapshot: Option<u64>, purged: Option<u64>) -> Due {
-        let snapshot_now = self.bytes_after(snapshot) >= self.snapshot_bytes;
+    /// Bytes a snapshot now would cover that the last one did not: applied entries only, so
+    /// a leader without a quorum (appending, applying nothing) does not snapshot in vain.
+    fn unsnapshotted(&self, snapshot: Option<u64>, applied: Option<u64>) -> u64 {
+        applied.map_or(0, |a| self.bytes_between(snapshot, a))
+    }
+
+    /// What to do now, given the last snapshot's, the last applied and the last purge's index.
+    fn due(&self, snapshot: Option<u64>, applied: Option<u64>, purged: Option<u64>) -> Due {
+        let snapshot_now = self.unsnapshotted(snapshot, applied) >= self.snapshot_bytes;
         // Only what a snapshot covers may go, and only beyond the tail kept for followers.
         let purge = match (snapshot, self.purge_point(self.snapshot_bytes / 4)) {
             (Some(s), Some(p)) => Some(s.min(p)).filter(|&u| purged.is_none_or(|x| u > x)),
@@ -108,15 +115,16 @@ pub async fn run(raft: Raft, bound: Arc<LogBound>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (snapshot, purged) = {
+        let (snapshot, applied, purged) = {
             let m = raft.metrics();
             let m = m.borrow();
-            (m.snapshot.map(|l| l.index), m.purged.map(|l| l.index))
+            let index = |l: Option<openraft::LogId<u64>>| l.map(|l| l.index);
+            (index(m.snapshot), index(m.last_applied), index(m.purged))
         };
-        let due = bound.due(snapshot, purged);
+        let due = bound.due(snapshot, applied, purged);
         if due.snapshot {
             tracing::info!(
-                bytes = bound.bytes_after(snapshot),
+                bytes = bound.unsnapshotted(snapshot, applied),
                 "the log passed its byte bound: building a snapshot"
             );
             // openraft ignores this while a snapshot is being built.
@@ -146,31 +154,47 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_once_the_entries_after_the_last_snapshot_pass_the_bound() {
+    fn snapshots_once_the_applied_entries_after_the_last_snapshot_pass_the_bound() {
         let b = bound(&[(1, 40), (2, 40), (3, 30)]);
-        assert!(b.due(None, None).snapshot);
-        assert!(!b.due(Some(1), None).snapshot, "70 bytes after index 1");
-        assert!(!b.due(Some(3), None).snapshot);
+        assert!(b.due(None, Some(3), None).snapshot);
+        assert!(
+            !b.due(Some(1), Some(3), None).snapshot,
+            "70 bytes after index 1"
+        );
+        assert!(!b.due(Some(3), Some(3), None).snapshot);
+        assert!(
+            !b.due(None, Some(2), None).snapshot,
+            "entry 3 is not applied"
+        );
+        assert!(!b.due(None, None, None).snapshot, "nothing applied");
     }
 
     #[test]
     fn purges_only_what_a_snapshot_covers_and_keeps_a_quarter_of_the_bound() {
         let b = bound(&[(1, 10), (2, 10), (3, 10), (4, 10)]);
         // Keep 25 bytes: entries 3 and 4 (20 bytes) stay, entry 2 would make 30.
-        assert_eq!(b.due(Some(4), None).purge, Some(2));
-        assert_eq!(b.due(Some(1), None).purge, Some(1), "not past the snapshot");
-        assert_eq!(b.due(None, None).purge, None, "no snapshot yet");
-        assert_eq!(b.due(Some(4), Some(2)).purge, None, "already purged");
+        assert_eq!(b.due(Some(4), Some(4), None).purge, Some(2));
+        assert_eq!(
+            b.due(Some(1), Some(4), None).purge,
+            Some(1),
+            "not past the snapshot"
+        );
+        assert_eq!(b.due(None, Some(4), None).purge, None, "no snapshot yet");
+        assert_eq!(
+            b.due(Some(4), Some(4), Some(2)).purge,
+            None,
+            "already purged"
+        );
         b.purged(2);
-        assert_eq!(b.due(Some(4), Some(2)).purge, None);
+        assert_eq!(b.due(Some(4), Some(4), Some(2)).purge, None);
     }
 
     #[test]
     fn a_truncated_or_rewritten_tail_is_not_counted_twice() {
         let b = bound(&[(1, 40), (2, 40), (3, 40)]);
         b.appended(2, 5);
-        assert_eq!(b.bytes_after(None), 45);
+        assert_eq!(b.bytes_between(None, 3), 45);
         b.truncated(2);
-        assert_eq!(b.bytes_after(None), 40);
+        assert_eq!(b.bytes_between(None, 3), 40);
     }
 }

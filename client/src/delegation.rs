@@ -601,7 +601,7 @@ impl Volume {
 
 /// Commit held changes in the background, one batch per [`GATHER`] (at once when half a batch
 /// is waiting). Draining back to back instead chased a steady writer with batches of a few
-/// changes each: a Raft entry every 2 ms, each costing the bricks a log write, two
+/// changes each: a Raft entry every few ms, each costing the bricks a log write, two
 /// replication round trips and an apply.
 pub(crate) async fn run(volume: Weak<Volume>, wake: Arc<tokio::sync::Notify>) {
     let mut pause = RETRY_AFTER;
