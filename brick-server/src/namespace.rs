@@ -104,11 +104,12 @@ fn released_key(id: &ChunkId) -> Vec<u8> {
 }
 
 fn content_chunks(c: &Content) -> impl Iterator<Item = &ChunkId> {
-    let list: &[Option<ChunkId>] = match c {
-        Content::Chunks(v) => v,
-        _ => &[],
-    };
-    list.iter().flatten()
+    match c {
+        Content::Chunks(m) => Some(m.ids()),
+        _ => None,
+    }
+    .into_iter()
+    .flatten()
 }
 
 fn ino_key(ino: InodeId) -> [u8; 8] {
@@ -1174,6 +1175,16 @@ mod tests {
         assert!(matches!(m.run(bad), Err(FsError::Invalid(_))));
         let too_big = vec![0u8; INLINE_MAX + 1];
         assert!(matches!(m.run(set(1, &too_big)), Err(FsError::Invalid(_))));
+        // A size past the maximum file size is EFBIG whoever sends it; one at it is sparse.
+        let sized = |size| MetaOp::SetContent {
+            ino: f.ino,
+            expect_version: 1,
+            size,
+            content: Content::Chunks(Default::default()),
+        };
+        let past = m.run(sized(mortar_proto::MAX_FILE_SIZE + 1)).unwrap_err();
+        assert_eq!(past.errno(), libc::EFBIG);
+        assert_eq!(m.run(sized(u64::MAX)).unwrap_err().errno(), libc::EFBIG);
         match query(&m, &Query::GetInode { ino: f.ino }).unwrap() {
             MetaOk::Inode(i) => assert_eq!(i.content, Content::Inline(b"hello".to_vec())),
             other => panic!("{other:?}"),
@@ -1338,7 +1349,7 @@ mod tests {
                 ino: f.ino,
                 expect_version: 0,
                 size: 3 << 20,
-                content: Content::Chunks(vec![Some(a), None, Some(b)]),
+                content: Content::Chunks([(0, a), (2, b)].into_iter().collect()),
             },
             MetaOp::SetAttr {
                 ino: f.ino,
@@ -1415,7 +1426,7 @@ mod tests {
         ));
         // New content lets go of the chunks it no longer names.
         let mut shorter = now.clone();
-        shorter.content = Content::Chunks(vec![Some(b)]);
+        shorter.content = Content::Chunks([(0, b)].into_iter().collect());
         shorter.attr.size = 1 << 20;
         shorter.attr.version = 2;
         m.run(set_whole(1, &shorter)).unwrap();
@@ -1559,7 +1570,13 @@ mod tests {
                 ino: f.ino,
                 expect_version: version,
                 size: 10,
-                content: Content::Chunks(chunks.into_iter().map(Some).collect()),
+                content: Content::Chunks(
+                    chunks
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, c)| (i as u64, c))
+                        .collect(),
+                ),
             })
             .unwrap()
         };

@@ -8,9 +8,12 @@
 use crate::{expect_attr, Volume};
 use futures::stream::FuturesUnordered;
 use futures::stream::{self, StreamExt, TryStreamExt};
+use mortar_proto::chunk_map::{check_size, end_of};
 use mortar_proto::layout;
 use mortar_proto::wire::{MetaOk, MetaOp, PutChunk, Reply, Request};
-use mortar_proto::{Attr, ChunkId, Content, FsError, Inode, InodeId, Timestamp, INLINE_MAX};
+use mortar_proto::{
+    Attr, ChunkId, ChunkMap, Content, FsError, Inode, InodeId, Timestamp, INLINE_MAX,
+};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -148,7 +151,7 @@ impl Volume {
                         let lo = (i * cs).max(offset);
                         let hi = ((i + 1) * cs).min(end);
                         let mut piece = vec![0u8; (hi - lo) as usize];
-                        if let Some(Some(id)) = chunks.get(i as usize) {
+                        if let Some(id) = chunks.get(i) {
                             let data = self.chunk(id).await?;
                             let from = (lo - i * cs) as usize;
                             if from < data.len() {
@@ -178,10 +181,10 @@ impl Volume {
     }
 
     /// Current bytes of chunk `i` as a mutable buffer (empty for a hole).
-    async fn chunk_bytes(&self, chunks: &[Option<ChunkId>], i: usize) -> Result<Vec<u8>, FsError> {
+    async fn chunk_bytes(&self, chunks: &ChunkMap, i: u64) -> Result<Vec<u8>, FsError> {
         match chunks.get(i) {
-            Some(Some(id)) => Ok(self.chunk(id).await?.to_vec()),
-            _ => Ok(Vec::new()),
+            Some(id) => Ok(self.chunk(id).await?.to_vec()),
+            None => Ok(Vec::new()),
         }
     }
 
@@ -313,11 +316,10 @@ impl Volume {
         sync: bool,
         then: &[MetaOp],
     ) -> Result<Inode, FsError> {
-        let end = ranges
-            .iter()
-            .map(|(o, d)| o + d.len() as u64)
-            .max()
-            .unwrap_or(0);
+        let mut end = 0;
+        for (o, d) in ranges {
+            end = end.max(end_of(*o, d.len() as u64)?);
+        }
         // Beneath a live delegation the flush is held with the other changes, and its chunks
         // are uploaded behind it; an fsync waits for its own.
         let behind = !sync && self.live_inode(ino).is_some();
@@ -340,27 +342,23 @@ impl Volume {
                     }
                     return Ok((size, Content::Inline(b)));
                 }
-                Content::Inline(b) if b.is_empty() => Vec::new(),
-                Content::Inline(b) => vec![Some(put(b).await?)],
+                Content::Inline(b) if b.is_empty() => ChunkMap::new(),
+                Content::Inline(b) => [(0, put(b).await?)].into_iter().collect(),
                 Content::Chunks(c) => c,
                 _ => return Err(FsError::Invalid("not a regular file".into())),
             };
-            let n_chunks = size.div_ceil(cs) as usize;
-            if chunks.len() < n_chunks {
-                chunks.resize(n_chunks, None);
-            }
-            let mut touched: Vec<usize> = ranges
+            let mut touched: Vec<u64> = ranges
                 .iter()
                 .filter(|(_, d)| !d.is_empty())
-                .flat_map(|(o, d)| (o / cs) as usize..=((o + d.len() as u64 - 1) / cs) as usize)
+                .flat_map(|(o, d)| o / cs..=(o + d.len() as u64 - 1) / cs)
                 .collect();
             touched.sort_unstable();
             touched.dedup();
             let old = &chunks;
-            let new_ids: Vec<(usize, ChunkId)> = stream::iter(touched)
+            let new_ids: Vec<(u64, ChunkId)> = stream::iter(touched)
                 .map(|i| async move {
                     let mut buf = self.chunk_bytes(old, i).await?;
-                    let base = i as u64 * cs;
+                    let base = i * cs;
                     for (o, d) in ranges {
                         let lo = (*o).max(base);
                         let hi = (o + d.len() as u64).min(base + cs);
@@ -379,7 +377,7 @@ impl Volume {
                 .try_collect()
                 .await?;
             for (i, id) in new_ids {
-                chunks[i] = Some(id);
+                chunks.set(i, id);
             }
             Ok((size, Content::Chunks(chunks)))
         })
@@ -388,6 +386,7 @@ impl Volume {
 
     /// Set a file's size, cutting or extending with zeros.
     pub async fn truncate(&self, ino: InodeId, new_size: u64) -> Result<Attr, FsError> {
+        check_size(new_size)?;
         let committed = self
             .commit_with(ino, None, &[], |inode| async move {
                 let cs = self.chunk_size();
@@ -398,22 +397,22 @@ impl Volume {
                     }
                     Content::Inline(b) => {
                         // Growing past the inline limit: the old bytes become chunk 0.
-                        let mut chunks = vec![None; new_size.div_ceil(cs) as usize];
+                        let mut chunks = ChunkMap::new();
                         if !b.is_empty() {
-                            chunks[0] = Some(self.put_chunk(b, false).await?);
+                            chunks.set(0, self.put_chunk(b, false).await?);
                         }
                         Ok((new_size, Content::Chunks(chunks)))
                     }
                     Content::Chunks(mut chunks) => {
-                        let keep = new_size.div_ceil(cs) as usize;
-                        chunks.resize(keep, None);
+                        let keep = new_size.div_ceil(cs);
+                        chunks.truncate(keep);
                         let tail = (new_size % cs) as usize;
                         if new_size < inode.attr.size && tail != 0 {
-                            if let Some(Some(id)) = chunks.get(keep - 1) {
-                                let mut last = self.get_chunk(id).await?;
+                            if let Some(id) = chunks.get(keep - 1) {
+                                let mut last = self.chunk(id).await?.to_vec();
                                 if last.len() > tail {
                                     last.truncate(tail);
-                                    chunks[keep - 1] = Some(self.put_chunk(last, false).await?);
+                                    chunks.set(keep - 1, self.put_chunk(last, false).await?);
                                 }
                             }
                         }
@@ -452,7 +451,7 @@ impl Volume {
             );
         }
         let mut pending = futures::stream::FuturesOrdered::new();
-        let mut ids = Vec::new();
+        let mut ids = ChunkMap::new();
         let mut block = first;
         loop {
             let done = block.len() < cs;
@@ -461,13 +460,14 @@ impl Volume {
             }
             while pending.len() >= CHUNK_PARALLELISM || (done && !pending.is_empty()) {
                 let id = pending.next().await.expect("non-empty")?;
-                ids.push(Some(id));
+                ids.set(ids.end(), id);
             }
             if done {
                 break;
             }
             block = read_full(&mut reader, cs).await?;
             size += block.len() as u64;
+            check_size(size)?;
         }
         let op = MetaOp::SetContent {
             ino,

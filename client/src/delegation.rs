@@ -97,7 +97,7 @@ fn change_bytes(op: &MetaOp) -> usize {
 fn content_bytes(c: &Content) -> usize {
     match c {
         Content::Inline(b) | Content::Symlink(b) => b.len(),
-        Content::Chunks(c) => c.len() * 33,
+        Content::Chunks(c) => c.len() * 40,
         Content::None => 0,
     }
 }
@@ -177,8 +177,11 @@ impl State {
         self.roots.remove(&root);
     }
 
-    /// After a commit: forget inodes of given-back delegations, and files nothing is held
-    /// for (the cache and the bricks answer for them now).
+    /// After a commit: forget inodes of given-back delegations whose changes are all
+    /// committed, and files nothing is held for (the cache and the bricks answer for them
+    /// now). A given-back subtree with changes still held stays whole, so none of its names
+    /// is missing meanwhile; once forgotten, nothing of it answers any more (an unlink or
+    /// rename made after the give-back must not meet the names it removed).
     fn forget_committed(&mut self) {
         let held: HashSet<InodeId> = self
             .held
@@ -186,12 +189,19 @@ impl State {
             .chain(self.unanswered.iter().flat_map(|(_, b)| b.iter()))
             .map(|h| h.ino)
             .collect();
+        let held_roots: HashSet<InodeId> = held
+            .iter()
+            .filter_map(|i| self.nodes.get(i).map(|n| n.root))
+            .collect();
         let roots = &self.roots;
         let crowded = self.node_bytes > NODE_BYTES;
         let mut freed = 0;
         self.nodes.retain(|ino, n| {
             let keep = held.contains(ino)
-                || (roots.contains(&n.root) && (n.entries.is_some() || !crowded));
+                || match roots.contains(&n.root) {
+                    true => n.entries.is_some() || !crowded,
+                    false => held_roots.contains(&n.root),
+                };
             if !keep {
                 freed += content_bytes(&n.inode.content);
             }
@@ -519,9 +529,12 @@ impl Volume {
         }
     }
 
-    /// Commit everything held so far (fsync, fsyncdir, unmount, a recall).
+    /// Commit everything held so far (fsync, fsyncdir, unmount, a recall, a give-back), then
+    /// forget what given-back delegations showed: from here on the cache and the bricks
+    /// answer for it.
     pub async fn commit_held(&self) -> Result<(), FsError> {
         while self.commit_batch().await? {}
+        self.deleg.lock().forget_committed();
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 //! enforcement, and the bookkeeping that keeps the kernel's caches coherent.
 
 use mortar_client::mortar_proto::attrs::check_xattr;
+use mortar_client::mortar_proto::chunk_map::{check_size, end_of};
 use mortar_client::mortar_proto::wire::{MetaOp, SetAttr, TimeSet, XattrMode};
 use mortar_client::mortar_proto::{
     Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs, Timestamp,
@@ -207,6 +208,7 @@ impl Core {
         self.writable()?;
         let mut attr = None;
         if let Some(size) = size {
+            check_size(size)?;
             // Buffered writes land first, so the truncate applies after them as the app expects.
             for f in self.handles_of(ino) {
                 self.flush_file(&f, false).await?;
@@ -434,6 +436,7 @@ impl Core {
         if !f.writable {
             return Err(FsError::Invalid("file not open for writing".into()));
         }
+        let end = end_of(offset, data.len() as u64)?;
         let mut p = f.pending.lock().expect("pending lock");
         match p.ranges.last_mut() {
             // Sequential writes extend one range instead of piling up small ones.
@@ -441,7 +444,7 @@ impl Core {
             _ => p.ranges.push((offset, data.to_vec())),
         }
         p.bytes += data.len();
-        p.end = p.end.max(offset + data.len() as u64);
+        p.end = p.end.max(end);
         // A write after a held-back utimens changes mtime again (the commit puts changes after
         // the data, so say so explicitly).
         let touch = MetaOp::SetAttr {
@@ -545,10 +548,11 @@ impl Core {
         if mode != 0 {
             return Err(FsError::NotSupported(format!("fallocate mode {mode:#x}")));
         }
+        let end = end_of(offset, length)?;
         self.flush_file(&f, false).await?;
         let attr = self.vol.getattr(f.ino).await?;
-        if offset + length > attr.size {
-            self.vol.truncate(f.ino, offset + length).await?;
+        if end > attr.size {
+            self.vol.truncate(f.ino, end).await?;
             f.state.lock().await.stale = true;
         }
         Ok(())

@@ -25,8 +25,8 @@ pub struct Args {
     pub source: String,
     /// An existing, empty directory.
     pub mountpoint: PathBuf,
-    /// Comma-separated options: ro, rw, allow_other, default_permissions,
-    /// no_default_permissions, attr_timeout=S, entry_timeout=S, connect_timeout=S,
+    /// Comma-separated options: ro, rw, allow_other (the default), no_allow_other,
+    /// default_permissions (the default), no_default_permissions, attr_timeout=S, entry_timeout=S, connect_timeout=S,
     /// op_timeout=S (default 30), cert=P, key=P, ca=P, log=P;
     /// fstab options such as _netdev and defaults are accepted and ignored.
     #[arg(short = 'o', action = clap::ArgAction::Append)]

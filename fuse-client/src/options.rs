@@ -69,7 +69,10 @@ impl Default for MountOptions {
     fn default() -> Self {
         MountOptions {
             read_only: false,
-            allow_other: false,
+            // A document root is read by the web server's own user (www-data), not by the
+            // user who mounted it: every user may enter, and the kernel checks permissions
+            // (default_permissions), as GlusterFS's mounts do.
+            allow_other: true,
             default_permissions: true,
             attr_timeout: Duration::from_secs(1),
             entry_timeout: Duration::from_secs(1),
@@ -107,6 +110,7 @@ pub fn parse_options(list: &str, opts: &mut MountOptions) -> Result<(), OptionEr
             "ro" => opts.read_only = true,
             "rw" => opts.read_only = false,
             "allow_other" => opts.allow_other = true,
+            "no_allow_other" => opts.allow_other = false,
             "default_permissions" => opts.default_permissions = true,
             "no_default_permissions" => opts.default_permissions = false,
             "attr_timeout" => opts.attr_timeout = seconds(key, need()?)?,
@@ -151,6 +155,9 @@ mod tests {
         )
         .unwrap();
         assert!(o.read_only);
+        assert!(o.allow_other && o.default_permissions);
+        parse_options("no_allow_other", &mut o).unwrap();
+        assert!(!o.allow_other);
         assert_eq!(o.attr_timeout, Duration::from_millis(500));
         assert_eq!(o.cert, PathBuf::from("/c.pem"));
         assert_eq!(

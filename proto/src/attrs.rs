@@ -94,6 +94,7 @@ pub fn check_xattr(name: &[u8], value: &[u8]) -> Result<(), FsError> {
 
 /// Why a regular file's new size and content would be refused whatever the file holds.
 pub fn check_content(size: u64, content: &Content) -> Result<(), FsError> {
+    crate::chunk_map::check_size(size)?;
     match content {
         Content::Inline(b) if b.len() > INLINE_MAX => Err(FsError::Invalid(format!(
             "inline content of {} bytes exceeds the {INLINE_MAX}-byte limit",
@@ -244,6 +245,7 @@ impl Inode {
                 if self.attr.version != *expect_version {
                     return Err(FsError::Conflict(self.attr.version));
                 }
+                check_content(*size, content)?;
                 self.set_content(*size, content.clone(), now);
             }
             other => {

@@ -46,6 +46,9 @@ pub enum FsError {
     NoVolume,
     #[error("I/O error: {0}")]
     Io(String),
+    /// A size or write end past [`crate::MAX_FILE_SIZE`].
+    #[error("file too large: {0} bytes is past the {max}-byte maximum", max = crate::MAX_FILE_SIZE)]
+    FileTooBig(u64),
 }
 
 impl FsError {
@@ -68,6 +71,7 @@ impl FsError {
             FsError::Busy(_) => libc::EBUSY,
             FsError::HashMismatch(_) | FsError::Io(_) => libc::EIO,
             FsError::Unavailable(_) | FsError::NoVolume => libc::ENOTCONN,
+            FsError::FileTooBig(_) => libc::EFBIG,
         }
     }
 }

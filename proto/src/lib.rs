@@ -2,6 +2,7 @@
 //! identifiers, chunk placement and errno-carrying errors.
 
 pub mod attrs;
+pub mod chunk_map;
 pub mod digest;
 pub mod error;
 pub mod layout;
@@ -10,5 +11,6 @@ pub mod transport;
 pub mod types;
 pub mod wire;
 
+pub use chunk_map::{ChunkMap, MAX_FILE_SIZE};
 pub use error::FsError;
 pub use types::*;

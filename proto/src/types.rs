@@ -122,8 +122,9 @@ pub enum Content {
     Symlink(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Small files live in the inode itself.
     Inline(#[serde(with = "serde_bytes")] Vec<u8>),
-    /// One entry per chunk-size slice of the file; `None` is a hole that reads as zeros.
-    Chunks(Vec<Option<ChunkId>>),
+    /// The chunk-size slices of the file that hold data; the rest are holes that read as
+    /// zeros.
+    Chunks(crate::ChunkMap),
 }
 
 /// A whole inode: what the client needs to read a file.

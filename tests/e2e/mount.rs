@@ -4,6 +4,7 @@
 use mortar_tests::mortar_proto::tls::Role;
 use mortar_tests::{bin, is_mounted, wait_for, Cluster, DEADLINE};
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -48,46 +49,9 @@ async fn nginx_serves_the_mount_byte_for_byte() {
         files.push((rel, body));
     }
 
-    let nginx = "/usr/sbin/nginx";
-    assert!(
-        Path::new(nginx).exists(),
-        "nginx is missing: scripts/test.sh installs nginx-light"
-    );
     let port = 18_080;
     let listen = format!("{}:{port}", cl.ip);
-    let conf = cl.dir.path().join("nginx.conf");
-    let d = cl.dir.path().display();
-    std::fs::write(
-        &conf,
-        format!(
-            "user root;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{ access_log off; client_body_temp_path {d}/ngx-body; proxy_temp_path {d}/ngx-proxy;\n\
-             fastcgi_temp_path {d}/ngx-fcgi; uwsgi_temp_path {d}/ngx-uwsgi; scgi_temp_path {d}/ngx-scgi;\n\
-             server {{ listen {listen}; root {}; }} }}\n",
-            m.path.display()
-        ),
-    )
-    .unwrap();
-    let mut server = Command::new(nginx)
-        .args(["-c", conf.to_str().unwrap(), "-g", "daemon off;"])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start nginx");
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _guard = Kill(&mut server);
-    let l = listen.clone();
-    wait_for("nginx to listen", DEADLINE, || {
-        let up = std::net::TcpStream::connect(&l).is_ok();
-        async move { up.then_some(()) }
-    })
-    .await;
+    let _nginx = Nginx::start(cl.dir.path(), &listen, &m.path).await;
     let results = tokio::task::spawn_blocking(move || {
         files
             .into_iter()
@@ -104,6 +68,68 @@ async fn nginx_serves_the_mount_byte_for_byte() {
             got.len(),
             body.len()
         );
+    }
+}
+
+/// nginx serving `root` on `listen` as www-data, the way a web server reads a document root:
+/// as a user other than the one who mounted it. Stopped (the master and its worker) on drop.
+struct Nginx(std::process::Child);
+
+impl Nginx {
+    async fn start(dir: &Path, listen: &str, root: &Path) -> Nginx {
+        let nginx = "/usr/sbin/nginx";
+        assert!(
+            Path::new(nginx).exists(),
+            "nginx is missing: scripts/test.sh installs nginx-light"
+        );
+        // www-data must be able to walk from / to the mount point.
+        for dir in root.ancestors().skip(1) {
+            let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+            if mode & 0o005 != 0o005 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o755))
+                    .unwrap();
+            }
+        }
+        let conf = dir.join("nginx.conf");
+        let d = dir.display();
+        std::fs::write(
+            &conf,
+            format!(
+                "user www-data;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
+                 events {{ worker_connections 64; }}\n\
+                 http {{ access_log off; client_body_temp_path {d}/ngx-body; proxy_temp_path {d}/ngx-proxy;\n\
+                 fastcgi_temp_path {d}/ngx-fcgi; uwsgi_temp_path {d}/ngx-uwsgi; scgi_temp_path {d}/ngx-scgi;\n\
+                 server {{ listen {listen}; root {}; }} }}\n",
+                root.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(nginx)
+            .args(["-c", conf.to_str().unwrap(), "-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let server = Nginx(child);
+        let l = listen.to_string();
+        wait_for("nginx to listen", DEADLINE, || {
+            let up = std::net::TcpStream::connect(&l).is_ok();
+            async move { up.then_some(()) }
+        })
+        .await;
+        server
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its worker before it exits.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while self.0.try_wait().ok().flatten().is_none() && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -297,6 +323,43 @@ async fn quickstart_round_trip() {
         diff.status.success() && diff.stdout.is_empty(),
         "diff -r: {}",
         String::from_utf8_lossy(&diff.stdout)
+    );
+
+    // The web server's user reads every file of the tree (the mount allows other users).
+    let docroot = mnt.join("wordpress");
+    let listen = format!("{ip}:18081");
+    let nginx = Nginx::start(work.path(), &listen, &docroot).await;
+    let files: Vec<std::path::PathBuf> = mortar_tests::tree::walk(src)
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(p).unwrap().file_type().is_file())
+        .map(|p| p.strip_prefix(src).unwrap().to_path_buf())
+        .collect();
+    assert!(
+        files.len() > 1000,
+        "only {} files in {}",
+        files.len(),
+        src.display()
+    );
+    let l = listen.clone();
+    let served = tokio::task::spawn_blocking(move || {
+        files
+            .into_iter()
+            .filter_map(|rel| {
+                let url = format!("/{}", rel.display()).replace(' ', "%20");
+                let (status, body) = http_get(&l, &url);
+                let want = std::fs::read(Path::new("/usr/share/wordpress").join(&rel)).unwrap();
+                (status != 200 || body != want).then(|| format!("{url}: {status}"))
+            })
+            .collect::<Vec<_>>()
+    });
+    let wrong = served.await.unwrap();
+    drop(nginx);
+    let total = mortar_tests::tree::walk(src).len();
+    assert!(
+        wrong.is_empty(),
+        "{} of {total} paths served wrong as www-data: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
     );
 
     let out = quickstart(Some("stop"));

@@ -562,3 +562,103 @@ async fn read_only_mount_refuses_writes() {
     assert_eq!(errno(fs::remove_file(ro.path.join("f"))), libc::EROFS);
     assert!(is_mounted(&ro.path));
 }
+
+/// Issue 18, bug 2: sizes and offsets past the maximum file size (16 TiB) get EFBIG from
+/// truncate, ftruncate, pwrite and fallocate, and change nothing; sizes up to it are sparse
+/// and cost nothing. The mount keeps serving throughout (each refusal is followed by a stat
+/// and a read). Both in the root (changes committed at once) and in a directory the mount
+/// made (changes held under its delegation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_sizes_and_offsets_are_efbig_or_sparse() {
+    use mortar_tests::mortar_proto::MAX_FILE_SIZE;
+    let cl = Cluster::start(3);
+    cl.create_volume("www", 1 << 20).await;
+    let m = cl.mount("www", "mnt", "").await;
+    fs::create_dir(m.path.join("made")).unwrap();
+    let files = [m.path.join("f"), m.path.join("made/f")];
+    let path = files.clone();
+    tokio::task::spawn_blocking(move || {
+        for f in &path {
+            huge_offsets_on(f, MAX_FILE_SIZE);
+        }
+    })
+    .await
+    .unwrap();
+    // Another mount sees what the refusals left: the content as written, nothing else.
+    let other = cl.mount("www", "other", "").await;
+    for rel in ["f", "made/f"] {
+        assert_eq!(
+            fs::read(other.path.join(rel)).unwrap(),
+            b"keep me, then more"
+        );
+    }
+    assert!(is_mounted(&m.path));
+}
+
+fn huge_offsets_on(f: &Path, max: u64) {
+    let intact = |what: &str| {
+        let meta = fs::metadata(f).unwrap_or_else(|e| panic!("stat after {what}: {e}"));
+        assert_eq!(meta.len(), 7, "size after {what}");
+        assert_eq!(fs::read(f).unwrap(), b"keep me", "content after {what}");
+    };
+    fs::write(f, b"keep me").unwrap();
+    let huge: [u64; 4] = [i64::MAX as u64, 9_000_000_000_000_000_000, 1 << 60, max + 1];
+    for size in huge {
+        let rc = unsafe { libc::truncate(c(f).as_ptr(), size as i64) };
+        assert_eq!(rc, -1, "truncate to {size} succeeded");
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EFBIG)
+        );
+        intact(&format!("truncate to {size}"));
+        let h = OpenOptions::new().read(true).write(true).open(f).unwrap();
+        assert_eq!(errno(h.set_len(size)), libc::EFBIG, "ftruncate to {size}");
+        drop(h);
+        intact(&format!("ftruncate to {size}"));
+    }
+    // pwrite and fallocate whose end lies past the maximum; dd's seek=1000000000000000 too.
+    for offset in [i64::MAX as u64 - 1, 1_000_000_000_000_000, max] {
+        let h = OpenOptions::new().read(true).write(true).open(f).unwrap();
+        assert_eq!(
+            errno(h.write_at(b"x", offset)),
+            libc::EFBIG,
+            "pwrite at {offset}"
+        );
+        let rc = unsafe { libc::fallocate(h.as_raw_fd(), 0, offset as i64, 1) };
+        assert_eq!(rc, -1, "fallocate at {offset} succeeded");
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EFBIG)
+        );
+        drop(h);
+        intact(&format!("pwrite and fallocate at {offset}"));
+    }
+    // Up to the maximum a file is sparse: nothing is stored for the holes.
+    let h = OpenOptions::new().read(true).write(true).open(f).unwrap();
+    h.set_len(max).expect("ftruncate to the maximum size");
+    assert_eq!(fs::metadata(f).unwrap().len(), max);
+    let mut tail = [1u8; 4];
+    h.read_exact_at(&mut tail, max - 4).unwrap();
+    assert_eq!(tail, [0; 4]);
+    h.write_all_at(b"end", max - 3).unwrap();
+    h.write_all_at(b"mid", 1 << 40).unwrap();
+    h.sync_all().unwrap();
+    let mut back = [0u8; 3];
+    h.read_exact_at(&mut back, max - 3).unwrap();
+    assert_eq!(&back, b"end");
+    h.read_exact_at(&mut back, 1 << 40).unwrap();
+    assert_eq!(&back, b"mid");
+    let rc = unsafe { libc::fallocate(h.as_raw_fd(), 0, 0, max as i64) };
+    assert_eq!(
+        rc,
+        0,
+        "fallocate within the maximum: {}",
+        std::io::Error::last_os_error()
+    );
+    h.set_len(7).unwrap();
+    drop(h);
+    intact("truncating the sparse file back");
+    let mut h = OpenOptions::new().append(true).open(f).unwrap();
+    h.write_all(b", then more").unwrap();
+    h.sync_all().unwrap();
+}

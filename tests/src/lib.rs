@@ -631,6 +631,8 @@ impl Cluster {
             .arg(self.source(volume))
             .arg(&path)
             .args(["-f", "-o", &opts])
+            // Delegation grants and give-backs are logged, so tests can tell the path was taken.
+            .env("MORTAR_LOG", "info,mortar_client::delegation=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -366,7 +366,7 @@ pub async fn referenced_chunks(vol: &Volume) -> BTreeSet<mortar_client::mortar_p
             .unwrap();
         for i in inodes {
             match i.content {
-                Content::Chunks(c) => out.extend(c.into_iter().flatten()),
+                Content::Chunks(c) => out.extend(c.ids().copied()),
                 Content::None if i.attr.kind == FileKind::Directory => stack.push(i.attr.ino),
                 _ => {}
             }

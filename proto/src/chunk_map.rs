@@ -1,0 +1,158 @@
+//! A regular file's chunks by index. Chunk `i` holds the file's bytes from `i * chunk_size`;
+//! only chunks that hold data are listed, so a hole, and the apparent size of a sparse file,
+//! cost nothing: a file truncated to [`MAX_FILE_SIZE`] holds an empty map, and no code path
+//! allocates in proportion to a size.
+
+use crate::{ChunkId, FsError};
+use serde::{Deserialize, Serialize};
+
+/// Largest file size mortar stores: 16 TiB, the limit ext4 has with 4 KiB blocks. Sizes and
+/// write ends beyond it get EFBIG. It leaves every `offset + length` of a request (at most
+/// 4 GiB) far from overflowing a u64.
+pub const MAX_FILE_SIZE: u64 = 1 << 44;
+
+/// Why a size is refused, or nothing when it is within [`MAX_FILE_SIZE`].
+pub fn check_size(size: u64) -> Result<(), FsError> {
+    if size > MAX_FILE_SIZE {
+        Err(FsError::FileTooBig(size))
+    } else {
+        Ok(())
+    }
+}
+
+/// The end of `len` bytes at `offset`, when it lies within [`MAX_FILE_SIZE`] (EFBIG beyond).
+pub fn end_of(offset: u64, len: u64) -> Result<u64, FsError> {
+    let end = offset
+        .checked_add(len)
+        .ok_or(FsError::FileTooBig(u64::MAX))?;
+    check_size(end)?;
+    Ok(end)
+}
+
+/// Stored chunks as `(index, id)` pairs, strictly increasing by index. Decoding refuses any
+/// other order, so every map in memory can be searched.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<(u64, ChunkId)>")]
+pub struct ChunkMap(Vec<(u64, ChunkId)>);
+
+impl TryFrom<Vec<(u64, ChunkId)>> for ChunkMap {
+    type Error = String;
+
+    fn try_from(v: Vec<(u64, ChunkId)>) -> Result<Self, String> {
+        if v.windows(2).all(|w| w[0].0 < w[1].0) {
+            Ok(ChunkMap(v))
+        } else {
+            Err("chunk indexes must be strictly increasing".into())
+        }
+    }
+}
+
+impl ChunkMap {
+    pub fn new() -> ChunkMap {
+        ChunkMap::default()
+    }
+
+    /// The chunk at index `i`, or None for a hole.
+    pub fn get(&self, i: u64) -> Option<&ChunkId> {
+        self.0
+            .binary_search_by_key(&i, |(k, _)| *k)
+            .ok()
+            .map(|at| &self.0[at].1)
+    }
+
+    /// Put `id` at index `i`, replacing what was there.
+    pub fn set(&mut self, i: u64, id: ChunkId) {
+        match self.0.binary_search_by_key(&i, |(k, _)| *k) {
+            Ok(at) => self.0[at].1 = id,
+            Err(at) => self.0.insert(at, (i, id)),
+        }
+    }
+
+    /// Drop every chunk at index `n` and beyond.
+    pub fn truncate(&mut self, n: u64) {
+        let keep = self.0.partition_point(|(k, _)| *k < n);
+        self.0.truncate(keep);
+    }
+
+    /// Stored chunks, by index.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &ChunkId)> {
+        self.0.iter().map(|(i, id)| (*i, id))
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &ChunkId> {
+        self.0.iter().map(|(_, id)| id)
+    }
+
+    /// How many chunks are stored (holes not counted).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// One past the highest stored index (0 when empty).
+    pub fn end(&self) -> u64 {
+        self.0.last().map_or(0, |(i, _)| i + 1)
+    }
+}
+
+impl FromIterator<(u64, ChunkId)> for ChunkMap {
+    /// Collect pairs in any order; a later pair for the same index wins.
+    fn from_iter<T: IntoIterator<Item = (u64, ChunkId)>>(iter: T) -> Self {
+        let mut m = ChunkMap::new();
+        for (i, id) in iter {
+            m.set(i, id);
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId::of(&[n])
+    }
+
+    #[test]
+    fn holes_cost_nothing_and_read_as_none() {
+        let mut m = ChunkMap::new();
+        m.set(MAX_FILE_SIZE / (64 * 1024) - 1, id(1));
+        m.set(3, id(2));
+        m.set(3, id(3));
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.get(3), Some(&id(3)));
+        assert_eq!(m.get(4), None);
+        assert_eq!(m.end(), MAX_FILE_SIZE / (64 * 1024));
+        m.truncate(4);
+        assert_eq!(m.iter().collect::<Vec<_>>(), vec![(3, &id(3))]);
+        m.truncate(0);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn decoding_refuses_unordered_or_repeated_indexes() {
+        for bad in [vec![(2, id(1)), (1, id(2))], vec![(1, id(1)), (1, id(2))]] {
+            let bytes = crate::wire::encode(&bad);
+            assert!(crate::wire::decode::<ChunkMap>(&bytes).is_err());
+        }
+        let good: ChunkMap = [(5, id(1)), (1, id(2))].into_iter().collect();
+        let back: ChunkMap = crate::wire::decode(&crate::wire::encode(&good)).unwrap();
+        assert_eq!(back, good);
+    }
+
+    #[test]
+    fn sizes_past_the_maximum_are_efbig() {
+        assert!(check_size(MAX_FILE_SIZE).is_ok());
+        assert_eq!(
+            check_size(MAX_FILE_SIZE + 1).unwrap_err().errno(),
+            libc::EFBIG
+        );
+        assert_eq!(end_of(u64::MAX, 1).unwrap_err().errno(), libc::EFBIG);
+        assert_eq!(end_of((1 << 63) - 1, 0).unwrap_err().errno(), libc::EFBIG);
+        assert_eq!(end_of(10, 5), Ok(15));
+    }
+}
