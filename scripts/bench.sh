@@ -3,6 +3,8 @@
 #   scripts/bench.sh docroot      a web docroot workload on a mortar mount vs a local directory
 #   scripts/bench.sh bricks [N]   the brick write path: replicated vs one brick, no replication
 #   scripts/bench.sh heal [F M]   heal info / heal / heal --full over F files, M missed by a brick
+#   scripts/bench.sh model [N]    the mount's reference-model property test with N sequences
+#                                 (20,000 by default; CI runs 2,000); MORTAR_MODEL_SEED replays one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -17,6 +19,14 @@ heal() {
     need_build_packages
     cargo build --workspace --bins
     "$BIN_DIR/bench-heal" "${1:-5000}" "${2:-1000}"
+}
+
+model() {
+    need_build_packages
+    need_packages fuse3
+    cargo build --workspace --bins
+    MORTAR_BIN_DIR="$BIN_DIR" MORTAR_MODEL_CASES="${1:-20000}" \
+        cargo test --workspace --test model -- --nocapture
 }
 
 now() { date +%s.%N; }
@@ -161,8 +171,12 @@ case "${1:-docroot}" in
     docroot) docroot ;;
     bricks) bricks "${2:-200}" ;;
     heal) heal "${2:-5000}" "${3:-1000}" ;;
+    model)
+        [[ "${2:-20000}" =~ ^[1-9][0-9]*$ ]] || { echo "model: N must be a whole number of at least 1" >&2; exit 2; }
+        model "${2:-20000}"
+        ;;
     *)
-        echo "usage: scripts/bench.sh [docroot | bricks [CHUNKS_PER_SIZE] | heal [FILES MISSED]]" >&2
+        echo "usage: scripts/bench.sh [docroot | bricks [CHUNKS_PER_SIZE] | heal [FILES MISSED] | model [SEQUENCES]]" >&2
         exit 2
         ;;
 esac

@@ -28,3 +28,19 @@ need_build_packages() {
     need_packages build-essential libclang-dev pkg-config
     as_root mkdir -p "$CARGO_TARGET_DIR"
 }
+
+# The POSIX conformance tools from crates.io, built once per machine beside the target dir,
+# and the second dummy user pjdfstest switches to (it also uses nobody/nogroup).
+TOOLS_DIR="${MORTAR_TOOLS_ROOT:-/var/cache/mortar-tools}"
+need_conformance_tools() {
+    local spec
+    for spec in pjdfstest@0.2.2 fsx@0.3.2; do
+        if [ ! -x "$TOOLS_DIR/bin/${spec%@*}" ]; then
+            echo "installing $spec into $TOOLS_DIR"
+            cargo install --locked --quiet --root "$TOOLS_DIR" "$spec"
+        fi
+    done
+    if ! getent passwd tests >/dev/null; then
+        as_root useradd --system --user-group --no-create-home --shell /usr/sbin/nologin tests
+    fi
+}

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 need_build_packages
-need_packages fuse3 attr iproute2 iptables nginx-light wordpress
+need_packages fuse3 attr acl libacl1-dev iproute2 iptables nginx-light wordpress
+need_conformance_tools
 
 echo "== build (target dir $CARGO_TARGET_DIR)"
 cargo build --workspace --bins
@@ -15,11 +16,15 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== tests"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+summary=$(mktemp)
+trap 'rm -f "$log" "$summary"' EXIT
 set +e
-MORTAR_BIN_DIR="$BIN_DIR" cargo test --workspace "$@" 2>&1 | tee "$log"
+MORTAR_BIN_DIR="$BIN_DIR" MORTAR_TOOLS_DIR="$TOOLS_DIR/bin" MORTAR_CONFORMANCE_SUMMARY="$summary" \
+    cargo test --workspace "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+echo "== conformance (tests/e2e/conformance.rs; exclusions and reasons in tests/conformance/)"
+cat "$summary"
 # One closing line over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

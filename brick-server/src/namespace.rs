@@ -563,7 +563,7 @@ pub fn apply<R: MetaRead>(
                 MetaOp::Mknod {
                     kind, exclusive, ..
                 } => {
-                    if !exclusive || kind != FileKind::Regular && kind != FileKind::Fifo {
+                    if !exclusive || !kind.mknod_under_delegation() {
                         return Err(FsError::Invalid(
                             "a local mknod makes a new regular file or FIFO".into(),
                         ));

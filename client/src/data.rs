@@ -24,6 +24,15 @@ const PUT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// first good answer wins, so a frozen or slow brick costs a read this much, not a timeout.
 pub const HEDGE_DELAY: Duration = Duration::from_millis(300);
 const GET_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How a write stores the chunks it makes.
+#[derive(Clone, Copy)]
+enum Put {
+    /// Queued to be uploaded behind the writer (beneath a live delegation).
+    Behind,
+    /// On a quorum before the write goes on; `sync` also syncs the bricks' WALs.
+    Stored { sync: bool },
+}
+
 /// Chunk transfers in flight per file operation.
 const CHUNK_PARALLELISM: usize = 4;
 /// Commits retried on version conflicts before giving up.
@@ -316,113 +325,161 @@ impl Volume {
         sync: bool,
         then: &[MetaOp],
     ) -> Result<Inode, FsError> {
-        let mut end = 0;
-        for (o, d) in ranges {
-            end = end.max(end_of(*o, d.len() as u64)?);
-        }
         // Beneath a live delegation the flush is held with the other changes, and its chunks
         // are uploaded behind it; an fsync waits for its own.
-        let behind = !sync && self.live_inode(ino).is_some();
-        let put = |data: Vec<u8>| async move {
-            if behind {
-                Ok(self.put_chunk_behind(data).await)
-            } else {
-                self.put_chunk(data, sync).await
-            }
+        let put = if !sync && self.live_inode(ino).is_some() {
+            Put::Behind
+        } else {
+            Put::Stored { sync }
         };
-        self.commit_with(ino, base, then, |inode| async move {
-            let size = inode.attr.size.max(end);
-            let cs = self.chunk_size();
-            let mut chunks = match inode.content {
-                Content::Inline(b) if size as usize <= INLINE_MAX => {
-                    let mut b = b;
-                    b.resize(size as usize, 0);
-                    for (o, d) in ranges {
-                        b[*o as usize..*o as usize + d.len()].copy_from_slice(d);
-                    }
-                    return Ok((size, Content::Inline(b)));
-                }
-                Content::Inline(b) if b.is_empty() => ChunkMap::new(),
-                Content::Inline(b) => [(0, put(b).await?)].into_iter().collect(),
-                Content::Chunks(c) => c,
-                _ => return Err(FsError::Invalid("not a regular file".into())),
-            };
-            let mut touched: Vec<u64> = ranges
-                .iter()
-                .filter(|(_, d)| !d.is_empty())
-                .flat_map(|(o, d)| o / cs..=(o + d.len() as u64 - 1) / cs)
-                .collect();
-            touched.sort_unstable();
-            touched.dedup();
-            let old = &chunks;
-            let new_ids: Vec<(u64, ChunkId)> = stream::iter(touched)
-                .map(|i| async move {
-                    let mut buf = self.chunk_bytes(old, i).await?;
-                    let base = i * cs;
-                    for (o, d) in ranges {
-                        let lo = (*o).max(base);
-                        let hi = (o + d.len() as u64).min(base + cs);
-                        if lo >= hi {
-                            continue;
-                        }
-                        let (from, to) = ((lo - base) as usize, (hi - base) as usize);
-                        if buf.len() < to {
-                            buf.resize(to, 0);
-                        }
-                        buf[from..to].copy_from_slice(&d[(lo - o) as usize..(hi - o) as usize]);
-                    }
-                    Ok::<_, FsError>((i, put(buf).await?))
-                })
-                .buffer_unordered(CHUNK_PARALLELISM)
-                .try_collect()
-                .await?;
-            for (i, id) in new_ids {
-                chunks.set(i, id);
-            }
-            Ok((size, Content::Chunks(chunks)))
+        self.commit_with(ino, base, then, |inode| {
+            self.with_ranges(inode, ranges, put)
         })
         .await
     }
 
     /// Set a file's size, cutting or extending with zeros.
     pub async fn truncate(&self, ino: InodeId, new_size: u64) -> Result<Attr, FsError> {
-        check_size(new_size)?;
+        let put = Put::Stored { sync: false };
         let committed = self
-            .commit_with(ino, None, &[], |inode| async move {
-                let cs = self.chunk_size();
-                match inode.content {
-                    Content::Inline(mut b) if new_size as usize <= INLINE_MAX => {
-                        b.resize(new_size as usize, 0);
-                        Ok((new_size, Content::Inline(b)))
-                    }
-                    Content::Inline(b) => {
-                        // Growing past the inline limit: the old bytes become chunk 0.
-                        let mut chunks = ChunkMap::new();
-                        if !b.is_empty() {
-                            chunks.set(0, self.put_chunk(b, false).await?);
-                        }
-                        Ok((new_size, Content::Chunks(chunks)))
-                    }
-                    Content::Chunks(mut chunks) => {
-                        let keep = new_size.div_ceil(cs);
-                        chunks.truncate(keep);
-                        let tail = (new_size % cs) as usize;
-                        if new_size < inode.attr.size && tail != 0 {
-                            if let Some(id) = chunks.get(keep - 1) {
-                                let mut last = self.chunk(id).await?.to_vec();
-                                if last.len() > tail {
-                                    last.truncate(tail);
-                                    chunks.set(keep - 1, self.put_chunk(last, false).await?);
-                                }
-                            }
-                        }
-                        Ok((new_size, Content::Chunks(chunks)))
-                    }
-                    _ => Err(FsError::Invalid("not a regular file".into())),
-                }
-            })
+            .commit_with(ino, None, &[], |inode| self.truncated(inode, new_size, put))
             .await?;
         Ok(committed.attr)
+    }
+
+    /// A file unlinked while open is reachable only through its open handles, which keep their
+    /// own copy of its inode: writes and truncates change that copy and commit nothing. Its
+    /// chunks are stored as usual, and kept for garbage collection's grace period.
+    pub async fn write_detached(
+        &self,
+        inode: &Inode,
+        ranges: &[(u64, &[u8])],
+    ) -> Result<Inode, FsError> {
+        let put = Put::Stored { sync: false };
+        let (size, content) = self.with_ranges(inode.clone(), ranges, put).await?;
+        let mut out = inode.clone();
+        out.set_content(size, content, Timestamp::now());
+        Ok(out)
+    }
+
+    /// [`Volume::write_detached`] for a truncate.
+    pub async fn truncate_detached(&self, inode: &Inode, new_size: u64) -> Result<Inode, FsError> {
+        let put = Put::Stored { sync: false };
+        let (size, content) = self.truncated(inode.clone(), new_size, put).await?;
+        let mut out = inode.clone();
+        out.set_content(size, content, Timestamp::now());
+        Ok(out)
+    }
+
+    async fn put(&self, data: Vec<u8>, put: Put) -> Result<ChunkId, FsError> {
+        match put {
+            Put::Behind => Ok(self.put_chunk_behind(data).await),
+            Put::Stored { sync } => self.put_chunk(data, sync).await,
+        }
+    }
+
+    /// A regular file's size and content with `ranges` written into it; the chunks they
+    /// touch are stored as `put` says.
+    async fn with_ranges(
+        &self,
+        inode: Inode,
+        ranges: &[(u64, &[u8])],
+        put: Put,
+    ) -> Result<(u64, Content), FsError> {
+        let mut end = 0;
+        for (o, d) in ranges {
+            end = end.max(end_of(*o, d.len() as u64)?);
+        }
+        let size = inode.attr.size.max(end);
+        let cs = self.chunk_size();
+        let mut chunks = match inode.content {
+            Content::Inline(b) if size as usize <= INLINE_MAX => {
+                let mut b = b;
+                b.resize(size as usize, 0);
+                for (o, d) in ranges {
+                    b[*o as usize..*o as usize + d.len()].copy_from_slice(d);
+                }
+                return Ok((size, Content::Inline(b)));
+            }
+            Content::Inline(b) if b.is_empty() => ChunkMap::new(),
+            Content::Inline(b) => [(0, self.put(b, put).await?)].into_iter().collect(),
+            Content::Chunks(c) => c,
+            _ => return Err(FsError::Invalid("not a regular file".into())),
+        };
+        let mut touched: Vec<u64> = ranges
+            .iter()
+            .filter(|(_, d)| !d.is_empty())
+            .flat_map(|(o, d)| o / cs..=(o + d.len() as u64 - 1) / cs)
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let old = &chunks;
+        let new_ids: Vec<(u64, ChunkId)> = stream::iter(touched)
+            .map(|i| async move {
+                let mut buf = self.chunk_bytes(old, i).await?;
+                let base = i * cs;
+                for (o, d) in ranges {
+                    let lo = (*o).max(base);
+                    let hi = (o + d.len() as u64).min(base + cs);
+                    if lo >= hi {
+                        continue;
+                    }
+                    let (from, to) = ((lo - base) as usize, (hi - base) as usize);
+                    if buf.len() < to {
+                        buf.resize(to, 0);
+                    }
+                    buf[from..to].copy_from_slice(&d[(lo - o) as usize..(hi - o) as usize]);
+                }
+                Ok::<_, FsError>((i, self.put(buf, put).await?))
+            })
+            .buffer_unordered(CHUNK_PARALLELISM)
+            .try_collect()
+            .await?;
+        for (i, id) in new_ids {
+            chunks.set(i, id);
+        }
+        Ok((size, Content::Chunks(chunks)))
+    }
+
+    /// A regular file's size and content cut or extended (with zeros) to `new_size`.
+    async fn truncated(
+        &self,
+        inode: Inode,
+        new_size: u64,
+        put: Put,
+    ) -> Result<(u64, Content), FsError> {
+        check_size(new_size)?;
+        let cs = self.chunk_size();
+        match inode.content {
+            Content::Inline(mut b) if new_size as usize <= INLINE_MAX => {
+                b.resize(new_size as usize, 0);
+                Ok((new_size, Content::Inline(b)))
+            }
+            Content::Inline(b) => {
+                // Growing past the inline limit: the old bytes become chunk 0.
+                let mut chunks = ChunkMap::new();
+                if !b.is_empty() {
+                    chunks.set(0, self.put(b, put).await?);
+                }
+                Ok((new_size, Content::Chunks(chunks)))
+            }
+            Content::Chunks(mut chunks) => {
+                let keep = new_size.div_ceil(cs);
+                chunks.truncate(keep);
+                let tail = (new_size % cs) as usize;
+                if new_size < inode.attr.size && tail != 0 {
+                    if let Some(id) = chunks.get(keep - 1) {
+                        let mut last = self.chunk(id).await?.to_vec();
+                        if last.len() > tail {
+                            last.truncate(tail);
+                            chunks.set(keep - 1, self.put(last, put).await?);
+                        }
+                    }
+                }
+                Ok((new_size, Content::Chunks(chunks)))
+            }
+            _ => Err(FsError::Invalid("not a regular file".into())),
+        }
     }
 
     /// Replace a file's content with everything `reader` yields, holding at most a few chunks in

@@ -77,6 +77,11 @@ struct State {
     held_bytes: usize,
     /// A batch that was sent and not answered: sent again, under the same id, before anything.
     unanswered: Option<(OpId, Vec<Held>)>,
+    /// The inodes of the batch being sent now: held until it is answered, so nothing the
+    /// batch makes is forgotten early, and a change sent the usual way waits for it.
+    flying: Vec<InodeId>,
+    /// A delegation was given back since the last [`State::forget_committed`].
+    forget_due: bool,
     /// Reserved inode numbers not used yet.
     spare: std::ops::Range<InodeId>,
     made: HashSet<InodeId>,
@@ -175,6 +180,7 @@ impl State {
     /// from memory until what they hold is committed.
     fn give_back(&mut self, root: InodeId) {
         self.roots.remove(&root);
+        self.forget_due = true;
     }
 
     /// After a commit: forget inodes of given-back delegations whose changes are all
@@ -188,7 +194,9 @@ impl State {
             .iter()
             .chain(self.unanswered.iter().flat_map(|(_, b)| b.iter()))
             .map(|h| h.ino)
+            .chain(self.flying.iter().copied())
             .collect();
+        self.forget_due = false;
         let held_roots: HashSet<InodeId> = held
             .iter()
             .filter_map(|i| self.nodes.get(i).map(|n| n.root))
@@ -276,7 +284,7 @@ impl Delegations {
 
     pub(crate) fn holds_any(&self) -> bool {
         let st = self.lock();
-        !st.held.is_empty() || st.unanswered.is_some()
+        !st.held.is_empty() || st.unanswered.is_some() || !st.flying.is_empty()
     }
 
     /// This client made directory `ino`: its first create may ask for a delegation.
@@ -294,7 +302,7 @@ impl Delegations {
         st.roots.clear();
         st.epoch = None;
         st.made.clear();
-        if st.held.is_empty() && st.unanswered.is_none() {
+        if st.held.is_empty() && st.unanswered.is_none() && st.flying.is_empty() {
             st.forget_committed();
         }
         drop(st);
@@ -428,9 +436,8 @@ impl Volume {
     /// live delegation (None: make it as usual).
     pub(crate) async fn create_local(&self, op: &MetaOp) -> Option<Result<Attr, FsError>> {
         let parent = match op {
-            MetaOp::Mknod { parent, .. }
-            | MetaOp::Mkdir { parent, .. }
-            | MetaOp::Symlink { parent, .. } => *parent,
+            MetaOp::Mknod { parent, kind, .. } if kind.mknod_under_delegation() => *parent,
+            MetaOp::Mkdir { parent, .. } | MetaOp::Symlink { parent, .. } => *parent,
             _ => return None,
         };
         self.maybe_delegate(parent).await;
@@ -533,8 +540,14 @@ impl Volume {
     /// forget what given-back delegations showed: from here on the cache and the bricks
     /// answer for it.
     pub async fn commit_held(&self) -> Result<(), FsError> {
-        while self.commit_batch().await? {}
-        self.deleg.lock().forget_committed();
+        let mut committed = false;
+        while self.commit_batch().await? {
+            committed = true;
+        }
+        let mut st = self.deleg.lock();
+        if committed || st.forget_due {
+            st.forget_committed();
+        }
         Ok(())
     }
 
@@ -566,11 +579,26 @@ impl Volume {
                 }
             }
         };
-        // The chunks these changes name were queued before the changes were held.
-        if let Err(e) = self.wait_uploads().await {
-            self.deleg.lock().unanswered = Some((once, batch));
+        self.deleg.lock().flying = batch.iter().map(|h| h.ino).collect();
+        let result = self.send_batch(once, &batch).await;
+        let mut st = self.deleg.lock();
+        st.flying.clear();
+        if let Err(e) = result {
+            // Nothing is lost: the same batch goes again, under the same id (it may have
+            // been applied), before anything else.
+            st.unanswered = Some((once, batch));
             return Err(e);
         }
+        if st.held.is_empty() {
+            st.forget_committed();
+        }
+        Ok(true)
+    }
+
+    /// Send one batch of held changes. Errors are those after which it must go again.
+    async fn send_batch(&self, once: OpId, batch: &[Held]) -> Result<(), FsError> {
+        // The chunks these changes name were queued before the changes were held.
+        self.wait_uploads().await?;
         let ops: Vec<MetaOp> = batch.iter().map(|h| h.op.clone()).collect();
         let n = ops.len();
         self.deleg.batches.fetch_add(1, Ordering::Relaxed);
@@ -580,10 +608,7 @@ impl Volume {
                 tracing::debug!(changes = n, "committed changes made under delegations");
             }
             Err(e @ (FsError::Unavailable(_) | FsError::ReadOnly(_) | FsError::Io(_))) => {
-                // Nothing is lost: the same batch goes again, under the same id (it may
-                // have been applied), before anything else.
-                self.deleg.lock().unanswered = Some((once, batch));
-                return Err(e);
+                return Err(e)
             }
             Err(e) => {
                 // Refused as a whole (a delegation was lost and someone else got there
@@ -597,11 +622,7 @@ impl Volume {
                 }
             }
         }
-        let mut st = self.deleg.lock();
-        if st.held.is_empty() {
-            st.forget_committed();
-        }
-        Ok(true)
+        Ok(())
     }
 
     pub(crate) fn next_once(&self) -> OpId {

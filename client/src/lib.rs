@@ -472,6 +472,9 @@ impl Volume {
     }
 
     pub async fn lookup(&self, parent: InodeId, name: &[u8]) -> Result<Attr, FsError> {
+        // The kernel passes names of up to 1024 bytes to FUSE: a longer one than any entry
+        // may have is ENAMETOOLONG, not "no such name".
+        mortar_proto::validate_name(name)?;
         match self.deleg.name(parent, name) {
             Name::Found(attr) => return Ok(attr),
             Name::Absent => return Err(FsError::NotFound),
@@ -594,6 +597,10 @@ impl Volume {
             rdev,
             exclusive,
         };
+        if !kind.mknod_under_delegation() {
+            // Made by the leader: a delegation of the parent must not answer for it.
+            self.give_back(&[parent]).await?;
+        }
         if let Some(made) = self.create_local(&op).await {
             return match made {
                 // Not exclusive: an existing regular file is opened, as the namespace does.

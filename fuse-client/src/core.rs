@@ -213,10 +213,27 @@ impl Core {
             for f in self.handles_of(ino) {
                 self.flush_file(&f, false).await?;
             }
-            attr = Some(self.vol.truncate(ino, size).await?);
-            for f in self.handles_of(ino) {
-                f.state.lock().await.stale = true;
-                f.size_floor.store(size, Ordering::Release);
+            match self.vol.truncate(ino, size).await {
+                Ok(a) => {
+                    attr = Some(a);
+                    for f in self.handles_of(ino) {
+                        f.state.lock().await.stale = true;
+                        f.size_floor.store(size, Ordering::Release);
+                    }
+                }
+                // Unlinked while open (ftruncate of a handle): its handles' copies change.
+                Err(FsError::NotFound) if !self.handles_of(ino).is_empty() => {
+                    for f in self.handles_of(ino) {
+                        let mut st = f.state.lock().await;
+                        st.inode = self.vol.truncate_detached(&st.inode, size).await?;
+                        f.size_floor.store(size, Ordering::Release);
+                        attr = Some(Attr {
+                            nlink: 0,
+                            ..st.inode.attr.clone()
+                        });
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
         if set != SetAttr::default() {
@@ -487,11 +504,16 @@ impl Core {
         // Commit against our own copy of the inode: no round trip to read it first, and if
         // someone else changed the file meanwhile, the version check makes us re-read.
         let base = (!st.stale).then(|| st.inode.clone());
-        match self
+        let mut result = self
             .vol
             .write_ranges_on(f.ino, base, &ranges, sync, &then)
-            .await
-        {
+            .await;
+        if matches!(result, Err(FsError::NotFound)) {
+            // Unlinked while open: only this mount's handles reach it now, and they see the
+            // writes through their copy of the inode (nothing is committed).
+            result = self.vol.write_detached(&st.inode, &ranges).await;
+        }
+        match result {
             Ok(committed) => {
                 st.inode = committed;
                 st.stale = false;

@@ -431,10 +431,14 @@ impl Filesystem for MortarFs {
             match core.open(ino.0, write, truncate).await {
                 Ok(o) => {
                     if o.changed {
-                        // Another client changed the file: drop cached attributes and pages
-                        // before the application reads (close-to-open consistency).
+                        // Another client changed the file: drop the cached attributes before
+                        // the application reads (close-to-open consistency). Attributes only
+                        // (offset -1): the kernel drops the pages itself at open, since the
+                        // answer lacks FOPEN_KEEP_CACHE. Dropping pages from here waited for a
+                        // page lock that a read in flight held, while that read waited for an
+                        // answer from this mount: fsx hung on its next open.
                         if let Some(n) = notifier.get() {
-                            let _ = n.inval_inode(ino, 0, 0);
+                            let _ = n.inval_inode(ino, -1, 0);
                         }
                     }
                     reply.opened(FileHandle(o.fh), open_flags(o.keep_cache, write))

@@ -63,6 +63,14 @@ pub enum FileKind {
 }
 
 impl FileKind {
+    /// Whether a mknod of this kind may be made under a directory delegation (and committed
+    /// later as a [`crate::wire::MetaOp::Local`]): regular files and FIFOs, which hold nothing
+    /// the leader must check. Devices and sockets are rare in a document root and go to the
+    /// leader at once.
+    pub fn mknod_under_delegation(self) -> bool {
+        matches!(self, FileKind::Regular | FileKind::Fifo)
+    }
+
     /// The S_IFMT bits for this kind.
     pub fn mode_bits(self) -> u32 {
         match self {

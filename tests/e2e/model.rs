@@ -6,8 +6,14 @@
 //! observable tree (names, kinds, modes, sizes, links, symlink targets, contents). proptest
 //! shrinks a failing sequence to a minimal one.
 //!
-//! `MORTAR_MODEL_CASES` sets how many sequences run (2,000 by default; `scripts/bench.sh model`
-//! runs more), `MORTAR_MODEL_SEED` replays a seed; the seed is printed on failure.
+//! Concurrency as the kernel drives it: the same operations by two actors at once, each in a
+//! subtree of its own, first as two threads on one mount, then on two mounts; after every
+//! step both mounts must show both subtrees as the reference does (close-to-open across
+//! mounts: what one actor closed, the other's mount shows, recalling a delegation if need be).
+//!
+//! `MORTAR_MODEL_CASES` sets how many sequences run (2,000 by default, and a quarter of that for
+//! each two-actor variant; `scripts/bench.sh model` runs more), `MORTAR_MODEL_SEED` replays a
+//! seed; the seed is printed on failure.
 
 use mortar_tests::Cluster;
 use proptest::prelude::*;
@@ -273,14 +279,8 @@ fn run_sequence(mount: &Path, local: &Path, case: u64, ops: &[Op]) -> Result<(),
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mount_behaves_like_a_local_directory() {
-    let cases: u32 = std::env::var("MORTAR_MODEL_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    let seed: u64 = std::env::var("MORTAR_MODEL_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random);
+    let cases: u32 = env_or("MORTAR_MODEL_CASES", 2000u32);
+    let seed: u64 = env_or("MORTAR_MODEL_SEED", rand::random());
     let cl = Cluster::start(3);
     // The smallest chunk size, so files of a few hundred KiB span several chunks.
     cl.create_volume("www", 64 * 1024).await;
@@ -337,4 +337,144 @@ async fn the_mount_behaves_like_a_local_directory() {
         "only {granted} of {ran} case directories were delegated"
     );
     eprintln!("model: {ran} sequences from seed {seed} agreed with a local directory");
+}
+
+/// Two actors, each with a subtree of the case directory to itself, run one step each at the
+/// same moment (two requests in flight through the mount, the delegation and its committer at
+/// once); after every step each actor's mount must show both subtrees as the reference does:
+/// what the other actor closed is visible (close-to-open).
+fn run_concurrent(
+    mounts: [&Path; 2],
+    local: &Path,
+    case: u64,
+    steps: &[(Op, Op)],
+) -> Result<(), TestCaseError> {
+    const SUBTREES: [&str; 2] = ["x", "y"];
+    let name = format!("pair-{case}");
+    fs::create_dir(mounts[0].join(&name)).unwrap();
+    fs::create_dir(local.join(&name)).unwrap();
+    for (k, sub) in SUBTREES.iter().enumerate() {
+        // Each actor makes its own subtree, so on two mounts each holds its delegation.
+        fs::create_dir(mounts[k].join(&name).join(sub)).unwrap();
+        fs::create_dir(local.join(&name).join(sub)).unwrap();
+    }
+    let at = |root: &Path, k: usize| root.join(&name).join(SUBTREES[k]);
+    for (i, (a, b)) in steps.iter().enumerate() {
+        let barrier = std::sync::Barrier::new(2);
+        let (ra, rb) = std::thread::scope(|s| {
+            let ta = s.spawn(|| {
+                barrier.wait();
+                apply(&at(mounts[0], 0), a)
+            });
+            let tb = s.spawn(|| {
+                barrier.wait();
+                apply(&at(mounts[1], 1), b)
+            });
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        let (wa, wb) = (apply(&at(local, 0), a), apply(&at(local, 1), b));
+        prop_assert_eq!(ra, wa, "step {} actor 0 {:?}", i, a);
+        prop_assert_eq!(rb, wb, "step {} actor 1 {:?}", i, b);
+        let last = i + 1 == steps.len();
+        for (k, sub) in SUBTREES.iter().enumerate() {
+            let want = observe(&at(local, k), last);
+            for (viewer, mount) in mounts.iter().enumerate() {
+                let got = observe(&at(mount, k), last);
+                if got != want {
+                    return Err(TestCaseError::fail(format!(
+                        "after step {i} ({a:?} | {b:?}) actor {viewer}'s mount shows subtree {sub} differently\n mount:\n  {}\n local:\n  {}",
+                        describe(&got),
+                        describe(&want)
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Run `cases` concurrent sequences with actors on `mounts` (the same mount twice, or two).
+fn concurrent_cases(mounts: [PathBuf; 2], local: PathBuf, cases: u32, seed: u64) -> u64 {
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: 500,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new_with_rng(
+        config,
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
+    let counter = std::sync::atomic::AtomicU64::new(0);
+    let r = runner.run(&prop::collection::vec((op(), op()), 1..8), |steps| {
+        let case = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        run_concurrent([&mounts[0], &mounts[1]], &local, case, &steps)
+    });
+    let ran = counter.into_inner();
+    if let Err(e) = r {
+        panic!("MORTAR_MODEL_SEED={seed} ({ran} sequences run, shrinking included): {e}");
+    }
+    ran
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Two actors (threads) on one mount. Ignored: it finds a bug not fixed yet. After two
+/// changes made at once in two directories beneath one delegation, a directory one thread
+/// made is sometimes reported absent by the mount afterwards (`MORTAR_MODEL_SEED=14877462345780871192`
+/// fails within a few hundred sequences). Run it with `cargo test --test model -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "finds an open bug in concurrent changes beneath one delegation (see the doc comment)"]
+async fn two_threads_on_one_mount_agree_with_the_model() {
+    two_actors(false).await;
+}
+
+/// Two actors on two mounts of one volume: close-to-open across mounts, with delegations
+/// recalled between them. Ignored: it finds a bug not fixed yet. After one mount makes a
+/// directory in a directory it made, the other mount sometimes answers "no such name" for it
+/// (`MORTAR_MODEL_SEED=5218392213429655648` fails within a few hundred sequences). Suspected,
+/// not yet confirmed: the other mount cached "no such name" before the delegation was granted,
+/// and the grant does not invalidate other mounts' entries for the directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "finds an open bug: a delegation grant leaves other mounts' negative entries (see the doc comment)"]
+async fn two_mounts_agree_with_the_model() {
+    two_actors(true).await;
+}
+
+async fn two_actors(two_mounts: bool) {
+    let cases: u32 = env_or("MORTAR_MODEL_CASES", 2000u32) / 4;
+    let seed: u64 = env_or("MORTAR_MODEL_SEED", rand::random());
+    let cl = Cluster::start(3);
+    cl.create_volume("www", 64 * 1024).await;
+    let a = cl.mount("www", "a", "").await;
+    let b = cl.mount("www", "b", "").await;
+    let local = tempfile::tempdir().unwrap();
+    let (pa, pb, l) = (a.path.clone(), b.path.clone(), local.path().to_path_buf());
+    let ran = tokio::task::spawn_blocking(move || {
+        fs::create_dir(pa.join("t")).unwrap();
+        let other = if two_mounts {
+            pb.join("t")
+        } else {
+            pa.join("t")
+        };
+        concurrent_cases([pa.join("t"), other], l, cases, seed)
+    })
+    .await
+    .unwrap();
+    assert!(ran >= cases as u64);
+    let log = fs::read_to_string(if two_mounts { &b.log } else { &a.log }).unwrap_or_default();
+    assert!(
+        log.contains("directory delegated to this client"),
+        "the second actor's mount never held a delegation"
+    );
+    eprintln!(
+        "model: {ran} two-actor sequences (two mounts: {two_mounts}) from seed {seed} agreed"
+    );
 }
