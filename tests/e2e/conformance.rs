@@ -68,6 +68,11 @@ fn verdicts(output: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// What a tool printed, stdout then stderr.
+fn printed(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
 fn summary_line(line: &str) {
     eprintln!("{line}");
     if let Some(path) = std::env::var_os("MORTAR_CONFORMANCE_SUMMARY") {
@@ -110,8 +115,7 @@ async fn pjdfstest_and_fsx_pass_on_a_mount() {
             .stdin(Stdio::null())
             .output()
             .expect("run pjdfstest");
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
+        let text = printed(&out);
         std::fs::write(work.join("pjdfstest.out"), &text).unwrap();
 
         // fsx: fixed seeds, each in the root and in a directory the mount made.
@@ -137,8 +141,7 @@ async fn pjdfstest_and_fsx_pass_on_a_mount() {
                 .stdin(Stdio::null())
                 .output()
                 .expect("run fsx");
-            let text = String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr);
+            let text = printed(&out);
             runs.push((seed, file, ops, out.status.success(), text));
         }
         ((out.status.success(), text), runs)

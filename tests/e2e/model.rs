@@ -303,18 +303,7 @@ async fn the_mount_behaves_like_a_local_directory() {
         if let Err(e) = run_sequence(&mount, &local_path, u64::MAX, &bug1) {
             panic!("the issue's reproduction: {e}");
         }
-        let mut seed_bytes = [0u8; 32];
-        seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
-        let config = Config {
-            cases,
-            failure_persistence: None,
-            max_shrink_iters: 2000,
-            ..Config::default()
-        };
-        let mut runner = TestRunner::new_with_rng(
-            config,
-            TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
-        );
+        let mut runner = runner(cases, seed, 2000);
         let counter = std::sync::atomic::AtomicU64::new(0);
         let r = runner.run(&prop::collection::vec(op(), 1..14), |ops| {
             let case = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -393,20 +382,25 @@ fn run_concurrent(
     Ok(())
 }
 
-/// Run `cases` concurrent sequences with actors on `mounts` (the same mount twice, or two).
-fn concurrent_cases(mounts: [PathBuf; 2], local: PathBuf, cases: u32, seed: u64) -> u64 {
+/// A proptest runner for `cases` sequences drawn from `seed` (replayable), persisting nothing.
+fn runner(cases: u32, seed: u64, max_shrink_iters: u32) -> TestRunner {
     let mut seed_bytes = [0u8; 32];
     seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
     let config = Config {
         cases,
         failure_persistence: None,
-        max_shrink_iters: 500,
+        max_shrink_iters,
         ..Config::default()
     };
-    let mut runner = TestRunner::new_with_rng(
+    TestRunner::new_with_rng(
         config,
         TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
-    );
+    )
+}
+
+/// Run `cases` concurrent sequences with actors on `mounts` (the same mount twice, or two).
+fn concurrent_cases(mounts: [PathBuf; 2], local: PathBuf, cases: u32, seed: u64) -> u64 {
+    let mut runner = runner(cases, seed, 500);
     let counter = std::sync::atomic::AtomicU64::new(0);
     let r = runner.run(&prop::collection::vec((op(), op()), 1..8), |steps| {
         let case = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
