@@ -391,6 +391,17 @@ impl Brick {
         let granted = self.watchers.delegate(client, dir, || {
             namespace::empty_dir_parent(&DbMeta(&self.store), dir)
         });
+        if granted.is_ok() {
+            // Other clients may have cached "no such name" in the directory; the holder will
+            // make names there that no change announces until it commits them.
+            self.watchers
+                .after_change(
+                    Some(client),
+                    stamp.index,
+                    &[mortar_proto::wire::Inval::Names(dir)],
+                )
+                .await;
+        }
         // The directory as the holder starts from (nothing else changes it from now on).
         let result = granted
             .and_then(|()| namespace::query(&DbMeta(&self.store), &Query::GetInode { ino: dir }));

@@ -188,7 +188,9 @@ impl State {
     /// now). A given-back subtree with changes still held stays whole, so none of its names
     /// is missing meanwhile; once forgotten, nothing of it answers any more (an unlink or
     /// rename made after the give-back must not meet the names it removed).
-    fn forget_committed(&mut self) {
+    /// Returns the directories forgotten: the cache must not answer for their names from
+    /// what it knew before the delegation (nothing told it of the names made beneath).
+    fn forget_committed(&mut self) -> HashSet<InodeId> {
         let held: HashSet<InodeId> = self
             .held
             .iter()
@@ -204,6 +206,7 @@ impl State {
         let roots = &self.roots;
         let crowded = self.node_bytes > NODE_BYTES;
         let mut freed = 0;
+        let mut dirs = HashSet::new();
         self.nodes.retain(|ino, n| {
             let keep = held.contains(ino)
                 || match roots.contains(&n.root) {
@@ -212,10 +215,14 @@ impl State {
                 };
             if !keep {
                 freed += content_bytes(&n.inode.content);
+                if n.entries.is_some() {
+                    dirs.insert(*ino);
+                }
             }
             keep
         });
         self.node_bytes -= freed;
+        dirs
     }
 }
 
@@ -303,7 +310,8 @@ impl Delegations {
         st.epoch = None;
         st.made.clear();
         if st.held.is_empty() && st.unanswered.is_none() && st.flying.is_empty() {
-            st.forget_committed();
+            // Without a lease the cache answers nothing, and starts afresh with the next.
+            let _ = st.forget_committed();
         }
         drop(st);
         self.wake.notify_one();
@@ -396,6 +404,8 @@ impl Volume {
         }
         st.epoch = epoch;
         st.roots.insert(dir);
+        // Names made beneath it from now on reach the cache only once committed.
+        self.meta_cache.forget_listings(&HashSet::from([dir]));
         st.nodes.insert(
             dir,
             Node {
@@ -546,7 +556,9 @@ impl Volume {
         }
         let mut st = self.deleg.lock();
         if committed || st.forget_due {
-            st.forget_committed();
+            let dirs = st.forget_committed();
+            drop(st);
+            self.meta_cache.forget_listings(&dirs);
         }
         Ok(())
     }
@@ -590,7 +602,9 @@ impl Volume {
             return Err(e);
         }
         if st.held.is_empty() {
-            st.forget_committed();
+            let dirs = st.forget_committed();
+            drop(st);
+            self.meta_cache.forget_listings(&dirs);
         }
         Ok(true)
     }

@@ -34,6 +34,7 @@ impl From<&Inval> for Key {
         match i {
             Inval::Inode(ino) => Key::Inode(*ino),
             Inval::Entry(parent, name) => Key::Name(*parent, name.clone()),
+            Inval::Names(dir) => Key::Listing(*dir),
         }
     }
 }
@@ -146,10 +147,26 @@ impl Inner {
                 self.note(Key::Listing(*parent), index);
             }
             Key::Listing(dir) => {
-                self.complete.remove(dir);
+                self.forget_names_in(&HashSet::from([*dir]));
             }
         }
         self.note(key, index);
+    }
+
+    /// Drop every name cached in `dirs`, and that they are known completely (one pass).
+    fn forget_names_in(&mut self, dirs: &HashSet<InodeId>) {
+        for d in dirs {
+            self.complete.remove(d);
+        }
+        let names: Vec<(InodeId, Vec<u8>)> = self
+            .names
+            .iter()
+            .filter(|((parent, _), _)| dirs.contains(parent))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in names {
+            self.names.pop(&k);
+        }
     }
 
     fn note(&mut self, key: Key, index: u64) {
@@ -260,6 +277,15 @@ impl MetaCache {
         }
     }
 
+    /// Forget every name cached in `dirs`, and that they are known completely: this client
+    /// made names beneath them under a delegation, which its cache was not told of.
+    pub fn forget_listings(&self, dirs: &HashSet<InodeId>) {
+        if dirs.is_empty() {
+            return;
+        }
+        self.lock().forget_names_in(dirs);
+    }
+
     /// Our own change came back without saying where it stands: trust nothing cached.
     pub fn drop_all(&self) {
         self.lock().clear();
@@ -322,7 +348,8 @@ impl MetaCache {
         attr: Option<&Attr>,
     ) {
         let mut c = self.lock();
-        let mut keys = vec![Key::Name(parent, name.to_vec())];
+        // A listing invalidation (a delegation granted elsewhere) also covers this name.
+        let mut keys = vec![Key::Name(parent, name.to_vec()), Key::Listing(parent)];
         keys.extend(attr.map(|a| Key::Inode(a.ino)));
         if !c.admits(ticket, stamp, &keys) {
             return;
@@ -492,6 +519,30 @@ mod tests {
         assert_eq!(c.attr(2).map(|a| a.size), Some(2));
         c.invalidate(11, &[Inval::Inode(2)]);
         assert_eq!(c.attr(2), None);
+    }
+
+    #[test]
+    fn a_delegation_elsewhere_drops_every_name_cached_in_the_directory() {
+        let c = leased();
+        let t = c.ticket().unwrap();
+        c.put_name(t, stamp(5), 10, b"gone", None);
+        c.put_name(t, stamp(5), 10, b"here", Some(&attr(11, 1)));
+        c.put_name(t, stamp(5), 20, b"other", None);
+        assert_eq!(c.name(10, b"gone"), Some(None));
+        // Another client was delegated directory 10 at index 6.
+        c.invalidate(6, &[Inval::Names(10)]);
+        assert_eq!(c.name(10, b"gone"), None, "asked of the leader again");
+        assert_eq!(c.name(10, b"here"), None);
+        assert_eq!(
+            c.name(20, b"other"),
+            Some(None),
+            "other directories keep theirs"
+        );
+        // A lookup answered before the grant does not bring the name back.
+        c.put_name(t, stamp(5), 10, b"gone", None);
+        assert_eq!(c.name(10, b"gone"), None);
+        c.put_name(t, stamp(6), 10, b"gone", None);
+        assert_eq!(c.name(10, b"gone"), Some(None));
     }
 
     #[test]

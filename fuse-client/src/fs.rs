@@ -141,6 +141,9 @@ pub fn kernel_invalidation(
                     Inval::Entry(parent, name) => {
                         n.inval_entry(INodeNo(parent), OsStr::from_bytes(&name))
                     }
+                    // The kernel keeps no "no such name" for us (an error answer is not
+                    // cached), so only the mount's own cache had anything to drop.
+                    Inval::Names(_) => Ok(()),
                 };
             }
         });

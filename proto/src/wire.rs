@@ -401,6 +401,10 @@ pub enum Inval {
     Inode(InodeId),
     /// The directory entry `name` in `parent` (added, removed or repointed).
     Entry(InodeId, #[serde(with = "serde_bytes")] Vec<u8>),
+    /// Every entry of the directory: it was delegated to another client, which makes names in
+    /// it from memory, so "no such name" cached before the grant must go (a lookup then asks
+    /// the leader, which recalls the delegation first).
+    Names(InodeId),
 }
 
 /// Client to leader, on a watch stream.

@@ -420,24 +420,19 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// Two actors (threads) on one mount. Ignored: it finds a bug not fixed yet. After two
-/// changes made at once in two directories beneath one delegation, a directory one thread
-/// made is sometimes reported absent by the mount afterwards (`MORTAR_MODEL_SEED=14877462345780871192`
-/// fails within a few hundred sequences). Run it with `cargo test --test model -- --ignored`.
+/// Two actors (threads) on one mount. It found that a directory one thread made beneath a
+/// delegation was later answered "no such name" by the mount's own cache, which still held
+/// what it knew of the parent before the delegation (`MORTAR_MODEL_SEED=14877462345780871192`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finds an open bug in concurrent changes beneath one delegation (see the doc comment)"]
 async fn two_threads_on_one_mount_agree_with_the_model() {
     two_actors(false).await;
 }
 
 /// Two actors on two mounts of one volume: close-to-open across mounts, with delegations
-/// recalled between them. Ignored: it finds a bug not fixed yet. After one mount makes a
-/// directory in a directory it made, the other mount sometimes answers "no such name" for it
-/// (`MORTAR_MODEL_SEED=5218392213429655648` fails within a few hundred sequences). Suspected,
-/// not yet confirmed: the other mount cached "no such name" before the delegation was granted,
-/// and the grant does not invalidate other mounts' entries for the directory.
+/// recalled between them. It found that a mount kept "no such name" cached for a directory
+/// another mount was then delegated, and so never asked for the names made there
+/// (`MORTAR_MODEL_SEED=5218392213429655648`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finds an open bug: a delegation grant leaves other mounts' negative entries (see the doc comment)"]
 async fn two_mounts_agree_with_the_model() {
     two_actors(true).await;
 }
