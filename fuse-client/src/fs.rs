@@ -437,9 +437,9 @@ impl Filesystem for MortarFs {
                         // Another client changed the file: drop the cached attributes before
                         // the application reads (close-to-open consistency). Attributes only
                         // (offset -1): the kernel drops the pages itself at open, since the
-                        // answer lacks FOPEN_KEEP_CACHE. Dropping pages from here waited for a
-                        // page lock that a read in flight held, while that read waited for an
-                        // answer from this mount: fsx hung on its next open.
+                        // answer lacks FOPEN_KEEP_CACHE. Dropping pages from here left this
+                        // thread waiting in the kernel for a page lock while fsx's next open
+                        // waited for this mount.
                         if let Some(n) = notifier.get() {
                             let _ = n.inval_inode(ino, -1, 0);
                         }
