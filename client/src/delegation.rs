@@ -404,8 +404,6 @@ impl Volume {
         }
         st.epoch = epoch;
         st.roots.insert(dir);
-        // Names made beneath it from now on reach the cache only once committed.
-        self.meta_cache.forget_listings(&HashSet::from([dir]));
         st.nodes.insert(
             dir,
             Node {
@@ -414,6 +412,10 @@ impl Volume {
                 entries: Some(HashMap::new()),
             },
         );
+        drop(st);
+        // Names made beneath it from now on reach the cache only once committed. (The cache
+        // is scanned outside the delegations' lock, which answers requests from memory.)
+        self.meta_cache.forget_listings(&HashSet::from([dir]));
         tracing::debug!(dir, "directory delegated to this client");
     }
 
