@@ -2,10 +2,11 @@
 //! from peers, and scrubbing its own copies. The operator's `mortar volume heal` decides what
 //! to move; bricks move it directly, so chunk data never passes through the operator's host.
 
-use crate::store::Store;
+use crate::store::{blocking, Store};
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{Reply, Request};
 use mortar_proto::{BrickId, ChunkId, FsError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,23 +84,38 @@ async fn fetch_one(
 /// Verify up to `limit` chunks after `after`, reading no faster than `max_bytes_per_sec`
 /// (0: unthrottled) so a scrub does not starve the application.
 pub async fn scrub(
-    store: &Store,
+    store: Arc<Store>,
     self_id: BrickId,
     after: Option<ChunkId>,
     limit: usize,
     max_bytes_per_sec: u64,
 ) -> Result<Reply, FsError> {
-    let ids = store.list_chunks(after.as_ref(), limit)?;
+    let ids = {
+        let store = store.clone();
+        blocking(move || Ok(store.list_chunks(after.as_ref(), limit)?)).await?
+    };
     let started = Instant::now();
     let (mut bytes, mut corrupt) = (0u64, Vec::new());
-    for id in &ids {
-        match store.get_chunk(id)? {
-            Some(data) => {
-                bytes += data.len() as u64;
-                if !id.matches(&data) {
-                    tracing::error!(chunk = %id.to_hex(), "scrub: copy fails verification; removing it");
-                    store.quarantine(self_id, id)?;
-                    corrupt.push(*id);
+    for id in ids.iter().copied() {
+        // Reading and hashing a chunk runs on a blocking thread, off the async runtime.
+        let store = store.clone();
+        let verified = blocking(move || {
+            let Some(data) = store.get_chunk(&id)? else {
+                return Ok(None);
+            };
+            let good = id.matches(&data);
+            if !good {
+                tracing::error!(chunk = %id.to_hex(), "scrub: copy fails verification; removing it");
+                store.quarantine(self_id, &id)?;
+            }
+            Ok(Some((data.len() as u64, good)))
+        })
+        .await?;
+        match verified {
+            Some((len, good)) => {
+                bytes += len;
+                if !good {
+                    corrupt.push(id);
                 }
             }
             None => continue,

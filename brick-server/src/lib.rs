@@ -3,9 +3,11 @@
 
 pub mod chunk;
 pub mod heal;
+pub mod lag;
 pub mod log_bound;
 pub mod namespace;
 pub mod raft;
 pub mod server;
+pub mod snapshot;
 pub mod store;
 pub mod watch;

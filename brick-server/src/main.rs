@@ -1,5 +1,6 @@
 use anyhow::{Context, Result};
 use clap::Parser;
+use mortar_brick::lag;
 use mortar_brick::log_bound::{self, LogBound};
 use mortar_brick::raft::{self, LogStore, Network, StateMachine};
 use mortar_brick::server::Brick;
@@ -74,8 +75,12 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let pool = Pool::new(endpoint.clone());
     let volume = Arc::default();
-    let sm = StateMachine::new(store.clone(), Arc::clone(&volume))
-        .context("cannot read the namespace")?;
+    let sm = StateMachine::new(
+        store.clone(),
+        Arc::clone(&volume),
+        args.data.join("snapshots"),
+    )
+    .context("cannot read the namespace")?;
     let bound = Arc::new(LogBound::new(args.snapshot_bytes));
     let config = Arc::new(
         raft::config(args.snapshot_every)
@@ -101,10 +106,12 @@ async fn run(args: Args) -> Result<()> {
         volume,
         data_dir: args.data.clone(),
         watchers: Arc::new(Watchers::new(id, raft.clone())),
+        lag: Arc::default(),
     });
     tracing::info!(brick = id, listen = %args.listen, data = %args.data.display(), "brick serving");
     let server = tokio::spawn(brick.clone().serve(endpoint.clone()));
     tokio::spawn(log_bound::run(raft.clone(), bound));
+    tokio::spawn(lag::run(raft.clone(), brick.lag.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

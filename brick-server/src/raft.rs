@@ -7,14 +7,14 @@
 
 use crate::log_bound::LogBound;
 use crate::namespace::{self, MetaRead, Table, Txn};
-use crate::store::{
-    Store, CF_META_DENTRIES, CF_META_INODES, CF_META_SYS, CF_RAFT_LOG, CF_RAFT_STATE,
-};
+use crate::snapshot::{self, table_cf};
+use crate::store::{Store, CF_RAFT_LOG, CF_RAFT_STATE};
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{self, Inval, MetaOk, MetaOp, OpId, RaftKind, RaftRpc, Reply, Request};
 use mortar_proto::{FsError, Inode, Timestamp, VolumeConfig};
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::RPCOption;
 use openraft::raft::{
@@ -30,8 +30,8 @@ use openraft::{
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
-use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -62,6 +62,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Command,
         R = Applied,
+        SnapshotData = tokio::fs::File,
         NodeId = NodeId,
         Node = BasicNode,
 );
@@ -81,7 +82,9 @@ pub fn config(snapshot_every: u64) -> openraft::Config {
         heartbeat_interval: 100,
         election_timeout_min: 400,
         election_timeout_max: 800,
-        install_snapshot_timeout: 2000,
+        // Per chunk; the last chunk's reply waits for the install, which reads the whole file
+        // twice and rewrites the namespace.
+        install_snapshot_timeout: 120_000,
         max_payload_entries: 64,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: (snapshot_every / 10).max(1),
@@ -110,6 +113,8 @@ const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"last_purged";
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
+const KEY_INSTALLING: &[u8] = b"installing";
 
 // ---------------------------------------------------------------- log
 
@@ -218,9 +223,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             sizes.push((e.log_id.index, bytes.len() as u64));
             b.put_cf(cf, e.log_id.index.to_be_bytes(), bytes);
         }
-        // The WAL write survives a crash of this process; an fsync from the application syncs
-        // the chunk path explicitly (see ARCHITECTURE.md, durability).
-        let res = self.store.write(b, false);
+        // Synced before openraft hears it is stored: an entry a majority acknowledged must
+        // survive their power loss. One sync covers every entry openraft hands over at once
+        // (group commit), and runs off the async runtime.
+        let store = self.store.clone();
+        let res = tokio::task::spawn_blocking(move || store.write(b, true))
+            .await
+            .unwrap_or_else(|e| Err(crate::store::StoreError::Task(e.to_string())));
         if res.is_ok() {
             for (index, bytes) in sizes {
                 self.bound.appended(index, bytes);
@@ -262,14 +271,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 /// Read access to the committed namespace in RocksDB, for queries and for applying.
 pub struct DbMeta<'a>(pub &'a Store);
 
-fn table_cf(t: Table) -> &'static str {
-    match t {
-        Table::Inodes => CF_META_INODES,
-        Table::Dentries => CF_META_DENTRIES,
-        Table::Sys => CF_META_SYS,
-    }
-}
-
 impl MetaRead for DbMeta<'_> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, FsError> {
         Ok(self.0.get(table_cf(table), key)?)
@@ -288,29 +289,85 @@ impl MetaRead for DbMeta<'_> {
 /// The volume configuration as last applied, shared with the chunk service.
 pub type SharedVolume = Arc<RwLock<Option<VolumeConfig>>>;
 
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    rows: Vec<(Table, Vec<u8>, Vec<u8>)>,
-}
+type Meta = SnapshotMeta<NodeId, BasicNode>;
 
-type HeldSnapshot = (SnapshotMeta<NodeId, BasicNode>, Vec<u8>);
+/// The state machine's record of a snapshot file: its meta and its name in the snapshot
+/// directory. Stored under `KEY_SNAPSHOT` for the current one and `KEY_INSTALLING` while an
+/// install runs.
+#[derive(Clone, Serialize, Deserialize)]
+struct SnapshotRecord {
+    meta: Meta,
+    file: String,
+}
 
 pub struct StateMachine {
     store: Arc<Store>,
     volume: SharedVolume,
-    /// The latest snapshot, shared with the builders openraft runs on its own, so the one it
-    /// sends to a lagging follower is always the newest.
-    current: Arc<std::sync::Mutex<Option<HeldSnapshot>>>,
+    /// Where snapshot files live (the brick's data directory's `snapshots/`).
+    dir: Arc<PathBuf>,
+    /// Serialises changes of the current snapshot between builders (which openraft runs on
+    /// their own) and installs.
+    current: Arc<tokio::sync::Mutex<()>>,
+    /// The file the snapshot being received is written to.
+    receiving: Option<PathBuf>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StorageResult<T> + Send + 'static,
+) -> StorageResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io_err(std::io::Error::other(e.to_string())))?
 }
 
 impl StateMachine {
-    pub fn new(store: Arc<Store>, volume: SharedVolume) -> Result<StateMachine, FsError> {
-        *volume.write().expect("volume lock") = namespace::volume(&DbMeta(&store))?;
-        Ok(StateMachine {
+    /// Open the state machine over `store`, keeping snapshot files in `dir`. An install that
+    /// was interrupted is finished first, from its file.
+    pub fn new(
+        store: Arc<Store>,
+        volume: SharedVolume,
+        dir: PathBuf,
+    ) -> Result<StateMachine, FsError> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| FsError::Io(format!("cannot create {}: {e}", dir.display())))?;
+        let sm = StateMachine {
             store,
             volume,
+            dir: Arc::new(dir),
             current: Arc::default(),
-        })
+            receiving: None,
+        };
+        if let Some(rec) = sm
+            .record(KEY_INSTALLING)
+            .map_err(|e| FsError::Io(e.to_string()))?
+        {
+            tracing::warn!(file = %rec.file, "finishing a snapshot install that was interrupted");
+            sm.install_file(&rec)
+                .map_err(|e| FsError::Io(e.to_string()))?;
+        }
+        let current = sm
+            .record(KEY_SNAPSHOT)
+            .map_err(|e| FsError::Io(e.to_string()))?;
+        snapshot::remove_others(&sm.dir, current.map(|r| sm.dir.join(r.file)).as_deref());
+        *sm.volume.write().expect("volume lock") = namespace::volume(&DbMeta(&sm.store))?;
+        Ok(sm)
+    }
+
+    fn clone_handle(&self) -> StateMachine {
+        StateMachine {
+            store: self.store.clone(),
+            volume: self.volume.clone(),
+            dir: self.dir.clone(),
+            current: self.current.clone(),
+            receiving: None,
+        }
+    }
+
+    fn record(&self, key: &[u8]) -> StorageResult<Option<SnapshotRecord>> {
+        match self.store.get(CF_RAFT_STATE, key).map_err(read_err)? {
+            Some(b) => Ok(Some(dec(&b)?)),
+            None => Ok(None),
+        }
     }
 
     fn applied(&self) -> StorageResult<AppliedState> {
@@ -338,14 +395,65 @@ impl StateMachine {
         *self.volume.write().expect("volume lock") = v;
         Ok(())
     }
+
+    /// Replace the namespace with a verified snapshot file named by `rec`, which becomes the
+    /// current snapshot. Blocking.
+    fn install_file(&self, rec: &SnapshotRecord) -> StorageResult<()> {
+        let path = self.dir.join(&rec.file);
+        let state = self.store.cf(CF_RAFT_STATE);
+        let mut last = WriteBatch::default();
+        last.put_cf(state, KEY_APPLIED, enc(&rec.meta.last_log_id));
+        last.put_cf(state, KEY_MEMBERSHIP, enc(&rec.meta.last_membership));
+        last.put_cf(state, KEY_SNAPSHOT, enc(rec));
+        last.delete_cf(state, KEY_INSTALLING);
+        let rows = snapshot::replace_namespace(&self.store, &path, last).map_err(io_err)?;
+        tracing::info!(last_log_id = ?rec.meta.last_log_id, rows, "installed snapshot");
+        snapshot::remove_others(&self.dir, Some(&path));
+        Ok(())
+    }
+
+    /// Make `rec` the current snapshot unless a newer one already is; removes the others.
+    fn make_current(&self, rec: &SnapshotRecord) -> StorageResult<bool> {
+        if let Some(cur) = self.record(KEY_SNAPSHOT)? {
+            if cur.meta.last_log_id > rec.meta.last_log_id {
+                return Ok(false);
+            }
+        }
+        let mut b = WriteBatch::default();
+        b.put_cf(self.store.cf(CF_RAFT_STATE), KEY_SNAPSHOT, enc(rec));
+        self.store.write(b, true).map_err(io_err)?;
+        snapshot::remove_others(&self.dir, Some(&self.dir.join(&rec.file)));
+        Ok(true)
+    }
+
+    async fn open_snapshot(&self, rec: SnapshotRecord) -> StorageResult<Snapshot<TypeConfig>> {
+        let path = self.dir.join(&rec.file);
+        let file = tokio::fs::File::open(&path).await.map_err(|e| {
+            StorageError::from(StorageIOError::read_snapshot(
+                Some(rec.meta.signature()),
+                AnyError::new(&e),
+            ))
+        })?;
+        Ok(Snapshot {
+            meta: rec.meta,
+            snapshot: Box::new(file),
+        })
+    }
 }
 
 /// blake3 over every namespace row and the applied index, read from one RocksDB snapshot.
+/// Blocking: a full scan.
 pub fn meta_digest(store: &Store) -> Result<(u64, [u8; 32]), FsError> {
     let snap = store.db.snapshot();
     let mut h = blake3::Hasher::new();
     for table in namespace::TABLES {
-        for item in snap.iterator_cf(store.cf(table_cf(table)), IteratorMode::Start) {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.fill_cache(false);
+        ro.set_snapshot(&snap);
+        for item in store
+            .db
+            .iterator_cf_opt(store.cf(table_cf(table)), ro, IteratorMode::Start)
+        {
             let (k, v) = item.map_err(|e| FsError::Io(e.to_string()))?;
             h.update(&[table as u8]);
             h.update(&(k.len() as u64).to_le_bytes());
@@ -369,45 +477,49 @@ pub fn meta_digest(store: &Store) -> Result<(u64, [u8; 32]), FsError> {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        // Read everything from one RocksDB snapshot so the rows and the applied index agree.
-        let snap = self.store.db.snapshot();
-        let mut rows = Vec::new();
-        for table in namespace::TABLES {
-            for item in snap.iterator_cf(self.store.cf(table_cf(table)), IteratorMode::Start) {
-                let (k, v) = item.map_err(read_err)?;
-                rows.push((table, k.to_vec(), v.to_vec()));
-            }
-        }
-        let applied: Option<LogId<NodeId>> = match snap
-            .get_cf(self.store.cf(CF_RAFT_STATE), KEY_APPLIED)
-            .map_err(read_err)?
-        {
-            Some(b) => dec(&b)?,
-            None => None,
-        };
-        let membership: StoredMembership<NodeId, BasicNode> = match snap
-            .get_cf(self.store.cf(CF_RAFT_STATE), KEY_MEMBERSHIP)
-            .map_err(read_err)?
-        {
-            Some(b) => dec(&b)?,
-            None => StoredMembership::default(),
-        };
-        drop(snap);
-        let data = enc(&SnapshotData { rows });
-        let meta = SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
-            snapshot_id: format!(
-                "{}-{}",
+        let _current = self.current.clone().lock_owned().await;
+        let sm = self.clone_handle();
+        let rec = blocking(move || {
+            // Rows, applied index and membership all come from one RocksDB snapshot.
+            let snap = sm.store.db.snapshot();
+            let get = |key: &[u8]| {
+                snap.get_cf(sm.store.cf(CF_RAFT_STATE), key)
+                    .map_err(read_err)
+            };
+            let applied: Option<LogId<NodeId>> = match get(KEY_APPLIED)? {
+                Some(b) => dec(&b)?,
+                None => None,
+            };
+            let membership: StoredMembership<NodeId, BasicNode> = match get(KEY_MEMBERSHIP)? {
+                Some(b) => dec(&b)?,
+                None => StoredMembership::default(),
+            };
+            let id = format!(
+                "{}-{:08x}",
                 applied.map(|l| l.index).unwrap_or(0),
                 rand::random::<u32>()
-            ),
-        };
-        *self.current.lock().expect("snapshot lock") = Some((meta.clone(), data.clone()));
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
+            );
+            let rec = SnapshotRecord {
+                meta: SnapshotMeta {
+                    last_log_id: applied,
+                    last_membership: membership,
+                    snapshot_id: id.clone(),
+                },
+                file: format!("{id}.snap"),
+            };
+            let started = std::time::Instant::now();
+            let built =
+                snapshot::write_rows(&sm.store, &snap, &sm.dir.join(&rec.file)).map_err(io_err)?;
+            drop(snap);
+            tracing::info!(
+                last_log_id = ?applied, rows = built.rows, bytes = built.bytes,
+                ms = started.elapsed().as_millis() as u64, "built snapshot"
+            );
+            sm.make_current(&rec)?;
+            Ok(rec)
         })
+        .await?;
+        self.open_snapshot(rec).await
     }
 }
 
@@ -462,6 +574,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 KEY_APPLIED,
                 enc(&Some(entry.log_id)),
             );
+            // Unsynced: the log entry is durable, and applying again after a crash gives the
+            // same rows (the applied index is in the same batch).
             self.store.write(batch, false).map_err(io_err)?;
             results.push(Applied {
                 result,
@@ -476,56 +590,71 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        StateMachine {
-            store: self.store.clone(),
-            volume: self.volume.clone(),
-            current: self.current.clone(),
-        }
+        self.clone_handle()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
+        let path = self
+            .dir
+            .join(format!("receiving-{:08x}.part", rand::random::<u32>()));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await
+            .map_err(io_err)?;
+        self.receiving = Some(path);
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> StorageResult<()> {
-        let bytes = snapshot.into_inner();
-        let data: SnapshotData = dec(&bytes)?;
-        let mut batch = WriteBatch::default();
-        for table in namespace::TABLES {
-            let cf = self.store.cf(table_cf(table));
-            // Delete every existing row; the snapshot replaces the namespace whole.
-            for item in self.store.db.iterator_cf(cf, IteratorMode::Start) {
-                let (k, _) = item.map_err(read_err)?;
-                batch.delete_cf(cf, k);
-            }
-        }
-        for (table, k, v) in data.rows {
-            batch.put_cf(self.store.cf(table_cf(table)), k, v);
-        }
-        let state = self.store.cf(CF_RAFT_STATE);
-        batch.put_cf(state, KEY_APPLIED, enc(&meta.last_log_id));
-        batch.put_cf(state, KEY_MEMBERSHIP, enc(&meta.last_membership));
-        self.store.write(batch, true).map_err(io_err)?;
-        tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
-        *self.current.lock().expect("snapshot lock") = Some((meta.clone(), bytes));
+        let received = self.receiving.take().ok_or_else(|| {
+            io_err(std::io::Error::other(
+                "a snapshot to install was never received",
+            ))
+        })?;
+        snapshot.sync_all().await.map_err(io_err)?;
+        drop(snapshot);
+        let _current = self.current.clone().lock_owned().await;
+        let rec = SnapshotRecord {
+            meta: meta.clone(),
+            file: format!("{}.snap", meta.snapshot_id),
+        };
+        let sm = self.clone_handle();
+        blocking(move || {
+            let started = std::time::Instant::now();
+            // Verified whole before anything changes: a damaged transfer leaves the namespace
+            // as it was.
+            let rows = snapshot::verify(&received).map_err(read_err)?;
+            std::fs::rename(&received, sm.dir.join(&rec.file)).map_err(io_err)?;
+            tracing::info!(
+                rows,
+                ms = started.elapsed().as_millis() as u64,
+                "received snapshot verified; installing"
+            );
+            let mut b = WriteBatch::default();
+            b.put_cf(sm.store.cf(CF_RAFT_STATE), KEY_INSTALLING, enc(&rec));
+            sm.store.write(b, true).map_err(io_err)?;
+            sm.install_file(&rec)
+        })
+        .await?;
         self.refresh_volume()
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let held = self.current.lock().expect("snapshot lock").clone();
-        match held {
-            Some((meta, data)) => Ok(Some(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data)),
-            })),
-            // Snapshots are kept in memory only; after a restart, make one from the applied
-            // state, which covers every purged entry (purging never passes a snapshot).
-            None if self.applied()?.0.is_some() => self.build_snapshot().await.map(Some),
-            None => Ok(None),
+        match self.record(KEY_SNAPSHOT)? {
+            Some(rec) if self.dir.join(&rec.file).exists() => {
+                self.open_snapshot(rec).await.map(Some)
+            }
+            // A store from before snapshot files, or a file removed by hand: make one from the
+            // applied state, which covers every purged entry (purging never passes a snapshot).
+            _ if self.applied()?.0.is_some() => self.build_snapshot().await.map(Some),
+            _ => Ok(None),
         }
     }
 }
@@ -555,20 +684,30 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
+/// An AppendEntries RPC carries at most this many bytes unless its one entry is larger:
+/// openraft gives each one a heartbeat interval to complete, and it must fit one frame.
+pub const APPEND_BYTES: usize = 4 << 20;
+/// A proposed change larger than this is refused, so an RPC of one entry always fits a frame.
+pub const MAX_ENTRY: usize = wire::MAX_FRAME / 2;
+const _: () = assert!(APPEND_BYTES < MAX_ENTRY && MAX_ENTRY + (1 << 20) <= wire::MAX_FRAME);
+
+/// How many entries to ask openraft for after `entries` encoded to `bytes` (over
+/// [`APPEND_BYTES`]): as many as fit at their average size, at least one.
+pub fn entries_hint(entries: usize, bytes: usize) -> u64 {
+    ((entries as u128 * APPEND_BYTES as u128 / bytes.max(1) as u128) as u64).max(1)
+}
+
 impl Peer {
-    async fn send<Req: Serialize, Resp: serde::de::DeserializeOwned, E>(
+    async fn send<Resp: serde::de::DeserializeOwned, E>(
         &self,
         kind: RaftKind,
-        req: &Req,
+        payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
     where
         E: std::error::Error + serde::de::DeserializeOwned,
     {
-        let request = Request::Raft(RaftRpc {
-            kind,
-            payload: enc(req),
-        });
+        let request = Request::Raft(RaftRpc { kind, payload });
         let reply = self
             .pool
             .call(&self.addr, &request, timeout)
@@ -600,7 +739,23 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send(RaftKind::AppendEntries, &rpc, option.hard_ttl())
+        // Sized before encoding: a lagging follower is offered up to `max_payload_entries`
+        // entries of up to a few MB each, far past a frame.
+        let bytes = wire::encoded_len(&rpc);
+        if bytes > APPEND_BYTES && rpc.entries.len() > 1 {
+            let hint = entries_hint(rpc.entries.len(), bytes);
+            tracing::info!(
+                target = self.target,
+                entries = rpc.entries.len(),
+                bytes,
+                hint,
+                "append-entries split: over the byte bound, asking for fewer entries"
+            );
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(hint),
+            ));
+        }
+        self.send(RaftKind::AppendEntries, enc(&rpc), option.hard_ttl())
             .await
     }
 
@@ -612,7 +767,17 @@ impl RaftNetwork<TypeConfig> for Peer {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.send(RaftKind::InstallSnapshot, &rpc, option.hard_ttl())
+        if rpc.offset == 0 || rpc.done {
+            tracing::info!(
+                target = self.target,
+                snapshot = %rpc.meta.snapshot_id,
+                offset = rpc.offset,
+                bytes = rpc.data.len(),
+                done = rpc.done,
+                "streaming a snapshot chunk"
+            );
+        }
+        self.send(RaftKind::InstallSnapshot, enc(&rpc), option.hard_ttl())
             .await
     }
 
@@ -621,7 +786,8 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send(RaftKind::Vote, &rpc, option.hard_ttl()).await
+        self.send(RaftKind::Vote, enc(&rpc), option.hard_ttl())
+            .await
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Brick {
     pub volume: SharedVolume,
     pub data_dir: PathBuf,
     pub watchers: Arc<Watchers>,
+    /// Followers' lag, while this brick leads.
+    pub lag: Arc<crate::lag::Lag>,
 }
 
 /// Refuse (and log) a request the peer's certificate role does not allow.
@@ -282,6 +284,16 @@ impl Brick {
                     _ = self.leader_moves_from(leader.id) => continue,
                 }
             }
+            let size = mortar_proto::wire::encoded_len(&op);
+            if size > raft::MAX_ENTRY {
+                return Reply::meta(
+                    Err(FsError::Invalid(format!(
+                        "a metadata change of {size} bytes exceeds the {}-byte limit",
+                        raft::MAX_ENTRY
+                    ))),
+                    None,
+                );
+            }
             let named = self.named_by_op(&op);
             let admitted = Instant::now();
             let _in_flight = self.watchers.admit(once.map(|o| o.client), named).await;
@@ -518,22 +530,25 @@ impl Brick {
             AdminRequest::ListChunks { after, limit } => {
                 need(&[Role::Admin, Role::Brick])?;
                 let limit = limit.clamp(1, 100_000) as usize;
-                Ok(Reply::Chunks(
-                    self.store.list_chunks(after.as_ref(), limit)?,
-                ))
+                self.on_storage(move |s| Ok(Reply::Chunks(s.list_chunks(after.as_ref(), limit)?)))
+                    .await
             }
             AdminRequest::ListHealIndex { after, limit } => {
                 need(&[Role::Admin, Role::Brick])?;
                 let limit = limit.clamp(1, 100_000) as usize;
-                Ok(Reply::HealIndex(self.store.list_heal_index(after, limit)?))
+                self.on_storage(move |s| Ok(Reply::HealIndex(s.list_heal_index(after, limit)?)))
+                    .await
             }
             AdminRequest::MetaDigest => {
                 need(&[Role::Admin, Role::Brick])?;
-                let (applied_index, digest) = raft::meta_digest(&self.store)?;
-                Ok(Reply::MetaDigest {
-                    applied_index,
-                    digest,
+                self.on_storage(|s| {
+                    let (applied_index, digest) = raft::meta_digest(s)?;
+                    Ok(Reply::MetaDigest {
+                        applied_index,
+                        digest,
+                    })
                 })
+                .await
             }
             AdminRequest::RecordMisses(misses) => {
                 need(&[Role::Brick])?;
@@ -542,7 +557,8 @@ impl Brick {
             }
             AdminRequest::ChunkDigest => {
                 need(&[Role::Admin, Role::Brick])?;
-                Ok(Reply::ChunkDigest(self.store.chunk_digest()?))
+                self.on_storage(|s| Ok(Reply::ChunkDigest(s.chunk_digest()?)))
+                    .await
             }
             AdminRequest::ListBucket {
                 bucket,
@@ -551,19 +567,25 @@ impl Brick {
             } => {
                 need(&[Role::Admin, Role::Brick])?;
                 let limit = limit.clamp(1, 100_000) as usize;
-                Ok(Reply::Chunks(self.store.list_bucket(
-                    bucket,
-                    after.as_ref(),
-                    limit,
-                )?))
+                self.on_storage(move |s| {
+                    Ok(Reply::Chunks(s.list_bucket(
+                        bucket,
+                        after.as_ref(),
+                        limit,
+                    )?))
+                })
+                .await
             }
             AdminRequest::HasChunks(ids) => {
                 need(&[Role::Admin, Role::Brick])?;
-                let present = ids
-                    .iter()
-                    .map(|id| self.store.has_chunk(id))
-                    .collect::<Result<Vec<bool>, _>>()?;
-                Ok(Reply::Present(present))
+                self.on_storage(move |s| {
+                    let present = ids
+                        .iter()
+                        .map(|id| s.has_chunk(id))
+                        .collect::<Result<Vec<bool>, _>>()?;
+                    Ok(Reply::Present(present))
+                })
+                .await
             }
             AdminRequest::FetchChunks { ids, sources } => {
                 need(&[Role::Admin])?;
@@ -582,32 +604,45 @@ impl Brick {
             } => {
                 need(&[Role::Admin])?;
                 let limit = limit.clamp(1, 10_000) as usize;
-                heal::scrub(&self.store, self.id, after, limit, max_bytes_per_sec).await
+                heal::scrub(self.store.clone(), self.id, after, limit, max_bytes_per_sec).await
             }
             AdminRequest::ScanReferences { after, limit } => {
                 need(&[Role::Admin])?;
                 let limit = limit.clamp(1, 100_000) as usize;
-                let (chunks, next) =
-                    namespace::chunk_references(&DbMeta(&self.store), after, limit)?;
-                Ok(Reply::References { chunks, next })
+                self.on_storage(move |s| {
+                    let (chunks, next) = namespace::chunk_references(&DbMeta(s), after, limit)?;
+                    Ok(Reply::References { chunks, next })
+                })
+                .await
             }
             AdminRequest::ListReleased { after, limit } => {
                 need(&[Role::Admin])?;
                 let limit = limit.clamp(1, 100_000) as usize;
-                let now = Timestamp::now();
-                let released = namespace::released(&DbMeta(&self.store), after.as_ref(), limit)?
-                    .into_iter()
-                    .map(|(id, at)| (id, now.secs.saturating_sub(at.secs).max(0) as u64))
-                    .collect();
-                Ok(Reply::Released(released))
+                self.on_storage(move |s| {
+                    let now = Timestamp::now();
+                    let released = namespace::released(&DbMeta(s), after.as_ref(), limit)?
+                        .into_iter()
+                        .map(|(id, at)| (id, now.secs.saturating_sub(at.secs).max(0) as u64))
+                        .collect();
+                    Ok(Reply::Released(released))
+                })
+                .await
             }
             AdminRequest::CollectGarbage { ids, grace_secs } => {
                 need(&[Role::Admin])?;
-                Ok(Reply::Collected(
-                    self.store.collect_garbage(&ids, grace_secs)?,
-                ))
+                self.on_storage(move |s| Ok(Reply::Collected(s.collect_garbage(&ids, grace_secs)?)))
+                    .await
             }
         }
+    }
+
+    /// Storage work over this brick's store, on a blocking thread.
+    async fn on_storage<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, FsError> + Send + 'static,
+    ) -> Result<T, FsError> {
+        let store = self.store.clone();
+        crate::store::blocking(move || f(&store)).await
     }
 
     pub async fn status(&self) -> Result<BrickStatus, FsError> {
@@ -636,8 +671,10 @@ impl Brick {
             last_log_index: m.last_log_index.unwrap_or(0),
             chunk_count,
             chunk_bytes,
-            heal_backlog: self.store.count(CF_HEAL_INDEX)?,
+            heal_backlog: self.on_storage(|s| Ok(s.count(CF_HEAL_INDEX)?)).await?,
             peers: self.peer_health().await,
+            term: m.current_term,
+            replicas: self.lag.report(),
         })
     }
 

@@ -26,6 +26,9 @@ pub const CF_RAFT_STATE: &str = "raft_state";
 pub const CF_HEAL_INDEX: &str = "heal_index";
 pub const CF_CONFIG: &str = "config";
 
+/// All memtables together, at most.
+const WRITE_BUFFERS: usize = 128 << 20;
+
 pub const META_CFS: [&str; 3] = [CF_META_INODES, CF_META_DENTRIES, CF_META_SYS];
 
 const KEY_BRICK_ID: &[u8] = b"brick_id";
@@ -43,6 +46,8 @@ pub enum StoreError {
     Db(#[from] rocksdb::Error),
     #[error("stored value does not decode: {0}")]
     Corrupt(String),
+    #[error("storage thread failed: {0}")]
+    Task(String),
 }
 
 impl From<StoreError> for FsError {
@@ -79,6 +84,9 @@ impl Store {
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(3);
         opts.set_max_total_wal_size(256 << 20);
+        // Memtables of all column families together stay within this, however much a snapshot
+        // install or a copy writes at once: a brick's memory is bounded by configuration.
+        opts.set_db_write_buffer_size(WRITE_BUFFERS);
 
         let mut chunk_opts = Options::default();
         // Large values live in blob files, so compaction does not rewrite chunk bytes.
@@ -462,6 +470,16 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// Run storage work that reads or scans much on a blocking thread, so heartbeats and client
+/// requests keep flowing on the async runtime meanwhile.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, FsError> + Send + 'static,
+) -> Result<T, FsError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FsError::Io(format!("storage thread failed: {e}")))?
 }
 
 fn unix_now() -> u64 {

@@ -363,6 +363,22 @@ pub struct BrickStatus {
     /// How this brick's connection pool sees each other brick of the volume: a brick that cannot
     /// reach a peer silently runs without that replica, so the operator must see it.
     pub peers: Vec<PeerHealth>,
+    /// The Raft term this brick is in (an election raises it).
+    pub term: u64,
+    /// On the metadata leader: how far each follower is behind it. Empty elsewhere.
+    pub replicas: Vec<ReplicaLag>,
+}
+
+/// A follower of the metadata group as its leader sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaLag {
+    pub id: BrickId,
+    /// The last log index the leader knows the follower holds (None: not known yet).
+    pub matched_index: Option<u64>,
+    /// Entries of the leader's log the follower lacks.
+    pub behind_entries: u64,
+    /// How long it has lacked the oldest of them (0: caught up).
+    pub behind_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -523,6 +539,15 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     encode_after(0, msg)
 }
 
+/// The size `encode` would produce, found without copying any bytes.
+pub fn encoded_len<T: Serialize>(msg: &T) -> usize {
+    // Encoding our own plain types cannot fail.
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(msg, &mut size, bincode_config())
+        .expect("wire types always encode");
+    size.bytes_written
+}
+
 /// Appends to a Vec that was allocated at its final size, so encoding never reallocates.
 struct Appender<'a>(&'a mut Vec<u8>);
 
@@ -537,11 +562,7 @@ impl bincode::enc::write::Writer for Appender<'_> {
 /// (which copies no bytes) comes first: growing the Vec as it filled copied every chunk about
 /// once more, and a brick encodes every chunk it forwards and every log entry it stores.
 fn encode_after<T: Serialize>(prefix: usize, msg: &T) -> Vec<u8> {
-    // Encoding our own plain types cannot fail.
-    let mut size = bincode::enc::write::SizeWriter::default();
-    bincode::serde::encode_into_writer(msg, &mut size, bincode_config())
-        .expect("wire types always encode");
-    let mut out = Vec::with_capacity(prefix + size.bytes_written);
+    let mut out = Vec::with_capacity(prefix + encoded_len(msg));
     out.resize(prefix, 0);
     bincode::serde::encode_into_writer(msg, Appender(&mut out), bincode_config())
         .expect("wire types always encode");

@@ -102,8 +102,9 @@ async fn tree_round_trips_is_on_every_brick_and_survives_full_restart() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        rows.as_array().unwrap().clone()
+        let out: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(out["problems"], serde_json::json!([]), "{out}");
+        out["bricks"].as_array().unwrap().clone()
     };
     let peers_up = |r: &serde_json::Value| {
         r["status"]["peers"]

@@ -42,6 +42,8 @@ pub struct Options {
     /// Scrub read rate per brick, bytes per second (0: unthrottled).
     pub scrub_rate: u64,
     pub gc_grace_secs: u64,
+    /// A follower behind the metadata leader this long is a problem.
+    pub max_lag_secs: u64,
 }
 
 /// Terminal: a progress bar per step. Cron and pipes: plain lines.
@@ -160,6 +162,15 @@ async fn heal_under_lease(vol: &Volume, opts: &Options, progress: &Progress) -> 
         .cloned()
         .ok_or_else(|| anyhow!("no brick of the volume answers"))?;
 
+    // A follower that stays behind the leader runs the volume without its redundancy; heal
+    // cannot fix that, but must not report the volume healed while it lasts.
+    let statuses =
+        futures::future::join_all(up.keys().map(|addr| admin::status(vol.pool(), addr))).await;
+    let bricks: Vec<BrickRef> = vol.config().bricks().cloned().collect();
+    for p in crate::replicas::problems(&bricks, &statuses, opts.max_lag_secs) {
+        progress.line(&format!("metadata: {p}"));
+        t.left.push(p);
+    }
     if let Some(alarm) = compare_metadata(vol, &up, progress).await? {
         eprintln!("mortar: {alarm}");
         t.left.push(alarm);

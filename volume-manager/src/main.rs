@@ -1,6 +1,7 @@
 //! `mortar`: the operator CLI — CA and certificates, volume create/info/status/list/heal.
 
 mod heal;
+mod replicas;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -112,9 +113,15 @@ enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Per brick: up/down, Raft role and applied index, chunks, bytes, heal backlog.
+    /// Per brick: up/down, Raft role and applied index, how far behind the metadata leader,
+    /// chunks, bytes, heal backlog. Exit status 1 when a brick does not answer, there is no
+    /// leader, or a follower has been behind the leader for `--max-lag` or longer.
     Status {
         name: String,
+        /// A follower behind the leader this long (seconds, or with an s/m/h suffix) has not
+        /// caught up.
+        #[arg(long, default_value_t = replicas::MAX_LAG_SECS, value_parser = parse_duration_secs)]
+        max_lag: u64,
         #[command(flatten)]
         seeds: Seeds,
         #[command(flatten)]
@@ -140,6 +147,9 @@ enum VolumeCommand {
         /// suffix): it protects writes in flight and files still open after unlink.
         #[arg(long, default_value = "1h", value_parser = parse_duration_secs)]
         gc_grace: u64,
+        /// A follower behind the metadata leader this long is reported as a problem.
+        #[arg(long, default_value_t = replicas::MAX_LAG_SECS, value_parser = parse_duration_secs)]
+        max_lag: u64,
         #[command(flatten)]
         seeds: Seeds,
         #[command(flatten)]
@@ -327,6 +337,7 @@ async fn run(cli: Cli) -> Result<()> {
             name,
             seeds,
             conn,
+            max_lag,
             json,
         }) => {
             let vol = connect(&seeds, &conn, Some(&name)).await?;
@@ -336,6 +347,9 @@ async fn run(cli: Cli) -> Result<()> {
                     .map(|b| volume_admin::status(vol.pool(), &b.addr)),
             )
             .await;
+            let bricks: Vec<_> = vol.config().bricks().cloned().collect();
+            let problems = replicas::problems(&bricks, &statuses, max_lag);
+            let leader = replicas::leader(&statuses);
             if json {
                 let rows: Vec<serde_json::Value> = vol
                     .config()
@@ -348,24 +362,35 @@ async fn run(cli: Cli) -> Result<()> {
                         }
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                let out = serde_json::json!({"bricks": rows, "problems": problems});
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!("Status of volume: {name}");
                 println!(
-                    "{:<22} {:<20} {:<5} {:<10} {:>9} {:>9} {:>10} {:>6} {:>6}",
-                    "Brick", "ID", "Up", "Raft", "Applied", "Chunks", "Bytes", "Heal", "Peers"
+                    "{:<22} {:<20} {:<5} {:<10} {:>9} {:>10} {:>9} {:>10} {:>6} {:>6}",
+                    "Brick",
+                    "ID",
+                    "Up",
+                    "Raft",
+                    "Applied",
+                    "Behind",
+                    "Chunks",
+                    "Bytes",
+                    "Heal",
+                    "Peers"
                 );
                 for (b, s) in vol.config().bricks().zip(&statuses) {
                     match s {
                         Ok(s) => {
                             let reached = s.peers.iter().filter(|p| p.health == Health::Up);
                             println!(
-                                "{:<22} {:<20} {:<5} {:<10} {:>9} {:>9} {:>10} {:>6} {:>6}",
+                                "{:<22} {:<20} {:<5} {:<10} {:>9} {:>10} {:>9} {:>10} {:>6} {:>6}",
                                 b.addr,
                                 s.id,
                                 "Y",
                                 s.raft_role,
                                 s.applied_index,
+                                replicas::behind_cell(leader, s.id),
                                 s.chunk_count,
                                 human(s.chunk_bytes),
                                 s.heal_backlog,
@@ -383,7 +408,12 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
-            if statuses.iter().any(|s| s.is_err()) {
+            if !json {
+                for p in &problems {
+                    println!("problem: {p}");
+                }
+            }
+            if statuses.iter().any(|s| s.is_err()) || !problems.is_empty() {
                 std::process::exit(1);
             }
         }
@@ -393,6 +423,7 @@ async fn run(cli: Cli) -> Result<()> {
             full,
             scrub_rate,
             gc_grace,
+            max_lag,
             seeds,
             conn,
         }) => {
@@ -406,6 +437,7 @@ async fn run(cli: Cli) -> Result<()> {
                     full,
                     scrub_rate,
                     gc_grace_secs: gc_grace,
+                    max_lag_secs: max_lag,
                 };
                 match heal::heal(vol, &opts, &heal::Progress::new()).await? {
                     heal::Outcome::Healed => {
