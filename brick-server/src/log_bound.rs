@@ -7,6 +7,7 @@
 
 use crate::raft::Raft;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +21,8 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 pub struct LogBound {
     snapshot_bytes: u64,
     sizes: Mutex<VecDeque<(u64, u64)>>,
+    /// Bytes of every entry appended since start, rewritten ones included.
+    total: AtomicU64,
 }
 
 impl LogBound {
@@ -27,7 +30,13 @@ impl LogBound {
         LogBound {
             snapshot_bytes,
             sizes: Mutex::default(),
+            total: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes of every entry this process appended.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
     }
 
     fn sizes(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, u64)>> {
@@ -35,6 +44,7 @@ impl LogBound {
     }
 
     pub fn appended(&self, index: u64, bytes: u64) {
+        self.total.fetch_add(bytes, Ordering::Relaxed);
         let mut s = self.sizes();
         // An entry at an index already counted replaces it (the log was truncated first).
         while s.back().is_some_and(|&(i, _)| i >= index) {

@@ -42,6 +42,7 @@ pub struct Brick {
     pub watchers: Arc<Watchers>,
     /// Followers' lag, while this brick leads.
     pub lag: Arc<crate::lag::Lag>,
+    pub log_bound: Arc<crate::log_bound::LogBound>,
 }
 
 /// Refuse (and log) a request the peer's certificate role does not allow.
@@ -675,6 +676,7 @@ impl Brick {
             peers: self.peer_health().await,
             term: m.current_term,
             replicas: self.lag.report(),
+            log_bytes: self.log_bound.total(),
         })
     }
 

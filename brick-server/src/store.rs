@@ -5,8 +5,8 @@ use mortar_proto::digest::{bucket_of, bucket_start, Bucket, BUCKETS};
 use mortar_proto::wire::{HealEntry, HealReason};
 use mortar_proto::{BrickId, ChunkId, FsError};
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
-    WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
+    WriteBufferManager, WriteOptions, DB,
 };
 use std::path::Path;
 use std::sync::Mutex;
@@ -26,8 +26,10 @@ pub const CF_RAFT_STATE: &str = "raft_state";
 pub const CF_HEAL_INDEX: &str = "heal_index";
 pub const CF_CONFIG: &str = "config";
 
-/// All memtables together, at most.
-const WRITE_BUFFERS: usize = 128 << 20;
+/// RocksDB's memory: block cache and memtables together.
+const MEMORY: usize = 128 << 20;
+/// The memtables' share of MEMORY.
+const WRITE_BUFFERS: usize = 64 << 20;
 
 pub const META_CFS: [&str; 3] = [CF_META_INODES, CF_META_DENTRIES, CF_META_SYS];
 
@@ -78,48 +80,70 @@ fn u64_at(v: Option<Vec<u8>>) -> u64 {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        // One cache holds every column family's blocks, index and filter blocks, and is
+        // charged for the memtables too: RocksDB's memory stays within MEMORY whatever the
+        // namespace size or the write burst.
+        let cache = Cache::new_lru_cache(MEMORY);
+        let buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
+            WRITE_BUFFERS,
+            false,
+            cache.clone(),
+        );
+        let table = |bloom: bool| {
+            let mut t = BlockBasedOptions::default();
+            t.set_block_cache(&cache);
+            t.set_cache_index_and_filter_blocks(true);
+            t.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            if bloom {
+                t.set_bloom_filter(10.0, false);
+            }
+            t
+        };
+        let cf_opts = |bloom: bool| {
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table(bloom));
+            o
+        };
+
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(3);
         opts.set_max_total_wal_size(256 << 20);
-        // Memtables of all column families together stay within this, however much a snapshot
-        // install or a copy writes at once: a brick's memory is bounded by configuration.
-        opts.set_db_write_buffer_size(WRITE_BUFFERS);
+        opts.set_write_buffer_manager(&buffers);
 
-        let mut chunk_opts = Options::default();
+        let mut chunk_opts = cf_opts(false);
         // Large values live in blob files, so compaction does not rewrite chunk bytes.
         chunk_opts.set_enable_blob_files(true);
         chunk_opts.set_min_blob_size(32 * 1024);
         chunk_opts.set_blob_compression_type(rocksdb::DBCompressionType::None);
-        chunk_opts.set_write_buffer_size(64 << 20);
+        chunk_opts.set_write_buffer_size(WRITE_BUFFERS / 2);
 
-        let mut meta_opts = Options::default();
-        let mut table = BlockBasedOptions::default();
-        table.set_bloom_filter(10.0, false);
-        meta_opts.set_block_based_table_factory(&table);
+        let mut meta_opts = cf_opts(true);
         // Inodes hold small files inline. Compress only the deeper levels: flushes and the
         // first compactions rewrite fresh data on every copy into the volume, and compressing
         // it there cost the bricks more CPU than anything else during `cp -a` (perf: LZ4 13%).
         use rocksdb::DBCompressionType::{Lz4, None as Plain};
         meta_opts.set_compression_per_level(&[Plain, Plain, Lz4, Lz4, Lz4, Lz4, Lz4]);
+        meta_opts.set_write_buffer_size(WRITE_BUFFERS / 2);
 
         // Log entries are deleted once applied and snapshotted: compressing them is wasted.
-        let mut log_opts = Options::default();
+        let mut log_opts = cf_opts(false);
         log_opts.set_compression_type(Plain);
+        log_opts.set_write_buffer_size(WRITE_BUFFERS / 2);
 
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunk_opts),
-            ColumnFamilyDescriptor::new(CF_CHUNK_STAMPS, Options::default()),
-            ColumnFamilyDescriptor::new(CF_CHUNK_DIGEST, Options::default()),
+            ColumnFamilyDescriptor::new(CF_CHUNK_STAMPS, cf_opts(false)),
+            ColumnFamilyDescriptor::new(CF_CHUNK_DIGEST, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_META_INODES, meta_opts.clone()),
             ColumnFamilyDescriptor::new(CF_META_DENTRIES, meta_opts.clone()),
             ColumnFamilyDescriptor::new(CF_META_SYS, meta_opts),
             ColumnFamilyDescriptor::new(CF_RAFT_LOG, log_opts),
-            ColumnFamilyDescriptor::new(CF_RAFT_STATE, Options::default()),
-            ColumnFamilyDescriptor::new(CF_HEAL_INDEX, Options::default()),
-            ColumnFamilyDescriptor::new(CF_CONFIG, Options::default()),
+            ColumnFamilyDescriptor::new(CF_RAFT_STATE, cf_opts(false)),
+            ColumnFamilyDescriptor::new(CF_HEAL_INDEX, cf_opts(false)),
+            ColumnFamilyDescriptor::new(CF_CONFIG, cf_opts(false)),
         ];
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|err| StoreError::Open {
             path: dir.display().to_string(),

@@ -367,6 +367,8 @@ pub struct BrickStatus {
     pub term: u64,
     /// On the metadata leader: how far each follower is behind it. Empty elsewhere.
     pub replicas: Vec<ReplicaLag>,
+    /// Bytes of Raft log entries this brick stored since it started.
+    pub log_bytes: u64,
 }
 
 /// A follower of the metadata group as its leader sees it.

@@ -85,6 +85,7 @@ mod tests {
             peers: Vec::new(),
             term,
             replicas,
+            log_bytes: 0,
         }
     }
 

@@ -1,0 +1,261 @@
+//! The scale group (issue 19): a metadata group that stays whole past the toy scale. A
+//! follower that misses hundreds of MB of log, frozen or down past a purge, catches up, by
+//! split appends or by a snapshot streamed in chunks, within a bounded memory.
+
+use mortar_tests::mortar_client::volume_admin;
+use mortar_tests::mortar_proto::wire::BrickStatus;
+use mortar_tests::mortar_proto::DEFAULT_CHUNK_SIZE;
+use mortar_tests::{wait_for, Cluster, DEADLINE};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+/// Files of this size are held inline in the namespace (under the 64 KiB inline limit).
+const FILE_BYTES: usize = 60 * 1024;
+/// A follower has this long after it is back to catch up (the issue's bound).
+const CATCH_UP: Duration = Duration::from_secs(60);
+/// Resident memory no brick may pass while snapshots are built, sent and installed.
+const RSS_BOUND: u64 = 300 * MIB;
+
+/// `files` files of FILE_BYTES incompressible bytes, 200 to a directory.
+fn make_inline_tree(root: &Path, files: usize, seed: u64) {
+    for i in 0..files {
+        let dir = root.join(format!("d{:03}", i / 200));
+        if i % 200 == 0 {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        let mut body = vec![0u8; FILE_BYTES];
+        let mut h = blake3::Hasher::new();
+        h.update(&seed.to_le_bytes());
+        h.update(&(i as u64).to_le_bytes());
+        h.finalize_xof().fill(&mut body);
+        std::fs::write(dir.join(format!("f{i:05}.html")), body).unwrap();
+    }
+}
+
+fn cp_a(from: &Path, to: &Path) {
+    let started = Instant::now();
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cp -a {} {}: {}",
+        from.display(),
+        to.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("cp -a took {:?}", started.elapsed());
+}
+
+fn same_tree(a: &Path, b: &Path) {
+    let out = Command::new("diff")
+        .arg("-r")
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "trees differ: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+async fn status(c: &Cluster, i: usize) -> BrickStatus {
+    volume_admin::status(&c.admin_pool(), &c.addrs()[i])
+        .await
+        .unwrap_or_else(|e| panic!("status of brick {i}: {e}"))
+}
+
+/// Wait (up to CATCH_UP) until brick `i` has applied `target`; returns how long it took.
+async fn caught_up(c: &Cluster, i: usize, target: u64) -> Duration {
+    let started = Instant::now();
+    let pool = c.admin_pool();
+    let addr = c.addrs()[i].clone();
+    wait_for(
+        &format!("brick {i} to apply index {target}"),
+        CATCH_UP,
+        || {
+            let (pool, addr) = (pool.clone(), addr.clone());
+            async move {
+                let s = volume_admin::status(&pool, &addr).await.ok()?;
+                (s.applied_index >= target).then_some(())
+            }
+        },
+    )
+    .await;
+    started.elapsed()
+}
+
+/// Samples the resident memory of every brick process until stopped; the peak of each.
+struct RssWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<u64>>>,
+}
+
+fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+impl RssWatch {
+    fn start(c: &Cluster) -> RssWatch {
+        let pids: Vec<Option<u32>> = c.bricks.iter().map(|b| b.pid()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = vec![0u64; pids.len()];
+            while !s.load(Ordering::Relaxed) {
+                for (p, pid) in peak.iter_mut().zip(&pids) {
+                    if let Some(r) = pid.and_then(rss_of) {
+                        *p = (*p).max(r);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        RssWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn peaks(mut self) -> Vec<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// The `bytes=` figure of the last "built snapshot" line in brick `i`'s log.
+fn last_snapshot_bytes(c: &Cluster, i: usize) -> Option<u64> {
+    let log = std::fs::read_to_string(&c.bricks[i].log).ok()?;
+    log.lines()
+        .filter(|l| l.contains("built snapshot"))
+        .filter_map(|l| {
+            l.split("bytes=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .next_back()
+}
+
+/// A follower frozen (SIGSTOP) while more than 200 MiB of log commits, in entries of up to
+/// 8 MiB, is sent them in appends split under the frame bound and catches up within 60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_frozen_while_200_mib_of_log_commits_catches_up() {
+    // No snapshot in the way: this follower must catch up from the log itself.
+    let c = Cluster::start_with(3, &["--snapshot-bytes", &(64u64 << 30).to_string()]);
+    c.create_volume("www", DEFAULT_CHUNK_SIZE).await;
+    let leader = c.leader_index().await;
+    let victim = (leader + 1) % 3;
+    let src = c.dir.path().join("src");
+    make_inline_tree(&src, 4200, 1);
+    let m = c.mount("www", "mnt", "").await;
+
+    let before = status(&c, leader).await.log_bytes;
+    let victim_id = status(&c, victim).await.id;
+    c.bricks[victim].freeze();
+    cp_a(&src, &m.path.join("copy"));
+    // The mount commits what it holds under delegation in the background: wait for the log.
+    let s = wait_for("200 MiB of log on the leader", DEADLINE, || async {
+        let s = status(&c, leader).await;
+        (s.log_bytes - before >= 200 * MIB).then_some(s)
+    })
+    .await;
+    eprintln!(
+        "{} MiB of log committed while brick {victim} was frozen",
+        (s.log_bytes - before) / MIB
+    );
+    let lag = s
+        .replicas
+        .iter()
+        .find(|r| r.id == victim_id)
+        .cloned()
+        .expect("the leader reports the frozen follower");
+    assert!(lag.behind_entries > 0 && lag.behind_ms > 0, "{lag:?}");
+
+    c.bricks[victim].thaw();
+    let took = caught_up(&c, victim, s.last_log_index).await;
+    eprintln!("the thawed follower caught up in {took:?}");
+    assert!(
+        c.log_contains(leader, "append-entries split"),
+        "the leader never split an append: the test did not test"
+    );
+    assert!(!c.log_contains(victim, "installed snapshot"));
+    let digests = c.settled_meta_digests().await;
+    assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+    same_tree(&src, &m.path.join("copy"));
+}
+
+/// A follower killed, then restarted after the leader purged its log, installs a snapshot of
+/// a namespace over 200 MiB streamed in chunks; no brick's memory passes RSS_BOUND meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_back_after_a_purge_installs_a_streamed_snapshot_in_bounded_memory() {
+    // Snapshot every 32 MiB of log and purge beyond an 8 MiB tail.
+    let mut c = Cluster::start_with(3, &["--snapshot-bytes", &(32 * MIB).to_string()]);
+    c.create_volume("www", DEFAULT_CHUNK_SIZE).await;
+    let leader = c.leader_index().await;
+    let victim = (leader + 1) % 3;
+    let src = c.dir.path().join("src");
+    make_inline_tree(&src, 4200, 2);
+    let m = c.mount("www", "mnt", "").await;
+
+    let victim_applied = status(&c, victim).await.applied_index;
+    c.bricks[victim].kill();
+    cp_a(&src, &m.path.join("copy"));
+    // The leader has purged past everything the victim holds.
+    wait_for("the leader to purge its log", DEADLINE, || {
+        let purged = c.log_contains(leader, "purged the log up to index");
+        async move { purged.then_some(()) }
+    })
+    .await;
+    // Snapshots follow the log by its byte bound: wait for one of the whole copy.
+    let snapshot_bytes = wait_for("a leader's snapshot of over 200 MiB", DEADLINE, || {
+        let b = last_snapshot_bytes(&c, leader).filter(|&b| b >= 200 * MIB);
+        async move { b }
+    })
+    .await;
+    eprintln!(
+        "leader's snapshot: {} MiB (the victim had applied index {victim_applied})",
+        snapshot_bytes / MIB
+    );
+    let target = status(&c, leader).await.last_log_index;
+
+    c.bricks[victim].start();
+    let rss = RssWatch::start(&c);
+    let took = caught_up(&c, victim, target).await;
+    let peaks = rss.peaks();
+    eprintln!(
+        "the restarted follower caught up in {took:?}; peak RSS per brick (MiB): {:?}",
+        peaks.iter().map(|p| p / MIB).collect::<Vec<_>>()
+    );
+    assert!(
+        c.log_contains(victim, "installed snapshot"),
+        "the follower caught up without a snapshot: the test did not test"
+    );
+    let chunks = std::fs::read_to_string(&c.bricks[leader].log)
+        .unwrap()
+        .matches("streaming a snapshot chunk")
+        .count();
+    assert!(chunks >= 2, "the snapshot went in {chunks} logged chunks");
+    for (i, p) in peaks.iter().enumerate() {
+        assert!(*p > 0, "no RSS sampled for brick {i}");
+        assert!(*p < RSS_BOUND, "brick {i} reached {} MiB", p / MIB);
+    }
+    let digests = c.settled_meta_digests().await;
+    assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+    same_tree(&src, &m.path.join("copy"));
+}
