@@ -7,7 +7,7 @@ use mortar_tests::mortar_proto::tls::Role;
 use mortar_tests::mortar_proto::wire::{Reply, Request};
 use mortar_tests::mortar_proto::{ChunkId, ROOT_INODE};
 use mortar_tests::tree::referenced_chunks;
-use mortar_tests::{wait_for, Cluster, DEADLINE};
+use mortar_tests::{wait_for, Cluster, NetCut, DEADLINE};
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -356,4 +356,88 @@ async fn two_heal_runs_never_overlap_and_bad_arguments_change_nothing() {
         0,
         "the lease is free after the first run"
     );
+}
+
+/// `mortar volume status` for the test's volume, with `--max-lag 2s`: (exit code, output).
+fn status_with_lag_bound(c: &Cluster) -> (i32, String) {
+    let bricks = c.addrs().join(",");
+    let o = c.cli(&[
+        "volume",
+        "status",
+        "www",
+        "--bricks",
+        &bricks,
+        "--max-lag",
+        "2s",
+    ]);
+    (
+        o.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// Issue 19: a follower the leader cannot replicate to, though it answers the operator, makes
+/// `volume status` and `volume heal` fail naming it; once it catches up both are clean again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_held_behind_fails_status_and_heal_until_it_catches_up() {
+    let c = Cluster::start(3);
+    let vol = c.create_volume("www", CHUNK).await;
+    let clean = || async {
+        wait_for("volume status to be clean", DEADLINE, || {
+            let (code, out) = status_with_lag_bound(&c);
+            async move { (code == 0).then_some(out) }
+        })
+        .await
+    };
+    let out = clean().await;
+    assert!(out.contains("Behind") && !out.contains("problem:"), "{out}");
+
+    let leader = c.leader_index().await;
+    let victim = (leader + 1) % 3;
+    let victim_addr = c.addrs()[victim].clone();
+    let others: Vec<String> = c
+        .addrs()
+        .into_iter()
+        .filter(|a| *a != victim_addr)
+        .collect();
+    let files = {
+        let _cut = NetCut::between(&[&victim_addr], &others);
+        // The log moves on without the victim.
+        let files = write_files(&vol, "held", 20, 1000).await;
+        let out = wait_for(
+            "volume status to name the held-back follower",
+            DEADLINE,
+            || {
+                let (code, out) = status_with_lag_bound(&c);
+                let named = code == 1
+                    && out
+                        .lines()
+                        .any(|l| l.contains(&victim_addr) && l.contains("behind the leader"));
+                async move { named.then_some(out) }
+            },
+        )
+        .await;
+        eprintln!("{out}");
+        let r = heal(&c, &["--max-lag", "2s"]);
+        assert_eq!(r.code, 1, "heal must not call the volume healed");
+        assert!(
+            r.out
+                .lines()
+                .any(|l| l.contains(&victim_addr) && l.contains("behind the leader")),
+            "{}",
+            r.out
+        );
+        files
+    };
+    let out = clean().await;
+    assert!(!out.contains("behind the leader"), "{out}");
+    let r = heal(&c, &["--max-lag", "2s"]);
+    assert_eq!(r.code, 0, "{}", r.out);
+    read_back(&vol, &files).await;
+    let digests = c.settled_meta_digests().await;
+    assert!(digests.iter().all(|d| *d == digests[0]));
 }
