@@ -629,6 +629,19 @@ impl Brick {
                 })
                 .await
             }
+            AdminRequest::ReclaimSpace => {
+                need(&[Role::Admin])?;
+                self.on_storage(|s| {
+                    let before = s.disk_bytes();
+                    let compacted = s.reclaim_space()?;
+                    let after = if compacted { s.disk_bytes() } else { before };
+                    if compacted {
+                        tracing::info!(before, after, "compacted the chunks to reclaim space");
+                    }
+                    Ok(Reply::Reclaimed { before, after })
+                })
+                .await
+            }
             AdminRequest::CollectGarbage { ids, grace_secs } => {
                 need(&[Role::Admin])?;
                 self.on_storage(move |s| Ok(Reply::Collected(s.collect_garbage(&ids, grace_secs)?)))
@@ -677,6 +690,7 @@ impl Brick {
             term: m.current_term,
             replicas: self.lag.report(),
             log_bytes: self.log_bound.total(),
+            disk_bytes: self.on_storage(|s| Ok(s.disk_bytes())).await?,
         })
     }
 

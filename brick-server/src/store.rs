@@ -8,7 +8,8 @@ use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
     WriteBufferManager, WriteOptions, DB,
 };
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Column families. The `meta_*` ones are the replicated state machine and travel in snapshots.
@@ -68,9 +69,18 @@ pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
 pub struct Store {
     pub db: DB,
+    dir: PathBuf,
     /// Serialises the exists-check and counter update of chunk puts.
     chunk_lock: Mutex<()>,
+    /// Chunk bytes collected since the last reclaim.
+    collected: AtomicU64,
 }
+
+/// A reclaim compacts the chunks once collected garbage reaches this share of the live
+/// chunk bytes (or RECLAIM_MIN): a compaction rewrites the chunk index and moves live chunks
+/// out of old blob files, too costly to run for every few deletions.
+const RECLAIM_SHARE: u64 = 20;
+const RECLAIM_MIN: u64 = 64 << 20;
 
 fn u64_at(v: Option<Vec<u8>>) -> u64 {
     v.and_then(|b| b.try_into().ok())
@@ -110,7 +120,9 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(3);
-        opts.set_max_total_wal_size(256 << 20);
+        // Chunk bytes sit in the WAL until their memtable is flushed; a small bound keeps that
+        // second copy (and the replay at start) small.
+        opts.set_max_total_wal_size(64 << 20);
         opts.set_write_buffer_manager(&buffers);
 
         let mut chunk_opts = cf_opts(false);
@@ -118,6 +130,11 @@ impl Store {
         chunk_opts.set_enable_blob_files(true);
         chunk_opts.set_min_blob_size(32 * 1024);
         chunk_opts.set_blob_compression_type(rocksdb::DBCompressionType::None);
+        // Compactions move the live chunks out of the oldest quarter of blob files, so a file
+        // whose chunks are mostly collected is rewritten and freed, not kept for its survivors.
+        chunk_opts.set_enable_blob_gc(true);
+        chunk_opts.set_blob_gc_age_cutoff(0.25);
+        chunk_opts.set_blob_gc_force_threshold(0.5);
         chunk_opts.set_write_buffer_size(WRITE_BUFFERS / 2);
 
         let mut meta_opts = cf_opts(true);
@@ -151,7 +168,9 @@ impl Store {
         })?;
         let store = Store {
             db,
+            dir: dir.to_path_buf(),
             chunk_lock: Mutex::new(()),
+            collected: AtomicU64::new(0),
         };
         store.index_chunks_once()?;
         Ok(store)
@@ -337,6 +356,7 @@ impl Store {
                     b.delete_cf(self.cf(CF_CHUNKS), id.0);
                     self.account(&mut b, id, len, false)?;
                     self.write(b, false)?;
+                    self.collected.fetch_add(len, Ordering::Relaxed);
                     removed.push(*id);
                 }
             }
@@ -345,6 +365,48 @@ impl Store {
             self.db.flush_wal(true)?;
         }
         Ok(removed)
+    }
+
+    /// Bytes the data directory takes on disk (allocated blocks, so sparse files count as
+    /// what they use).
+    pub fn disk_bytes(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            use std::os::unix::fs::MetadataExt;
+            let Ok(entries) = std::fs::read_dir(p) else {
+                return 0;
+            };
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.blocks() * 512,
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(&self.dir)
+    }
+
+    /// Give the space of collected chunks back to the filesystem once there is enough of it:
+    /// a compaction of the chunk column families drops the deleted rows, frees blob files
+    /// whose chunks are all gone and rewrites the oldest ones that are mostly garbage.
+    /// Returns whether it compacted. Blocking, for as long as the compaction runs.
+    pub fn reclaim_space(&self) -> Result<bool, StoreError> {
+        let collected = self.collected.load(Ordering::Relaxed);
+        let (_, live) = self.chunk_totals()?;
+        if collected < RECLAIM_MIN.min(live / RECLAIM_SHARE).max(1) {
+            return Ok(false);
+        }
+        self.collected.fetch_sub(collected, Ordering::Relaxed);
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for cf in [CF_CHUNKS, CF_CHUNK_STAMPS] {
+            self.db.flush_cf(self.cf(cf))?;
+            self.db
+                .compact_range_cf_opt(self.cf(cf), None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+        self.db.flush_wal(true)?;
+        Ok(true)
     }
 
     /// Remove a copy that failed verification and note that this brick needs a good one.

@@ -365,6 +365,15 @@ pub async fn list_released(pool: &Pool, addr: &str) -> Result<Vec<(ChunkId, u64)
     all_pages(pool, addr, request, page, |(c, _): &(ChunkId, u64)| *c).await
 }
 
+/// Ask `addr` to give collected chunks' space back; (disk bytes before, after).
+pub async fn reclaim_space(pool: &Pool, addr: &str) -> Result<(u64, u64), AdminError> {
+    ask(pool, addr, AdminRequest::ReclaimSpace, LONG, |r| match r {
+        Reply::Reclaimed { before, after } => Some((before, after)),
+        _ => None,
+    })
+    .await
+}
+
 /// Delete `ids` on `addr` unless stored within the last `grace_secs`; returns the deleted ones.
 pub async fn collect_garbage(
     pool: &Pool,

@@ -320,6 +320,9 @@ pub enum AdminRequest {
         ids: Vec<ChunkId>,
         grace_secs: u64,
     },
+    /// Give the disk space of collected chunks back to the filesystem (compaction), when
+    /// enough was collected to be worth it.
+    ReclaimSpace,
 }
 
 /// Why a brick is in the heal index for a chunk.
@@ -369,6 +372,8 @@ pub struct BrickStatus {
     pub replicas: Vec<ReplicaLag>,
     /// Bytes of Raft log entries this brick stored since it started.
     pub log_bytes: u64,
+    /// What the brick's data directory takes on disk (chunk_bytes is what is live in it).
+    pub disk_bytes: u64,
 }
 
 /// A follower of the metadata group as its leader sees it.
@@ -516,6 +521,12 @@ pub enum Reply {
         digest: [u8; 32],
     },
     Done,
+    /// The brick's data directory on disk before and after a ReclaimSpace (equal when it
+    /// found too little garbage to compact).
+    Reclaimed {
+        before: u64,
+        after: u64,
+    },
 }
 
 /// What a brick answers on a stream: a reply, or an error that carries an errno.

@@ -435,6 +435,22 @@ async fn collect_garbage(
             .await
             .context("cannot drop release records")?;
     }
+    // Deleted chunks' space goes back to the filesystem within this run.
+    if !removed_everywhere.is_empty() {
+        for b in set {
+            let (before, after) = admin::reclaim_space(vol.pool(), &b.addr)
+                .await
+                .with_context(|| format!("reclaiming space on {}", b.addr))?;
+            if after != before {
+                println!(
+                    "space: {} takes {} on disk, was {}",
+                    b.addr,
+                    crate::human(after),
+                    crate::human(before)
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -367,7 +367,7 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("Status of volume: {name}");
                 println!(
-                    "{:<22} {:<20} {:<5} {:<10} {:>9} {:>10} {:>9} {:>10} {:>6} {:>6}",
+                    "{:<22} {:<20} {:<5} {:<10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>6} {:>6}",
                     "Brick",
                     "ID",
                     "Up",
@@ -376,6 +376,7 @@ async fn run(cli: Cli) -> Result<()> {
                     "Behind",
                     "Chunks",
                     "Bytes",
+                    "Disk",
                     "Heal",
                     "Peers"
                 );
@@ -384,7 +385,7 @@ async fn run(cli: Cli) -> Result<()> {
                         Ok(s) => {
                             let reached = s.peers.iter().filter(|p| p.health == Health::Up);
                             println!(
-                                "{:<22} {:<20} {:<5} {:<10} {:>9} {:>10} {:>9} {:>10} {:>6} {:>6}",
+                                "{:<22} {:<20} {:<5} {:<10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>6} {:>6}",
                                 b.addr,
                                 s.id,
                                 "Y",
@@ -393,6 +394,7 @@ async fn run(cli: Cli) -> Result<()> {
                                 replicas::behind_cell(leader, s.id),
                                 s.chunk_count,
                                 human(s.chunk_bytes),
+                                human(s.disk_bytes),
                                 s.heal_backlog,
                                 format!("{}/{}", reached.count(), s.peers.len())
                             );

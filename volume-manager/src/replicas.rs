@@ -86,6 +86,7 @@ mod tests {
             term,
             replicas,
             log_bytes: 0,
+            disk_bytes: 0,
         }
     }
 
