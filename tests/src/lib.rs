@@ -226,6 +226,12 @@ impl Cluster {
 
     /// Start `n` bricks with extra `mortar-brick` arguments.
     pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
+        Self::start_on(n, extra, |_| None)
+    }
+
+    /// Start `n` bricks with extra arguments, brick `i` storing into `data(i)` when that is
+    /// Some (a test's own filesystem) and into the cluster's directory otherwise.
+    pub fn start_on(n: usize, extra: &[&str], data: impl Fn(usize) -> Option<PathBuf>) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("mortar-test-")
             .tempdir()
@@ -238,7 +244,7 @@ impl Cluster {
             let mut b = BrickProc {
                 index: i,
                 addr: format!("{ip}:{}", 7001 + i),
-                data: dir.path().join(format!("brick{i}")),
+                data: data(i).unwrap_or_else(|| dir.path().join(format!("brick{i}"))),
                 log: dir.path().join(format!("brick{i}.log")),
                 cert,
                 key,
