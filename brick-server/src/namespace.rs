@@ -501,6 +501,33 @@ pub fn apply<R: MetaRead>(
             txn.save(&s);
             Ok(MetaOk::Attr(s.inode.attr))
         }
+        MetaOp::PatchContent {
+            ino,
+            expect_version,
+            size,
+            patch,
+        } => {
+            let mut s = txn.stored(*ino)?;
+            if s.inode.attr.kind != FileKind::Regular {
+                return Err(FsError::Invalid("not a regular file".into()));
+            }
+            if s.inode.attr.version != *expect_version {
+                return Err(FsError::Conflict(s.inode.attr.version));
+            }
+            let Content::Chunks(map) = &s.inode.content else {
+                return Err(FsError::Invalid(
+                    "a chunk patch applies to a file held in chunks".into(),
+                ));
+            };
+            let mut map = map.clone();
+            map.apply(patch);
+            let content = Content::Chunks(map);
+            check_content(*size, &content)?;
+            txn.release(&s.inode.content, Some(&content), now);
+            s.inode.set_content(*size, content, now);
+            txn.save(&s);
+            Ok(MetaOk::Attr(s.inode.attr))
+        }
         MetaOp::HealLease { holder, ttl_secs } => {
             let current: Option<(String, Timestamp)> = match txn.get(Table::Sys, KEY_HEAL_LEASE)? {
                 Some(b) => Some(dec(&b)?),
@@ -532,6 +559,7 @@ pub fn apply<R: MetaRead>(
             for op in ops {
                 match op {
                     MetaOp::SetContent { .. }
+                    | MetaOp::PatchContent { .. }
                     | MetaOp::SetAttr { .. }
                     | MetaOp::SetXattr { .. }
                     | MetaOp::Local { .. } => results.push(apply(txn, op, now)?),
@@ -1189,6 +1217,55 @@ mod tests {
             MetaOk::Inode(i) => assert_eq!(i.content, Content::Inline(b"hello".to_vec())),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_chunk_patch_changes_only_what_it_names_and_releases_what_it_drops() {
+        let mut m = vol();
+        let f = create(&mut m, ROOT_INODE, "f").unwrap();
+        let id = |n: u8| ChunkId::of(&[n]);
+        let map = |ids: &[(u64, u8)]| -> mortar_proto::ChunkMap {
+            ids.iter().map(|&(i, n)| (i, id(n))).collect()
+        };
+        let set = MetaOp::SetContent {
+            ino: f.ino,
+            expect_version: 0,
+            size: 3 << 20,
+            content: Content::Chunks(map(&[(0, 1), (1, 2), (2, 3)])),
+        };
+        assert_eq!(attr(m.run(set).unwrap()).version, 1);
+        let to = map(&[(0, 1), (1, 9), (3, 4)]);
+        let patch = map(&[(0, 1), (1, 2), (2, 3)]).diff(&to);
+        let op = |v| MetaOp::PatchContent {
+            ino: f.ino,
+            expect_version: v,
+            size: 4 << 20,
+            patch: patch.clone(),
+        };
+        assert_eq!(m.run(op(0)), Err(FsError::Conflict(1)));
+        assert_eq!(attr(m.run(op(1)).unwrap()).size, 4 << 20);
+        match query(&m, &Query::GetInode { ino: f.ino }).unwrap() {
+            MetaOk::Inode(i) => assert_eq!(i.content, Content::Chunks(to)),
+            other => panic!("{other:?}"),
+        }
+        let released: Vec<ChunkId> = released(&m, None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        let mut expected = vec![id(2), id(3)];
+        expected.sort_by_key(|c| c.0);
+        assert_eq!(released, expected);
+        // A patch applies to a chunked file only.
+        let g = create(&mut m, ROOT_INODE, "g").unwrap();
+        m.run(inline_content(g.ino, 0, b"small")).unwrap();
+        let on_inline = MetaOp::PatchContent {
+            ino: g.ino,
+            expect_version: 1,
+            size: 1 << 20,
+            patch,
+        };
+        assert!(matches!(m.run(on_inline), Err(FsError::Invalid(_))));
     }
 
     #[test]

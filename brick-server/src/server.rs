@@ -465,7 +465,8 @@ impl Brick {
             MetaOp::SetAttr { ino, .. }
             | MetaOp::SetXattr { ino, .. }
             | MetaOp::RemoveXattr { ino, .. }
-            | MetaOp::SetContent { ino, .. } => named.inos.push(*ino),
+            | MetaOp::SetContent { ino, .. }
+            | MetaOp::PatchContent { ino, .. } => named.inos.push(*ino),
             MetaOp::SetInode { inode, .. } => named.inos.push(inode.attr.ino),
             MetaOp::Batch(ops) => ops.iter().for_each(|op| self.add_named(op, named)),
             MetaOp::Local { op, .. } => self.add_named(op, named),

@@ -226,6 +226,10 @@ impl Volume {
             }
             let version = inode.attr.version;
             let xattrs = inode.xattrs.clone();
+            let before = match &inode.content {
+                Content::Chunks(m) => Some(m.clone()),
+                _ => None,
+            };
             let (size, content) = update(inode).await?;
             let mut op = MetaOp::SetContent {
                 ino,
@@ -259,6 +263,19 @@ impl Volume {
             }
             // What `update` left to upload behind us must be stored before anything names it.
             self.wait_uploads().await?;
+            // A chunked file's commit names only what changed: the log grows with the bytes
+            // written, not with the file's size at every flush.
+            if let (Some(before), Content::Chunks(after)) = (&before, &content) {
+                let patch = before.diff(after);
+                if patch.len() < after.len() {
+                    op = MetaOp::PatchContent {
+                        ino,
+                        expect_version: version,
+                        size,
+                        patch,
+                    };
+                }
+            }
             if !then.is_empty() {
                 op = MetaOp::Batch(std::iter::once(op).chain(then.iter().cloned()).collect());
             }

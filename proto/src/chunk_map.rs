@@ -98,6 +98,83 @@ impl ChunkMap {
     }
 }
 
+/// The difference between two chunk maps, so a commit carries what changed rather than the
+/// whole map (which grows with the file: resending it on every flush made the log grow with
+/// the square of a file's size).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkPatch {
+    /// Everything at this index and beyond goes first.
+    pub end: u64,
+    /// Indexes below `end` that become holes, increasing.
+    pub clear: Vec<u64>,
+    /// Chunks put, new or changed.
+    pub set: ChunkMap,
+}
+
+impl ChunkPatch {
+    /// How many chunk entries it names (what it costs, against the map's `len`).
+    pub fn len(&self) -> usize {
+        self.clear.len() + self.set.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl ChunkMap {
+    /// What turns `self` into `to`.
+    pub fn diff(&self, to: &ChunkMap) -> ChunkPatch {
+        let end = to.end();
+        let mut clear = Vec::new();
+        let mut set = Vec::new();
+        // What lies at `end` and beyond goes by truncation.
+        let kept = &self.0[..self.0.partition_point(|(i, _)| *i < end)];
+        let (mut a, mut b) = (kept.iter().peekable(), to.0.iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(&&(i, x)), Some(&&(j, y))) if i == j => {
+                    if x != y {
+                        set.push((j, y));
+                    }
+                    a.next();
+                    b.next();
+                }
+                (Some(&&(i, _)), Some(&&(j, _))) if i < j => {
+                    clear.push(i);
+                    a.next();
+                }
+                (Some(&&(i, _)), None) => {
+                    clear.push(i);
+                    a.next();
+                }
+                (_, Some(&&(j, y))) => {
+                    set.push((j, y));
+                    b.next();
+                }
+                (None, None) => break,
+            }
+        }
+        ChunkPatch {
+            end,
+            clear,
+            set: ChunkMap(set),
+        }
+    }
+
+    /// Apply a patch made by [`ChunkMap::diff`] from this map.
+    pub fn apply(&mut self, patch: &ChunkPatch) {
+        self.truncate(patch.end);
+        if !patch.clear.is_empty() {
+            self.0
+                .retain(|(i, _)| patch.clear.binary_search(i).is_err());
+        }
+        for (i, id) in patch.set.iter() {
+            self.set(i, *id);
+        }
+    }
+}
+
 impl FromIterator<(u64, ChunkId)> for ChunkMap {
     /// Collect pairs in any order; a later pair for the same index wins.
     fn from_iter<T: IntoIterator<Item = (u64, ChunkId)>>(iter: T) -> Self {
@@ -154,5 +231,31 @@ mod tests {
         assert_eq!(end_of(u64::MAX, 1).unwrap_err().errno(), libc::EFBIG);
         assert_eq!(end_of((1 << 63) - 1, 0).unwrap_err().errno(), libc::EFBIG);
         assert_eq!(end_of(10, 5), Ok(15));
+    }
+
+    #[test]
+    fn a_patch_turns_one_map_into_another() {
+        let m =
+            |pairs: &[(u64, u8)]| -> ChunkMap { pairs.iter().map(|&(i, n)| (i, id(n))).collect() };
+        let cases = [
+            (m(&[]), m(&[(0, 1), (1, 2)])),
+            (m(&[(0, 1), (1, 2)]), m(&[(0, 1), (1, 2), (2, 3)])),
+            (m(&[(0, 1), (1, 2), (5, 3)]), m(&[(0, 9), (5, 3)])),
+            (m(&[(0, 1), (1, 2), (5, 3)]), m(&[(0, 1)])),
+            (m(&[(0, 1), (3, 2)]), m(&[(1, 1), (2, 2), (3, 2), (9, 4)])),
+            (m(&[(0, 1), (3, 2)]), m(&[])),
+            (m(&[(5, 1)]), m(&[(0, 1), (1, 2)])),
+        ];
+        for (from, to) in cases {
+            let patch = from.diff(&to);
+            let mut got = from.clone();
+            got.apply(&patch);
+            assert_eq!(got, to, "{from:?} -> {to:?} by {patch:?}");
+        }
+        // Appending one chunk to a long file names one chunk, not the file.
+        let long: ChunkMap = (0..1000u64).map(|i| (i, id((i % 250) as u8))).collect();
+        let mut longer = long.clone();
+        longer.set(1000, id(7));
+        assert_eq!(long.diff(&longer).len(), 1);
     }
 }

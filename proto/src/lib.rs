@@ -11,6 +11,6 @@ pub mod transport;
 pub mod types;
 pub mod wire;
 
-pub use chunk_map::{ChunkMap, MAX_FILE_SIZE};
+pub use chunk_map::{ChunkMap, ChunkPatch, MAX_FILE_SIZE};
 pub use error::FsError;
 pub use types::*;

@@ -205,6 +205,14 @@ pub enum MetaOp {
         expect_version: u64,
         inode: Inode,
     },
+    /// SetContent of a chunked file, as the change to its chunk map: a flush of a large file
+    /// names the chunks it wrote, not all the file has.
+    PatchContent {
+        ino: InodeId,
+        expect_version: u64,
+        size: u64,
+        patch: crate::ChunkPatch,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

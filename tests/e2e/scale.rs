@@ -20,6 +20,10 @@ const CATCH_UP: Duration = Duration::from_secs(60);
 /// Resident memory no brick may pass while snapshots are built, sent and installed.
 const RSS_BOUND: u64 = 300 * MIB;
 
+/// The tests of this group run one at a time: each loads the machine on its own, and the
+/// catch-up deadlines are meant for one volume's work.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `files` files of FILE_BYTES incompressible bytes, 200 to a directory.
 fn make_inline_tree(root: &Path, files: usize, seed: u64) {
     for i in 0..files {
@@ -156,6 +160,7 @@ fn last_snapshot_bytes(c: &Cluster, i: usize) -> Option<u64> {
 /// 8 MiB, is sent them in appends split under the frame bound and catches up within 60 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_frozen_while_200_mib_of_log_commits_catches_up() {
+    let _serial = SERIAL.lock().await;
     // No snapshot in the way: this follower must catch up from the log itself.
     let c = Cluster::start_with(3, &["--snapshot-bytes", &(64u64 << 30).to_string()]);
     c.create_volume("www", DEFAULT_CHUNK_SIZE).await;
@@ -204,6 +209,7 @@ async fn a_follower_frozen_while_200_mib_of_log_commits_catches_up() {
 /// a namespace over 200 MiB streamed in chunks; no brick's memory passes RSS_BOUND meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_back_after_a_purge_installs_a_streamed_snapshot_in_bounded_memory() {
+    let _serial = SERIAL.lock().await;
     // Snapshot every 32 MiB of log and purge beyond an 8 MiB tail.
     let mut c = Cluster::start_with(3, &["--snapshot-bytes", &(32 * MIB).to_string()]);
     c.create_volume("www", DEFAULT_CHUNK_SIZE).await;
@@ -299,6 +305,7 @@ async fn write_big_files(
 /// 1 GiB written and deleted comes back as disk space within one `volume heal --gc-grace 0s`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_chunks_give_their_disk_space_back_within_a_heal_run() {
+    let _serial = SERIAL.lock().await;
     use mortar_tests::mortar_proto::ROOT_INODE;
     let c = Cluster::start(3);
     let vol = c.create_volume("www", DEFAULT_CHUNK_SIZE).await;
@@ -348,4 +355,59 @@ async fn deleted_chunks_give_their_disk_space_back_within_a_heal_run() {
             .unwrap();
         assert_eq!(a.size, 64 * MIB);
     }
+}
+
+/// A 4 GiB file written sequentially in one open adds Raft log linear in its size: each flush
+/// commits the chunks it wrote, not the whole chunk list again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_adds_log_linear_in_its_size() {
+    let _serial = SERIAL.lock().await;
+    /// Log bytes per GiB written, at most. The chunk ids alone are 32 KiB per GiB of 1 MiB
+    /// chunks; resending the whole list at every 4 MiB flush made it about 21 MiB per GiB.
+    const LOG_PER_GIB: u64 = 256 * 1024;
+    const GIB: u64 = 1 << 30;
+    let c = Cluster::start(3);
+    c.create_volume("www", DEFAULT_CHUNK_SIZE).await;
+    let leader = c.leader_index().await;
+    let m = c.mount("www", "mnt", "").await;
+    let before = status(&c, leader).await.log_bytes;
+    let path = m.path.join("big.bin");
+    let size = 4 * GIB;
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path).unwrap();
+        let mut block = vec![0u8; 1 << 20];
+        for i in 0..size >> 20 {
+            // Every MiB differs, so no chunk is stored once for many.
+            block[..8].copy_from_slice(&i.to_le_bytes());
+            f.write_all(&block).unwrap();
+        }
+        f.sync_all().unwrap();
+    })
+    .await
+    .unwrap();
+    eprintln!("wrote 4 GiB in {:?}", started.elapsed());
+    let attr = std::fs::metadata(m.path.join("big.bin")).unwrap();
+    assert_eq!(attr.len(), size);
+    let logged = status(&c, leader).await.log_bytes - before;
+    eprintln!(
+        "log bytes for 4 GiB: {logged} ({} KiB per GiB)",
+        logged / 4 / 1024
+    );
+    assert!(
+        logged <= 4 * LOG_PER_GIB,
+        "{logged} log bytes for 4 GiB; the bound is {LOG_PER_GIB} per GiB"
+    );
+    // The file is whole: its last MiB carries its own index.
+    let mut tail = vec![0u8; 8];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(m.path.join("big.bin"))
+        .unwrap()
+        .read_exact_at(&mut tail, size - (1 << 20))
+        .unwrap();
+    assert_eq!(
+        u64::from_le_bytes(tail.try_into().unwrap()),
+        (size >> 20) - 1
+    );
 }
