@@ -1,11 +1,12 @@
 //! The chunk write path: verify, store, forward to the rest of the replica set in parallel, and
 //! answer once a quorum holds the chunk, recording any miss in the heal index.
 
+use crate::space::Space;
 use crate::store::Store;
 use mortar_proto::layout;
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{AdminRequest, Frame, HealEntry, HealReason, PutChunk, Reply, Request};
-use mortar_proto::{BrickId, BrickRef, FsError, VolumeConfig, MAX_CHUNK_SIZE};
+use mortar_proto::{BrickId, BrickRef, ChunkId, FsError, VolumeConfig, MAX_CHUNK_SIZE};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -29,11 +30,27 @@ pub fn verify(p: &PutChunk) -> Result<(), FsError> {
     Ok(())
 }
 
+/// Store this brick's copy of a verified chunk, unless it is new and the disk is down to its
+/// reserve (ENOSPC).
+pub fn store_copy(
+    store: &Store,
+    space: &Space,
+    id: &ChunkId,
+    data: &[u8],
+    sync: bool,
+) -> Result<(), FsError> {
+    if !store.has_chunk(id)? {
+        space.admit_data(data.len() as u64)?;
+    }
+    Ok(store.put_chunk(id, data, sync)?)
+}
+
 /// Store a chunk a client sent and replicate it. Answers as soon as a quorum holds it (a slow,
 /// frozen or cut-off peer does not hold up the write); the remaining copies finish in the
 /// background and any miss goes to the heal index. Returns the copies held when answering.
 pub async fn put_replicated(
     store: &Arc<Store>,
+    space: &Space,
     pool: &Pool,
     self_id: BrickId,
     volume: &VolumeConfig,
@@ -57,9 +74,9 @@ pub async fn put_replicated(
         tokio::spawn(async move {
             let r = match pool.call_frame(&b.addr, &frame, REPLICA_TIMEOUT).await {
                 Ok(Ok(Reply::ChunkStored { .. })) => Ok(()),
-                Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(Ok(other)) => Err(FsError::Io(format!("unexpected reply {other:?}"))),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(FsError::Unavailable(e.to_string())),
             };
             let _ = tx.send((b, r));
         });
@@ -74,41 +91,54 @@ pub async fn put_replicated(
     };
     let mut holders = Vec::new();
     let mut misses = Vec::new();
+    // A replica out of space: when no quorum can store the chunk, the writer gets ENOSPC (it
+    // cannot succeed on retry) rather than "unavailable".
+    let mut full = None;
     if set.iter().any(|b| b.id == self_id) {
-        match store.put_chunk(&id, &p.data, p.sync) {
+        match store_copy(store, space, &id, &p.data, p.sync) {
             Ok(()) => holders.push(self_id),
             Err(e) => {
                 tracing::warn!(chunk = %id, error = %e, "storing own copy failed");
+                if matches!(e, FsError::NoSpace(_)) {
+                    full = Some(e);
+                }
                 misses.push(miss(self_id));
             }
         }
     }
-    let note = move |(b, r): (BrickRef, Result<(), String>),
+    let note = move |(b, r): (BrickRef, Result<(), FsError>),
                      holders: &mut Vec<BrickId>,
-                     misses: &mut Vec<HealEntry>| match r {
+                     misses: &mut Vec<HealEntry>,
+                     full: &mut Option<FsError>| match r {
         Ok(()) => holders.push(b.id),
         Err(e) => {
             tracing::warn!(brick = b.id, addr = %b.addr, error = %e, "replica write failed");
+            if matches!(e, FsError::NoSpace(_)) {
+                *full = Some(e);
+            }
             misses.push(miss(b.id));
         }
     };
     while holders.len() < WRITE_QUORUM {
         match rx.recv().await {
-            Some(answer) => note(answer, &mut holders, &mut misses),
+            Some(answer) => note(answer, &mut holders, &mut misses, &mut full),
             None => break,
         }
     }
     let copies = holders.len();
     if copies < WRITE_QUORUM {
-        return Err(FsError::Unavailable(format!(
-            "only {copies} of {} replicas stored chunk {id}",
-            set.len()
-        )));
+        return Err(full.unwrap_or_else(|| {
+            FsError::Unavailable(format!(
+                "only {copies} of {} replicas stored chunk {id}",
+                set.len()
+            ))
+        }));
     }
     let (store, pool) = (store.clone(), pool.clone());
     tokio::spawn(async move {
+        let mut full = None;
         while let Some(answer) = rx.recv().await {
-            note(answer, &mut holders, &mut misses);
+            note(answer, &mut holders, &mut misses, &mut full);
         }
         if !misses.is_empty() {
             record_misses(&store, &pool, self_id, &set, &holders, misses).await;

@@ -2,6 +2,7 @@
 //! from peers, and scrubbing its own copies. The operator's `mortar volume heal` decides what
 //! to move; bricks move it directly, so chunk data never passes through the operator's host.
 
+use crate::space::Space;
 use crate::store::{blocking, Store};
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{Reply, Request};
@@ -29,15 +30,19 @@ pub fn read_verified(store: &Store, self_id: BrickId, id: &ChunkId) -> Result<Ve
 /// time. Per chunk: the bytes copied (0 when it was already here), else what every source said.
 pub async fn fetch_chunks(
     store: &Store,
+    space: &Space,
     pool: &Pool,
     ids: &[ChunkId],
     sources: &[String],
 ) -> Result<Vec<Result<u64, String>>, FsError> {
     let mut out = Vec::with_capacity(ids.len());
     for window in ids.chunks(FETCH_IN_FLIGHT) {
-        let results =
-            futures::future::join_all(window.iter().map(|id| fetch_one(store, pool, id, sources)))
-                .await;
+        let results = futures::future::join_all(
+            window
+                .iter()
+                .map(|id| fetch_one(store, space, pool, id, sources)),
+        )
+        .await;
         for r in results {
             out.push(r?);
         }
@@ -51,6 +56,7 @@ pub async fn fetch_chunks(
 
 async fn fetch_one(
     store: &Store,
+    space: &Space,
     pool: &Pool,
     id: &ChunkId,
     sources: &[String],
@@ -65,8 +71,12 @@ async fn fetch_one(
             .await
         {
             Ok(Ok(Reply::Chunk(data))) if id.matches(&data) => {
-                store.put_chunk(id, &data, false)?;
-                return Ok(Ok(data.len() as u64));
+                // A full disk fails this copy, not the whole request.
+                return match crate::chunk::store_copy(store, space, id, &data, false) {
+                    Ok(()) => Ok(Ok(data.len() as u64)),
+                    Err(FsError::NoSpace(why)) => Ok(Err(why)),
+                    Err(e) => Err(e),
+                };
             }
             Ok(Ok(Reply::Chunk(_))) => why.push(format!("{src}: copy fails verification")),
             Ok(Ok(other)) => why.push(format!("{src}: unexpected reply {other:?}")),

@@ -9,5 +9,6 @@ pub mod namespace;
 pub mod raft;
 pub mod server;
 pub mod snapshot;
+pub mod space;
 pub mod store;
 pub mod watch;

@@ -4,6 +4,7 @@ use mortar_brick::lag;
 use mortar_brick::log_bound::{self, LogBound};
 use mortar_brick::raft::{self, LogStore, Network, StateMachine};
 use mortar_brick::server::Brick;
+use mortar_brick::space::{self, Space};
 use mortar_brick::store::Store;
 use mortar_brick::watch::Watchers;
 use mortar_proto::tls::Identity;
@@ -38,6 +39,10 @@ struct Args {
     /// is kept after a purge.
     #[arg(long, default_value_t = log_bound::SNAPSHOT_BYTES, value_parser = clap::value_parser!(u64).range(4096..))]
     snapshot_bytes: u64,
+    /// Disk space kept free for metadata (size like 512M, or a share like 2%): new data is
+    /// refused with ENOSPC below it, so deletes, renames and mkdir still work on a full disk.
+    #[arg(long, default_value = space::DEFAULT_RESERVE)]
+    reserve: space::Reserve,
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -115,6 +120,7 @@ async fn run(args: Args) -> Result<()> {
         watchers: Arc::new(Watchers::new(id, raft.clone())),
         lag: Arc::default(),
         log_bound: bound.clone(),
+        space: Arc::new(Space::new(args.data.clone(), args.reserve)),
     });
     tracing::info!(brick = id, listen = %args.listen, data = %args.data.display(), "brick serving");
     let server = tokio::spawn(brick.clone().serve(endpoint.clone()));

@@ -854,6 +854,22 @@ pub fn released<R: MetaRead>(
         .collect()
 }
 
+/// Bytes of file data a change adds to the namespace (inline content, extended attribute
+/// values), which a brick down to its disk reserve refuses. Changes made under a delegation
+/// ([`MetaOp::Local`]) count nothing: applications already saw them succeed, so they are
+/// committed whatever the disk.
+pub fn new_data_bytes(op: &MetaOp) -> u64 {
+    match op {
+        MetaOp::SetContent {
+            content: Content::Inline(b),
+            ..
+        } => b.len() as u64,
+        MetaOp::SetXattr { value, .. } => value.len() as u64,
+        MetaOp::Batch(ops) => ops.iter().map(new_data_bytes).sum(),
+        _ => 0,
+    }
+}
+
 pub fn inode_count<R: MetaRead>(r: &R) -> Result<u64, FsError> {
     Ok(u64_of(r.get(Table::Sys, KEY_INODE_COUNT)?))
 }
@@ -1266,6 +1282,32 @@ mod tests {
             patch,
         };
         assert!(matches!(m.run(on_inline), Err(FsError::Invalid(_))));
+    }
+
+    #[test]
+    fn data_bytes_count_inline_content_and_xattrs_but_not_delegated_changes() {
+        let put = inline_content(5, 0, b"hello");
+        assert_eq!(new_data_bytes(&put), 5);
+        let x = MetaOp::SetXattr {
+            ino: 5,
+            name: b"user.a".to_vec(),
+            value: vec![0; 100],
+            mode: mortar_proto::wire::XattrMode::Any,
+        };
+        assert_eq!(new_data_bytes(&MetaOp::Batch(vec![put.clone(), x])), 105);
+        let local = MetaOp::Local {
+            at: Timestamp::now(),
+            ino: None,
+            op: Box::new(put),
+        };
+        assert_eq!(new_data_bytes(&local), 0);
+        assert_eq!(
+            new_data_bytes(&MetaOp::Unlink {
+                parent: 1,
+                name: b"f".to_vec()
+            }),
+            0
+        );
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Brick {
     /// Followers' lag, while this brick leads.
     pub lag: Arc<crate::lag::Lag>,
     pub log_bound: Arc<crate::log_bound::LogBound>,
+    /// The data disk and the reserve kept on it for metadata.
+    pub space: Arc<crate::space::Space>,
 }
 
 /// Refuse (and log) a request the peer's certificate role does not allow.
@@ -130,13 +132,20 @@ impl Brick {
             Request::PutChunk(p) => {
                 if p.replicate {
                     let volume = self.volume()?;
-                    let copies =
-                        chunk::put_replicated(&self.store, &self.pool, self.id, &volume, p).await?;
+                    let copies = chunk::put_replicated(
+                        &self.store,
+                        &self.space,
+                        &self.pool,
+                        self.id,
+                        &volume,
+                        p,
+                    )
+                    .await?;
                     Ok(Reply::ChunkStored { copies })
                 } else {
                     need(&[Role::Brick])?;
                     chunk::verify(&p)?;
-                    self.store.put_chunk(&p.id, &p.data, p.sync)?;
+                    chunk::store_copy(&self.store, &self.space, &p.id, &p.data, p.sync)?;
                     Ok(Reply::ChunkStored { copies: 1 })
                 }
             }
@@ -295,6 +304,12 @@ impl Brick {
                     None,
                 );
             }
+            let grows = namespace::new_data_bytes(&op);
+            if grows > 0 {
+                if let Err(e) = self.space.admit_data(grows) {
+                    return Reply::meta(Err(e), Some(leader));
+                }
+            }
             let named = self.named_by_op(&op);
             let admitted = Instant::now();
             let _in_flight = self.watchers.admit(once.map(|o| o.client), named).await;
@@ -401,6 +416,12 @@ impl Brick {
                 Some(leader),
             );
         };
+        // Changes held under a delegation are shown to applications before they commit and
+        // are committed from the reserve; on a full disk, writers go the way that can answer
+        // ENOSPC instead.
+        if let Err(e) = self.space.admit_data(0) {
+            return Reply::meta(Err(e), Some(leader));
+        }
         let granted = self.watchers.delegate(client, dir, || {
             namespace::empty_dir_parent(&DbMeta(&self.store), dir)
         });
@@ -504,17 +525,10 @@ impl Brick {
     }
 
     fn statfs(&self) -> Result<MetaOk, FsError> {
-        let path = std::ffi::CString::new(self.data_dir.as_os_str().as_encoded_bytes())
-            .map_err(|_| FsError::Io("data dir path has NUL".into()))?;
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: path is a valid C string and st a properly sized out-parameter.
-        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-            return Err(FsError::Io(std::io::Error::last_os_error().to_string()));
-        }
-        let frsize = st.f_frsize as u64;
+        let (free_bytes, total_bytes) = self.space.usage()?;
         Ok(MetaOk::StatFs(StatFs {
-            total_bytes: st.f_blocks as u64 * frsize,
-            free_bytes: st.f_bavail as u64 * frsize,
+            total_bytes,
+            free_bytes,
             files: namespace::inode_count(&DbMeta(&self.store))?,
             block_size: 4096,
             name_max: NAME_MAX as u32,
@@ -591,7 +605,9 @@ impl Brick {
             }
             AdminRequest::FetchChunks { ids, sources } => {
                 need(&[Role::Admin])?;
-                let fetched = heal::fetch_chunks(&self.store, &self.pool, &ids, &sources).await?;
+                let fetched =
+                    heal::fetch_chunks(&self.store, &self.space, &self.pool, &ids, &sources)
+                        .await?;
                 Ok(Reply::Fetched(fetched))
             }
             AdminRequest::ClearHealIndex(entries) => {

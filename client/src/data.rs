@@ -59,7 +59,10 @@ impl Volume {
             match self.pool.call(addr, &req, PUT_ATTEMPT_TIMEOUT).await {
                 Ok(Ok(Reply::ChunkStored { .. })) => return Ok(id),
                 Ok(Ok(other)) => last = FsError::Io(format!("unexpected reply {other:?}")),
-                Ok(Err(e @ (FsError::HashMismatch(_) | FsError::TooLarge(_)))) => return Err(e),
+                // Every primary of the set asks the same replicas: no retry can succeed.
+                Ok(Err(
+                    e @ (FsError::HashMismatch(_) | FsError::TooLarge(_) | FsError::NoSpace(_)),
+                )) => return Err(e),
                 Ok(Err(e)) => last = e,
                 Err(e) => last = e.into(),
             }

@@ -155,3 +155,152 @@ async fn a_power_cut_of_two_bricks_loses_nothing_acknowledged() {
         );
     }
 }
+
+/// A tmpfs of `size` at `dir`, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Bricks on small filesystems that fill: writes get ENOSPC, mkdir, unlink and rm -rf still
+/// work, no brick exits, everything acknowledged reads back, and writing works again once
+/// deleted files' chunks are collected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_keeps_metadata_working_and_recovers() {
+    use mortar_tests::mortar_proto::FsError;
+    let root = tempfile::Builder::new()
+        .prefix("mortar-full-")
+        .tempdir()
+        .unwrap();
+    let disks: Vec<Tmpfs> = (0..3)
+        .map(|i| Tmpfs::mount(root.path().join(format!("disk{i}")), "320m"))
+        .collect();
+    let dirs: Vec<PathBuf> = disks.iter().map(|d| d.0.join("brick")).collect();
+    let mut c = Cluster::start_on(3, &["--reserve", "48M"], |i| dirs.get(i).cloned());
+    let vol = c
+        .create_volume("www", mortar_tests::mortar_proto::DEFAULT_CHUNK_SIZE)
+        .await;
+
+    // A directory of small files to rm -rf once the disks are full.
+    let pre = vol.mkdir(ROOT_INODE, b"pre", 0o755, 0, 0).await.unwrap();
+    for i in 0..30 {
+        let name = format!("s{i}");
+        let a = vol
+            .create(pre.ino, name.as_bytes(), 0o644, 0, 0)
+            .await
+            .unwrap();
+        vol.write(a.ino, 0, &body(&name, 500), false).await.unwrap();
+    }
+
+    // Fill: 2 MiB files until the bricks refuse.
+    let mut acked = Vec::new();
+    let refused = loop {
+        let name = format!("big{}", acked.len());
+        let a = vol
+            .create(ROOT_INODE, name.as_bytes(), 0o644, 0, 0)
+            .await
+            .unwrap();
+        let b = body(&name, 2 << 20);
+        match vol.write(a.ino, 0, &b, false).await {
+            Ok(_) => acked.push((name, b)),
+            Err(e) => break (name, e),
+        }
+        assert!(acked.len() < 1000, "320 MiB disks never filled");
+    };
+    eprintln!(
+        "{} files of 2 MiB acknowledged, then: {}",
+        acked.len(),
+        refused.1
+    );
+    assert!(matches!(refused.1, FsError::NoSpace(_)), "{}", refused.1);
+    assert_eq!(refused.1.errno(), libc::ENOSPC);
+    assert!(
+        acked.len() >= 20,
+        "only {} files before the disks filled",
+        acked.len()
+    );
+    // Small files' content is data too.
+    let tiny = vol.create(ROOT_INODE, b"tiny", 0o644, 0, 0).await.unwrap();
+    let e = vol.write(tiny.ino, 0, b"hello", false).await.unwrap_err();
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+
+    // Metadata still works: mkdir, unlink, rm -rf.
+    vol.mkdir(ROOT_INODE, b"made-when-full", 0o755, 0, 0)
+        .await
+        .unwrap();
+    vol.unlink(ROOT_INODE, refused.0.as_bytes()).await.unwrap();
+    vol.unlink(ROOT_INODE, b"tiny").await.unwrap();
+    for i in 0..30 {
+        vol.unlink(pre.ino, format!("s{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    vol.rmdir(ROOT_INODE, b"pre").await.unwrap();
+    for (i, b) in c.bricks.iter_mut().enumerate() {
+        assert!(b.is_running(), "brick {i} exited on a full disk");
+    }
+    for (name, b) in &acked {
+        assert_eq!(
+            &read_all(&vol, name).await,
+            b,
+            "{name} differs on a full disk"
+        );
+    }
+
+    // Free half, collect it, and writing works again by itself.
+    let (gone, kept) = acked.split_at(acked.len() / 2);
+    for (name, _) in gone {
+        vol.unlink(ROOT_INODE, name.as_bytes()).await.unwrap();
+    }
+    let bricks = c.addrs().join(",");
+    let out = c.cli(&[
+        "volume",
+        "heal",
+        "www",
+        "--gc-grace",
+        "0s",
+        "--bricks",
+        &bricks,
+    ]);
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    let again = body("again", 2 << 20);
+    let a = vol.create(ROOT_INODE, b"again", 0o644, 0, 0).await.unwrap();
+    wait_for("writes to work again", DEADLINE, || {
+        let (vol, again) = (&vol, &again);
+        async move { vol.write(a.ino, 0, again, false).await.ok() }
+    })
+    .await;
+    assert_eq!(read_all(&vol, "again").await, again);
+    for (name, b) in kept {
+        assert_eq!(
+            &read_all(&vol, name).await,
+            b,
+            "{name} differs after the disk filled"
+        );
+    }
+    for (i, b) in c.bricks.iter_mut().enumerate() {
+        assert!(b.is_running(), "brick {i} exited");
+    }
+    drop(c);
+    drop(disks);
+}
