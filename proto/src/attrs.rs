@@ -103,6 +103,9 @@ pub fn check_content(size: u64, content: &Content) -> Result<(), FsError> {
         Content::Inline(b) if b.len() as u64 != size => Err(FsError::Invalid(
             "inline content length differs from size".into(),
         )),
+        Content::Chunks(m) if m.len() > crate::chunk_map::MAX_STORED_CHUNKS => {
+            Err(FsError::FileTooBig(size))
+        }
         Content::Inline(_) | Content::Chunks(_) => Ok(()),
         _ => Err(FsError::Invalid(
             "file content must be inline or chunks".into(),

@@ -11,6 +11,12 @@ use serde::{Deserialize, Serialize};
 /// 4 GiB) far from overflowing a u64.
 pub const MAX_FILE_SIZE: u64 = 1 << 44;
 
+/// Chunks one file may store (holes do not count). The inode, chunk map included, is one row
+/// and one reply, which must fit a frame: 2^19 entries of about 41 bytes are 21 MiB of the 32.
+/// That is 512 GiB of written data at the default 1 MiB chunk; more gets EFBIG.
+pub const MAX_STORED_CHUNKS: usize = 1 << 19;
+const _: () = assert!(MAX_STORED_CHUNKS * 48 < crate::wire::MAX_FRAME);
+
 /// Why a size is refused, or nothing when it is within [`MAX_FILE_SIZE`].
 pub fn check_size(size: u64) -> Result<(), FsError> {
     if size > MAX_FILE_SIZE {
@@ -257,5 +263,16 @@ mod tests {
         let mut longer = long.clone();
         longer.set(1000, id(7));
         assert_eq!(long.diff(&longer).len(), 1);
+    }
+
+    #[test]
+    fn a_file_stores_at_most_max_stored_chunks() {
+        let full: ChunkMap = (0..MAX_STORED_CHUNKS as u64).map(|i| (i * 2, id(1))).collect();
+        let size = 2 * MAX_STORED_CHUNKS as u64 * (1 << 20);
+        assert!(crate::attrs::check_content(size, &crate::Content::Chunks(full.clone())).is_ok());
+        let mut over = full;
+        over.set(1, id(2));
+        let e = crate::attrs::check_content(size, &crate::Content::Chunks(over)).unwrap_err();
+        assert_eq!(e.errno(), libc::EFBIG);
     }
 }
