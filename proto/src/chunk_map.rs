@@ -267,7 +267,9 @@ mod tests {
 
     #[test]
     fn a_file_stores_at_most_max_stored_chunks() {
-        let full: ChunkMap = (0..MAX_STORED_CHUNKS as u64).map(|i| (i * 2, id(1))).collect();
+        let full: ChunkMap = (0..MAX_STORED_CHUNKS as u64)
+            .map(|i| (i * 2, id(1)))
+            .collect();
         let size = 2 * MAX_STORED_CHUNKS as u64 * (1 << 20);
         assert!(crate::attrs::check_content(size, &crate::Content::Chunks(full.clone())).is_ok());
         let mut over = full;
