@@ -517,15 +517,7 @@ impl Volume {
         size += first.len() as u64;
         if first.len() <= INLINE_MAX && first.len() < cs {
             let content = Content::Inline(std::mem::take(&mut first));
-            return expect_attr(
-                self.write_op(MetaOp::SetContent {
-                    ino,
-                    expect_version: version,
-                    size,
-                    content,
-                })
-                .await?,
-            );
+            return self.replace_content(ino, version, size, content).await;
         }
         let mut pending = futures::stream::FuturesOrdered::new();
         let mut ids = ChunkMap::new();
@@ -546,13 +538,36 @@ impl Volume {
             size += block.len() as u64;
             check_size(size)?;
         }
-        let op = MetaOp::SetContent {
-            ino,
-            expect_version: version,
-            size,
-            content: Content::Chunks(ids),
-        };
-        expect_attr(self.write_op(op).await?)
+        self.replace_content(ino, version, size, Content::Chunks(ids))
+            .await
+    }
+
+    /// Commit a file's whole new content. Nothing is merged, so a change made since
+    /// `version` (a link, a chmod, another writer) only means committing again over the
+    /// version it left.
+    async fn replace_content(
+        &self,
+        ino: InodeId,
+        version: u64,
+        size: u64,
+        content: Content,
+    ) -> Result<Attr, FsError> {
+        let mut expect_version = version;
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let op = MetaOp::SetContent {
+                ino,
+                expect_version,
+                size,
+                content: content.clone(),
+            };
+            match self.write_op(op).await {
+                Err(FsError::Conflict(now)) => expect_version = now,
+                other => return expect_attr(other?),
+            }
+        }
+        Err(FsError::Unavailable(
+            "file kept changing under concurrent writers".into(),
+        ))
     }
 
     /// Stream a whole file to `writer`, a chunk at a time.
