@@ -2,8 +2,9 @@
 //! from peers, and scrubbing its own copies. The operator's `mortar volume heal` decides what
 //! to move; bricks move it directly, so chunk data never passes through the operator's host.
 
+use crate::background;
 use crate::space::Space;
-use crate::store::{blocking, Store};
+use crate::store::Store;
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{Reply, Request};
 use mortar_proto::{BrickId, ChunkId, FsError};
@@ -102,14 +103,14 @@ pub async fn scrub(
 ) -> Result<Reply, FsError> {
     let ids = {
         let store = store.clone();
-        blocking(move || Ok(store.list_chunks(after.as_ref(), limit)?)).await?
+        background::run(move || Ok(store.list_chunks(after.as_ref(), limit)?)).await?
     };
     let started = Instant::now();
     let (mut bytes, mut corrupt) = (0u64, Vec::new());
     for id in ids.iter().copied() {
-        // Reading and hashing a chunk runs on a blocking thread, off the async runtime.
+        // Reading and hashing a chunk runs on a background thread, off the async runtime.
         let store = store.clone();
-        let verified = blocking(move || {
+        let verified = background::run(move || {
             let Some(data) = store.get_chunk(&id)? else {
                 return Ok(None);
             };

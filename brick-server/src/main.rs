@@ -121,11 +121,13 @@ async fn run(args: Args) -> Result<()> {
         lag: Arc::default(),
         log_bound: bound.clone(),
         space: Arc::new(Space::new(args.data.clone(), args.reserve)),
+        peers_full: Default::default(),
     });
     tracing::info!(brick = id, listen = %args.listen, data = %args.data.display(), "brick serving");
     let server = tokio::spawn(brick.clone().serve(endpoint.clone()));
     tokio::spawn(log_bound::run(raft.clone(), bound));
     tokio::spawn(lag::run(raft.clone(), brick.lag.clone()));
+    tokio::spawn(brick.clone().watch_peer_space());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -312,6 +312,20 @@ pub struct StateMachine {
     receiving: Option<PathBuf>,
 }
 
+async fn background_build<T: Send + 'static>(
+    f: impl FnOnce() -> StorageResult<T> + Send + 'static,
+) -> StorageResult<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    crate::background::run(move || {
+        let _ = tx.send(f());
+        Ok(())
+    })
+    .await
+    .map_err(io_err)?;
+    rx.await
+        .map_err(|e| io_err(std::io::Error::other(e.to_string())))?
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> StorageResult<T> + Send + 'static,
 ) -> StorageResult<T> {
@@ -479,7 +493,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let _current = self.current.clone().lock_owned().await;
         let sm = self.clone_handle();
-        let rec = blocking(move || {
+        // A scan of the whole namespace: on a background thread, behind the log and clients.
+        let rec = background_build(move || {
             // Rows, applied index and membership all come from one RocksDB snapshot.
             let snap = sm.store.db.snapshot();
             let get = |key: &[u8]| {

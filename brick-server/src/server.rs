@@ -18,7 +18,7 @@ use mortar_proto::{
 };
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +29,10 @@ use std::time::{Duration, Instant};
 pub const META_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Volume creation waits for the first election for up to this long.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the leader asks its peers about their disks, and how long an answer counts.
+const PEER_SPACE_EVERY: Duration = Duration::from_secs(1);
+const PEER_SPACE_FRESH: Duration = Duration::from_secs(5);
+const _: () = assert!(PEER_SPACE_FRESH.as_millis() > 2 * PEER_SPACE_EVERY.as_millis());
 /// Per-hop timeout when a follower forwards to the leader.
 const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -45,6 +49,8 @@ pub struct Brick {
     pub log_bound: Arc<crate::log_bound::LogBound>,
     /// The data disk and the reserve kept on it for metadata.
     pub space: Arc<crate::space::Space>,
+    /// On the leader: what each peer last said about its disk (why it is full, if it is).
+    pub peers_full: std::sync::Mutex<HashMap<BrickId, (Option<String>, Instant)>>,
 }
 
 /// Refuse (and log) a request the peer's certificate role does not allow.
@@ -306,7 +312,7 @@ impl Brick {
             }
             let grows = namespace::new_data_bytes(&op);
             if grows > 0 {
-                if let Err(e) = self.space.admit_data(grows) {
+                if let Err(e) = self.space_refusal(grows) {
                     return Reply::meta(Err(e), Some(leader));
                 }
             }
@@ -419,7 +425,7 @@ impl Brick {
         // Changes held under a delegation are shown to applications before they commit and
         // are committed from the reserve; on a full disk, writers go the way that can answer
         // ENOSPC instead.
-        if let Err(e) = self.space.admit_data(0) {
+        if let Err(e) = self.space_refusal(0) {
             return Reply::meta(Err(e), Some(leader));
         }
         let granted = self.watchers.delegate(client, dir, || {
@@ -546,18 +552,18 @@ impl Brick {
             AdminRequest::ListChunks { after, limit } => {
                 need(&[Role::Admin, Role::Brick])?;
                 let limit = limit.clamp(1, 100_000) as usize;
-                self.on_storage(move |s| Ok(Reply::Chunks(s.list_chunks(after.as_ref(), limit)?)))
+                self.scan(move |s| Ok(Reply::Chunks(s.list_chunks(after.as_ref(), limit)?)))
                     .await
             }
             AdminRequest::ListHealIndex { after, limit } => {
                 need(&[Role::Admin, Role::Brick])?;
                 let limit = limit.clamp(1, 100_000) as usize;
-                self.on_storage(move |s| Ok(Reply::HealIndex(s.list_heal_index(after, limit)?)))
+                self.scan(move |s| Ok(Reply::HealIndex(s.list_heal_index(after, limit)?)))
                     .await
             }
             AdminRequest::MetaDigest => {
                 need(&[Role::Admin, Role::Brick])?;
-                self.on_storage(|s| {
+                self.scan(|s| {
                     let (applied_index, digest) = raft::meta_digest(s)?;
                     Ok(Reply::MetaDigest {
                         applied_index,
@@ -573,7 +579,7 @@ impl Brick {
             }
             AdminRequest::ChunkDigest => {
                 need(&[Role::Admin, Role::Brick])?;
-                self.on_storage(|s| Ok(Reply::ChunkDigest(s.chunk_digest()?)))
+                self.scan(|s| Ok(Reply::ChunkDigest(s.chunk_digest()?)))
                     .await
             }
             AdminRequest::ListBucket {
@@ -583,7 +589,7 @@ impl Brick {
             } => {
                 need(&[Role::Admin, Role::Brick])?;
                 let limit = limit.clamp(1, 100_000) as usize;
-                self.on_storage(move |s| {
+                self.scan(move |s| {
                     Ok(Reply::Chunks(s.list_bucket(
                         bucket,
                         after.as_ref(),
@@ -594,7 +600,7 @@ impl Brick {
             }
             AdminRequest::HasChunks(ids) => {
                 need(&[Role::Admin, Role::Brick])?;
-                self.on_storage(move |s| {
+                self.scan(move |s| {
                     let present = ids
                         .iter()
                         .map(|id| s.has_chunk(id))
@@ -627,7 +633,7 @@ impl Brick {
             AdminRequest::ScanReferences { after, limit } => {
                 need(&[Role::Admin])?;
                 let limit = limit.clamp(1, 100_000) as usize;
-                self.on_storage(move |s| {
+                self.scan(move |s| {
                     let (chunks, next) = namespace::chunk_references(&DbMeta(s), after, limit)?;
                     Ok(Reply::References { chunks, next })
                 })
@@ -636,7 +642,7 @@ impl Brick {
             AdminRequest::ListReleased { after, limit } => {
                 need(&[Role::Admin])?;
                 let limit = limit.clamp(1, 100_000) as usize;
-                self.on_storage(move |s| {
+                self.scan(move |s| {
                     let now = Timestamp::now();
                     let released = namespace::released(&DbMeta(s), after.as_ref(), limit)?
                         .into_iter()
@@ -646,9 +652,15 @@ impl Brick {
                 })
                 .await
             }
+            AdminRequest::SpaceState => {
+                need(&[Role::Admin, Role::Brick])?;
+                Ok(Reply::SpaceState {
+                    full: self.local_space_refusal(0).err().map(|e| e.to_string()),
+                })
+            }
             AdminRequest::ReclaimSpace => {
                 need(&[Role::Admin])?;
-                self.on_storage(|s| {
+                self.scan(|s| {
                     let before = s.disk_bytes();
                     let compacted = s.reclaim_space()?;
                     let after = if compacted { s.disk_bytes() } else { before };
@@ -661,8 +673,57 @@ impl Brick {
             }
             AdminRequest::CollectGarbage { ids, grace_secs } => {
                 need(&[Role::Admin])?;
-                self.on_storage(move |s| Ok(Reply::Collected(s.collect_garbage(&ids, grace_secs)?)))
+                self.scan(move |s| Ok(Reply::Collected(s.collect_garbage(&ids, grace_secs)?)))
                     .await
+            }
+        }
+    }
+
+    /// Why this brick's disk takes no `incoming` bytes of new data, if it does not.
+    fn local_space_refusal(&self, incoming: u64) -> Result<(), FsError> {
+        self.space
+            .admit_data(incoming, self.store.unflushed_bytes())
+    }
+
+    /// Why the metadata group takes no `incoming` bytes of new data: this brick's disk, or a
+    /// peer's that said lately it is down to its reserve (every replica stores what the log
+    /// carries).
+    fn space_refusal(&self, incoming: u64) -> Result<(), FsError> {
+        self.local_space_refusal(incoming)?;
+        let now = Instant::now();
+        let full = self.peers_full.lock().expect("peer space lock");
+        match full
+            .values()
+            .find(|(why, at)| why.is_some() && now.duration_since(*at) < PEER_SPACE_FRESH)
+        {
+            Some((Some(why), _)) => Err(FsError::NoSpace(why.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// While this brick leads, ask every peer each second whether its disk is down to its
+    /// reserve.
+    pub async fn watch_peer_space(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(PEER_SPACE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let leading = self.raft.metrics().borrow().current_leader == Some(self.id);
+            let Ok(volume) = self.volume() else { continue };
+            if !leading {
+                self.peers_full.lock().expect("peer space lock").clear();
+                continue;
+            }
+            for b in volume.bricks().filter(|b| b.id != self.id) {
+                let req = Request::Admin(AdminRequest::SpaceState);
+                if let Ok(Ok(Reply::SpaceState { full })) =
+                    self.pool.call(&b.addr, &req, PEER_SPACE_EVERY).await
+                {
+                    self.peers_full
+                        .lock()
+                        .expect("peer space lock")
+                        .insert(b.id, (full, Instant::now()));
+                }
             }
         }
     }
@@ -674,6 +735,15 @@ impl Brick {
     ) -> Result<T, FsError> {
         let store = self.store.clone();
         crate::store::blocking(move || f(&store)).await
+    }
+
+    /// A scan over this brick's store, on a background thread (lower CPU priority).
+    async fn scan<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, FsError> + Send + 'static,
+    ) -> Result<T, FsError> {
+        let store = self.store.clone();
+        crate::background::run(move || f(&store)).await
     }
 
     pub async fn status(&self) -> Result<BrickStatus, FsError> {

@@ -80,16 +80,23 @@ impl Space {
         Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
     }
 
-    /// Refuse `incoming` bytes of new data that would eat into the reserve.
-    pub fn admit_data(&self, incoming: u64) -> Result<(), FsError> {
+    /// Refuse `incoming` bytes of new data that would eat into the reserve, counting as used
+    /// the `unflushed` bytes the store will still write out (see `Store::unflushed_bytes`).
+    pub fn admit_data(&self, incoming: u64, unflushed: u64) -> Result<(), FsError> {
         let (free, total) = self.usage()?;
-        if admits(free, total, self.reserve, incoming) {
+        if admits(
+            free.saturating_sub(unflushed),
+            total,
+            self.reserve,
+            incoming,
+        ) {
             return Ok(());
         }
         Err(FsError::NoSpace(format!(
-            "brick disk {}: {} MiB free, {} MiB kept for metadata",
+            "brick disk {}: {} MiB free ({} MiB of it due to memtable flushes), {} MiB kept for metadata",
             self.dir.display(),
             free >> 20,
+            unflushed >> 20,
             self.reserve.bytes(total) >> 20
         )))
     }

@@ -367,6 +367,27 @@ impl Store {
         Ok(removed)
     }
 
+    /// Bytes in memtables not yet flushed: a flush writes them to disk again (the WAL that
+    /// holds them goes only after), so they count against free space before they land.
+    pub fn unflushed_bytes(&self) -> u64 {
+        [
+            CF_CHUNKS,
+            CF_CHUNK_STAMPS,
+            CF_META_INODES,
+            CF_META_DENTRIES,
+            CF_META_SYS,
+            CF_RAFT_LOG,
+        ]
+        .iter()
+        .filter_map(|cf| {
+            self.db
+                .property_int_value_cf(self.cf(cf), "rocksdb.cur-size-all-mem-tables")
+                .ok()
+                .flatten()
+        })
+        .sum()
+    }
+
     /// Bytes the data directory takes on disk (allocated blocks, so sparse files count as
     /// what they use).
     pub fn disk_bytes(&self) -> u64 {

@@ -331,6 +331,9 @@ pub enum AdminRequest {
     /// Give the disk space of collected chunks back to the filesystem (compaction), when
     /// enough was collected to be worth it.
     ReclaimSpace,
+    /// Whether this brick's disk is down to its reserve (the leader asks its peers, so no
+    /// replica is fed data through the log that it has no room for).
+    SpaceState,
 }
 
 /// Why a brick is in the heal index for a chunk.
@@ -534,6 +537,10 @@ pub enum Reply {
     Reclaimed {
         before: u64,
         after: u64,
+    },
+    /// Answer to SpaceState: why the disk takes no new data, if it does not.
+    SpaceState {
+        full: Option<String>,
     },
 }
 

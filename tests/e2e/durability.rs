@@ -241,7 +241,12 @@ async fn a_full_disk_refuses_writes_keeps_metadata_working_and_recovers() {
     );
     // Small files' content is data too.
     let tiny = vol.create(ROOT_INODE, b"tiny", 0o644, 0, 0).await.unwrap();
-    let e = vol.write(tiny.ino, 0, b"hello", false).await.unwrap_err();
+    // The leader hears within a second that a replica is down to its reserve.
+    let e = wait_for("inline content to be refused", DEADLINE, || {
+        let vol = &vol;
+        async move { vol.write(tiny.ino, 0, b"hello", false).await.err() }
+    })
+    .await;
     assert_eq!(e.errno(), libc::ENOSPC, "{e}");
 
     // Metadata still works: mkdir, unlink, rm -rf.
@@ -282,7 +287,12 @@ async fn a_full_disk_refuses_writes_keeps_metadata_working_and_recovers() {
         "--bricks",
         &bricks,
     ]);
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!(
+        "heal: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let again = body("again", 2 << 20);
     let a = vol.create(ROOT_INODE, b"again", 0o644, 0, 0).await.unwrap();
     wait_for("writes to work again", DEADLINE, || {
