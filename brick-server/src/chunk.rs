@@ -40,7 +40,7 @@ pub fn store_copy(
     sync: bool,
 ) -> Result<(), FsError> {
     if !store.has_chunk(id)? {
-        space.admit_data(data.len() as u64, store.unflushed_bytes())?;
+        space.admit_data(data.len() as u64)?;
     }
     Ok(store.put_chunk(id, data, sync)?)
 }

@@ -681,8 +681,7 @@ impl Brick {
 
     /// Why this brick's disk takes no `incoming` bytes of new data, if it does not.
     fn local_space_refusal(&self, incoming: u64) -> Result<(), FsError> {
-        self.space
-            .admit_data(incoming, self.store.unflushed_bytes())
+        self.space.admit_data(incoming)
     }
 
     /// Why the metadata group takes no `incoming` bytes of new data: this brick's disk, or a

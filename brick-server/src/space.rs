@@ -4,6 +4,7 @@
 //! never meets a failed log append (fatal to the metadata group). Writes resume by themselves
 //! once space is free again (after deletes and the next garbage collection).
 
+use crate::store::TRANSIENT_BYTES;
 use mortar_proto::FsError;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -80,12 +81,12 @@ impl Space {
         Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
     }
 
-    /// Refuse `incoming` bytes of new data that would eat into the reserve, counting as used
-    /// the `unflushed` bytes the store will still write out (see `Store::unflushed_bytes`).
-    pub fn admit_data(&self, incoming: u64, unflushed: u64) -> Result<(), FsError> {
+    /// Refuse `incoming` bytes of new data that would eat into the reserve, which lies on top
+    /// of what RocksDB itself may still need ([`TRANSIENT_BYTES`]).
+    pub fn admit_data(&self, incoming: u64) -> Result<(), FsError> {
         let (free, total) = self.usage()?;
         if admits(
-            free.saturating_sub(unflushed),
+            free.saturating_sub(TRANSIENT_BYTES),
             total,
             self.reserve,
             incoming,
@@ -93,11 +94,12 @@ impl Space {
             return Ok(());
         }
         Err(FsError::NoSpace(format!(
-            "brick disk {}: {} MiB free ({} MiB of it due to memtable flushes), {} MiB kept for metadata",
+            "brick disk {}: {} MiB free, {} MiB kept for metadata and {} MiB for the store's \
+             own flushes",
             self.dir.display(),
             free >> 20,
-            unflushed >> 20,
-            self.reserve.bytes(total) >> 20
+            self.reserve.bytes(total) >> 20,
+            TRANSIENT_BYTES >> 20
         )))
     }
 }

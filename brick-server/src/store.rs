@@ -31,6 +31,15 @@ pub const CF_CONFIG: &str = "config";
 const MEMORY: usize = 128 << 20;
 /// The memtables' share of MEMORY.
 const WRITE_BUFFERS: usize = 64 << 20;
+/// The write-ahead log's bound.
+const WAL_BYTES: u64 = 64 << 20;
+/// Chunks go to blob files of about this size (the unit blob garbage collection rewrites).
+const BLOB_FILE_BYTES: u64 = 64 << 20;
+/// Disk RocksDB may need beyond what it holds now: memtables flushed to new files before the
+/// WAL that holds them goes, the WAL rolling up to its bound, a blob file being filled. A
+/// brick's reserve for metadata comes on top of it (`space::Space`), so RocksDB itself never
+/// meets ENOSPC, which it does not recover from without a restart.
+pub const TRANSIENT_BYTES: u64 = WRITE_BUFFERS as u64 + WAL_BYTES + BLOB_FILE_BYTES;
 
 pub const META_CFS: [&str; 3] = [CF_META_INODES, CF_META_DENTRIES, CF_META_SYS];
 
@@ -122,7 +131,7 @@ impl Store {
         opts.set_keep_log_file_num(3);
         // Chunk bytes sit in the WAL until their memtable is flushed; a small bound keeps that
         // second copy (and the replay at start) small.
-        opts.set_max_total_wal_size(64 << 20);
+        opts.set_max_total_wal_size(WAL_BYTES);
         opts.set_write_buffer_manager(&buffers);
 
         let mut chunk_opts = cf_opts(false);
@@ -132,6 +141,7 @@ impl Store {
         chunk_opts.set_blob_compression_type(rocksdb::DBCompressionType::None);
         // Compactions move the live chunks out of the oldest quarter of blob files, so a file
         // whose chunks are mostly collected is rewritten and freed, not kept for its survivors.
+        chunk_opts.set_blob_file_size(BLOB_FILE_BYTES);
         chunk_opts.set_enable_blob_gc(true);
         chunk_opts.set_blob_gc_age_cutoff(0.25);
         chunk_opts.set_blob_gc_force_threshold(0.5);
@@ -365,27 +375,6 @@ impl Store {
             self.db.flush_wal(true)?;
         }
         Ok(removed)
-    }
-
-    /// Bytes in memtables not yet flushed: a flush writes them to disk again (the WAL that
-    /// holds them goes only after), so they count against free space before they land.
-    pub fn unflushed_bytes(&self) -> u64 {
-        [
-            CF_CHUNKS,
-            CF_CHUNK_STAMPS,
-            CF_META_INODES,
-            CF_META_DENTRIES,
-            CF_META_SYS,
-            CF_RAFT_LOG,
-        ]
-        .iter()
-        .filter_map(|cf| {
-            self.db
-                .property_int_value_cf(self.cf(cf), "rocksdb.cur-size-all-mem-tables")
-                .ok()
-                .flatten()
-        })
-        .sum()
     }
 
     /// Bytes the data directory takes on disk (allocated blocks, so sparse files count as

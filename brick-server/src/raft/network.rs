@@ -1,0 +1,156 @@
+//! Raft RPCs on the brick's QUIC connection pool.
+
+#![allow(clippy::result_large_err)]
+
+use super::*;
+
+/// Raft RPCs ride the brick's own connection pool, one request per QUIC stream.
+#[derive(Clone)]
+pub struct Network {
+    pub pool: Pool,
+}
+
+pub struct Peer {
+    pool: Pool,
+    target: NodeId,
+    addr: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        Peer {
+            pool: self.pool.clone(),
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+/// An AppendEntries RPC carries at most this many bytes unless its one entry is larger:
+/// openraft gives each one a heartbeat interval to complete, and it must fit one frame.
+pub const APPEND_BYTES: usize = 4 << 20;
+/// A proposed change larger than this is refused, so an RPC of one entry always fits a frame.
+pub const MAX_ENTRY: usize = wire::MAX_FRAME / 2;
+const _: () = assert!(APPEND_BYTES < MAX_ENTRY && MAX_ENTRY + (1 << 20) <= wire::MAX_FRAME);
+
+/// How many entries to ask openraft for after `entries` encoded to `bytes` (over
+/// [`APPEND_BYTES`]): as many as fit at their average size, at least one.
+pub fn entries_hint(entries: usize, bytes: usize) -> u64 {
+    ((entries as u128 * APPEND_BYTES as u128 / bytes.max(1) as u128) as u64).max(1)
+}
+
+impl Peer {
+    async fn send<Resp: serde::de::DeserializeOwned, E>(
+        &self,
+        kind: RaftKind,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        E: std::error::Error + serde::de::DeserializeOwned,
+    {
+        let request = Request::Raft(RaftRpc { kind, payload });
+        let reply = self
+            .pool
+            .call(&self.addr, &request, timeout)
+            .await
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        match reply {
+            Ok(Reply::Raft(bytes)) => {
+                let r: Result<Resp, RaftError<NodeId, E>> =
+                    wire::decode(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+                r.map_err(|e| {
+                    RPCError::RemoteError(RemoteError::new_with_node(
+                        self.target,
+                        BasicNode::new(&self.addr),
+                        e,
+                    ))
+                })
+            }
+            Ok(other) => Err(RPCError::Network(NetworkError::new(&FsError::Io(format!(
+                "unexpected reply to raft rpc: {other:?}"
+            ))))),
+            Err(e) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        // Sized before encoding: a lagging follower is offered up to `max_payload_entries`
+        // entries of up to a few MB each, far past a frame.
+        let bytes = wire::encoded_len(&rpc);
+        if bytes > APPEND_BYTES && rpc.entries.len() > 1 {
+            let hint = entries_hint(rpc.entries.len(), bytes);
+            tracing::info!(
+                target = self.target,
+                entries = rpc.entries.len(),
+                bytes,
+                hint,
+                "append-entries split: over the byte bound, asking for fewer entries"
+            );
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(hint),
+            ));
+        }
+        self.send(RaftKind::AppendEntries, enc(&rpc), option.hard_ttl())
+            .await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        if rpc.offset == 0 || rpc.done {
+            tracing::info!(
+                target = self.target,
+                snapshot = %rpc.meta.snapshot_id,
+                offset = rpc.offset,
+                bytes = rpc.data.len(),
+                done = rpc.done,
+                "streaming a snapshot chunk"
+            );
+        }
+        self.send(RaftKind::InstallSnapshot, enc(&rpc), option.hard_ttl())
+            .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.send(RaftKind::Vote, enc(&rpc), option.hard_ttl())
+            .await
+    }
+}
+
+/// Serve a Raft RPC that arrived from a peer brick.
+pub async fn serve_rpc(raft: &Raft, rpc: RaftRpc) -> Result<Reply, FsError> {
+    let bad = |e: wire::FrameError| FsError::Invalid(format!("raft rpc: {e}"));
+    let payload = match rpc.kind {
+        RaftKind::AppendEntries => {
+            let req: AppendEntriesRequest<TypeConfig> = wire::decode(&rpc.payload).map_err(bad)?;
+            enc(&raft.append_entries(req).await)
+        }
+        RaftKind::Vote => {
+            let req: VoteRequest<NodeId> = wire::decode(&rpc.payload).map_err(bad)?;
+            enc(&raft.vote(req).await)
+        }
+        RaftKind::InstallSnapshot => {
+            let req: InstallSnapshotRequest<TypeConfig> =
+                wire::decode(&rpc.payload).map_err(bad)?;
+            enc(&raft.install_snapshot(req).await)
+        }
+    };
+    Ok(Reply::Raft(payload))
+}
