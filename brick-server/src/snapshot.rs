@@ -23,6 +23,8 @@ const END: u8 = 0xFF;
 const INSTALL_BATCH: usize = 4 << 20;
 /// File buffers for building and reading.
 const IO_BUFFER: usize = 1 << 20;
+/// A snapshot being built is synced every this many bytes.
+const SYNC_EVERY: u64 = 8 << 20;
 /// A namespace row's key and value each fit in this; anything longer is a corrupt file.
 const MAX_FIELD: u32 = 64 << 20;
 
@@ -75,6 +77,7 @@ pub fn write_rows(
     };
     out.write_all(MAGIC).map_err(file_err)?;
     let mut rows = 0;
+    let mut synced = 0;
     for table in TABLES {
         let mut ro = ReadOptions::default();
         // A full scan must not push the working set out of the block cache.
@@ -93,6 +96,13 @@ pub fn write_rows(
             out.write_all(&k).map_err(file_err)?;
             out.write_all(&v).map_err(file_err)?;
             rows += 1;
+            // Written back as it goes: one sync of the whole file at the end queued it all
+            // at once in front of the log's syncs, which then waited behind it.
+            if out.bytes >= synced + SYNC_EVERY {
+                out.inner.flush().map_err(file_err)?;
+                out.inner.get_ref().sync_data().map_err(file_err)?;
+                synced = out.bytes;
+            }
         }
     }
     out.write_all(&[END]).map_err(file_err)?;
