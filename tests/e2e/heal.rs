@@ -7,34 +7,15 @@ use mortar_tests::mortar_proto::tls::Role;
 use mortar_tests::mortar_proto::wire::{Reply, Request};
 use mortar_tests::mortar_proto::{ChunkId, ROOT_INODE};
 use mortar_tests::tree::referenced_chunks;
-use mortar_tests::{wait_for, Cluster, NetCut, DEADLINE};
+use mortar_tests::{wait_for, Cluster, NetCut, Run, DEADLINE};
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const CHUNK: u32 = 64 * 1024;
 
-struct Run {
-    code: i32,
-    out: String,
-}
-
 fn heal(c: &Cluster, args: &[&str]) -> Run {
-    let bricks = c.addrs().join(",");
-    let mut all = vec!["volume", "heal", "www"];
-    all.extend(args);
-    all.extend(["--bricks", &bricks]);
-    let o = c.cli(&all);
-    let run = Run {
-        code: o.status.code().unwrap_or(-1),
-        out: format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    };
-    eprintln!("$ mortar volume heal www {}\n{}", args.join(" "), run.out);
-    run
+    c.volume_cli("heal", args)
 }
 
 /// Files `{prefix}{i}` of `size` pseudo-random bytes (several chunks each); returns their bodies.
@@ -360,24 +341,8 @@ async fn two_heal_runs_never_overlap_and_bad_arguments_change_nothing() {
 
 /// `mortar volume status` for the test's volume, with `--max-lag 2s`: (exit code, output).
 fn status_with_lag_bound(c: &Cluster) -> (i32, String) {
-    let bricks = c.addrs().join(",");
-    let o = c.cli(&[
-        "volume",
-        "status",
-        "www",
-        "--bricks",
-        &bricks,
-        "--max-lag",
-        "2s",
-    ]);
-    (
-        o.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
+    let r = c.volume_cli("status", &["--max-lag", "2s"]);
+    (r.code, r.out)
 }
 
 /// Issue 19: a follower the leader cannot replicate to, though it answers the operator, makes

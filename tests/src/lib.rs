@@ -211,6 +211,12 @@ impl BrickProc {
     }
 }
 
+/// A CLI run: exit code and stdout followed by stderr.
+pub struct Run {
+    pub code: i32,
+    pub out: String,
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub certs: Certs,
@@ -278,6 +284,25 @@ impl Cluster {
             .stdin(Stdio::null())
             .output()
             .expect("run mortar")
+    }
+
+    /// `mortar volume CMD www ARGS --bricks <all>` with the admin certificate, printed.
+    pub fn volume_cli(&self, cmd: &str, args: &[&str]) -> Run {
+        let bricks = self.addrs().join(",");
+        let mut all = vec!["volume", cmd, "www"];
+        all.extend(args);
+        all.extend(["--bricks", &bricks]);
+        let o = self.cli(&all);
+        let run = Run {
+            code: o.status.code().unwrap_or(-1),
+            out: format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        };
+        eprintln!("$ mortar volume {cmd} www {}\n{}", args.join(" "), run.out);
+        run
     }
 
     /// `mortar volume create NAME replica 3 ...` over all bricks, waiting for them to listen.
