@@ -3,6 +3,7 @@
 
 pub mod background;
 pub mod chunk;
+pub mod coherence;
 pub mod heal;
 pub mod lag;
 pub mod log_bound;

@@ -6,7 +6,7 @@ use mortar_brick::raft::{self, LogStore, Network, StateMachine};
 use mortar_brick::server::Brick;
 use mortar_brick::space::{self, Space};
 use mortar_brick::store::Store;
-use mortar_brick::watch::Watchers;
+use mortar_brick::watch::{Hub, Watchers};
 use mortar_proto::tls::Identity;
 use mortar_proto::transport::{server_endpoint, Pool};
 use std::net::SocketAddr;
@@ -87,9 +87,11 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let pool = Pool::new(endpoint.clone());
     let volume = Arc::default();
+    let hub = Arc::new(Hub::default());
     let sm = StateMachine::new(
         store.clone(),
         Arc::clone(&volume),
+        hub.clone(),
         args.data.join("snapshots"),
     )
     .context("cannot read the namespace")?;
@@ -117,7 +119,7 @@ async fn run(args: Args) -> Result<()> {
         pool,
         volume,
         data_dir: args.data.clone(),
-        watchers: Arc::new(Watchers::new(id, raft.clone())),
+        watchers: Arc::new(Watchers::new(id, raft.clone(), hub)),
         lag: Arc::default(),
         log_bound: bound.clone(),
         space: Arc::new(Space::new(args.data.clone(), args.reserve)),

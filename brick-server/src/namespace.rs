@@ -69,6 +69,23 @@ fn once_key(id: &OpId) -> Vec<u8> {
     k
 }
 
+/// The name `op` creates, if it is a create.
+pub fn creates_name(op: &MetaOp) -> Option<&[u8]> {
+    match op {
+        MetaOp::Mknod { name, .. } | MetaOp::Mkdir { name, .. } | MetaOp::Symlink { name, .. } => {
+            Some(name)
+        }
+        _ => None,
+    }
+}
+
+/// The outcome of [`apply_once`].
+pub struct Once {
+    pub result: Result<MetaOk, FsError>,
+    /// The change was applied before: `result` is what was remembered of it.
+    pub replayed: bool,
+}
+
 /// Apply a change at most once per [`OpId`]. Leaves in `txn` exactly the writes to commit: the
 /// change's (only if it succeeded) and the remembered outcome (either way), so a retry after a
 /// lost answer or a leader change gets the first outcome instead of, say, EEXIST.
@@ -77,11 +94,27 @@ pub fn apply_once<R: MetaRead>(
     op: &MetaOp,
     once: Option<OpId>,
     now: Timestamp,
-) -> Result<MetaOk, FsError> {
+) -> Once {
     if let Some(id) = &once {
-        if let Some(b) = txn.get(Table::Sys, &once_key(id))? {
-            txn.writes.clear();
-            return dec::<Result<MetaOk, FsError>>(&b)?;
+        let stored = txn.get(Table::Sys, &once_key(id)).and_then(|b| match b {
+            Some(b) => dec::<Result<MetaOk, FsError>>(&b).map(Some),
+            None => Ok(None),
+        });
+        match stored {
+            Ok(Some(result)) => {
+                txn.writes.clear();
+                return Once {
+                    result,
+                    replayed: true,
+                };
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Once {
+                    result: Err(e),
+                    replayed: false,
+                }
+            }
         }
     }
     let out = apply(txn, op, now);
@@ -94,7 +127,10 @@ pub fn apply_once<R: MetaRead>(
             txn.delete(Table::Sys, &once_key(&OpId { seq: old, ..id }));
         }
     }
-    out
+    Once {
+        result: out,
+        replayed: false,
+    }
 }
 
 fn released_key(id: &ChunkId) -> Vec<u8> {
@@ -1755,20 +1791,32 @@ mod tests {
             writes.1
         };
         let create = create_op(ROOT_INODE, "f");
-        let first = run(&mut m, create.clone(), once(1)).unwrap();
+        let first = run(&mut m, create.clone(), once(1));
+        assert!(!first.replayed);
+        let first = first.result.unwrap();
         // The same request again (lost answer): same outcome, not EEXIST, nothing new made.
-        assert_eq!(run(&mut m, create.clone(), once(1)).unwrap(), first);
+        let again = run(&mut m, create.clone(), once(1));
+        assert!(again.replayed);
+        assert_eq!(again.result.unwrap(), first);
         assert_eq!(inode_count(&m).unwrap(), 2);
         // A new request for the same name is a new change.
-        assert_eq!(run(&mut m, create.clone(), once(2)), Err(FsError::Exists));
+        assert_eq!(
+            run(&mut m, create.clone(), once(2)).result,
+            Err(FsError::Exists)
+        );
         // Failed outcomes are remembered too, and their changes are not kept.
-        assert_eq!(run(&mut m, create.clone(), once(2)), Err(FsError::Exists));
+        assert_eq!(
+            run(&mut m, create.clone(), once(2)).result,
+            Err(FsError::Exists)
+        );
         // Outcomes older than the window are forgotten.
         let unlink = MetaOp::Unlink {
             parent: ROOT_INODE,
             name: b"nothing".to_vec(),
         };
-        run(&mut m, unlink, once(1 + ONCE_WINDOW)).unwrap_err();
+        run(&mut m, unlink, once(1 + ONCE_WINDOW))
+            .result
+            .unwrap_err();
         let remembered = m
             .data
             .keys()

@@ -319,6 +319,9 @@ impl Brick {
             let named = self.named_by_op(&op);
             let admitted = Instant::now();
             let _in_flight = self.watchers.admit(once.map(|o| o.client), named).await;
+            // From here until the answer goes, the change's own client learns of it from the
+            // answer; if the wait below gives up, the change is announced to it as to others.
+            let _awaiting = self.watchers.awaiting(once);
             let cmd = Command {
                 op: op.clone(),
                 once,
@@ -329,19 +332,20 @@ impl Brick {
             match tokio::time::timeout(left, self.raft.client_write(cmd)).await {
                 Ok(Ok(resp)) => {
                     let index = resp.log_id.index;
-                    let touched = resp.data.touched;
-                    self.watchers
-                        .after_change(once.map(|o| o.client), index, &touched)
-                        .await;
+                    // Applying it announced it to every other watcher.
+                    self.watchers.settled(index).await;
+                    // A change applied before (this is a retry) comes back without what it
+                    // touched: no stamp, so its client trusts nothing it cached.
+                    let stamp = (!resp.data.replayed).then_some(Stamp {
+                        leader: self.id,
+                        term: resp.log_id.leader_id.term,
+                        index,
+                    });
                     return Reply::Meta {
                         result: resp.data.result,
                         leader: Some(leader),
-                        stamp: Some(Stamp {
-                            leader: self.id,
-                            term: resp.log_id.leader_id.term,
-                            index,
-                        }),
-                        touched,
+                        stamp,
+                        touched: resp.data.touched,
                         fresh: resp.data.fresh,
                     };
                 }
@@ -435,7 +439,7 @@ impl Brick {
             // Other clients may have cached "no such name" in the directory; the holder will
             // make names there that no change announces until it commits them.
             self.watchers
-                .after_change(
+                .announce(
                     Some(client),
                     stamp.index,
                     &[mortar_proto::wire::Inval::Names(dir)],

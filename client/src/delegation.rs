@@ -35,6 +35,8 @@ const HELD_BYTES: usize = 64 * 1024 * 1024;
 const NODE_BYTES: usize = 128 * 1024 * 1024;
 /// Directories remembered as made by this client and not yet asked about.
 const MADE_MAX: usize = 4096;
+/// Inodes remembered as having lost a change, until an fsync, close or fsyncdir reports it.
+const LOST_MAX: usize = 65536;
 /// How long the background commit lets changes gather before it sends a batch that is not
 /// yet half full: fewer, larger commits cost the bricks less CPU. Measured on `cp -a` of
 /// WordPress, six copies each, in turn: gathering before every batch instead of only before
@@ -87,6 +89,9 @@ struct State {
     made: HashSet<InodeId>,
     /// Content bytes of `nodes`.
     node_bytes: usize,
+    /// Inodes with a change this client showed and could not commit, and what it was: the
+    /// next fsync, close or fsyncdir of each fails with EIO (once).
+    lost: HashMap<InodeId, String>,
 }
 
 /// What a change adds to a batch, roughly: its content and xattrs plus a small fixed part.
@@ -255,6 +260,35 @@ impl Delegations {
         self.state.lock().expect("delegations lock")
     }
 
+    /// The held change `h` could not be committed (`e`): the application was shown it, so the
+    /// next fsync, close or fsyncdir of the inode (and, for a create, of its directory) fails.
+    fn lose(&self, h: &Held, e: &FsError) {
+        let what = describe(&h.op);
+        tracing::error!(
+            ino = h.ino,
+            error = %e,
+            "a change made under a lost delegation could not be committed: {what}"
+        );
+        let mut st = self.lock();
+        if st.lost.len() >= LOST_MAX {
+            return;
+        }
+        let note = format!("{what} could not be committed: {e}");
+        if let Some(parent) = created_in(&h.op) {
+            st.lost.insert(parent, note.clone());
+        }
+        st.lost.insert(h.ino, note);
+    }
+
+    /// A change of `ino` this client showed and could not commit, once.
+    pub(crate) fn take_lost(&self, ino: InodeId) -> Option<String> {
+        let mut st = self.lock();
+        if st.lost.is_empty() {
+            return None;
+        }
+        st.lost.remove(&ino)
+    }
+
     pub(crate) fn attr(&self, ino: InodeId) -> Option<Attr> {
         self.lock().nodes.get(&ino).map(|n| n.inode.attr.clone())
     }
@@ -315,6 +349,50 @@ impl Delegations {
         }
         drop(st);
         self.wake.notify_one();
+    }
+}
+
+/// The directory a held create made its name in.
+fn created_in(op: &MetaOp) -> Option<InodeId> {
+    let MetaOp::Local {
+        op, ino: Some(_), ..
+    } = op
+    else {
+        return None;
+    };
+    match &**op {
+        MetaOp::Mknod { parent, .. }
+        | MetaOp::Mkdir { parent, .. }
+        | MetaOp::Symlink { parent, .. } => Some(*parent),
+        _ => None,
+    }
+}
+
+/// A held change in words, for the mount log and the error: what it did and where.
+fn describe(op: &MetaOp) -> String {
+    let inner = match op {
+        MetaOp::Local { op, .. } => &**op,
+        op => op,
+    };
+    let name = |n: &[u8]| String::from_utf8_lossy(n).into_owned();
+    match inner {
+        MetaOp::Mknod {
+            parent, name: n, ..
+        } => {
+            format!("the create of {:?} in directory inode {parent}", name(n))
+        }
+        MetaOp::Mkdir {
+            parent, name: n, ..
+        } => {
+            format!("the mkdir of {:?} in directory inode {parent}", name(n))
+        }
+        MetaOp::Symlink {
+            parent, name: n, ..
+        } => {
+            format!("the symlink {:?} in directory inode {parent}", name(n))
+        }
+        MetaOp::SetInode { inode, .. } => format!("a change of inode {}", inode.attr.ino),
+        other => format!("the change {other:?}"),
     }
 }
 
@@ -548,6 +626,15 @@ impl Volume {
         }
     }
 
+    /// fsync, close or fsyncdir of `ino`: EIO when a change of it this client showed could not
+    /// be committed (reported once).
+    pub fn lost_change(&self, ino: InodeId) -> Result<(), FsError> {
+        match self.deleg.take_lost(ino) {
+            None => Ok(()),
+            Some(note) => Err(FsError::Io(note)),
+        }
+    }
+
     /// Commit everything held so far (fsync, fsyncdir, unmount, a recall, a give-back), then
     /// forget what given-back delegations showed: from here on the cache and the bricks
     /// answer for it.
@@ -628,12 +715,12 @@ impl Volume {
             }
             Err(e) => {
                 // Refused as a whole (a delegation was lost and someone else got there
-                // first): keep every change that still applies.
+                // first): keep every change that still applies, and report the others.
                 tracing::error!(error = %e, changes = n, "a batch of delegated changes was refused; committing them one by one");
                 for h in batch {
                     let once = self.next_once();
                     if let Err(e) = self.write_op_as(h.op.clone(), once).await {
-                        tracing::error!(ino = h.ino, error = %e, "a change made under a lost delegation could not be committed: {:?}", h.op);
+                        self.deleg.lose(h, &e);
                     }
                 }
             }

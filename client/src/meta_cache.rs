@@ -11,7 +11,7 @@ use mortar_proto::{Attr, BrickId, Content, Inode, InodeId};
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Inodes (attributes, and whole inodes with small files' content) and names kept.
 const INODES: usize = 32 * 1024;
@@ -20,6 +20,10 @@ const NAMES: usize = 64 * 1024;
 const WHOLE_BYTES: usize = 64 * 1024 * 1024;
 /// Invalidations remembered per item before they are summarised by a floor index.
 const RECENT: usize = 64 * 1024;
+/// How long an answer is served from memory at most, invalidated or not: a safety net, so an
+/// entry that some fault kept from being invalidated is stale for seconds, not for ever. Long
+/// enough that refreshing the hot files of a docroot costs nothing noticeable.
+pub const MAX_AGE: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Key {
@@ -42,6 +46,12 @@ impl From<&Inval> for Key {
 struct Cached {
     attr: Attr,
     inode: Option<Inode>,
+    /// When it was cached (see [`MAX_AGE`]).
+    at: Instant,
+}
+
+fn young(at: Instant) -> bool {
+    at.elapsed() < MAX_AGE
 }
 
 impl Cached {
@@ -70,10 +80,11 @@ struct Inner {
     inodes: lru::LruCache<InodeId, Cached>,
     /// What the whole inodes in `inodes` hold, kept under [`WHOLE_BYTES`].
     whole_bytes: usize,
-    names: lru::LruCache<(InodeId, Vec<u8>), Option<InodeId>>,
+    /// Where each name leads (None: nowhere), and since when this was known.
+    names: lru::LruCache<(InodeId, Vec<u8>), (Option<InodeId>, Instant)>,
     /// Directories whose every name is in `names` (this client made them and has seen every
-    /// change to them since): a name not there does not exist.
-    complete: HashSet<InodeId>,
+    /// change to them since), and since when: a name not there does not exist.
+    complete: HashMap<InodeId, Instant>,
     recent: HashMap<Key, u64>,
     /// Answers older than this are not cached (recent invalidations were forgotten).
     floor: u64,
@@ -96,7 +107,7 @@ impl Default for MetaCache {
                 inodes: lru::LruCache::new(NonZeroUsize::new(INODES).expect("nonzero")),
                 whole_bytes: 0,
                 names: lru::LruCache::new(NonZeroUsize::new(NAMES).expect("nonzero")),
-                complete: HashSet::new(),
+                complete: HashMap::new(),
                 recent: HashMap::new(),
                 floor: 0,
             }),
@@ -176,7 +187,7 @@ impl Inner {
 
     fn put_name(&mut self, parent: InodeId, name: &[u8], ino: Option<InodeId>) {
         let key = (parent, name.to_vec());
-        if let Some((evicted, _)) = self.names.push(key.clone(), ino) {
+        if let Some((evicted, _)) = self.names.push(key.clone(), (ino, Instant::now())) {
             if evicted != key {
                 // A complete directory must not lose a name silently.
                 self.complete.remove(&evicted.0);
@@ -193,6 +204,7 @@ impl Inner {
         let entry = Cached {
             attr: attr.clone(),
             inode,
+            at: Instant::now(),
         };
         let add = entry.bytes();
         while self.whole_bytes + add > WHOLE_BYTES {
@@ -296,7 +308,10 @@ impl MetaCache {
         if !c.serving() {
             return None;
         }
-        c.inodes.get(&ino).map(|e| e.attr.clone())
+        c.inodes
+            .get(&ino)
+            .filter(|e| young(e.at))
+            .map(|e| e.attr.clone())
     }
 
     pub fn inode(&self, ino: InodeId) -> Option<Inode> {
@@ -304,7 +319,10 @@ impl MetaCache {
         if !c.serving() {
             return None;
         }
-        c.inodes.get(&ino).and_then(|e| e.inode.clone())
+        c.inodes
+            .get(&ino)
+            .filter(|e| young(e.at))
+            .and_then(|e| e.inode.clone())
     }
 
     /// `Some(None)`: the name is known not to exist; `None`: not known here.
@@ -314,13 +332,18 @@ impl MetaCache {
             return None;
         }
         let known = match c.names.get(&(parent, name.to_vec())).copied() {
-            Some(known) => known,
-            None if c.complete.contains(&parent) => None,
+            Some((known, at)) if young(at) => known,
+            Some(_) => return None,
+            None if c.complete.get(&parent).is_some_and(|at| young(*at)) => None,
             None => return None,
         };
         match known {
             None => Some(None),
-            Some(ino) => c.inodes.get(&ino).map(|e| Some(e.attr.clone())),
+            Some(ino) => c
+                .inodes
+                .get(&ino)
+                .filter(|e| young(e.at))
+                .map(|e| Some(e.attr.clone())),
         }
     }
 
@@ -367,11 +390,11 @@ impl MetaCache {
     /// one announced later, still ends that).
     pub fn own_change(&self, ticket: Option<Ticket>, stamp: Stamp, touched: &[Inval], own: Own) {
         let mut c = self.lock();
-        let complete_before: Vec<InodeId> = match &own {
+        let complete_before: Option<(InodeId, Instant)> = match &own {
             Own::Made { parent, .. } | Own::Removed { parent, .. } => {
-                c.complete.get(parent).copied().into_iter().collect()
+                c.complete.get(parent).map(|at| (*parent, *at))
             }
-            Own::Other => Vec::new(),
+            Own::Other => None,
         };
         for i in touched {
             c.forget(Key::from(i), stamp.index);
@@ -391,7 +414,7 @@ impl MetaCache {
                 c.put_attr(&attr, inode.map(|i| *i));
                 // Empty as of this change, unless a name in it was announced since.
                 if new_dir && c.admits(ticket, Some(stamp), &[Key::Listing(attr.ino)]) {
-                    c.complete.insert(attr.ino);
+                    c.complete.insert(attr.ino, Instant::now());
                 }
                 (parent, name, Some(attr.ino))
             }
@@ -401,8 +424,8 @@ impl MetaCache {
         let keys = [Key::Name(parent, name.clone()), Key::Listing(parent)];
         if c.admits(ticket, Some(stamp), &keys) {
             c.put_name(parent, &name, made);
-            if complete_before.contains(&parent) {
-                c.complete.insert(parent);
+            if let Some((dir, since)) = complete_before.filter(|(d, _)| *d == parent) {
+                c.complete.insert(dir, since);
             }
         }
     }
@@ -492,6 +515,59 @@ mod tests {
         c.invalidate(6, &[Inval::Inode(last)]);
         let recount: usize = c.lock().inodes.iter().map(|(_, e)| e.bytes()).sum();
         assert_eq!(c.lock().whole_bytes, recount);
+    }
+
+    /// Make everything cached `by` older.
+    fn age(c: &MetaCache, by: Duration) {
+        let mut c = c.lock();
+        for (_, e) in c.inodes.iter_mut() {
+            e.at -= by;
+        }
+        for (_, (_, at)) in c.names.iter_mut() {
+            *at -= by;
+        }
+        for at in c.complete.values_mut() {
+            *at -= by;
+        }
+    }
+
+    #[test]
+    fn nothing_is_served_past_the_age_bound_even_under_a_lease() {
+        let c = leased();
+        let t = c.ticket().unwrap();
+        c.put_attr(t, stamp(5), &attr(2, 1));
+        c.put_name(t, stamp(5), 10, b"missing", None);
+        c.own_change(
+            Some(t),
+            stamp(6).unwrap(),
+            &[],
+            Own::Made {
+                parent: 1,
+                name: b"new".to_vec(),
+                attr: Attr {
+                    kind: FileKind::Directory,
+                    ..attr(30, 0)
+                },
+                inode: None,
+                new_dir: true,
+            },
+        );
+        assert_eq!(
+            c.name(30, b"anything"),
+            Some(None),
+            "a new directory is complete"
+        );
+        age(&c, MAX_AGE - Duration::from_secs(1));
+        assert!(c.attr(2).is_some());
+        assert_eq!(c.name(10, b"missing"), Some(None));
+        age(&c, Duration::from_secs(1));
+        assert_eq!(c.attr(2), None);
+        assert_eq!(c.name(10, b"missing"), None, "a negative entry expires too");
+        assert_eq!(
+            c.name(30, b"anything"),
+            None,
+            "and so does a complete listing"
+        );
     }
 
     #[test]

@@ -532,21 +532,27 @@ impl Core {
         }
     }
 
+    /// close(2): what the handle buffered is committed; a change of the file shown earlier
+    /// and since found impossible to commit is reported here (EIO).
     pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
         let f = self.file(fh)?;
-        self.flush_file(&f, false).await
+        self.flush_file(&f, false).await?;
+        self.vol.lost_change(f.ino)
     }
 
     pub async fn fsync(&self, fh: u64) -> Result<(), FsError> {
         let f = self.file(fh)?;
         self.flush_file(&f, true).await?;
         // A file made under a delegation reaches the bricks with what is held.
-        self.vol.commit_held().await
+        self.vol.commit_held().await?;
+        self.vol.lost_change(f.ino)
     }
 
-    /// fsyncdir, and before unmounting: everything made under delegations is committed.
-    pub async fn fsyncdir(&self) -> Result<(), FsError> {
-        self.vol.commit_held().await
+    /// fsyncdir of `dir`: everything made under delegations is committed, and a create in
+    /// `dir` that could not be is reported (EIO).
+    pub async fn fsyncdir(&self, dir: InodeId) -> Result<(), FsError> {
+        self.vol.commit_held().await?;
+        self.vol.lost_change(dir)
     }
 
     pub async fn release(&self, fh: u64) -> Result<(), FsError> {

@@ -623,13 +623,13 @@ impl Filesystem for MortarFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
         // Changes made under a delegation are held in memory until committed.
-        empty_task!(self, reply, |core| core.fsyncdir());
+        empty_task!(self, reply, |core| core.fsyncdir(ino.0));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -459,7 +459,7 @@ pub enum WatchUp {
 /// answers the change, and a new leader answers no change until leases granted by its
 /// predecessors have run out. So a change is acknowledged only once no cache serves the old
 /// state.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WatchDown {
     /// The watch is registered; answers stamped with this leader and term may be cached.
     Welcome {

@@ -10,8 +10,10 @@ use mortar_tests::mortar_proto::wire::{
     read_frame, write_frame, Reply, Request, SetAttr, WatchDown, WatchUp, XattrMode,
 };
 use mortar_tests::mortar_proto::{FsError, InodeId, ROOT_INODE};
-use mortar_tests::{wait_for, Cluster, DEADLINE};
+use mortar_tests::{wait_for, Cluster, Mount, DEADLINE};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const CHUNK: u32 = 64 * 1024;
 
@@ -194,8 +196,8 @@ async fn silent_watch(c: &Cluster) -> (Pool, String, quinn::SendStream, quinn::R
 }
 
 /// A watcher that holds a lease and then stops answering (a frozen or cut-off client) delays
-/// changes only until the leader gives up on it and its lease has run out; the leader then
-/// closes its watch, and later changes do not wait for it at all.
+/// changes only until its lease has run out (it is renewed no more); later changes do not wait
+/// for it at all, and the leader eventually closes its watch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_watcher_is_dropped_and_changes_go_on() {
     let c = Cluster::start(3);
@@ -209,7 +211,8 @@ async fn a_silent_watcher_is_dropped_and_changes_go_on() {
     // From here on the silent watcher acknowledges nothing.
     v.setattr(f.ino, chmod(0o600)).await.unwrap();
     assert_eq!(reader.getattr(f.ino).await.unwrap().perm, 0o600);
-    // The leader sent it the invalidation, then closed its watch.
+    // The leader sent it the invalidation, renewed its lease no more, and closed its watch
+    // once it had left it unacknowledged for long.
     let mut invalidations = 0;
     loop {
         match read_frame::<WatchDown>(&mut recv).await {
@@ -458,4 +461,229 @@ async fn a_silent_delegation_holder_is_given_up_on() {
         "a client whose watch was closed got a delegation: {again:?}"
     );
     v.create(dir.ino, b"g", 0o644, 0, 0).await.unwrap();
+}
+
+/// What the brick's request deadline is (`META_TIMEOUT` in brick-server/src/server.rs).
+const REQUEST_DEADLINE: Duration = Duration::from_millis(1500);
+
+/// Whether `path` exists, through a mount (ENOENT is an answer; anything else fails).
+fn exists(path: &Path) -> bool {
+    match std::fs::metadata(path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => panic!("stat {}: {e}", path.display()),
+    }
+}
+
+/// A create whose commit outlives the request that proposed it (the bricks apply it late,
+/// through a test hook) is still announced to every other mount when it is applied: the mount
+/// that had looked the name up and cached "no such file" serves the file within 2 s of the
+/// writer's return, and never the stale answer afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_committed_after_its_request_gave_up_reaches_every_mount() {
+    // Longer than the request deadline, shorter than the two leases a watch survives without a
+    // renewal (renewals wait for the apply): so a cache that is never told stays stale.
+    let late = Duration::from_millis(1600);
+    assert!(late > REQUEST_DEADLINE);
+    let hook = format!("late.html:{}", late.as_millis());
+    let c = Cluster::start_with_env(3, &[("MORTAR_TEST_SLOW_APPLY", &hook)]);
+    c.create_volume("www", CHUNK).await;
+    let writer = c.mount("www", "writer", "").await;
+    let reader = c.mount("www", "reader", "").await;
+    let seen = reader.path.join("late.html");
+    assert!(!exists(&seen));
+    // A second reader whose cache can be watched: it answers "no such name" from memory.
+    let cached = watching(&c).await;
+    let missing = |v: Arc<Volume>| async move {
+        matches!(
+            v.lookup(ROOT_INODE, b"late.html").await,
+            Err(FsError::NotFound)
+        )
+    };
+    assert!(missing(cached.clone()).await);
+    let before = cached.meta_requests();
+    for _ in 0..20 {
+        assert!(missing(cached.clone()).await);
+    }
+    let asked = cached.meta_requests() - before;
+    assert!(asked < 10, "{asked} requests for 20 cached lookups");
+
+    let started = Instant::now();
+    std::fs::write(writer.path.join("late.html"), b"deployed").unwrap();
+    let wrote = started.elapsed();
+    let returned = Instant::now();
+    // The path under test was taken: the commit was applied after the request's deadline.
+    assert!(
+        wrote >= late,
+        "the write took {wrote:?}: the hook did not delay it"
+    );
+    assert!(
+        (0..3).any(|i| c.log_contains(i, "test hook: applying a create late")),
+        "no brick applied the create late"
+    );
+    eprintln!("the write returned after {wrote:?}");
+    let visible = wait_for("the reader to see the file", DEADLINE, || {
+        let seen = seen.clone();
+        async move { exists(&seen).then(|| returned.elapsed()) }
+    })
+    .await;
+    let cached_visible = wait_for("the cached reader to see the file", DEADLINE, || {
+        let v = cached.clone();
+        async move { (!missing(v).await).then(|| returned.elapsed()) }
+    })
+    .await;
+    eprintln!("the readers saw it {visible:?} and {cached_visible:?} after the writer returned");
+    for v in [visible, cached_visible] {
+        assert!(
+            v < Duration::from_secs(2),
+            "a reader served a stale 'no such file' for {v:?}"
+        );
+    }
+    assert_eq!(std::fs::read(&seen).unwrap(), b"deployed");
+    // And never the stale answer again.
+    let watch_until = Instant::now() + 3 * REQUEST_DEADLINE;
+    let mut looks = 0;
+    while Instant::now() < watch_until {
+        assert!(exists(&seen), "the reader went back to 'no such file'");
+        assert!(
+            !missing(cached.clone()).await,
+            "the cached reader went back to 'no such name'"
+        );
+        looks += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(looks > 10);
+}
+
+/// One of three mounts frozen (SIGSTOP) for 30 s: creates through the other two wait for it
+/// at most once, for what is left of its lease, and never after; thawed, it sees every file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_mount_does_not_slow_the_others() {
+    let c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let writers = [
+        c.mount("www", "one", "").await,
+        c.mount("www", "two", "").await,
+    ];
+    let frozen = c.mount("www", "frozen", "").await;
+    // Each mount looks at the root, so each caches it under a lease.
+    for m in writers.iter().chain([&frozen]) {
+        assert_eq!(std::fs::read_dir(&m.path).unwrap().count(), 0);
+    }
+    frozen.freeze();
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut waits = Vec::new();
+    while Instant::now() < until {
+        let i = waits.len();
+        let m: &Mount = &writers[i % 2];
+        let t = Instant::now();
+        // In the root, which no mount holds a delegation of: every create is a commit, and
+        // the leader tells every other mount before it answers.
+        std::fs::write(m.path.join(format!("f{i:05}")), b"x").unwrap();
+        waits.push(t.elapsed());
+    }
+    frozen.thaw();
+    let mut sorted = waits.clone();
+    sorted.sort();
+    let pct = |p: usize| sorted[(sorted.len() - 1) * p / 100];
+    eprintln!(
+        "{} creates with one mount frozen: p50 {:?}, p99 {:?}, max {:?}; over 50 ms: {}",
+        sorted.len(),
+        pct(50),
+        pct(99),
+        sorted.last().unwrap(),
+        sorted
+            .iter()
+            .filter(|d| **d > Duration::from_millis(50))
+            .count()
+    );
+    assert!(sorted.len() > 100, "only {} creates in 30 s", sorted.len());
+    // The frozen mount's lease (1 s, renewed no more) is the longest anyone waited for it; a
+    // busy machine adds the commit's own time.
+    let lease = Duration::from_secs(1);
+    assert!(
+        *sorted.last().unwrap() < lease + Duration::from_secs(1),
+        "a create waited {:?} for the frozen mount",
+        sorted.last().unwrap()
+    );
+    // Thawed, it sees every file.
+    let names = wait_for("the thawed mount to list every file", DEADLINE, || {
+        let root = frozen.path.clone();
+        let want = waits.len();
+        async move {
+            let n = std::fs::read_dir(&root).ok()?.count();
+            (n == want).then_some(n)
+        }
+    })
+    .await;
+    assert_eq!(names, waits.len());
+    for i in (0..waits.len()).step_by(97) {
+        assert_eq!(
+            std::fs::read(frozen.path.join(format!("f{i:05}"))).unwrap(),
+            b"x"
+        );
+    }
+}
+
+/// A change shown to the application under a delegation that truly cannot commit — the same
+/// name was made meanwhile by a request the leader did not recall the delegation for (a test
+/// hook: a create sent under the holder's own client id) — fails the holder's next fsync of
+/// the file and fsyncdir of the directory with EIO, once; the changes that could commit did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_change_that_cannot_commit_fails_fsync_with_eio() {
+    use mortar_tests::mortar_proto::wire::{MetaOp, OpId};
+    use mortar_tests::mortar_proto::FileKind;
+    let c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let a = watching(&c).await;
+    a.pause_background_commits(true);
+    let dir = a.mkdir(ROOT_INODE, b"up", 0o755, 0, 0).await.unwrap();
+    let fine = a.create(dir.ino, b"fine", 0o644, 0, 0).await.unwrap();
+    // The hook: "taken" made at the leader under A's own client id, so no recall reaches A.
+    let leader = c.addrs()[c.leader_index().await].clone();
+    let pool = Pool::new(client_endpoint(&c.certs.identity(Role::Client, "hook")).unwrap());
+    let hook = Request::Meta {
+        op: MetaOp::Mknod {
+            parent: dir.ino,
+            name: b"taken".to_vec(),
+            kind: FileKind::Regular,
+            perm: 0o600,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        },
+        once: Some(OpId {
+            client: a.client_id(),
+            seq: u64::MAX / 2,
+        }),
+    };
+    match pool
+        .call(&leader, &hook, Duration::from_secs(10))
+        .await
+        .unwrap()
+    {
+        Ok(Reply::Meta { result, .. }) => {
+            result.unwrap();
+        }
+        other => panic!("the hook's create: {other:?}"),
+    }
+    // A still shows the name free and makes it from memory: the path under test.
+    let batches = a.delegated_batches();
+    let taken = a.create(dir.ino, b"taken", 0o644, 0, 0).await.unwrap();
+    assert_eq!(a.delegated_batches(), batches, "the create was not held");
+    a.write(taken.ino, 0, b"lost", false).await.unwrap();
+
+    // fsync: everything held is sent; the batch is refused, the changes go one by one, and
+    // the create of "taken" cannot commit.
+    a.commit_held().await.unwrap();
+    assert!(a.delegated_batches() > batches, "nothing was committed");
+    assert!(matches!(a.lost_change(taken.ino), Err(FsError::Io(_))));
+    assert!(matches!(a.lost_change(dir.ino), Err(FsError::Io(_))));
+    // Reported once; the change that could commit is not reported, and another client sees it.
+    assert_eq!(a.lost_change(taken.ino), Ok(()));
+    assert_eq!(a.lost_change(fine.ino), Ok(()));
+    let b = watching(&c).await;
+    assert_eq!(b.lookup(dir.ino, b"fine").await.unwrap().ino, fine.ino);
+    assert_ne!(b.lookup(dir.ino, b"taken").await.unwrap().ino, taken.ino);
 }

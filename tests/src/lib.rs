@@ -114,6 +114,8 @@ pub struct BrickProc {
     ca: PathBuf,
     /// Extra command-line arguments for `mortar-brick`.
     pub extra_args: Vec<String>,
+    /// Extra environment variables for `mortar-brick` (test hooks).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -141,6 +143,7 @@ impl BrickProc {
             .args(["--ca", self.ca.to_str().unwrap()])
             .args(&self.extra_args)
             .env("RUST_LOG", "info,openraft=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -238,6 +241,20 @@ impl Cluster {
     /// Start `n` bricks with extra arguments, brick `i` storing into `data(i)` when that is
     /// Some (a test's own filesystem) and into the cluster's directory otherwise.
     pub fn start_on(n: usize, extra: &[&str], data: impl Fn(usize) -> Option<PathBuf>) -> Cluster {
+        Self::start_full(n, extra, &[], data)
+    }
+
+    /// Start `n` bricks with the environment variables `env` set (test hooks).
+    pub fn start_with_env(n: usize, env: &[(&str, &str)]) -> Cluster {
+        Self::start_full(n, &[], env, |_| None)
+    }
+
+    fn start_full(
+        n: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        data: impl Fn(usize) -> Option<PathBuf>,
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("mortar-test-")
             .tempdir()
@@ -256,6 +273,10 @@ impl Cluster {
                 key,
                 ca: certs.ca(),
                 extra_args: extra.iter().map(|s| s.to_string()).collect(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 child: None,
             };
             b.start();
@@ -601,7 +622,21 @@ pub struct Mount {
 }
 
 impl Mount {
+    /// SIGSTOP the mount process (a frozen app server); nothing may touch its mount meanwhile.
+    pub fn freeze(&self) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, libc::SIGSTOP) };
+        }
+    }
+
+    pub fn thaw(&self) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+        }
+    }
+
     pub fn unmount(&mut self) {
+        self.thaw();
         if is_mounted(&self.path) {
             let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };

@@ -57,6 +57,9 @@ pub struct Applied {
     pub touched: Vec<Inval>,
     /// Directories it modified, as they are now.
     pub fresh: Vec<Inode>,
+    /// The change was applied before (a retry): `result` is its remembered outcome and
+    /// `touched` is empty.
+    pub replayed: bool,
 }
 
 openraft::declare_raft_types!(

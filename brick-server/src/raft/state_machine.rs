@@ -39,6 +39,12 @@ struct SnapshotRecord {
 pub struct StateMachine {
     store: Arc<Store>,
     volume: SharedVolume,
+    /// Told of every change applied, for the watchers' caches.
+    hub: Arc<crate::watch::Hub>,
+    /// Test hook (`MORTAR_TEST_SLOW_APPLY=NAME:MS`): the first create of NAME is applied MS
+    /// late, so a commit outlives the request that proposed it without stopping the Raft core
+    /// (a follower stalled that long would start an election instead).
+    slow_apply: Option<(Vec<u8>, std::time::Duration)>,
     /// Where snapshot files live (the brick's data directory's `snapshots/`).
     dir: Arc<PathBuf>,
     /// Serialises changes of the current snapshot between builders (which openraft runs on
@@ -76,13 +82,24 @@ impl StateMachine {
     pub fn new(
         store: Arc<Store>,
         volume: SharedVolume,
+        hub: Arc<crate::watch::Hub>,
         dir: PathBuf,
     ) -> Result<StateMachine, FsError> {
         std::fs::create_dir_all(&dir)
             .map_err(|e| FsError::Io(format!("cannot create {}: {e}", dir.display())))?;
+        let slow_apply = std::env::var("MORTAR_TEST_SLOW_APPLY").ok().and_then(|v| {
+            let (name, ms) = v.rsplit_once(':')?;
+            let ms = ms.parse().ok()?;
+            Some((
+                name.as_bytes().to_vec(),
+                std::time::Duration::from_millis(ms),
+            ))
+        });
         let sm = StateMachine {
             store,
             volume,
+            hub,
+            slow_apply,
             dir: Arc::new(dir),
             current: Arc::default(),
             receiving: None,
@@ -107,6 +124,8 @@ impl StateMachine {
         StateMachine {
             store: self.store.clone(),
             volume: self.volume.clone(),
+            hub: self.hub.clone(),
+            slow_apply: None,
             dir: self.dir.clone(),
             current: self.current.clone(),
             receiving: None,
@@ -292,6 +311,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut batch = WriteBatch::default();
             let mut touched = Vec::new();
             let mut fresh = Vec::new();
+            let mut replayed = false;
+            let mut once = None;
             let result = match &entry.payload {
                 EntryPayload::Blank => Ok(MetaOk::Done),
                 EntryPayload::Membership(m) => {
@@ -300,9 +321,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     Ok(MetaOk::Done)
                 }
                 EntryPayload::Normal(cmd) => {
+                    let hooked = self.slow_apply.as_ref().is_some_and(|(name, _)| {
+                        namespace::creates_name(&cmd.op) == Some(name.as_slice())
+                    });
+                    if let Some((_, late)) = self.slow_apply.take_if(|_| hooked) {
+                        tracing::warn!(?late, "test hook: applying a create late");
+                        tokio::time::sleep(late).await;
+                    }
                     let base = DbMeta(&self.store);
                     let mut txn = Txn::new(&base);
                     let out = namespace::apply_once(&mut txn, &cmd.op, cmd.once, cmd.now);
+                    replayed = out.replayed;
+                    once = cmd.once;
+                    let out = out.result;
                     volume_changed |= out.is_ok() && matches!(cmd.op, MetaOp::CreateVolume(_));
                     // apply_once leaves only the writes to keep: the change's on success, and
                     // the remembered outcome either way.
@@ -328,10 +359,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // Unsynced: the log entry is durable, and applying again after a crash gives the
             // same rows (the applied index is in the same batch).
             self.store.write(batch, false).map_err(io_err)?;
+            // Every applied change is announced, whatever became of its request.
+            self.hub.applied(entry.log_id.index, once, &touched);
             results.push(Applied {
                 result,
                 touched,
                 fresh,
+                replayed,
             });
         }
         if volume_changed {
