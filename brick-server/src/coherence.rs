@@ -430,7 +430,22 @@ impl Coherence {
                 None => to_recall.push((*dir, sid)),
             }
         }
-        for (dir, sid) in to_recall {
+        // A whole delegated tree is recalled at once: a reader's first look at a freshly
+        // deployed tree then costs one round trip to the holder, not one per directory.
+        let mut family: Vec<(InodeId, SessionId)> = to_recall
+            .into_iter()
+            .flat_map(|(dir, sid)| self.family(dir).into_iter().map(move |d| (d, sid)))
+            .collect();
+        family.sort_unstable();
+        family.dedup();
+        for (dir, sid) in family {
+            let asked = self
+                .sessions
+                .get(&sid)
+                .is_some_and(|s| s.asks.values().any(|a| a.what == Asked::Recall { dir }));
+            if asked {
+                continue;
+            }
             let seq = self.ask(sid, Asked::Recall { dir }, RECALL_WAIT, now);
             later(now + RECALL_WAIT);
             sends.push((sid, WatchDown::Recall { seq, dir }));
@@ -444,6 +459,32 @@ impl Coherence {
                 Admit::Go(named.inos.clone())
             }
         }
+    }
+
+    /// The delegated tree `dir` belongs to: from the topmost directory above it delegated to
+    /// the same watch, every directory beneath delegated to that watch.
+    fn family(&self, dir: InodeId) -> Vec<InodeId> {
+        let Some(sid) = self.delegations.get(&dir).map(|d| d.session) else {
+            return Vec::new();
+        };
+        let held = |d: &InodeId| self.delegations.get(d).is_some_and(|d| d.session == sid);
+        let mut top = dir;
+        // Directories form a tree; the bound only guards against a corrupt parent chain.
+        for _ in 0..self.delegations.len() {
+            match self.delegations.get(&top).map(|d| d.parent) {
+                Some(parent) if held(&parent) => top = parent,
+                _ => break,
+            }
+        }
+        let mut tree = vec![top];
+        let mut next = 0;
+        while next < tree.len() && tree.len() <= self.delegations.len() {
+            if let Some(kids) = self.delegated_in.get(&tree[next]) {
+                tree.extend(kids.iter().filter(|k| held(k)).copied());
+            }
+            next += 1;
+        }
+        tree
     }
 
     /// A request admitted with these inodes is done.

@@ -5,7 +5,7 @@
 
 pub use crate::store::Rows;
 use mortar_proto::attrs::check_content;
-use mortar_proto::wire::{Inval, MetaOk, MetaOp, OpId, Query};
+use mortar_proto::wire::{Inval, MetaOk, MetaOp, OpId, Query, LOOKUP_WHOLE_MAX};
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
     validate_name, validate_symlink_target, Attr, ChunkId, Content, DirEntry, FileKind, FsError,
@@ -810,6 +810,21 @@ pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
             let ino = txn.child(*parent, name)?.ok_or(FsError::NotFound)?;
             Ok(MetaOk::Attr(txn.stored(ino)?.inode.attr))
         }
+        Query::LookupWhole { parent, name } => {
+            validate_name(name)?;
+            txn.dir(*parent)?;
+            let ino = txn.child(*parent, name)?.ok_or(FsError::NotFound)?;
+            let inode = txn.stored(ino)?.inode;
+            let small = match &inode.content {
+                Content::Inline(b) => b.len() + inode.xattr_bytes() <= LOOKUP_WHOLE_MAX,
+                _ => false,
+            };
+            Ok(if small && inode.attr.kind == FileKind::Regular {
+                MetaOk::Inode(inode)
+            } else {
+                MetaOk::Attr(inode.attr)
+            })
+        }
         Query::GetAttr { ino } => Ok(MetaOk::Attr(txn.stored(*ino)?.inode.attr)),
         Query::GetInode { ino } => Ok(MetaOk::Inode(txn.stored(*ino)?.inode)),
         Query::ReadDir { ino, after, limit } => {
@@ -1236,6 +1251,36 @@ mod tests {
             size: data.len() as u64,
             content: Content::Inline(data.to_vec()),
         }
+    }
+
+    #[test]
+    fn a_whole_lookup_carries_small_files_whole_and_others_by_attributes() {
+        let mut m = vol();
+        let f = create(&mut m, ROOT_INODE, "small").unwrap();
+        m.run(inline_content(f.ino, 0, b"<?php echo 1;")).unwrap();
+        m.run(MetaOp::Mkdir {
+            parent: ROOT_INODE,
+            name: b"dir".to_vec(),
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+        })
+        .unwrap();
+        let whole = |name: &str| {
+            query(
+                &m,
+                &Query::LookupWhole {
+                    parent: ROOT_INODE,
+                    name: name.into(),
+                },
+            )
+        };
+        match whole("small").unwrap() {
+            MetaOk::Inode(i) => assert_eq!(i.content, Content::Inline(b"<?php echo 1;".to_vec())),
+            other => panic!("not whole: {other:?}"),
+        }
+        assert!(matches!(whole("dir").unwrap(), MetaOk::Attr(a) if a.kind == FileKind::Directory));
+        assert_eq!(whole("missing"), Err(FsError::NotFound));
     }
 
     #[test]

@@ -520,7 +520,7 @@ impl Brick {
     fn named_by_query(&self, q: &Query) -> Named {
         let mut named = Named::default();
         match q {
-            Query::Lookup { parent, name } => {
+            Query::Lookup { parent, name } | Query::LookupWhole { parent, name } => {
                 named.inos.push(*parent);
                 self.add_child(*parent, name, &mut named);
             }

@@ -486,7 +486,7 @@ impl Volume {
         }
         let ticket = self.meta_cache.ticket();
         let a = self
-            .meta(Request::Query(Query::Lookup {
+            .meta(Request::Query(Query::LookupWhole {
                 parent,
                 name: name.to_vec(),
             }))
@@ -497,11 +497,19 @@ impl Volume {
                     self.meta_cache
                         .put_name(t, a.stamp, parent, name, Some(attr))
                 }
+                Ok(MetaOk::Inode(inode)) => {
+                    self.meta_cache
+                        .put_name(t, a.stamp, parent, name, Some(&inode.attr));
+                    self.meta_cache.put_inode(t, a.stamp, inode);
+                }
                 Err(FsError::NotFound) => self.meta_cache.put_name(t, a.stamp, parent, name, None),
                 _ => {}
             }
         }
-        expect_attr(a.result?)
+        match a.result? {
+            MetaOk::Inode(inode) => Ok(inode.attr),
+            other => expect_attr(other),
+        }
     }
 
     pub async fn getattr(&self, ino: InodeId) -> Result<Attr, FsError> {

@@ -235,7 +235,17 @@ pub enum Query {
     },
     StatFs,
     Volume,
+    /// A lookup answered with the whole inode (`MetaOk::Inode`) when it is small (see
+    /// [`LOOKUP_WHOLE_MAX`]), else with its attributes: a reader's open and read of a small
+    /// file then need no second round trip.
+    LookupWhole {
+        parent: InodeId,
+        name: Vec<u8>,
+    },
 }
+
+/// Inline content plus xattr bytes up to which [`Query::LookupWhole`] answers the whole inode.
+pub const LOOKUP_WHOLE_MAX: usize = 64 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaOk {

@@ -687,3 +687,103 @@ async fn a_held_change_that_cannot_commit_fails_fsync_with_eio() {
     assert_eq!(b.lookup(dir.ino, b"fine").await.unwrap().ino, fine.ino);
     assert_ne!(b.lookup(dir.ino, b"taken").await.unwrap().ino, taken.ino);
 }
+
+/// A deploy: `rsync -a` of the WordPress tree into a new directory on one mount, then a reader
+/// on a second mount fetches every file: all there with the right bytes. The time from
+/// rsync's exit to the last file read is logged (the target is 1 s; asserted only as a
+/// generous deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_on_one_mount_is_served_whole_by_another() {
+    let src = Path::new("/usr/share/wordpress");
+    assert!(
+        src.exists(),
+        "the wordpress package is missing: scripts/test.sh installs it"
+    );
+    let c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let writer = c.mount("www", "writer", "").await;
+    let reader = c.mount("www", "reader", "").await;
+    // The reader has looked at the docroot before the deploy (a web server running).
+    assert_eq!(std::fs::read_dir(&reader.path).unwrap().count(), 0);
+
+    let started = Instant::now();
+    let rsync = std::process::Command::new("rsync")
+        .arg("-a")
+        .arg(format!("{}/", src.display()))
+        .arg(writer.path.join("site"))
+        .output()
+        .expect("run rsync (installed by scripts/test.sh)");
+    assert!(
+        rsync.status.success(),
+        "rsync: {}",
+        String::from_utf8_lossy(&rsync.stderr)
+    );
+    let exited = Instant::now();
+    let files: Vec<std::path::PathBuf> = mortar_tests::tree::walk(src)
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(p).unwrap().file_type().is_file())
+        .map(|p| p.strip_prefix(src).unwrap().to_path_buf())
+        .collect();
+    assert!(
+        files.len() > 1000,
+        "only {} files in {}",
+        files.len(),
+        src.display()
+    );
+    let root = reader.path.join("site");
+    let count = files.len();
+    let (wrong, slowest) = tokio::task::spawn_blocking(move || {
+        let mut slowest = (Duration::ZERO, String::new());
+        let wrong = files
+            .into_iter()
+            .filter(|rel| {
+                let t = Instant::now();
+                let got = std::fs::read(root.join(rel)).ok();
+                if t.elapsed() > slowest.0 {
+                    slowest = (t.elapsed(), rel.display().to_string());
+                }
+                got != std::fs::read(src.join(rel)).ok()
+            })
+            .map(|rel| rel.display().to_string())
+            .collect::<Vec<_>>();
+        (wrong, slowest)
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "the slowest file to read was {} ({:?})",
+        slowest.1, slowest.0
+    );
+    let served = exited.elapsed();
+    eprintln!(
+        "rsync took {:?}; the reader had all {count} files {served:?} after it exited",
+        exited - started
+    );
+    // What a cold read of the tree costs anyway, for comparison: a fresh mount, long after.
+    {
+        let again = c.mount("www", "again", "").await;
+        let root = again.path.join("site");
+        let t = Instant::now();
+        let n = tokio::task::spawn_blocking(move || {
+            mortar_tests::tree::walk(&root)
+                .into_iter()
+                .filter(|p| std::fs::symlink_metadata(p).unwrap().file_type().is_file())
+                .map(|p| std::fs::read(p).unwrap().len())
+                .filter(|n| *n > 0)
+                .count()
+        })
+        .await
+        .unwrap();
+        eprintln!(
+            "a fresh mount read the tree ({n} non-empty files) in {:?}",
+            t.elapsed()
+        );
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {count} files missing or different on the reader: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    assert!(served < DEADLINE, "the reader took {served:?}");
+}

@@ -52,9 +52,19 @@ impl Log {
 
     /// Acknowledged writes that are missing or different now.
     pub fn lost(&self) -> Vec<String> {
+        self.lost_through(Path::new("/"), Path::new("/"))
+    }
+
+    /// Acknowledged writes made under `written` that are missing or different when read under
+    /// `read` instead: another mount of the same volume, so what the writer's own cache holds
+    /// cannot stand in for what the bricks hold.
+    pub fn lost_through(&self, written: &Path, read: &Path) -> Vec<String> {
         self.acked
             .iter()
-            .filter(|(p, body)| std::fs::read(p).ok().as_ref() != Some(body))
+            .filter(|(p, body)| {
+                let rel = p.strip_prefix(written).expect("written under the mount");
+                std::fs::read(read.join(rel)).ok().as_ref() != Some(body)
+            })
             .map(|(p, _)| p.display().to_string())
             .collect()
     }

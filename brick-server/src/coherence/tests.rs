@@ -212,6 +212,49 @@ fn a_request_naming_a_delegated_directory_waits_for_its_recall() {
 }
 
 #[test]
+fn a_delegated_tree_is_recalled_whole_at_its_first_look() {
+    let (mut c, now, sids) = delegated();
+    // 51 and 52 beneath 50, held by client 1; 60 elsewhere by client 2.
+    c.delegate(1, 51, now, || Ok(Some(50))).unwrap();
+    c.delegate(1, 52, now, || Ok(Some(51))).unwrap();
+    c.delegate(1, 53, now, || Ok(Some(50))).unwrap();
+    c.delegate(2, 60, now, || Ok(Some(1))).unwrap();
+    let Admit::Wait(sent, _) = c.admit(Some(2), &names(&[52]), now) else {
+        panic!("no recall")
+    };
+    let mut recalled: Vec<InodeId> = sent
+        .iter()
+        .map(|(sid, m)| {
+            assert_eq!(*sid, sids[0]);
+            match m {
+                WatchDown::Recall { dir, .. } => *dir,
+                other => panic!("unexpected {other:?}"),
+            }
+        })
+        .collect();
+    recalled.sort_unstable();
+    assert_eq!(recalled, vec![50, 51, 52, 53]);
+    // The request waits only for what it names; the others come back as they are answered.
+    let seq52 = sent
+        .iter()
+        .find(|(_, m)| matches!(m, WatchDown::Recall { dir: 52, .. }))
+        .map(|(_, m)| seq_of(m))
+        .unwrap();
+    c.ack(sids[0], seq52);
+    assert_eq!(c.admit(Some(2), &names(&[52]), now), Admit::Go(vec![52]));
+    c.done(&[52]);
+    // A look at 51 now sends no second recall: it is on its way.
+    assert!(matches!(c.admit(Some(2), &names(&[51]), now), Admit::Wait(s, _) if s.is_empty()));
+    for (sid, m) in &sent {
+        c.ack(*sid, seq_of(m));
+    }
+    assert!(
+        !c.delegates_in(50) && c.delegates_in(1),
+        "client 2's delegation stays"
+    );
+}
+
+#[test]
 fn a_listing_of_the_parent_recalls_the_delegation() {
     let (mut c, now, _) = delegated();
     let listing = Named {
