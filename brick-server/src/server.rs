@@ -637,20 +637,21 @@ impl Brick {
             AdminRequest::ScanReferences { after, limit } => {
                 need(&[Role::Admin])?;
                 let limit = limit.clamp(1, 100_000) as usize;
+                self.confirm_leading().await?;
                 self.scan(move |s| {
                     let (chunks, next) = namespace::chunk_references(&DbMeta(s), after, limit)?;
                     Ok(Reply::References { chunks, next })
                 })
                 .await
             }
-            AdminRequest::ListReleased { after, limit } => {
+            AdminRequest::ListReleased { after, limit, now } => {
                 need(&[Role::Admin])?;
                 let limit = limit.clamp(1, 100_000) as usize;
                 self.scan(move |s| {
-                    let now = Timestamp::now();
+                    let now = (Timestamp::now().secs.max(0) as u64).min(now) as i64;
                     let released = namespace::released(&DbMeta(s), after.as_ref(), limit)?
                         .into_iter()
-                        .map(|(id, at)| (id, now.secs.saturating_sub(at.secs).max(0) as u64))
+                        .map(|(id, at)| (id, now.saturating_sub(at.secs).max(0) as u64))
                         .collect();
                     Ok(Reply::Released(released))
                 })
@@ -675,11 +676,37 @@ impl Brick {
                 })
                 .await
             }
-            AdminRequest::CollectGarbage { ids, grace_secs } => {
+            AdminRequest::CollectGarbage {
+                ids,
+                grace_secs,
+                now,
+            } => {
                 need(&[Role::Admin])?;
-                self.scan(move |s| Ok(Reply::Collected(s.collect_garbage(&ids, grace_secs)?)))
-                    .await
+                self.scan(move |s| {
+                    Ok(Reply::Collected(
+                        s.collect_garbage_at(&ids, grace_secs, now)?,
+                    ))
+                })
+                .await
             }
+        }
+    }
+
+    /// This brick is the metadata leader and a quorum just confirmed it, so its applied
+    /// namespace holds every committed change.
+    async fn confirm_leading(&self) -> Result<(), FsError> {
+        let not = || FsError::Unavailable("not the metadata leader".into());
+        if self.raft.metrics().borrow().current_leader != Some(self.id) {
+            return Err(not());
+        }
+        match tokio::time::timeout(META_TIMEOUT, self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(FsError::Unavailable(format!(
+                "the metadata leader cannot confirm its leadership: {e}"
+            ))),
+            Err(_) => Err(FsError::Unavailable(
+                "the metadata leader cannot reach a quorum to confirm its leadership".into(),
+            )),
         }
     }
 

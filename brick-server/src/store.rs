@@ -25,6 +25,10 @@ pub const CF_META_SYS: &str = "meta_sys";
 pub const CF_RAFT_LOG: &str = "raft_log";
 pub const CF_RAFT_STATE: &str = "raft_state";
 pub const CF_HEAL_INDEX: &str = "heal_index";
+/// Copies that failed verification, kept out of service (nothing reads or lists them) until a
+/// good copy is stored here again or no file names the chunk any more: the evidence is not
+/// destroyed before a good copy is known to exist.
+pub const CF_QUARANTINE: &str = "quarantine";
 pub const CF_CONFIG: &str = "config";
 
 /// RocksDB's memory: block cache and memtables together.
@@ -170,6 +174,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_RAFT_LOG, log_opts),
             ColumnFamilyDescriptor::new(CF_RAFT_STATE, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_HEAL_INDEX, cf_opts(false)),
+            ColumnFamilyDescriptor::new(CF_QUARANTINE, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_CONFIG, cf_opts(false)),
         ];
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|err| StoreError::Open {
@@ -347,7 +352,26 @@ impl Store {
             b.put_cf(self.cf(CF_CHUNKS), id.0, data);
             self.account(&mut b, id, data.len() as u64, true)?;
         }
+        // Only verified bytes are stored: a quarantined bad copy is no longer needed.
+        if self.get(CF_QUARANTINE, &id.0)?.is_some() {
+            b.delete_cf(self.cf(CF_QUARANTINE), id.0);
+        }
         self.write(b, sync)
+    }
+
+    /// Chunks whose bad copy is quarantined here.
+    pub fn quarantined(&self) -> Result<Vec<ChunkId>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_QUARANTINE), IteratorMode::Start)
+        {
+            let (k, _) = item?;
+            if let Ok(id) = <[u8; 32]>::try_from(&k[..]) {
+                out.push(ChunkId(id));
+            }
+        }
+        Ok(out)
     }
 
     /// Remove chunks whose stamp is at least `grace_secs` old; returns the ones removed.
@@ -356,7 +380,18 @@ impl Store {
         ids: &[ChunkId],
         grace_secs: u64,
     ) -> Result<Vec<ChunkId>, StoreError> {
-        let cutoff = unix_now().saturating_sub(grace_secs);
+        self.collect_garbage_at(ids, grace_secs, u64::MAX)
+    }
+
+    /// Delete `ids` unless stored within `grace_secs` of the earlier of this host's clock and
+    /// `now` (another host's, Unix seconds): both clocks must agree the chunk is old.
+    pub fn collect_garbage_at(
+        &self,
+        ids: &[ChunkId],
+        grace_secs: u64,
+        now: u64,
+    ) -> Result<Vec<ChunkId>, StoreError> {
+        let cutoff = unix_now().min(now).saturating_sub(grace_secs);
         let _guard = self.chunk_lock.lock().expect("chunk lock");
         let mut removed = Vec::new();
         for id in ids {
@@ -419,13 +454,17 @@ impl Store {
         Ok(true)
     }
 
-    /// Remove a copy that failed verification and note that this brick needs a good one.
+    /// Take a copy that failed verification out of service into the quarantine, and note that
+    /// this brick needs a good one.
     pub fn quarantine(&self, self_id: BrickId, id: &ChunkId) -> Result<(), StoreError> {
         let _guard = self.chunk_lock.lock().expect("chunk lock");
         let Some((_, len)) = self.chunk_stamp(id)? else {
             return Ok(());
         };
         let mut b = WriteBatch::default();
+        if let Some(bad) = self.get(CF_CHUNKS, &id.0)? {
+            b.put_cf(self.cf(CF_QUARANTINE), id.0, bad);
+        }
         b.delete_cf(self.cf(CF_CHUNKS), id.0);
         self.account(&mut b, id, len, false)?;
         let entry = HealEntry {
@@ -527,10 +566,16 @@ impl Store {
         self.write(b, false)
     }
 
+    /// Drop heal index entries (heal found the brick holds the chunk again, or no file needs
+    /// it); a bad copy of this brick's own quarantined for such an entry goes with it.
     pub fn clear_heal_index(&self, entries: &[(BrickId, ChunkId)]) -> Result<(), StoreError> {
+        let me = self.brick_id()?;
         let mut b = WriteBatch::default();
         for (brick, chunk) in entries {
             b.delete_cf(self.cf(CF_HEAL_INDEX), Self::heal_key(*brick, chunk));
+            if *brick == me {
+                b.delete_cf(self.cf(CF_QUARANTINE), chunk.0);
+            }
         }
         self.write(b, true)
     }
@@ -693,12 +738,21 @@ mod tests {
 
         store.quarantine(5, &ids[20]).unwrap();
         assert!(!store.has_chunk(&ids[20]).unwrap());
+        assert_eq!(
+            store.quarantined().unwrap(),
+            vec![ids[20]],
+            "kept aside, not deleted"
+        );
         let heal = store.list_heal_index(None, 10).unwrap();
         assert_eq!(heal.len(), 1);
         assert_eq!(
             (heal[0].brick, heal[0].reason, heal[0].bytes),
             (5, HealReason::Corrupt, 400)
         );
+        // A good copy stored again ends the quarantine.
+        store.put_chunk(&ids[20], &chunks[20], false).unwrap();
+        assert!(store.quarantined().unwrap().is_empty());
+        store.quarantine(5, &ids[21]).unwrap();
 
         // Putting everything back restores the original digest exactly.
         for (id, c) in ids.iter().zip(&chunks) {

@@ -336,7 +336,8 @@ pub async fn scrub_page(
     .await
 }
 
-/// Every chunk the namespace replica on `addr` references (with repeats).
+/// Every chunk the namespace references (with repeats), read on `addr`, which must be the
+/// metadata leader (it confirms that with a quorum for every page).
 pub async fn scan_references(pool: &Pool, addr: &str) -> Result<Vec<ChunkId>, AdminError> {
     let mut all = Vec::new();
     let mut after: Option<InodeId> = None;
@@ -355,9 +356,23 @@ pub async fn scan_references(pool: &Pool, addr: &str) -> Result<Vec<ChunkId>, Ad
     }
 }
 
+/// This host's clock, Unix seconds: bricks count garbage-collection grace by the earlier of
+/// theirs and this.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Every release record on `addr`: (chunk, seconds since it was let go).
 pub async fn list_released(pool: &Pool, addr: &str) -> Result<Vec<(ChunkId, u64)>, AdminError> {
-    let request = |after| AdminRequest::ListReleased { after, limit: PAGE };
+    let now = unix_now();
+    let request = |after| AdminRequest::ListReleased {
+        after,
+        limit: PAGE,
+        now,
+    };
     let page = |r| match r {
         Reply::Released(p) => Some(p),
         _ => None,
@@ -386,6 +401,7 @@ pub async fn collect_garbage(
         let req = AdminRequest::CollectGarbage {
             ids: batch.to_vec(),
             grace_secs,
+            now: unix_now(),
         };
         removed.extend(
             ask(pool, addr, req, LONG, |r| match r {

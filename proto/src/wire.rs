@@ -321,22 +321,30 @@ pub enum AdminRequest {
         limit: u32,
         max_bytes_per_sec: u64,
     },
-    /// Chunks referenced by the inodes after `after` in this brick's namespace replica.
+    /// Chunks referenced by the inodes after `after` in the namespace, read on the metadata
+    /// leader after it confirmed its leadership with a quorum (a brick that is not the
+    /// leader, or cannot confirm it, refuses): garbage collection must not judge from a
+    /// stale replica.
     ScanReferences {
         after: Option<InodeId>,
         limit: u32,
     },
     /// Chunks whose references went away (overwrite, truncate, unlink), with how many seconds
-    /// ago by this brick's clock: a reader may still use them, e.g. through a file open after
-    /// unlink, so garbage collection leaves them for a grace period.
+    /// ago: a reader may still use them, e.g. through a file open after unlink, so garbage
+    /// collection leaves them for a grace period. The age is counted by the earlier of this
+    /// brick's clock and `now` (the asker's, Unix seconds), so no single clock fast by more
+    /// than the grace period makes a chunk look old.
     ListReleased {
         after: Option<ChunkId>,
         limit: u32,
+        now: u64,
     },
-    /// Delete these chunks unless stored or written again within the last `grace_secs`.
+    /// Delete these chunks unless stored or written again within the last `grace_secs`, by
+    /// the earlier of this brick's clock and `now` (the asker's, Unix seconds).
     CollectGarbage {
         ids: Vec<ChunkId>,
         grace_secs: u64,
+        now: u64,
     },
     /// Give the disk space of collected chunks back to the filesystem (compaction), when
     /// enough was collected to be worth it.

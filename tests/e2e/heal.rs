@@ -406,3 +406,181 @@ async fn a_follower_held_behind_fails_status_and_heal_until_it_catches_up() {
     let digests = c.settled_meta_digests().await;
     assert!(digests.iter().all(|d| *d == digests[0]));
 }
+
+/// The metadata leader's status, with which brick it is: the highest term saying "leader".
+async fn leading(c: &Cluster) -> (usize, u64) {
+    let pool = c.admin_pool();
+    wait_for("a metadata leader", DEADLINE, || {
+        let pool = pool.clone();
+        let addrs = c.addrs();
+        async move {
+            let mut best: Option<(usize, u64)> = None;
+            for (i, a) in addrs.iter().enumerate() {
+                if let Ok(s) = volume_admin::status(&pool, a).await {
+                    if s.raft_role == "leader" && best.is_none_or(|(_, t)| s.term > t) {
+                        best = Some((i, s.term));
+                    }
+                }
+            }
+            best
+        }
+    })
+    .await
+}
+
+/// Garbage collection cannot delete live data: run while a writer writes and while the old
+/// leader, cut off from the other bricks (heal still reaches it), keeps saying "leader" with a
+/// namespace that lacks every file written since; then a copy rotten on one brick is
+/// quarantined (not deleted), the good copies serve, and heal restores all three. Every file
+/// reads back intact through a fresh mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_collection_from_a_stale_view_deletes_nothing_live() {
+    let mut c = Cluster::start(3);
+    let vol = std::sync::Arc::new(c.create_volume("www", CHUNK).await);
+    // Brick 0 leads, so a heal that took the first brick saying "leader" would ask the stale one.
+    for _ in 0..10 {
+        let (l, _) = leading(&c).await;
+        if l == 0 {
+            break;
+        }
+        c.bricks[l].stop();
+        leading(&c).await;
+        c.bricks[l].start();
+        c.wait_up(l).await;
+    }
+    let (old, old_term) = leading(&c).await;
+    assert_eq!(old, 0, "brick 0 would not lead");
+    let mut files = write_files(&vol, "before", 4, 200_000).await;
+    let doomed = write_files(&vol, "doomed", 4, 200_000).await;
+    let referenced_then = referenced_chunks(&vol).await;
+    for (name, _) in &doomed {
+        vol.unlink(ROOT_INODE, name.as_bytes()).await.unwrap();
+    }
+    let garbage: BTreeSet<ChunkId> = referenced_then
+        .difference(&referenced_chunks(&vol).await)
+        .copied()
+        .collect();
+    assert!(!garbage.is_empty());
+
+    // The old leader is cut off from the other two bricks; they elect a new one.
+    let others: Vec<String> = c.addrs()[1..].to_vec();
+    let cut = NetCut::between(&[&c.addrs()[0]], &others);
+    let (new, new_term) = leading(&c).await;
+    let (new, new_term) = if new == 0 {
+        wait_for("a new leader among the majority", DEADLINE, || async {
+            let (l, t) = leading(&c).await;
+            (l != 0).then_some((l, t))
+        })
+        .await
+    } else {
+        (new, new_term)
+    };
+    assert!(new_term > old_term);
+    files.extend(write_files(&vol, "after", 4, 200_000).await);
+    // The path under test: the cut-off brick still says it leads, in its old term.
+    let stale = volume_admin::status(&c.admin_pool(), &c.addrs()[0])
+        .await
+        .unwrap();
+    assert_eq!((stale.raft_role.as_str(), stale.term), ("leader", old_term));
+
+    // The release records must be older than the grace period for anything to be collected.
+    let grace = 3u64;
+    let released = wait_for("the garbage to outlive the grace period", DEADLINE, || {
+        let pool = c.admin_pool();
+        let addr = c.addrs()[new].clone();
+        let garbage = garbage.clone();
+        async move {
+            let ages = volume_admin::list_released(&pool, &addr).await.ok()?;
+            let old: Vec<_> = ages
+                .iter()
+                .filter(|(id, age)| garbage.contains(id) && *age > grace)
+                .collect();
+            (old.len() == garbage.len()).then_some(old.len())
+        }
+    })
+    .await;
+    assert_eq!(released, garbage.len());
+
+    // Heal, with a writer writing throughout.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (vol, stop) = (vol.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut written = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                written.extend(write_files(&vol, &format!("live{i}-"), 1, 150_000).await);
+                i += 1;
+                // A steady writer, not a flood: the heal must finish on a busy machine.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            written
+        })
+    };
+    let grace_arg = format!("{grace}s");
+    let r = {
+        let c = &c;
+        tokio::task::block_in_place(|| heal(c, &["--gc-grace", &grace_arg]))
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let live = writer.await.unwrap();
+    assert!(!live.is_empty(), "the writer wrote nothing during the heal");
+    files.extend(live);
+    eprintln!("heal with the old leader cut off:\n{}", r.out);
+    assert!(
+        r.out.contains("unreferenced chunks removed") && !r.out.contains(" 0 unreferenced"),
+        "garbage collection did not run: {}",
+        r.out
+    );
+    drop(cut);
+    for s in c.chunks_per_brick().await.iter().skip(1) {
+        assert!(s.is_disjoint(&garbage), "garbage left on the majority");
+    }
+    let referenced = referenced_chunks(&vol).await;
+    for s in c.chunks_per_brick().await.iter().skip(1) {
+        let missing = referenced.difference(s).count();
+        assert_eq!(
+            missing, 0,
+            "{missing} referenced chunks deleted from a brick"
+        );
+    }
+
+    // A rotten copy, found by a read, is quarantined; the good copies serve; heal restores it.
+    let victim = referenced.iter().next().copied().unwrap();
+    tamper(&mut c, 1, |s| {
+        s.db.put_cf(s.cf(CF_CHUNKS), victim.0, b"bit rot".repeat(1000))
+            .unwrap()
+    })
+    .await;
+    let pool = c.admin_pool();
+    let r = pool
+        .call(&c.addrs()[1], &Request::GetChunk { id: victim }, DEADLINE)
+        .await
+        .unwrap();
+    assert!(r.is_err(), "a rotten copy was served");
+    tamper(&mut c, 1, |s| {
+        assert_eq!(
+            s.quarantined().unwrap(),
+            vec![victim],
+            "the rotten copy is not kept aside"
+        );
+    })
+    .await;
+    let r = heal(&c, &[]);
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert_all_copies_verify(&c, &referenced).await;
+    tamper(&mut c, 1, |s| {
+        assert!(
+            s.quarantined().unwrap().is_empty(),
+            "the quarantine outlived the good copy"
+        );
+    })
+    .await;
+
+    // Every file, read through a fresh mount.
+    let m = c.mount("www", "fresh", "").await;
+    for (name, body) in &files {
+        let got = std::fs::read(m.path.join(name)).unwrap();
+        assert!(got == *body, "{name} reads back different bytes");
+    }
+}

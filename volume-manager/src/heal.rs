@@ -12,7 +12,7 @@
 //!    which brick lacks what; it copies each from a peer whose copy verifies
 //! 6. heal index entries that are now satisfied are dropped; what remains is reported
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use futures::stream::{self, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use mortar_client::volume_admin as admin;
@@ -145,7 +145,6 @@ pub async fn heal(vol: Arc<Volume>, opts: &Options, progress: &Progress) -> Resu
 }
 
 async fn heal_under_lease(vol: &Volume, opts: &Options, progress: &Progress) -> Result<Tally> {
-    let pool = vol.pool();
     let config = vol.config();
     let mut t = Tally::default();
 
@@ -156,11 +155,9 @@ async fn heal_under_lease(vol: &Volume, opts: &Options, progress: &Progress) -> 
             b.addr, b.id
         ));
     }
-    let any_up = up
-        .keys()
-        .next()
-        .cloned()
-        .ok_or_else(|| anyhow!("no brick of the volume answers"))?;
+    if up.is_empty() {
+        bail!("no brick of the volume answers");
+    }
 
     // A follower that stays behind the leader runs the volume without its redundancy; heal
     // cannot fix that, but must not report the volume healed while it lasts.
@@ -180,16 +177,16 @@ async fn heal_under_lease(vol: &Volume, opts: &Options, progress: &Progress) -> 
         scrub(vol, &up, opts.scrub_rate, progress, &mut t).await?;
     }
 
-    // The namespace as the leader (or any replica) sees it: what files name, what they let go.
-    let source = leader_or(vol, &up, &any_up).await;
-    let referenced: HashSet<ChunkId> = admin::scan_references(pool, &source)
-        .await
-        .context("cannot list the chunks files reference")?
-        .into_iter()
-        .collect();
-    let released = admin::list_released(pool, &source)
-        .await
-        .context("cannot list released chunks")?;
+    // What files name and what they let go, as the current leader knows it.
+    let (referenced, released) = match namespace_references(vol, &up, &statuses).await {
+        Ok(r) => r,
+        Err(why) => {
+            let why = format!("chunks: {why}; no chunk copied or collected in this run");
+            progress.line(&why);
+            t.left.push(why);
+            return Ok(t);
+        }
+    };
 
     for (set_no, set) in config.replica_sets.iter().enumerate() {
         let set_up: Vec<&BrickRef> = set.iter().filter(|b| up.contains_key(&b.addr)).collect();
@@ -264,15 +261,50 @@ async fn brick_states(vol: &Volume) -> (BTreeMap<String, BrickRef>, Vec<(BrickRe
     (up, down)
 }
 
-async fn leader_or(vol: &Volume, up: &BTreeMap<String, BrickRef>, fallback: &str) -> String {
-    for addr in up.keys() {
-        if let Ok(s) = admin::status(vol.pool(), addr).await {
-            if s.raft_role == "leader" {
-                return addr.clone();
-            }
-        }
+/// The chunks the namespace references and the release records, read on the current metadata
+/// leader — the brick saying "leader" in the highest term, which confirms it with a quorum for
+/// every page — and only if afterwards it still leads in that term at an applied index at
+/// least every replica's before the read. So garbage collection never judges from a stale
+/// replica (a deposed leader cut off from the others still says "leader"). Err: why not.
+async fn namespace_references(
+    vol: &Volume,
+    up: &BTreeMap<String, BrickRef>,
+    statuses: &[Result<mortar_proto::wire::BrickStatus, admin::AdminError>],
+) -> Result<(HashSet<ChunkId>, Vec<(ChunkId, u64)>), String> {
+    let leader = crate::replicas::leader(statuses)
+        .ok_or("no brick is the metadata leader, so what files reference is not known")?;
+    let (term, id) = (leader.term, leader.id);
+    let newest = statuses
+        .iter()
+        .filter_map(|s| s.as_ref().ok())
+        .map(|s| s.applied_index)
+        .max()
+        .unwrap_or(0);
+    let addr = up
+        .values()
+        .find(|b| b.id == id)
+        .map(|b| b.addr.clone())
+        .ok_or_else(|| format!("the metadata leader (id {id}) is not a brick of the volume"))?;
+    let pool = vol.pool();
+    let referenced: HashSet<ChunkId> = admin::scan_references(pool, &addr)
+        .await
+        .map_err(|e| format!("cannot list the chunks files reference on the leader {addr}: {e}"))?
+        .into_iter()
+        .collect();
+    let released = admin::list_released(pool, &addr)
+        .await
+        .map_err(|e| format!("cannot list released chunks on the leader {addr}: {e}"))?;
+    let after = admin::status(pool, &addr)
+        .await
+        .map_err(|e| format!("the metadata leader {addr} stopped answering: {e}"))?;
+    if after.raft_role != "leader" || after.term != term || after.applied_index < newest {
+        return Err(format!(
+            "the metadata leader {addr} changed or fell behind during the reference scan \
+             (term {term} -> {}, applied {} against {newest} seen on a replica)",
+            after.term, after.applied_index
+        ));
     }
-    fallback.to_string()
+    Ok((referenced, released))
 }
 
 /// Compare the namespace digests of the reachable replicas once they sit at one applied index.
