@@ -18,6 +18,12 @@
 //! - **A delegated directory is changed by its holder alone**: a request naming it from another
 //!   client waits for a recall (the holder commits and acknowledges), or, when the holder does
 //!   not answer in time, for the holder's lease to run out.
+//! - **A delegation outlives its watch** (the leader changed, the holder's connection broke):
+//!   delegations are recorded in the Raft log, so a new leader [adopts](Coherence::adopt)
+//!   them; one without a watch is kept for [`RECLAIM_GRACE`], during which requests naming it
+//!   wait for the holder to watch again (then it is recalled as usual, the holder committing
+//!   what it still holds first). Only then may another client look: no window in which it
+//!   sees less than the holder showed.
 
 use mortar_proto::wire::{Inval, OpId, WatchDown, WATCH_LEASE};
 use mortar_proto::{FsError, InodeId};
@@ -33,6 +39,11 @@ pub const GIVE_UP: Duration = Duration::from_secs(10);
 /// its lease to run out instead.
 pub const RECALL_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a delegation whose holder has no watch (a new leader, a broken connection) is kept
+/// for the holder to watch again and give it back: long enough to notice a dead leader (two
+/// leases without renewal), find the new one and open a watch on it.
+pub const RECLAIM_GRACE: Duration = Duration::from_secs(10);
+
 /// A lease as the leader counts it: a little longer than the client does, for clock-rate
 /// differences between hosts.
 pub const LEASE_MARGIN: Duration = Duration::from_millis(
@@ -44,6 +55,7 @@ pub const LEASE_MARGIN: Duration = Duration::from_millis(
 const _: () = assert!(GIVE_UP.as_millis() > 2 * LEASE_MARGIN.as_millis());
 const _: () = assert!(RECALL_WAIT.as_millis() > LEASE_MARGIN.as_millis());
 const _: () = assert!(GIVE_UP.as_millis() > RECALL_WAIT.as_millis());
+const _: () = assert!(RECLAIM_GRACE.as_millis() > 4 * WATCH_LEASE.as_millis());
 
 pub type SessionId = u64;
 
@@ -78,12 +90,18 @@ impl Session {
     }
 }
 
-/// A directory delegated to one watch session.
+/// A directory delegated to one client.
 struct Delegation {
-    session: SessionId,
+    /// The holder's watch here; None while it has none (see [`RECLAIM_GRACE`]).
+    session: Option<SessionId>,
     client: u128,
     parent: InodeId,
+    /// Without a watch: when the delegation is given up on.
+    reclaim_by: Instant,
 }
+
+/// A delegation as recorded in the namespace, for [`Coherence::adopt`].
+pub use crate::namespace::Recorded;
 
 /// What a request names, for recalling delegations before it is answered.
 #[derive(Debug, Default)]
@@ -128,6 +146,10 @@ pub struct Coherence {
     departed: Vec<Instant>,
     /// The term this brick leads in and when it first saw itself leading it.
     leading: Option<(u64, Instant)>,
+    /// The term whose recorded delegations were adopted.
+    adopted: Option<u64>,
+    /// Delegations ended since [`Coherence::take_ended`]: to be recorded as ended.
+    ended: Vec<InodeId>,
 }
 
 impl Coherence {
@@ -143,30 +165,101 @@ impl Coherence {
                 asks: BTreeMap::new(),
             },
         );
+        // Its delegations without a watch are its again (to be recalled through it).
+        for d in self.delegations.values_mut() {
+            if d.client == client && d.session.is_none() {
+                d.session = Some(sid);
+            }
+        }
         sid
     }
 
-    /// The watch `sid` ended (its stream closed, or it was given up on). Its delegations end;
-    /// its lease, while it lasts, still holds changes back.
+    /// Leading in `term`: start from the delegations recorded in the namespace (once per
+    /// term), each waiting for its holder to watch here.
+    pub fn adopt(&mut self, term: u64, recorded: &[Recorded], now: Instant) {
+        if self.adopted == Some(term) {
+            return;
+        }
+        self.adopted = Some(term);
+        self.delegations.clear();
+        self.delegated_in.clear();
+        for r in recorded {
+            let session = self
+                .sessions
+                .iter()
+                .find(|(_, s)| s.client == r.client)
+                .map(|(sid, _)| *sid);
+            self.delegations.insert(
+                r.dir,
+                Delegation {
+                    session,
+                    client: r.client,
+                    parent: r.parent,
+                    reclaim_by: now + RECLAIM_GRACE,
+                },
+            );
+            self.delegated_in.entry(r.parent).or_default().insert(r.dir);
+        }
+    }
+
+    /// Whether the recorded delegations of `term` were adopted.
+    pub fn adopted(&self, term: u64) -> bool {
+        self.adopted == Some(term)
+    }
+
+    /// Delegations that ended since the last call, to be recorded as ended.
+    pub fn take_ended(&mut self) -> Vec<InodeId> {
+        std::mem::take(&mut self.ended)
+    }
+
+    /// The watch `sid` ended (its stream closed). Its delegations wait [`RECLAIM_GRACE`] for
+    /// it to watch again; its lease, while it lasts, still holds changes back.
     pub fn close(&mut self, sid: SessionId, now: Instant) {
         let Some(s) = self.sessions.remove(&sid) else {
             return;
         };
-        let held: Vec<InodeId> = self
-            .delegations
-            .iter()
-            .filter(|(_, d)| d.session == sid)
-            .map(|(dir, _)| *dir)
-            .collect();
-        for dir in held {
-            self.undelegate(dir);
-            if s.leased(now) {
-                self.lapsed.insert(dir, s.lease_until);
+        for d in self.delegations.values_mut() {
+            if d.session == Some(sid) {
+                d.session = None;
+                d.reclaim_by = now + RECLAIM_GRACE;
             }
         }
         if s.leased(now) {
             self.departed.push(s.lease_until);
         }
+    }
+
+    /// The client of `sid` said goodbye, having committed everything: its delegations end
+    /// now, with nothing to wait out.
+    pub fn bye(&mut self, sid: SessionId) {
+        let held: Vec<InodeId> = self
+            .delegations
+            .iter()
+            .filter(|(_, d)| d.session == Some(sid))
+            .map(|(dir, _)| *dir)
+            .collect();
+        for dir in held {
+            self.undelegate(dir);
+        }
+    }
+
+    /// The watch `sid` was given up on (a message unacknowledged too long): its delegations
+    /// end, waited out until its lease has, and the watch closes.
+    fn give_up(&mut self, sid: SessionId, now: Instant) {
+        let lease_until = self.sessions.get(&sid).map(|s| s.lease_until);
+        let held: Vec<InodeId> = self
+            .delegations
+            .iter()
+            .filter(|(_, d)| d.session == Some(sid))
+            .map(|(dir, _)| *dir)
+            .collect();
+        for dir in held {
+            self.undelegate(dir);
+            if let Some(until) = lease_until.filter(|u| *u > now) {
+                self.lapsed.insert(dir, until);
+            }
+        }
+        self.close(sid, now);
     }
 
     pub fn is_open(&self, sid: SessionId) -> bool {
@@ -277,7 +370,11 @@ impl Coherence {
             return;
         };
         if let Asked::Recall { dir } = ask.what {
-            if self.delegations.get(&dir).is_some_and(|d| d.session == sid) {
+            if self
+                .delegations
+                .get(&dir)
+                .is_some_and(|d| d.session == Some(sid))
+            {
                 self.undelegate(dir);
             }
         }
@@ -300,7 +397,7 @@ impl Coherence {
             .map(|(sid, _)| *sid)
             .collect();
         for sid in &late {
-            self.close(*sid, now);
+            self.give_up(*sid, now);
         }
         late
     }
@@ -349,7 +446,7 @@ impl Coherence {
         dir: InodeId,
         now: Instant,
         empty_in: impl FnOnce() -> Result<Option<InodeId>, FsError>,
-    ) -> Result<(), FsError> {
+    ) -> Result<InodeId, FsError> {
         let busy = |why: &str| Err(FsError::Busy(format!("no delegation: {why}")));
         let Some((&sid, _)) = self
             .sessions
@@ -358,9 +455,10 @@ impl Coherence {
         else {
             return busy("the client holds no lease from this leader");
         };
-        if let Some(d) = self.delegations.get(&dir) {
-            return if d.session == sid {
-                Ok(())
+        if let Some(d) = self.delegations.get_mut(&dir) {
+            return if d.client == client {
+                d.session = Some(sid);
+                Ok(d.parent)
             } else {
                 busy("delegated to another client")
             };
@@ -377,13 +475,19 @@ impl Coherence {
         self.delegations.insert(
             dir,
             Delegation {
-                session: sid,
+                session: Some(sid),
                 client,
                 parent,
+                reclaim_by: now,
             },
         );
         self.delegated_in.entry(parent).or_default().insert(dir);
-        Ok(())
+        Ok(parent)
+    }
+
+    /// A grant that could not be recorded is withdrawn.
+    pub fn withdraw(&mut self, dir: InodeId) {
+        self.undelegate(dir);
     }
 
     /// Whether a directory delegated to someone has `parent` as its parent (so a request
@@ -408,6 +512,7 @@ impl Coherence {
         let mut sends = Vec::new();
         let mut later = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
         let mut to_recall = Vec::new();
+        let mut expired = Vec::new();
         for dir in &dirs {
             if let Some(until) = self.lapsed.get(dir) {
                 later(*until);
@@ -418,7 +523,15 @@ impl Coherence {
             if Some(d.client) == origin {
                 continue;
             }
-            let sid = d.session;
+            let Some(sid) = d.session else {
+                // Its holder has no watch here yet: wait for it, within the grace period.
+                if d.reclaim_by > now {
+                    later(d.reclaim_by);
+                } else {
+                    expired.push(*dir);
+                }
+                continue;
+            };
             let pending = self.sessions.get(&sid).and_then(|s| {
                 s.asks
                     .values()
@@ -429,6 +542,13 @@ impl Coherence {
                 Some(deadline) => later(deadline),
                 None => to_recall.push((*dir, sid)),
             }
+        }
+        for dir in expired {
+            tracing::warn!(
+                dir,
+                "a delegation's holder did not come back within the grace period; it ends"
+            );
+            self.undelegate(dir);
         }
         // A whole delegated tree is recalled at once: a reader's first look at a freshly
         // deployed tree then costs one round trip to the holder, not one per directory.
@@ -468,6 +588,9 @@ impl Coherence {
             return Vec::new();
         };
         let held = |d: &InodeId| self.delegations.get(d).is_some_and(|d| d.session == sid);
+        if sid.is_none() {
+            return Vec::new();
+        }
         let mut top = dir;
         // Directories form a tree; the bound only guards against a corrupt parent chain.
         for _ in 0..self.delegations.len() {
@@ -501,6 +624,7 @@ impl Coherence {
 
     fn undelegate(&mut self, dir: InodeId) {
         if let Some(d) = self.delegations.remove(&dir) {
+            self.ended.push(dir);
             if let Some(dirs) = self.delegated_in.get_mut(&d.parent) {
                 dirs.remove(&dir);
                 if dirs.is_empty() {

@@ -112,6 +112,7 @@ async fn run(args: Args) -> Result<()> {
     // openraft's Fatal prints nothing useful with Display; the Debug form names the cause.
     .map_err(|e| anyhow::anyhow!("cannot start the metadata group: {e:?}"))?;
 
+    let watchers = Arc::new(Watchers::new(id, raft.clone(), hub, store.clone()));
     let brick = Arc::new(Brick {
         id,
         store,
@@ -119,7 +120,7 @@ async fn run(args: Args) -> Result<()> {
         pool,
         volume,
         data_dir: args.data.clone(),
-        watchers: Arc::new(Watchers::new(id, raft.clone(), hub)),
+        watchers,
         lag: Arc::default(),
         log_bound: bound.clone(),
         space: Arc::new(Space::new(args.data.clone(), args.reserve)),

@@ -52,6 +52,8 @@ const KEY_HEAL_LEASE: &[u8] = b"heal_lease";
 /// `released/<chunk id>` -> when a file stopped naming the chunk (garbage collection waits a
 /// grace period after that).
 const PREFIX_RELEASED: &[u8] = b"released/";
+/// Delegated directories: `deleg/<dir>` → (holder client, parent).
+const PREFIX_DELEGATED: &[u8] = b"deleg/";
 
 /// `once/<client><seq>` -> the outcome of that client's change, for answering its retries.
 const PREFIX_ONCE: &[u8] = b"once/";
@@ -676,6 +678,57 @@ pub fn apply<R: MetaRead>(
                 txn.delete(Table::Sys, &released_key(id));
             }
             Ok(MetaOk::Done)
+        }
+        MetaOp::Delegated {
+            dir,
+            parent,
+            client,
+        } => {
+            txn.put(Table::Sys, &delegated_key(*dir), enc(&(*client, *parent)));
+            Ok(MetaOk::Done)
+        }
+        MetaOp::Undelegated { dir } => {
+            txn.delete(Table::Sys, &delegated_key(*dir));
+            Ok(MetaOk::Done)
+        }
+    }
+}
+
+fn delegated_key(dir: InodeId) -> Vec<u8> {
+    let mut k = PREFIX_DELEGATED.to_vec();
+    k.extend_from_slice(&dir.to_be_bytes());
+    k
+}
+
+/// A recorded delegation: the directory, its holder, its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    pub dir: InodeId,
+    pub client: u128,
+    pub parent: InodeId,
+}
+
+/// Every delegation recorded in the namespace (a new leader starts from these).
+pub fn delegations<R: MetaRead>(r: &R) -> Result<Vec<Recorded>, FsError> {
+    let mut out = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = r.scan(Table::Sys, PREFIX_DELEGATED, after.as_deref(), 1024)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(out);
+        };
+        after = Some(last.clone());
+        for (k, v) in &page {
+            let dir = k[PREFIX_DELEGATED.len()..]
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| FsError::Io("delegation key is not an inode number".into()))?;
+            let (client, parent) = dec(v)?;
+            out.push(Recorded {
+                dir,
+                client,
+                parent,
+            });
         }
     }
 }

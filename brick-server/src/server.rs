@@ -163,6 +163,11 @@ impl Brick {
             Request::Meta { op, once } => {
                 match op {
                     MetaOp::CreateVolume(_) => need(&[Role::Brick])?,
+                    MetaOp::Delegated { .. } | MetaOp::Undelegated { .. } => {
+                        return Err(FsError::NotPermitted(
+                            "delegations are recorded by the metadata leader itself".into(),
+                        ))
+                    }
                     // A follower forwards an admin's change under its own brick certificate,
                     // having checked the admin's: accept both (a brick may commit anything
                     // through Raft anyway).
@@ -318,7 +323,10 @@ impl Brick {
             }
             let named = self.named_by_op(&op);
             let admitted = Instant::now();
-            let _in_flight = self.watchers.admit(once.map(|o| o.client), named).await;
+            let _in_flight = match self.watchers.admit(once.map(|o| o.client), named).await {
+                Ok(f) => f,
+                Err(e) => return Reply::meta(Err(e), None),
+            };
             // From here until the answer goes, the change's own client learns of it from the
             // answer; if the wait below gives up, the change is announced to it as to others.
             let _awaiting = self.watchers.awaiting(once);
@@ -388,7 +396,10 @@ impl Brick {
             };
         }
         let _in_flight = match leader {
-            Some(_) => Some(self.watchers.admit(None, self.named_by_query(&q)).await),
+            Some(_) => match self.watchers.admit(None, self.named_by_query(&q)).await {
+                Ok(f) => Some(f),
+                Err(e) => return Reply::meta(Err(e), None),
+            },
             None => None,
         };
         // The applied index before the read: the answer reflects at least this much, and the
@@ -432,9 +443,12 @@ impl Brick {
         if let Err(e) = self.space_refusal(0) {
             return Reply::meta(Err(e), Some(leader));
         }
-        let granted = self.watchers.delegate(client, dir, || {
-            namespace::empty_dir_parent(&DbMeta(&self.store), dir)
-        });
+        let granted = self
+            .watchers
+            .delegate(client, dir, || {
+                namespace::empty_dir_parent(&DbMeta(&self.store), dir)
+            })
+            .await;
         if granted.is_ok() {
             // Other clients may have cached "no such name" in the directory; the holder will
             // make names there that no change announces until it commits them.
@@ -504,7 +518,9 @@ impl Brick {
             MetaOp::CreateVolume(_)
             | MetaOp::HealLease { .. }
             | MetaOp::ForgetReleased(_)
-            | MetaOp::ReserveInodes { .. } => {}
+            | MetaOp::ReserveInodes { .. }
+            | MetaOp::Delegated { .. }
+            | MetaOp::Undelegated { .. } => {}
         }
     }
 

@@ -2,9 +2,11 @@
 //! the waits the [`Coherence`] state machine asks for. The rules are in [`crate::coherence`].
 
 use crate::coherence::{Admit, Coherence, SessionId};
-use crate::raft::Raft;
-use mortar_proto::wire::{read_frame, write_frame, Inval, OpId, Stamp, WatchDown, WatchUp};
-use mortar_proto::{BrickId, FsError, InodeId};
+use crate::namespace;
+use crate::raft::{Command, DbMeta, Raft};
+use crate::store::Store;
+use mortar_proto::wire::{read_frame, write_frame, Inval, MetaOp, OpId, Stamp, WatchDown, WatchUp};
+use mortar_proto::{BrickId, FsError, InodeId, Timestamp};
 use openraft::{BasicNode, RaftMetrics, ServerState};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,11 @@ pub use crate::coherence::Named;
 
 /// How often an open watch checks for watchers that stopped acknowledging.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+/// How long a request waits for a new leader to catch up before it is refused (Unavailable:
+/// the client asks again).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
+/// How long a grant waits for its record to commit.
+const RECORD_WAIT: Duration = Duration::from_secs(2);
 
 /// The sending side of one open watch.
 struct Link {
@@ -128,6 +135,7 @@ pub struct Watchers {
     id: BrickId,
     raft: Raft,
     hub: Arc<Hub>,
+    store: Arc<Store>,
 }
 
 /// A request counted in flight for the inodes it names (see [`Watchers::admit`]).
@@ -171,8 +179,80 @@ fn leading_term_of(m: &RaftMetrics<u64, BasicNode>, id: BrickId) -> Option<u64> 
 }
 
 impl Watchers {
-    pub fn new(id: BrickId, raft: Raft, hub: Arc<Hub>) -> Watchers {
-        Watchers { id, raft, hub }
+    pub fn new(id: BrickId, raft: Raft, hub: Arc<Hub>, store: Arc<Store>) -> Watchers {
+        Watchers {
+            id,
+            raft,
+            hub,
+            store,
+        }
+    }
+
+    /// Wait (up to `wait`) until this brick leads and has applied an entry of its term — so
+    /// it holds every committed change and knows every recorded delegation — then adopt them.
+    async fn caught_up(&self, wait: Duration) -> Result<(), FsError> {
+        let mut metrics = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let m = metrics.borrow().clone();
+            if leading_term_of(&m, self.id).is_some() {
+                self.adopt();
+                return Ok(());
+            }
+            if m.current_leader != Some(self.id) {
+                return Err(FsError::Unavailable("not the metadata leader".into()));
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    return Err(FsError::Unavailable(
+                        "the new metadata leader has not caught up yet".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Leading: start from the delegations the namespace records (once per term).
+    fn adopt(&self) {
+        let Some(term) = leading_term(&self.raft, self.id) else {
+            return;
+        };
+        if self.hub.state().adopted(term) {
+            return;
+        }
+        match namespace::delegations(&DbMeta(&self.store)) {
+            Ok(recorded) => {
+                if !recorded.is_empty() {
+                    tracing::info!(
+                        delegations = recorded.len(),
+                        term,
+                        "adopted the recorded delegations; their holders may reclaim them"
+                    );
+                }
+                self.hub.state().adopt(term, &recorded, Instant::now());
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the recorded delegations"),
+        }
+    }
+
+    /// Record in the log the delegations that ended (best effort: one left recorded costs a
+    /// later leader a grace period's wait, no more).
+    fn record_ended(&self) {
+        let ended = self.hub.state().take_ended();
+        for dir in ended {
+            let raft = self.raft.clone();
+            tokio::spawn(async move {
+                let cmd = Command {
+                    op: MetaOp::Undelegated { dir },
+                    once: None,
+                    now: Timestamp::now(),
+                };
+                if let Err(e) = raft.client_write(cmd).await {
+                    tracing::debug!(dir, error = %e, "the end of a delegation is not recorded");
+                }
+            });
+        }
     }
 
     /// Where this brick's reads stand, when it is a caught-up leader: answers may be cached.
@@ -220,16 +300,43 @@ impl Watchers {
         self.settled(index).await;
     }
 
-    /// Delegate the empty directory `dir` to `client`'s watch (see [`Coherence::delegate`]).
-    pub fn delegate(
+    /// Delegate the empty directory `dir` to `client`'s watch (see [`Coherence::delegate`]),
+    /// and record it in the log before the holder hears of it.
+    pub async fn delegate(
         &self,
         client: u128,
         dir: InodeId,
         empty_in: impl FnOnce() -> Result<Option<InodeId>, FsError>,
     ) -> Result<(), FsError> {
-        self.hub
+        self.adopt();
+        let parent = self
+            .hub
             .state()
-            .delegate(client, dir, Instant::now(), empty_in)
+            .delegate(client, dir, Instant::now(), empty_in)?;
+        let cmd = Command {
+            op: MetaOp::Delegated {
+                dir,
+                parent,
+                client,
+            },
+            once: None,
+            now: Timestamp::now(),
+        };
+        let recorded = tokio::time::timeout(RECORD_WAIT, self.raft.client_write(cmd)).await;
+        match recorded {
+            Ok(Ok(_)) => Ok(()),
+            failed => {
+                self.hub.state().withdraw(dir);
+                self.record_ended();
+                Err(FsError::Busy(format!(
+                    "no delegation: it could not be recorded ({})",
+                    match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    }
+                )))
+            }
+        }
     }
 
     /// Whether a directory delegated to someone has `parent` as its parent.
@@ -237,9 +344,12 @@ impl Watchers {
         self.hub.state().delegates_in(parent)
     }
 
-    /// Before a request is answered: recall every delegation it names that another client
-    /// holds, and count the request in flight until the returned guard drops.
-    pub async fn admit(&self, origin: Option<u128>, named: Named) -> InFlight {
+    /// Before a request is answered on the leader: wait until it has caught up (a new leader
+    /// answers nothing from before its term's first entry is applied), recall every
+    /// delegation the request names that another client holds, and count the request in
+    /// flight until the returned guard drops.
+    pub async fn admit(&self, origin: Option<u128>, named: Named) -> Result<InFlight, FsError> {
+        self.caught_up(CATCH_UP_WAIT).await?;
         let inos = self
             .hub
             .wait_for(|st, now| match st.admit(origin, &named, now) {
@@ -247,10 +357,11 @@ impl Watchers {
                 Admit::Wait(recalls, until) => Err((until, recalls)),
             })
             .await;
-        InFlight {
+        self.record_ended();
+        Ok(InFlight {
             hub: self.hub.clone(),
             inos,
-        }
+        })
     }
 
     /// Serve one watch stream until the client goes away or this brick stops leading.
@@ -268,6 +379,7 @@ impl Watchers {
             let _ = send.finish();
             return;
         };
+        self.adopt();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let stop = Arc::new(Notify::new());
         let sid = {
@@ -282,6 +394,8 @@ impl Watchers {
             );
             sid
         };
+        // Requests waiting for this client to come back for its delegations look again.
+        self.hub.changed.notify_waiters();
         tracing::debug!(session = sid, term, "watch opened");
         let _ = tx.send(WatchDown::Welcome {
             leader: self.id,
@@ -305,6 +419,13 @@ impl Watchers {
                     Some(WatchUp::Ack { seq }) => {
                         self.hub.state().ack(sid, seq);
                         self.hub.changed.notify_waiters();
+                        self.record_ended();
+                    }
+                    Some(WatchUp::Bye) => {
+                        self.hub.state().bye(sid);
+                        self.hub.changed.notify_waiters();
+                        self.record_ended();
+                        break;
                     }
                     Some(WatchUp::Renew { n }) => {
                         let asked = Instant::now();
@@ -341,7 +462,10 @@ impl Watchers {
                         break;
                     }
                 }
-                _ = expire.tick() => self.hub.expire(),
+                _ = expire.tick() => {
+                    self.hub.expire();
+                    self.record_ended();
+                }
                 _ = stop.notified() => break,
             }
         }

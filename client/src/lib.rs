@@ -65,6 +65,10 @@ pub struct Volume {
     deleg: delegation::Delegations,
     /// Chunks written beneath delegations, uploaded behind the writer.
     uploads: upload::Uploads,
+    /// Asks the watch to say goodbye to the leader (see [`Volume::shutdown`]), and is told
+    /// when it has.
+    bye: Arc<tokio::sync::Notify>,
+    said_bye: Arc<tokio::sync::Notify>,
 }
 
 pub type InvalHook = Box<dyn Fn(&[Inval]) + Send + Sync>;
@@ -163,6 +167,8 @@ impl Volume {
             meta_requests: AtomicU64::new(0),
             deleg: delegation::Delegations::default(),
             uploads: upload::Uploads::default(),
+            bye: Arc::default(),
+            said_bye: Arc::default(),
         };
         let config = match partial.meta(Request::Query(Query::Volume)).await.result? {
             MetaOk::Volume(v) => v,
@@ -206,6 +212,18 @@ impl Volume {
         tokio::spawn(watch::run(Arc::downgrade(self)));
         self.start_committer();
         self.start_uploader();
+    }
+
+    /// Before going away (unmount): commit everything held, then tell the leader, so the
+    /// delegations end at once instead of waiting for this client to come back.
+    pub async fn shutdown(&self) -> Result<(), FsError> {
+        let committed = self.commit_held().await;
+        if committed.is_ok() {
+            let said = self.said_bye.notified();
+            self.bye.notify_one();
+            let _ = tokio::time::timeout(Duration::from_secs(2), said).await;
+        }
+        committed
     }
 
     /// Call `hook` with what other clients changed, once this client's cache has dropped it.

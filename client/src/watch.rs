@@ -23,6 +23,9 @@ pub(crate) async fn run(volume: Weak<Volume>) {
         let Some(v) = volume.upgrade() else { return };
         let outcome = watch_leader(&v).await;
         v.meta_cache.watch_ended();
+        // The leader may be gone: find it afresh for the next watch (a delegation's holder must
+        // reach the new leader soon, to give back what it held there).
+        *v.leader.lock().expect("leader lock") = None;
         // Delegations end with the lease; what they held is committed by the committer.
         v.deleg.lease_lost();
         match outcome {
@@ -117,6 +120,14 @@ async fn keep_watch(
                 write_frame(&mut send, &WatchUp::Ack { seq })
                     .await
                     .map_err(|e| e.to_string())?;
+            }
+            _ = v.bye.notified() => {
+                let said = write_frame(&mut send, &WatchUp::Bye).await;
+                let _ = send.finish();
+                // Wait for the leader to close the stream: then it has read the goodbye.
+                let _ = tokio::time::timeout(WATCH_LEASE, down.recv()).await;
+                v.said_bye.notify_one();
+                return said.map_err(|e| e.to_string());
             }
             msg = down.recv() => {
                 let msg = msg.ok_or("watch reader stopped")?.map_err(|e| e.to_string())?;

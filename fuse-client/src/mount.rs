@@ -267,7 +267,7 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
     report("ok");
     let ran = session.run().context("FUSE session ended with an error");
     // Files closed before the unmount may be held under delegations: commit them.
-    if let Err(e) = rt.block_on(vol_for_exit.commit_held()) {
+    if let Err(e) = rt.block_on(vol_for_exit.shutdown()) {
         tracing::error!(error = %e, "changes made under delegations could not be committed before exit");
     }
     ran?;

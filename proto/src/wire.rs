@@ -213,6 +213,18 @@ pub enum MetaOp {
         size: u64,
         patch: crate::ChunkPatch,
     },
+    /// Internal, proposed by the leader only (refused from the network): directory `dir`, in
+    /// `parent`, is delegated to `client`. Recorded so that a new leader knows every
+    /// delegation and keeps other clients out of it until the holder has given it back.
+    Delegated {
+        dir: InodeId,
+        parent: InodeId,
+        client: u128,
+    },
+    /// Internal, like [`MetaOp::Delegated`]: the delegation of `dir` ended.
+    Undelegated {
+        dir: InodeId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -466,6 +478,9 @@ pub enum WatchUp {
     Renew { n: u64 },
     /// The invalidation `seq` has been applied: the client no longer serves what it named.
     Ack { seq: u64 },
+    /// The client is going away and has committed everything: its delegations end now
+    /// (without this, a watch that ends keeps them for the holder to come back).
+    Bye,
 }
 
 /// Leader to client, on a watch stream.

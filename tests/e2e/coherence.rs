@@ -787,3 +787,48 @@ async fn a_deploy_on_one_mount_is_served_whole_by_another() {
     );
     assert!(served < DEADLINE, "the reader took {served:?}");
 }
+
+/// The leader dies while a client holds changes made under delegations of two directories (its
+/// background commits stopped, so only a recall commits them): the new leader knows the
+/// delegations from the log, and another client's first look at either directory waits for
+/// the holder to watch again and commit. It sees every change the holder showed: no window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_changes_in_two_directories_are_seen_whole_right_after_the_leaders_death() {
+    let mut c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let a = watching(&c).await;
+    a.pause_background_commits(true);
+    let mut made = Vec::new();
+    // Both made first: a change sent the usual way commits what is held before it.
+    let one = a.mkdir(ROOT_INODE, b"one", 0o755, 0, 0).await.unwrap();
+    let two = a.mkdir(ROOT_INODE, b"two", 0o755, 0, 0).await.unwrap();
+    for (dir, d) in [(&b"one"[..], one), (b"two", two)] {
+        for i in 0..20 {
+            let name = format!("f{i}");
+            let f = a.create(d.ino, name.as_bytes(), 0o644, 0, 0).await.unwrap();
+            let body = format!("{} {i}", String::from_utf8_lossy(dir));
+            a.write(f.ino, 0, body.as_bytes(), false).await.unwrap();
+            made.push((d.ino, name, f.ino, body));
+        }
+    }
+    assert_eq!(a.delegated_batches(), 0, "the changes were not held");
+    let leader = c.leader_index().await;
+    c.bricks[leader].kill();
+
+    let b = Arc::new(c.client("www").await);
+    for (dir, name, ino, body) in &made {
+        let f = b.lookup(*dir, name.as_bytes()).await.unwrap();
+        assert_eq!(f.ino, *ino, "{name}");
+        assert_eq!(b.read(*ino, 0, 100).await.unwrap(), body.as_bytes());
+    }
+    // The path under test: the new leader adopted the delegations, and the holder committed
+    // what it held when they were recalled (its background commits never ran).
+    assert!(a.delegated_batches() > 0, "the holder committed nothing");
+    assert!(
+        (0..3)
+            .filter(|i| *i != leader)
+            .any(|i| c.log_contains(i, "adopted the recorded delegations")),
+        "no new leader adopted the delegations"
+    );
+    c.bricks[leader].start();
+}

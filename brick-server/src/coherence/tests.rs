@@ -277,16 +277,109 @@ fn a_holder_that_does_not_answer_a_recall_is_waited_out() {
 }
 
 #[test]
-fn a_holder_closed_with_a_live_lease_is_waited_out_before_its_directory_is_touched() {
+fn a_holder_whose_watch_broke_keeps_its_delegation_for_the_grace_period() {
     let (mut c, now, sids) = delegated();
-    assert!(c.renew(sids[0], now + ms(300)));
     c.close(sids[0], now + ms(400));
-    let until = now + ms(300) + LEASE_MARGIN;
+    let by = now + ms(400) + RECLAIM_GRACE;
+    // Nobody else may look meanwhile, or be delegated the directory.
     assert!(
-        matches!(c.admit(Some(2), &names(&[50]), now + ms(400)), Admit::Wait(s, t) if s.is_empty() && t == until)
+        matches!(c.admit(Some(2), &names(&[50]), now + ms(500)), Admit::Wait(s, t) if s.is_empty() && t == by)
     );
-    assert!(c.delegate(2, 50, now + ms(400), || Ok(Some(1))).is_err());
-    assert_eq!(c.admit(Some(2), &names(&[50]), until), Admit::Go(vec![50]));
+    assert!(c.delegate(2, 50, now + ms(500), || Ok(Some(1))).is_err());
+    assert!(c.take_ended().is_empty());
+    // Past the grace period it ends, and is to be recorded as ended.
+    assert_eq!(c.admit(Some(2), &names(&[50]), by), Admit::Go(vec![50]));
+    assert_eq!(c.take_ended(), vec![50]);
+}
+
+#[test]
+fn a_holder_that_says_goodbye_gives_everything_back_at_once() {
+    let (mut c, now, sids) = delegated();
+    c.bye(sids[0]);
+    c.close(sids[0], now);
+    assert_eq!(c.take_ended(), vec![50]);
+    assert_eq!(c.admit(Some(2), &names(&[50]), now), Admit::Go(vec![50]));
+}
+
+#[test]
+fn a_holder_that_watches_again_is_recalled_through_its_new_watch() {
+    let (mut c, now, sids) = delegated();
+    c.close(sids[0], now);
+    let back = c.open(1, now + ms(2500));
+    let Admit::Wait(sent, _) = c.admit(Some(2), &names(&[50]), now + ms(2600)) else {
+        panic!("went ahead before the holder gave the directory back")
+    };
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, back);
+    c.ack(back, seq_of(&sent[0].1));
+    assert_eq!(
+        c.admit(Some(2), &names(&[50]), now + ms(2600)),
+        Admit::Go(vec![50])
+    );
+    assert_eq!(c.take_ended(), vec![50]);
+}
+
+#[test]
+fn a_new_leader_adopts_recorded_delegations_and_waits_for_their_holders() {
+    let t0 = Instant::now();
+    let mut c = Coherence::default();
+    let recorded = [
+        Recorded {
+            dir: 50,
+            client: 1,
+            parent: 1,
+        },
+        Recorded {
+            dir: 70,
+            client: 1,
+            parent: 1,
+        },
+    ];
+    c.adopt(TERM, &recorded, t0);
+    assert!(c.adopted(TERM));
+    assert!(c.delegates_in(1));
+    // Adopting again in the same term changes nothing (the holder may have given one back).
+    let reader = c.open(2, t0);
+    assert!(matches!(c.admit(Some(2), &names(&[70]), t0), Admit::Wait(s, _) if s.is_empty()));
+    let holder = c.open(1, t0 + ms(3000));
+    c.adopt(TERM, &recorded, t0 + ms(3000));
+    let Admit::Wait(sent, _) = c.admit(Some(2), &names(&[70]), t0 + ms(3000)) else {
+        panic!("no recall through the holder's new watch")
+    };
+    let dirs: Vec<InodeId> = sent
+        .iter()
+        .map(|(sid, m)| {
+            assert_eq!(*sid, holder);
+            match m {
+                WatchDown::Recall { dir, .. } => *dir,
+                other => panic!("unexpected {other:?}"),
+            }
+        })
+        .collect();
+    assert_eq!(
+        dirs,
+        vec![70],
+        "only what is asked for (50 and 70 are siblings)"
+    );
+    c.ack(holder, seq_of(&sent[0].1));
+    assert_eq!(
+        c.admit(Some(2), &names(&[70]), t0 + ms(3000)),
+        Admit::Go(vec![70])
+    );
+    assert_eq!(c.take_ended(), vec![70]);
+    let _ = reader;
+    // A later term adopts afresh.
+    c.adopt(TERM + 1, &recorded[..1], t0 + ms(4000));
+    assert!(c.adopted(TERM + 1));
+}
+
+#[test]
+fn a_grant_that_could_not_be_recorded_is_withdrawn() {
+    let (mut c, now, _) = delegated();
+    c.withdraw(50);
+    assert!(!c.delegates_in(1));
+    assert_eq!(c.take_ended(), vec![50]);
+    assert_eq!(c.admit(Some(2), &names(&[50]), now), Admit::Go(vec![50]));
 }
 
 #[test]
