@@ -4,6 +4,7 @@
 use crate::space::Space;
 use crate::store::Store;
 use mortar_proto::layout;
+use mortar_proto::replication::WriteTally;
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{AdminRequest, Frame, HealEntry, HealReason, PutChunk, Reply, Request};
 use mortar_proto::{BrickId, BrickRef, ChunkId, FsError, VolumeConfig, MAX_CHUNK_SIZE};
@@ -13,9 +14,6 @@ use tokio::sync::mpsc;
 
 /// How long a forwarded copy may take before the peer counts as failed for this write.
 pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Copies (including this brick's) needed before a write is acknowledged.
-pub const WRITE_QUORUM: usize = 2;
 
 pub fn verify(p: &PutChunk) -> Result<(), FsError> {
     if p.data.len() > MAX_CHUNK_SIZE as usize {
@@ -89,62 +87,47 @@ pub async fn put_replicated(
         reason: HealReason::MissedWrite,
         bytes: len,
     };
-    let mut holders = Vec::new();
-    let mut misses = Vec::new();
-    // A replica out of space: when no quorum can store the chunk, the writer gets ENOSPC (it
-    // cannot succeed on retry) rather than "unavailable".
-    let mut full = None;
+    let mut tally = WriteTally::new(set.len());
     if set.iter().any(|b| b.id == self_id) {
         match store_copy(store, space, &id, &p.data, p.sync) {
-            Ok(()) => holders.push(self_id),
+            Ok(()) => tally.stored(self_id),
             Err(e) => {
                 tracing::warn!(chunk = %id, error = %e, "storing own copy failed");
-                if matches!(e, FsError::NoSpace(_)) {
-                    full = Some(e);
-                }
-                misses.push(miss(self_id));
+                tally.failed(self_id, &e);
             }
         }
     }
-    let note = move |(b, r): (BrickRef, Result<(), FsError>),
-                     holders: &mut Vec<BrickId>,
-                     misses: &mut Vec<HealEntry>,
-                     full: &mut Option<FsError>| match r {
-        Ok(()) => holders.push(b.id),
+    let note = move |(b, r): (BrickRef, Result<(), FsError>), tally: &mut WriteTally| match r {
+        Ok(()) => tally.stored(b.id),
         Err(e) => {
             tracing::warn!(brick = b.id, addr = %b.addr, error = %e, "replica write failed");
-            if matches!(e, FsError::NoSpace(_)) {
-                *full = Some(e);
-            }
-            misses.push(miss(b.id));
+            tally.failed(b.id, &e);
         }
     };
-    while holders.len() < WRITE_QUORUM {
-        match rx.recv().await {
-            Some(answer) => note(answer, &mut holders, &mut misses, &mut full),
-            None => break,
+    let copies = loop {
+        if let Some(outcome) = tally.outcome() {
+            break outcome?;
         }
-    }
-    let copies = holders.len();
-    if copies < WRITE_QUORUM {
-        return Err(full.unwrap_or_else(|| {
-            FsError::Unavailable(format!(
-                "only {copies} of {} replicas stored chunk {id}",
-                set.len()
-            ))
-        }));
-    }
+        match rx.recv().await {
+            Some(answer) => note(answer, &mut tally),
+            None => {
+                break tally.outcome().unwrap_or_else(|| {
+                    Err(FsError::Io("a replica's answer went missing".into()))
+                })?
+            }
+        }
+    };
     let (store, pool) = (store.clone(), pool.clone());
     tokio::spawn(async move {
-        let mut full = None;
         while let Some(answer) = rx.recv().await {
-            note(answer, &mut holders, &mut misses, &mut full);
+            note(answer, &mut tally);
         }
+        let misses: Vec<HealEntry> = tally.missed().iter().map(|b| miss(*b)).collect();
         if !misses.is_empty() {
-            record_misses(&store, &pool, self_id, &set, &holders, misses).await;
+            record_misses(&store, &pool, self_id, &set, tally.holders(), misses).await;
         }
     });
-    Ok(copies as u8)
+    Ok(copies)
 }
 
 /// Note the misses in this brick's heal index, and tell the other holders in the background,

@@ -775,3 +775,164 @@ impl Volume {
         tokio::spawn(run(Arc::downgrade(self), self.deleg.wake.clone()));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The holder's bookkeeping without sockets: what is held, how changes fold, what is
+    //! forgotten when, and how a change that could not commit is reported.
+    use super::*;
+    use mortar_proto::wire::SetAttr;
+    use mortar_proto::Attr;
+
+    const ROOT: InodeId = 50;
+
+    /// A state holding a delegation of directory `ROOT` (in the volume root).
+    fn holding() -> State {
+        let mut st = State::default();
+        st.roots.insert(ROOT);
+        st.nodes.insert(
+            ROOT,
+            Node {
+                inode: Inode {
+                    attr: Attr::new(ROOT, FileKind::Directory, 0o755, 0, 0, Timestamp::now()),
+                    content: Content::None,
+                    xattrs: Vec::new(),
+                },
+                root: ROOT,
+                entries: Some(HashMap::new()),
+            },
+        );
+        st
+    }
+
+    fn mknod(parent: InodeId, name: &str) -> MetaOp {
+        MetaOp::Mknod {
+            parent,
+            name: name.as_bytes().to_vec(),
+            kind: FileKind::Regular,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: false,
+        }
+    }
+
+    fn chmod(st: &mut State, ino: InodeId, perm: u32) {
+        let op = MetaOp::SetAttr {
+            ino,
+            set: SetAttr {
+                perm: Some(perm),
+                ..SetAttr::default()
+            },
+        };
+        let now = Timestamp::now();
+        let node = st.nodes.get_mut(&ino).unwrap();
+        let found = node.inode.attr.version;
+        let mut changed = node.inode.clone();
+        changed.apply_change(&op, now).unwrap();
+        node.inode = changed.clone();
+        st.hold_change(&op, ino, now, found, &changed);
+    }
+
+    #[test]
+    fn creates_are_held_exclusive_and_a_taken_name_is_refused_from_memory() {
+        let mut st = holding();
+        let attr = make_node(&mut st, ROOT, &mknod(ROOT, "a"), 100).unwrap();
+        assert_eq!(attr.ino, 100);
+        assert_eq!(st.held.len(), 1);
+        match &st.held[0].op {
+            MetaOp::Local {
+                ino: Some(100), op, ..
+            } => {
+                assert!(matches!(
+                    **op,
+                    MetaOp::Mknod {
+                        exclusive: true,
+                        ..
+                    }
+                ))
+            }
+            other => panic!("held as {other:?}"),
+        }
+        assert_eq!(
+            make_node(&mut st, ROOT, &mknod(ROOT, "a"), 101),
+            Err(FsError::Exists)
+        );
+        assert_eq!(st.held.len(), 1, "a refused create holds nothing");
+    }
+
+    #[test]
+    fn changes_of_one_inode_made_back_to_back_fold_into_one() {
+        let mut st = holding();
+        make_node(&mut st, ROOT, &mknod(ROOT, "a"), 100).unwrap();
+        // The create stays on its own; the two chmods after it become one whole-inode change
+        // from the version the first found.
+        chmod(&mut st, 100, 0o600);
+        let found = match &st.held[1].found {
+            Some(v) => *v,
+            None => panic!("not a change"),
+        };
+        chmod(&mut st, 100, 0o640);
+        assert_eq!(st.held.len(), 2);
+        match &st.held[1].op {
+            MetaOp::Local { op, .. } => match &**op {
+                MetaOp::SetInode {
+                    expect_version,
+                    inode,
+                } => {
+                    assert_eq!(*expect_version, found);
+                    assert_eq!(inode.attr.perm & 0o777, 0o640);
+                }
+                other => panic!("folded into {other:?}"),
+            },
+            other => panic!("held as {other:?}"),
+        }
+        let bytes: usize = st.held.iter().map(|h| h.bytes).sum();
+        assert_eq!(st.held_bytes, bytes, "the byte count follows the fold");
+    }
+
+    #[test]
+    fn a_given_back_subtree_is_shown_whole_until_all_it_holds_is_committed() {
+        let mut st = holding();
+        make_node(&mut st, ROOT, &mknod(ROOT, "a"), 100).unwrap();
+        st.give_back(ROOT);
+        assert!(st.forget_due);
+        assert_eq!(st.live(100), None, "no more changes from memory");
+        // Still held: nothing of the subtree is forgotten (its names must keep answering).
+        assert!(st.forget_committed().is_empty());
+        assert!(st.nodes.contains_key(&100) && st.nodes.contains_key(&ROOT));
+        // Committed: all of it goes, and the directory is named for the cache to forget.
+        st.held.clear();
+        st.held_bytes = 0;
+        assert_eq!(st.forget_committed(), HashSet::from([ROOT]));
+        assert!(st.nodes.is_empty());
+    }
+
+    #[test]
+    fn held_changes_are_bounded() {
+        let mut st = holding();
+        for i in 0..HELD_OPS as u64 {
+            assert!(!st.full());
+            make_node(&mut st, ROOT, &mknod(ROOT, &format!("f{i}")), 1000 + i).unwrap();
+        }
+        assert!(st.full());
+    }
+
+    #[test]
+    fn a_change_that_could_not_commit_fails_the_file_and_its_directory_once() {
+        let d = Delegations::default();
+        let mut st = holding();
+        make_node(&mut st, ROOT, &mknod(ROOT, "a"), 100).unwrap();
+        let held = st.held.pop_front().unwrap();
+        d.lose(&held, &FsError::Exists);
+        let note = d.take_lost(100).expect("the file is reported");
+        assert!(
+            note.contains("\"a\"") && note.contains("could not be committed"),
+            "{note}"
+        );
+        assert!(d.take_lost(ROOT).is_some(), "and its directory");
+        assert_eq!(d.take_lost(100), None, "once");
+        assert_eq!(d.take_lost(7), None);
+    }
+}
