@@ -5,7 +5,9 @@
 
 pub use crate::store::Rows;
 use mortar_proto::attrs::check_content;
-use mortar_proto::wire::{Inval, MetaOk, MetaOp, OpId, Query, LOOKUP_WHOLE_MAX};
+use mortar_proto::wire::{
+    Inval, Listed, MetaOk, MetaOp, OpId, Query, LIST_WHOLE_BYTES, LOOKUP_WHOLE_MAX,
+};
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
     validate_name, validate_symlink_target, Attr, ChunkId, Content, DirEntry, FileKind, FsError,
@@ -69,6 +71,16 @@ fn once_key(id: &OpId) -> Vec<u8> {
     k.extend_from_slice(&id.client.to_be_bytes());
     k.extend_from_slice(&id.seq.to_be_bytes());
     k
+}
+
+/// The bytes a whole inode adds to an answer, when it is a regular file small enough to be
+/// answered whole (inline content and xattrs up to [`LOOKUP_WHOLE_MAX`]).
+fn whole_bytes(inode: &Inode) -> Option<usize> {
+    let bytes = match &inode.content {
+        Content::Inline(b) => b.len() + inode.xattr_bytes(),
+        _ => return None,
+    };
+    (inode.attr.kind == FileKind::Regular && bytes <= LOOKUP_WHOLE_MAX).then_some(bytes)
 }
 
 /// The name `op` creates, if it is a create.
@@ -868,15 +880,37 @@ pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
             txn.dir(*parent)?;
             let ino = txn.child(*parent, name)?.ok_or(FsError::NotFound)?;
             let inode = txn.stored(ino)?.inode;
-            let small = match &inode.content {
-                Content::Inline(b) => b.len() + inode.xattr_bytes() <= LOOKUP_WHOLE_MAX,
-                _ => false,
-            };
-            Ok(if small && inode.attr.kind == FileKind::Regular {
+            Ok(if whole_bytes(&inode).is_some() {
                 MetaOk::Inode(inode)
             } else {
                 MetaOk::Attr(inode.attr)
             })
+        }
+        Query::ListWhole { dir, limit } => {
+            txn.dir(*dir)?;
+            let limit = (*limit).clamp(1, 4096) as usize;
+            let rows = r.scan(Table::Dentries, &dir.to_be_bytes(), None, limit + 1)?;
+            let complete = rows.len() <= limit;
+            let mut budget = LIST_WHOLE_BYTES;
+            let mut entries = Vec::with_capacity(rows.len().min(limit));
+            for (k, v) in rows.into_iter().take(limit) {
+                let Ok(s) = txn.stored(u64_of(Some(v))) else {
+                    continue;
+                };
+                let whole = match whole_bytes(&s.inode) {
+                    Some(n) if n <= budget => {
+                        budget -= n;
+                        Some(s.inode.clone())
+                    }
+                    _ => None,
+                };
+                entries.push(Listed {
+                    name: k[8..].to_vec(),
+                    attr: s.inode.attr,
+                    whole,
+                });
+            }
+            Ok(MetaOk::Listed { entries, complete })
         }
         Query::GetAttr { ino } => Ok(MetaOk::Attr(txn.stored(*ino)?.inode.attr)),
         Query::GetInode { ino } => Ok(MetaOk::Inode(txn.stored(*ino)?.inode)),
@@ -1334,6 +1368,32 @@ mod tests {
         }
         assert!(matches!(whole("dir").unwrap(), MetaOk::Attr(a) if a.kind == FileKind::Directory));
         assert_eq!(whole("missing"), Err(FsError::NotFound));
+
+        let list = |limit| {
+            query(
+                &m,
+                &Query::ListWhole {
+                    dir: ROOT_INODE,
+                    limit,
+                },
+            )
+        };
+        match list(10).unwrap() {
+            MetaOk::Listed { entries, complete } => {
+                assert!(complete);
+                let names: Vec<&[u8]> = entries.iter().map(|e| e.name.as_slice()).collect();
+                assert_eq!(names, vec![&b"dir"[..], b"small"]);
+                assert!(
+                    entries[0].whole.is_none(),
+                    "a directory is listed by attributes"
+                );
+                assert!(entries[1].whole.is_some(), "a small file comes whole");
+            }
+            other => panic!("not a listing: {other:?}"),
+        }
+        assert!(
+            matches!(list(1).unwrap(), MetaOk::Listed { entries, complete: false } if entries.len() == 1)
+        );
     }
 
     #[test]

@@ -541,7 +541,7 @@ impl Brick {
                 self.add_child(*parent, name, &mut named);
             }
             Query::GetAttr { ino } | Query::GetInode { ino } => named.inos.push(*ino),
-            Query::ReadDir { ino, .. } => {
+            Query::ReadDir { ino, .. } | Query::ListWhole { dir: ino, .. } => {
                 named.inos.push(*ino);
                 named.listed.push(*ino);
             }

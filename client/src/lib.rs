@@ -125,6 +125,9 @@ struct Answer {
 /// Verified chunks a client keeps in memory.
 pub const CHUNK_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Entries one whole listing brings at most: a directory with more is looked up by name.
+const LIST_WHOLE_ENTRIES: u32 = 1024;
+
 fn expect_attr(ok: MetaOk) -> Result<Attr, FsError> {
     match ok {
         MetaOk::Attr(a) => Ok(a),
@@ -187,6 +190,8 @@ impl Volume {
             }
         }
         partial.config = config;
+        // The id that names this client's changes and delegations in the bricks' logs.
+        tracing::info!(client = %format!("{:032x}", partial.client_id), "volume client");
         Ok(partial)
     }
 
@@ -502,6 +507,14 @@ impl Volume {
         if let Some(known) = self.meta_cache.name(parent, name) {
             return known.ok_or(FsError::NotFound);
         }
+        // A first look into a directory brings the whole of it (a reader of a docroot then
+        // pays one round trip a directory, not one a file).
+        if self.meta_cache.should_list(parent) {
+            self.list_whole(parent).await;
+            if let Some(known) = self.meta_cache.name(parent, name) {
+                return known.ok_or(FsError::NotFound);
+            }
+        }
         let ticket = self.meta_cache.ticket();
         let a = self
             .meta(Request::Query(Query::LookupWhole {
@@ -527,6 +540,24 @@ impl Volume {
         match a.result? {
             MetaOk::Inode(inode) => Ok(inode.attr),
             other => expect_attr(other),
+        }
+    }
+
+    /// Cache the entries of `dir` (a small one completely) and its small files whole. Errors
+    /// leave the cache as it was: the lookup that asked goes on by name.
+    async fn list_whole(&self, dir: InodeId) {
+        let Some(ticket) = self.meta_cache.ticket() else {
+            return;
+        };
+        let a = self
+            .meta(Request::Query(Query::ListWhole {
+                dir,
+                limit: LIST_WHOLE_ENTRIES,
+            }))
+            .await;
+        if let Ok(MetaOk::Listed { entries, complete }) = &a.result {
+            self.meta_cache
+                .put_listing(ticket, a.stamp, dir, entries, *complete);
         }
     }
 

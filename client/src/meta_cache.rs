@@ -88,6 +88,8 @@ struct Inner {
     recent: HashMap<Key, u64>,
     /// Answers older than this are not cached (recent invalidations were forgotten).
     floor: u64,
+    /// Directories listed whole lately (see [`MetaCache::should_list`]).
+    listed: HashMap<InodeId, Instant>,
 }
 
 /// Taken before a request is sent; an answer is cached only under the same generation.
@@ -110,6 +112,7 @@ impl Default for MetaCache {
                 complete: HashMap::new(),
                 recent: HashMap::new(),
                 floor: 0,
+                listed: HashMap::new(),
             }),
         }
     }
@@ -131,6 +134,7 @@ impl Inner {
         self.complete.clear();
         self.recent.clear();
         self.floor = 0;
+        self.listed.clear();
     }
 
     /// May an answer stamped `stamp` to a request sent under `ticket` be cached for `keys`?
@@ -361,6 +365,58 @@ impl MetaCache {
         }
     }
 
+    /// Whether a lookup that missed in `dir` should list the directory whole instead: yes
+    /// under a lease, unless it was listed within [`MAX_AGE`] (a directory another client
+    /// keeps changing is then looked up name by name, not relisted at every change).
+    pub fn should_list(&self, dir: InodeId) -> bool {
+        let mut c = self.lock();
+        if !c.serving() {
+            return false;
+        }
+        if c.listed.get(&dir).is_some_and(|at| young(*at)) {
+            return false;
+        }
+        if c.listed.len() >= NAMES {
+            c.listed.retain(|_, at| young(*at));
+        }
+        c.listed.insert(dir, Instant::now());
+        true
+    }
+
+    /// The entries of `dir` as a [`mortar_proto::wire::Query::ListWhole`] answer gave them;
+    /// `complete`: all of them, so a name not among them does not exist.
+    pub fn put_listing(
+        &self,
+        ticket: Ticket,
+        stamp: Option<Stamp>,
+        dir: InodeId,
+        entries: &[mortar_proto::wire::Listed],
+        complete: bool,
+    ) {
+        let mut c = self.lock();
+        if !c.admits(ticket, stamp, &[Key::Listing(dir)]) {
+            return;
+        }
+        for e in entries {
+            let keys = [Key::Name(dir, e.name.clone()), Key::Inode(e.attr.ino)];
+            if !c.admits(ticket, stamp, &keys) {
+                continue;
+            }
+            c.put_name(dir, &e.name, Some(e.attr.ino));
+            c.put_attr(&e.attr, e.whole.clone());
+        }
+        // Known completely only if every entry went in (none was newer than the answer).
+        if complete
+            && entries.iter().all(|e| {
+                c.names
+                    .peek(&(dir, e.name.clone()))
+                    .is_some_and(|(i, _)| *i == Some(e.attr.ino))
+            })
+        {
+            c.complete.insert(dir, Instant::now());
+        }
+    }
+
     /// `parent`/`name` leads to `attr`, or (None) does not exist.
     pub fn put_name(
         &self,
@@ -568,6 +624,51 @@ mod tests {
             None,
             "and so does a complete listing"
         );
+    }
+
+    #[test]
+    fn a_whole_listing_answers_every_name_until_the_directory_changes() {
+        use mortar_proto::wire::Listed;
+        let c = leased();
+        let t = c.ticket().unwrap();
+        let body = Inode {
+            attr: attr(11, 5),
+            content: Content::Inline(b"hello".to_vec()),
+            xattrs: Vec::new(),
+        };
+        let entries = vec![
+            Listed {
+                name: b"a".to_vec(),
+                attr: attr(11, 5),
+                whole: Some(body.clone()),
+            },
+            Listed {
+                name: b"b".to_vec(),
+                attr: attr(12, 1),
+                whole: None,
+            },
+        ];
+        assert!(c.should_list(10));
+        assert!(!c.should_list(10), "listed lately");
+        c.put_listing(t, stamp(5), 10, &entries, true);
+        assert_eq!(c.name(10, b"a").unwrap().unwrap().ino, 11);
+        assert_eq!(c.inode(11), Some(body));
+        assert_eq!(
+            c.name(10, b"zzz"),
+            Some(None),
+            "complete: a missing name does not exist"
+        );
+        // Another client's change in the directory ends that.
+        c.invalidate(6, &[Inval::Entry(10, b"zzz".to_vec())]);
+        assert_eq!(c.name(10, b"zzz"), None);
+        assert_eq!(c.name(10, b"b").unwrap().unwrap().ino, 12);
+        // An answer older than an invalidation of the directory is not kept.
+        c.put_listing(t, stamp(5), 10, &entries, true);
+        assert_eq!(c.name(10, b"zzz"), None);
+        // A partial listing tells only the names it has.
+        c.put_listing(t, stamp(7), 20, &entries, false);
+        assert_eq!(c.name(20, b"a").unwrap().unwrap().ino, 11);
+        assert_eq!(c.name(20, b"zzz"), None);
     }
 
     #[test]

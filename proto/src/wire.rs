@@ -254,6 +254,25 @@ pub enum Query {
         parent: InodeId,
         name: Vec<u8>,
     },
+    /// The first `limit` entries of a directory with their attributes, and small regular
+    /// files whole (as [`Query::LookupWhole`], up to [`LIST_WHOLE_BYTES`] in all), answered
+    /// as `MetaOk::Listed`: a reader's first look into a directory brings it all at once.
+    ListWhole {
+        dir: InodeId,
+        limit: u32,
+    },
+}
+
+/// Whole-inode bytes one [`Query::ListWhole`] answer carries at most.
+pub const LIST_WHOLE_BYTES: usize = 1024 * 1024;
+
+/// One entry of a [`Query::ListWhole`] answer: its attributes, and the inode whole when small.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listed {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    pub attr: Attr,
+    pub whole: Option<Inode>,
 }
 
 /// Inline content plus xattr bytes up to which [`Query::LookupWhole`] answers the whole inode.
@@ -273,6 +292,11 @@ pub enum MetaOk {
     Inodes {
         first: InodeId,
         count: u32,
+    },
+    /// A [`Query::ListWhole`] answer; `complete`: these are all the directory's entries.
+    Listed {
+        entries: Vec<Listed>,
+        complete: bool,
     },
 }
 

@@ -832,3 +832,76 @@ async fn held_changes_in_two_directories_are_seen_whole_right_after_the_leaders_
     );
     c.bricks[leader].start();
 }
+
+/// Through a real mount: a file created under a delegation whose name was taken meanwhile by a
+/// request the leader did not recall the delegation for (the test hook: a create sent under
+/// the mount's own client id, read from its log) — the application's fsync gets EIO, and the
+/// mount log names the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_of_a_file_that_could_not_be_committed_is_eio_through_the_mount() {
+    use mortar_tests::mortar_proto::wire::{MetaOp, OpId};
+    use mortar_tests::mortar_proto::FileKind;
+    use std::io::Write;
+    let c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let m = c.mount("www", "mnt", "").await;
+    std::fs::create_dir(m.path.join("up")).unwrap();
+    std::fs::write(m.path.join("up/first"), b"ok").unwrap();
+    let log = std::fs::read_to_string(&m.log).unwrap();
+    let client = log
+        .split("client=")
+        .nth(1)
+        .and_then(|s| s.get(..32))
+        .and_then(|hex| u128::from_str_radix(hex, 16).ok())
+        .expect("the mount logs its client id");
+    // Its inode number as the mount shows it (asking another client would recall the
+    // delegation, which is what the hook must get around).
+    let up_ino =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(m.path.join("up")).unwrap());
+    let leader = c.addrs()[c.leader_index().await].clone();
+    let pool = Pool::new(client_endpoint(&c.certs.identity(Role::Client, "hook")).unwrap());
+    let hook = Request::Meta {
+        op: MetaOp::Mknod {
+            parent: up_ino,
+            name: b"taken".to_vec(),
+            kind: FileKind::Regular,
+            perm: 0o600,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        },
+        once: Some(OpId {
+            client,
+            seq: u64::MAX / 2,
+        }),
+    };
+    match pool
+        .call(&leader, &hook, Duration::from_secs(10))
+        .await
+        .unwrap()
+    {
+        Ok(Reply::Meta { result, .. }) => {
+            result.unwrap();
+        }
+        other => panic!("the hook's create: {other:?}"),
+    }
+    // The mount still shows the name free: its create succeeds from memory.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m.path.join("up/taken"))
+        .unwrap();
+    f.write_all(b"lost").unwrap();
+    let synced = f.sync_all();
+    assert_eq!(
+        synced.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO)),
+        "fsync of a change that could not be committed: {synced:?}"
+    );
+    let log = std::fs::read_to_string(&m.log).unwrap();
+    assert!(
+        log.contains("could not be committed") && log.contains("\"taken\""),
+        "the mount log does not name the file"
+    );
+}
