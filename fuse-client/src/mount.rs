@@ -224,6 +224,12 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
             let _in_runtime = rt.enter();
             vol.start_watch();
         }
+        // Test hook: changes made under delegations are committed only by a recall, fsync,
+        // fsyncdir or unmount, so a test can kill the leader while this mount holds some.
+        if std::env::var_os("MORTAR_TEST_HOLD_COMMITS").is_some() {
+            tracing::warn!("test hook: background commits of delegated changes are off");
+            vol.pause_background_commits(true);
+        }
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::FSName(format!("mortar:{}", args.source)),

@@ -905,3 +905,59 @@ async fn fsync_of_a_file_that_could_not_be_committed_is_eio_through_the_mount() 
         "the mount log does not name the file"
     );
 }
+
+/// Through real mounts: the leader dies while one mount holds files it wrote in two
+/// directories it made (the test hook keeps its background commits off, so only a recall
+/// commits them): a second mount reads every one of them at its first look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_mount_reads_everything_a_mount_held_when_the_leader_died() {
+    let mut c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let holder = c
+        .mount_with_env("www", "holder", "", &[("MORTAR_TEST_HOLD_COMMITS", "1")])
+        .await;
+    let reader = c.mount("www", "reader", "").await;
+    assert_eq!(std::fs::read_dir(&reader.path).unwrap().count(), 0);
+    // Both directories first: a change sent the usual way commits what is held before it.
+    for dir in ["one", "two"] {
+        std::fs::create_dir(holder.path.join(dir)).unwrap();
+    }
+    let mut files = Vec::new();
+    for dir in ["one", "two"] {
+        for i in 0..20 {
+            let rel = format!("{dir}/page{i}.html");
+            let body = format!("<p>{rel}</p>").into_bytes();
+            std::fs::write(holder.path.join(&rel), &body).unwrap();
+            files.push((rel, body));
+        }
+    }
+    let log = std::fs::read_to_string(&holder.log).unwrap();
+    assert!(
+        log.contains("test hook: background commits"),
+        "the hook is off"
+    );
+    assert!(
+        !log.contains("committed changes made under delegations"),
+        "the holder committed before the leader died"
+    );
+    let leader = c.leader_index().await;
+    c.bricks[leader].kill();
+    for (rel, body) in &files {
+        assert_eq!(
+            &std::fs::read(reader.path.join(rel)).unwrap(),
+            body,
+            "{rel}"
+        );
+    }
+    // The path under test: a new leader adopted the delegations, and the holder committed
+    // what it held when they were recalled.
+    assert!(
+        (0..3)
+            .filter(|i| *i != leader)
+            .any(|i| c.log_contains(i, "adopted the recorded delegations")),
+        "no new leader adopted the delegations"
+    );
+    let log = std::fs::read_to_string(&holder.log).unwrap();
+    assert!(log.contains("committed changes made under delegations"));
+    c.bricks[leader].start();
+}

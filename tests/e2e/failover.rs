@@ -135,9 +135,22 @@ async fn with_every_brick_away_operations_time_out_and_the_mount_recovers() {
     let p = m.path.clone();
     let (took, stat, write) = tokio::task::spawn_blocking(move || {
         let t = Instant::now();
-        // A name this mount never looked at: what it has cached stays valid until its lease
-        // from the (now dead) leader runs out, so a stat of "before" may still be answered.
-        let stat = std::fs::metadata(p.join("never-seen"));
+        // What the mount cached stays valid until its lease from the (now dead) leader runs
+        // out (1 s): it listed the root when it wrote "before", so until then even a name it
+        // never looked at is answered "no such file" from memory. After that, nothing is.
+        let stat = loop {
+            let r = std::fs::metadata(p.join("never-seen"));
+            match &r {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    assert!(
+                        t.elapsed() < Duration::from_secs(3),
+                        "answered from memory past the lease"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => break r,
+            }
+        };
         let write = std::fs::write(p.join("during"), b"x");
         (t.elapsed(), stat, write)
     })

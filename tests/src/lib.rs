@@ -691,6 +691,17 @@ impl Cluster {
 
     /// Mount `volume` in the foreground at a fresh directory and wait until it is live.
     pub async fn mount(&self, volume: &str, name: &str, extra: &str) -> Mount {
+        self.mount_with_env(volume, name, extra, &[]).await
+    }
+
+    /// [`Cluster::mount`] with extra environment variables for `mortar-mount` (test hooks).
+    pub async fn mount_with_env(
+        &self,
+        volume: &str,
+        name: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Mount {
         let path = self.dir.path().join(name);
         std::fs::create_dir_all(&path).unwrap();
         let mut opts = self.mount_options(name);
@@ -703,6 +714,7 @@ impl Cluster {
             .args(["-f", "-o", &opts])
             // Delegation grants and give-backs are logged, so tests can tell the path was taken.
             .env("MORTAR_LOG", "info,mortar_client::delegation=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
