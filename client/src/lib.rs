@@ -8,6 +8,7 @@ mod cache;
 mod data;
 mod delegation;
 use delegation::Name;
+mod lease;
 mod meta_cache;
 mod upload;
 use meta_cache::Own;

@@ -1,17 +1,15 @@
 //! The client's watch on the metadata leader: keeps the lease that lets [`crate::meta_cache`]
 //! answer from memory, and applies and acknowledges the leader's invalidations.
 
+use crate::lease::{Renewals, RENEW_EVERY};
 use crate::Volume;
 use mortar_proto::wire::{
     read_frame, write_frame, Query, Request, WatchDown, WatchUp, WATCH_LEASE,
 };
-use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// How often the lease is renewed: several times per lease, so one slow renewal costs nothing.
-const RENEW_EVERY: Duration = Duration::from_millis(250);
 /// Pause before watching again after a watch ended, doubling while no watch can be opened.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(2);
@@ -101,17 +99,13 @@ async fn keep_watch(
     // during which this loop must keep acknowledging invalidations).
     let (recalled_tx, mut recalled) = mpsc::unbounded_channel::<u64>();
     let mut tick = tokio::time::interval(RENEW_EVERY);
-    let mut asked: BTreeMap<u64, Instant> = BTreeMap::new();
-    let mut n = 0u64;
-    let mut last_renewed = Instant::now();
+    let mut renewals = Renewals::new(Instant::now());
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if last_renewed.elapsed() > 2 * WATCH_LEASE {
-                    return Err(format!("{addr} stopped renewing the lease"));
-                }
-                n += 1;
-                asked.insert(n, Instant::now());
+                let n = renewals
+                    .ask(Instant::now())
+                    .map_err(|e| format!("{addr}: {e}"))?;
                 write_frame(&mut send, &WatchUp::Renew { n })
                     .await
                     .map_err(|e| e.to_string())?;
@@ -133,11 +127,9 @@ async fn keep_watch(
                 let msg = msg.ok_or("watch reader stopped")?.map_err(|e| e.to_string())?;
                 match msg {
                     WatchDown::Renewed { n } => {
-                        if let Some(at) = asked.remove(&n) {
-                            v.meta_cache.renewed(at + WATCH_LEASE);
-                            last_renewed = Instant::now();
+                        if let Some(until) = renewals.renewed(n, Instant::now()) {
+                            v.meta_cache.renewed(until);
                         }
-                        asked = asked.split_off(&n);
                     }
                     WatchDown::Invalidate { seq, index, items } => {
                         v.meta_cache.invalidate(index, &items);
