@@ -232,28 +232,25 @@ impl Coherence {
     /// The client of `sid` said goodbye, having committed everything: its delegations end
     /// now, with nothing to wait out.
     pub fn bye(&mut self, sid: SessionId) {
-        let held: Vec<InodeId> = self
-            .delegations
+        for dir in self.held_by(sid) {
+            self.undelegate(dir);
+        }
+    }
+
+    /// The directories delegated through watch `sid`.
+    fn held_by(&self, sid: SessionId) -> Vec<InodeId> {
+        self.delegations
             .iter()
             .filter(|(_, d)| d.session == Some(sid))
             .map(|(dir, _)| *dir)
-            .collect();
-        for dir in held {
-            self.undelegate(dir);
-        }
+            .collect()
     }
 
     /// The watch `sid` was given up on (a message unacknowledged too long): its delegations
     /// end, waited out until its lease has, and the watch closes.
     fn give_up(&mut self, sid: SessionId, now: Instant) {
         let lease_until = self.sessions.get(&sid).map(|s| s.lease_until);
-        let held: Vec<InodeId> = self
-            .delegations
-            .iter()
-            .filter(|(_, d)| d.session == Some(sid))
-            .map(|(dir, _)| *dir)
-            .collect();
-        for dir in held {
+        for dir in self.held_by(sid) {
             self.undelegate(dir);
             if let Some(until) = lease_until.filter(|u| *u > now) {
                 self.lapsed.insert(dir, until);

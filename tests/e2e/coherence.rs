@@ -631,8 +631,6 @@ async fn a_frozen_mount_does_not_slow_the_others() {
 /// the file and fsyncdir of the directory with EIO, once; the changes that could commit did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_change_that_cannot_commit_fails_fsync_with_eio() {
-    use mortar_tests::mortar_proto::wire::{MetaOp, OpId};
-    use mortar_tests::mortar_proto::FileKind;
     let c = Cluster::start(3);
     c.create_volume("www", CHUNK).await;
     let a = watching(&c).await;
@@ -640,34 +638,7 @@ async fn a_held_change_that_cannot_commit_fails_fsync_with_eio() {
     let dir = a.mkdir(ROOT_INODE, b"up", 0o755, 0, 0).await.unwrap();
     let fine = a.create(dir.ino, b"fine", 0o644, 0, 0).await.unwrap();
     // The hook: "taken" made at the leader under A's own client id, so no recall reaches A.
-    let leader = c.addrs()[c.leader_index().await].clone();
-    let pool = Pool::new(client_endpoint(&c.certs.identity(Role::Client, "hook")).unwrap());
-    let hook = Request::Meta {
-        op: MetaOp::Mknod {
-            parent: dir.ino,
-            name: b"taken".to_vec(),
-            kind: FileKind::Regular,
-            perm: 0o600,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            exclusive: true,
-        },
-        once: Some(OpId {
-            client: a.client_id(),
-            seq: u64::MAX / 2,
-        }),
-    };
-    match pool
-        .call(&leader, &hook, Duration::from_secs(10))
-        .await
-        .unwrap()
-    {
-        Ok(Reply::Meta { result, .. }) => {
-            result.unwrap();
-        }
-        other => panic!("the hook's create: {other:?}"),
-    }
+    create_behind_the_holders_back(&c, a.client_id(), dir.ino, b"taken").await;
     // A still shows the name free and makes it from memory: the path under test.
     let batches = a.delegated_batches();
     let taken = a.create(dir.ino, b"taken", 0o644, 0, 0).await.unwrap();
@@ -719,11 +690,7 @@ async fn a_deploy_on_one_mount_is_served_whole_by_another() {
         String::from_utf8_lossy(&rsync.stderr)
     );
     let exited = Instant::now();
-    let files: Vec<std::path::PathBuf> = mortar_tests::tree::walk(src)
-        .into_iter()
-        .filter(|p| std::fs::symlink_metadata(p).unwrap().file_type().is_file())
-        .map(|p| p.strip_prefix(src).unwrap().to_path_buf())
-        .collect();
+    let files = mortar_tests::tree::regular_files(src);
     assert!(
         files.len() > 1000,
         "only {} files in {}",
@@ -839,8 +806,6 @@ async fn held_changes_in_two_directories_are_seen_whole_right_after_the_leaders_
 /// mount log names the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fsync_of_a_file_that_could_not_be_committed_is_eio_through_the_mount() {
-    use mortar_tests::mortar_proto::wire::{MetaOp, OpId};
-    use mortar_tests::mortar_proto::FileKind;
     use std::io::Write;
     let c = Cluster::start(3);
     c.create_volume("www", CHUNK).await;
@@ -858,34 +823,7 @@ async fn fsync_of_a_file_that_could_not_be_committed_is_eio_through_the_mount() 
     // delegation, which is what the hook must get around).
     let up_ino =
         std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(m.path.join("up")).unwrap());
-    let leader = c.addrs()[c.leader_index().await].clone();
-    let pool = Pool::new(client_endpoint(&c.certs.identity(Role::Client, "hook")).unwrap());
-    let hook = Request::Meta {
-        op: MetaOp::Mknod {
-            parent: up_ino,
-            name: b"taken".to_vec(),
-            kind: FileKind::Regular,
-            perm: 0o600,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            exclusive: true,
-        },
-        once: Some(OpId {
-            client,
-            seq: u64::MAX / 2,
-        }),
-    };
-    match pool
-        .call(&leader, &hook, Duration::from_secs(10))
-        .await
-        .unwrap()
-    {
-        Ok(Reply::Meta { result, .. }) => {
-            result.unwrap();
-        }
-        other => panic!("the hook's create: {other:?}"),
-    }
+    create_behind_the_holders_back(&c, client, up_ino, b"taken").await;
     // The mount still shows the name free: its create succeeds from memory.
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -960,4 +898,39 @@ async fn a_second_mount_reads_everything_a_mount_held_when_the_leader_died() {
     let log = std::fs::read_to_string(&holder.log).unwrap();
     assert!(log.contains("committed changes made under delegations"));
     c.bricks[leader].start();
+}
+
+/// The test hook of the EIO tests: `name` made in `dir` at the leader under the holder's own
+/// client id, so the leader recalls no delegation of the holder's for it.
+async fn create_behind_the_holders_back(c: &Cluster, holder: u128, dir: InodeId, name: &[u8]) {
+    use mortar_tests::mortar_proto::wire::{MetaOp, OpId};
+    use mortar_tests::mortar_proto::FileKind;
+    let leader = c.addrs()[c.leader_index().await].clone();
+    let pool = Pool::new(client_endpoint(&c.certs.identity(Role::Client, "hook")).unwrap());
+    let hook = Request::Meta {
+        op: MetaOp::Mknod {
+            parent: dir,
+            name: name.to_vec(),
+            kind: FileKind::Regular,
+            perm: 0o600,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+        },
+        once: Some(OpId {
+            client: holder,
+            seq: u64::MAX / 2,
+        }),
+    };
+    match pool
+        .call(&leader, &hook, Duration::from_secs(10))
+        .await
+        .unwrap()
+    {
+        Ok(Reply::Meta { result, .. }) => {
+            result.unwrap();
+        }
+        other => panic!("the hook's create: {other:?}"),
+    }
 }

@@ -329,11 +329,7 @@ async fn quickstart_round_trip() {
     let docroot = mnt.join("wordpress");
     let listen = format!("{ip}:18081");
     let nginx = Nginx::start(work.path(), &listen, &docroot).await;
-    let files: Vec<std::path::PathBuf> = mortar_tests::tree::walk(src)
-        .into_iter()
-        .filter(|p| std::fs::symlink_metadata(p).unwrap().file_type().is_file())
-        .map(|p| p.strip_prefix(src).unwrap().to_path_buf())
-        .collect();
+    let files = mortar_tests::tree::regular_files(src);
     assert!(
         files.len() > 1000,
         "only {} files in {}",

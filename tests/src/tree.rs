@@ -132,6 +132,15 @@ pub fn make_tree(root: &Path, spec: &TreeSpec, seed: u64) {
     }
 }
 
+/// The regular files under `root` (symlinks not followed), relative to it.
+pub fn regular_files(root: &Path) -> Vec<std::path::PathBuf> {
+    walk(root)
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(p).unwrap().file_type().is_file())
+        .map(|p| p.strip_prefix(root).unwrap().to_path_buf())
+        .collect()
+}
+
 /// Every path under `root`, parents after their children (so directory times can be set last).
 pub fn walk(root: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
