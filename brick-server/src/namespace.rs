@@ -10,8 +10,8 @@ use mortar_proto::wire::{
 };
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
-    validate_name, validate_symlink_target, Attr, ChunkId, Content, DirEntry, FileKind, FsError,
-    Inode, InodeId, Timestamp, VolumeConfig, ROOT_INODE,
+    validate_name, validate_symlink_target, ChunkId, Content, DirEntry, FileKind, FsError, Inode,
+    InodeId, Timestamp, VolumeConfig, ROOT_INODE,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -46,6 +46,8 @@ struct Stored {
     inode: Inode,
     parent: InodeId,
 }
+
+mod volume;
 
 const KEY_VOLUME: &[u8] = b"volume";
 const KEY_NEXT_INO: &[u8] = b"next_ino";
@@ -391,28 +393,8 @@ pub fn apply<R: MetaRead>(
     now: Timestamp,
 ) -> Result<MetaOk, FsError> {
     match op {
-        MetaOp::CreateVolume(config) => {
-            if txn.get(Table::Sys, KEY_VOLUME)?.is_some() {
-                return Err(FsError::Exists);
-            }
-            txn.put(Table::Sys, KEY_VOLUME, enc(config));
-            let root = Stored {
-                inode: Inode {
-                    attr: Attr::new(ROOT_INODE, FileKind::Directory, 0o755, 0, 0, now),
-                    content: Content::None,
-                    xattrs: Vec::new(),
-                },
-                parent: ROOT_INODE,
-            };
-            txn.save(&root);
-            txn.put(
-                Table::Sys,
-                KEY_NEXT_INO,
-                (ROOT_INODE + 1).to_be_bytes().to_vec(),
-            );
-            txn.put(Table::Sys, KEY_INODE_COUNT, 1u64.to_be_bytes().to_vec());
-            Ok(MetaOk::Done)
-        }
+        MetaOp::CreateVolume(config) => volume::create(txn, config, now),
+        MetaOp::ReplaceBrick { old, new } => volume::replace(txn, *old, new),
         MetaOp::Mknod {
             parent,
             name,
@@ -1075,7 +1057,7 @@ mod tests {
     use super::*;
     use mortar_proto::attrs::{acl_mode, ACL_ACCESS, ACL_GROUP_OBJ, ACL_OTHER, ACL_USER_OBJ};
     use mortar_proto::wire::{SetAttr, TimeSet, XattrMode};
-    use mortar_proto::{BrickRef, INLINE_MAX};
+    use mortar_proto::{Attr, BrickRef, INLINE_MAX};
 
     fn vol() -> MemMeta {
         let mut m = MemMeta::default();
@@ -1087,10 +1069,52 @@ mod tests {
                 addr: "a:1".into(),
             }]],
             created: Timestamp::default(),
+            retired: Vec::new(),
         }))
         .unwrap();
         m
     }
+    #[test]
+    fn a_replaced_brick_takes_the_seat_and_the_old_one_is_retired_once() {
+        let mut m = vol();
+        let new = BrickRef {
+            id: 2,
+            addr: "b:1".into(),
+        };
+        let replace = |new: &BrickRef| MetaOp::ReplaceBrick {
+            old: 1,
+            new: new.clone(),
+        };
+        m.run(replace(&new)).unwrap();
+        let v = volume(&m).unwrap().unwrap();
+        assert_eq!(v.replica_sets, vec![vec![new.clone()]]);
+        let old = BrickRef {
+            id: 1,
+            addr: "a:1".into(),
+        };
+        assert_eq!(v.retired, vec![old.clone()]);
+        m.run(replace(&new))
+            .expect("a retried replacement changes nothing");
+        assert_eq!(volume(&m).unwrap().unwrap().retired, vec![old]);
+        let other = BrickRef {
+            id: 3,
+            addr: "c:1".into(),
+        };
+        assert!(matches!(m.run(replace(&other)), Err(FsError::Invalid(_))));
+        let back = MetaOp::ReplaceBrick {
+            old: 2,
+            new: BrickRef {
+                id: 1,
+                addr: "a:1".into(),
+            },
+        };
+        assert_eq!(
+            m.run(back),
+            Err(FsError::Exists),
+            "a retired id never comes back"
+        );
+    }
+
     fn attr(ok: MetaOk) -> Attr {
         match ok {
             MetaOk::Attr(a) => a,

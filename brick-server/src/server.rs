@@ -168,6 +168,11 @@ impl Brick {
                             "delegations are recorded by the metadata leader itself".into(),
                         ))
                     }
+                    MetaOp::ReplaceBrick { .. } => {
+                        return Err(FsError::NotPermitted(
+                            "a brick is replaced through the ReplaceBrick admin request".into(),
+                        ))
+                    }
                     // A follower forwards an admin's change under its own brick certificate,
                     // having checked the admin's: accept both (a brick may commit anything
                     // through Raft anyway).
@@ -181,7 +186,11 @@ impl Brick {
             Request::Query(q) => Ok(self.query(q).await),
             Request::Raft(rpc) => {
                 need(&[Role::Brick])?;
-                raft::serve_rpc(&self.raft, rpc).await
+                let retired: Vec<BrickId> = self
+                    .volume()
+                    .map(|v| v.retired.iter().map(|b| b.id).collect())
+                    .unwrap_or_default();
+                raft::serve_rpc(&self.raft, self.id, &retired, rpc).await
             }
             Request::Admin(a) => self.admin(role, a).await,
             Request::Delegate { client, dir } => {
@@ -214,7 +223,7 @@ impl Brick {
     }
 
     /// Wait for a known leader (an election may be under way).
-    async fn await_leader(&self, deadline: Instant) -> Result<BrickRef, FsError> {
+    pub(crate) async fn await_leader(&self, deadline: Instant) -> Result<BrickRef, FsError> {
         let mut metrics = self.raft.metrics();
         loop {
             if let Some(l) = self.leader() {
@@ -520,7 +529,8 @@ impl Brick {
             | MetaOp::ForgetReleased(_)
             | MetaOp::ReserveInodes { .. }
             | MetaOp::Delegated { .. }
-            | MetaOp::Undelegated { .. } => {}
+            | MetaOp::Undelegated { .. }
+            | MetaOp::ReplaceBrick { .. } => {}
         }
     }
 
@@ -673,6 +683,11 @@ impl Brick {
                 })
                 .await
             }
+            AdminRequest::ReplaceBrick { old, new } => {
+                // A follower forwards an admin's request under its brick certificate.
+                need(&[Role::Admin, Role::Brick])?;
+                Ok(Reply::Replaced(self.replace_brick(&old, &new).await?))
+            }
             AdminRequest::SpaceState => {
                 need(&[Role::Admin, Role::Brick])?;
                 Ok(Reply::SpaceState {
@@ -710,7 +725,7 @@ impl Brick {
 
     /// This brick is the metadata leader and a quorum just confirmed it, so its applied
     /// namespace holds every committed change.
-    async fn confirm_leading(&self) -> Result<(), FsError> {
+    pub(crate) async fn confirm_leading(&self) -> Result<(), FsError> {
         let not = || FsError::Unavailable("not the metadata leader".into());
         if self.raft.metrics().borrow().current_leader != Some(self.id) {
             return Err(not());

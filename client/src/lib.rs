@@ -159,6 +159,7 @@ impl Volume {
                 chunk_size: mortar_proto::DEFAULT_CHUNK_SIZE,
                 replica_sets: Vec::new(),
                 created: Default::default(),
+                retired: Vec::new(),
             },
             leader: Mutex::new(None),
             next: AtomicUsize::new(0),

@@ -2,7 +2,9 @@
 
 use mortar_proto::digest::Bucket;
 use mortar_proto::transport::Pool;
-use mortar_proto::wire::{AdminRequest, BrickHello, BrickStatus, HealEntry, Reply, Request};
+use mortar_proto::wire::{
+    AdminRequest, BrickHello, BrickStatus, HealEntry, Replaced, Reply, Request,
+};
 use mortar_proto::{
     BrickId, BrickRef, ChunkId, FsError, InodeId, Timestamp, VolumeConfig, MAX_CHUNK_SIZE,
 };
@@ -124,6 +126,7 @@ pub async fn create_volume(
         chunk_size,
         replica_sets: vec![set],
         created: Timestamp::now(),
+        retired: Vec::new(),
     };
     call(
         pool,
@@ -412,4 +415,39 @@ pub async fn collect_garbage(
         );
     }
     Ok(removed)
+}
+
+/// A replacement waits for the new brick to catch up with the metadata log; the brick gives
+/// it up to ten minutes, the call a little more.
+const REPLACE_TIMEOUT: Duration = Duration::from_secs(610);
+
+/// Ask the volume's bricks in `via` (the first that answers; a follower forwards to the
+/// metadata leader) to replace the brick at `old` by the empty brick at `new`, or to finish a
+/// replacement an earlier run left half-done.
+pub async fn replace_brick(
+    pool: &Pool,
+    via: &[String],
+    old: &str,
+    new: &str,
+) -> Result<Replaced, AdminError> {
+    let req = AdminRequest::ReplaceBrick {
+        old: old.into(),
+        new: new.into(),
+    };
+    let mut last = None;
+    for addr in via {
+        let answer = ask(pool, addr, req.clone(), REPLACE_TIMEOUT, |r| match r {
+            Reply::Replaced(r) => Some(r),
+            _ => None,
+        })
+        .await;
+        match answer {
+            Err(e @ AdminError::Unreachable { .. }) => last = Some(e),
+            other => return other,
+        }
+    }
+    Err(last.unwrap_or_else(|| AdminError::Unreachable {
+        addr: "(none)".into(),
+        reason: "no brick of the volume to ask".into(),
+    }))
 }

@@ -49,6 +49,7 @@ mod tests {
                 })
                 .collect(),
             created: Timestamp::default(),
+            retired: Vec::new(),
         }
     }
 

@@ -172,11 +172,27 @@ pub struct VolumeConfig {
     /// Replica sets of three bricks; the first one also runs the metadata group.
     pub replica_sets: Vec<Vec<BrickRef>>,
     pub created: Timestamp,
+    /// Bricks replaced out of the volume, as they were named. Their ids are refused for ever (a
+    /// retired brick that comes back must not vote or lead); brick ids are random, so never
+    /// reused. Their addresses may be, by the bricks that replaced them.
+    pub retired: Vec<BrickRef>,
 }
 
 impl VolumeConfig {
     pub fn bricks(&self) -> impl Iterator<Item = &BrickRef> {
         self.replica_sets.iter().flatten()
+    }
+
+    pub fn brick(&self, id: BrickId) -> Option<&BrickRef> {
+        self.bricks().find(|b| b.id == id)
+    }
+
+    pub fn brick_at(&self, addr: &str) -> Option<&BrickRef> {
+        self.bricks().find(|b| b.addr == addr)
+    }
+
+    pub fn is_retired(&self, id: BrickId) -> bool {
+        self.retired.iter().any(|b| b.id == id)
     }
 }
 

@@ -225,6 +225,12 @@ pub enum MetaOp {
     Undelegated {
         dir: InodeId,
     },
+    /// Internal, proposed by the leader once the metadata group's voters changed (refused from
+    /// the network): `new` takes `old`'s place in its replica set and `old` is retired.
+    ReplaceBrick {
+        old: BrickId,
+        new: BrickRef,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,6 +315,9 @@ pub enum RaftKind {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RaftRpc {
+    /// The brick the sender means: a brick that took over a retired brick's address must not
+    /// answer (or vote) in its place.
+    pub target: BrickId,
     pub kind: RaftKind,
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
@@ -388,6 +397,26 @@ pub enum AdminRequest {
     /// Whether this brick's disk is down to its reserve (the leader asks its peers, so no
     /// replica is fed data through the log that it has no room for).
     SpaceState,
+    /// Put the empty brick at `new` (HOST:PORT) in the place of the volume's brick at `old`:
+    /// for a metadata brick, add it as a learner, let it catch up, then change the voters;
+    /// then record it in the volume configuration. Carried out by the metadata leader (any
+    /// brick forwards it there); every step is checked before it is taken, so running it
+    /// again after a crash at any point finishes the change. Answered with
+    /// [`Reply::Replaced`].
+    ReplaceBrick {
+        old: String,
+        new: String,
+    },
+}
+
+/// What one [`AdminRequest::ReplaceBrick`] run did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replaced {
+    /// None when the replacement was already complete (the old brick's id is then retired).
+    pub old: Option<BrickRef>,
+    pub new: BrickRef,
+    /// The steps this run took, in order (empty: the replacement was already complete).
+    pub steps: Vec<String>,
 }
 
 /// Why a brick is in the heal index for a chunk.
@@ -599,6 +628,7 @@ pub enum Reply {
     SpaceState {
         full: Option<String>,
     },
+    Replaced(Replaced),
 }
 
 /// What a brick answers on a stream: a reply, or an error that carries an errno.

@@ -249,7 +249,8 @@ impl Cluster {
         Self::start_full(n, &[], env, |_| None)
     }
 
-    fn start_full(
+    /// Start `n` bricks with extra arguments, environment variables and data directories.
+    pub fn start_full(
         n: usize,
         extra: &[&str],
         env: &[(&str, &str)],
@@ -288,6 +289,27 @@ impl Cluster {
             ip,
             bricks,
         }
+    }
+
+    /// Start one more brick (not in the volume), with brick 0's extra arguments; its index.
+    pub fn add_brick(&mut self) -> usize {
+        let i = self.bricks.len();
+        let (cert, key) = self.certs.issue(Role::Brick, &format!("brick{i}"));
+        let mut b = BrickProc {
+            index: i,
+            addr: format!("{}:{}", self.ip, 7001 + i),
+            data: self.dir.path().join(format!("brick{i}")),
+            log: self.dir.path().join(format!("brick{i}.log")),
+            cert,
+            key,
+            ca: self.certs.ca(),
+            extra_args: self.bricks[0].extra_args.clone(),
+            env: Vec::new(),
+            child: None,
+        };
+        b.start();
+        self.bricks.push(b);
+        i
     }
 
     pub fn addrs(&self) -> Vec<String> {
@@ -387,8 +409,13 @@ impl Cluster {
 
     /// Every brick's namespace digest, once all report the same applied index.
     pub async fn settled_meta_digests(&self) -> Vec<[u8; 32]> {
+        self.settled_meta_digests_of(&self.addrs()).await
+    }
+
+    /// [`Cluster::settled_meta_digests`] of the bricks at `addrs`.
+    pub async fn settled_meta_digests_of(&self, addrs: &[String]) -> Vec<[u8; 32]> {
         let pool = self.admin_pool();
-        let addrs = self.addrs();
+        let addrs = addrs.to_vec();
         wait_for("all bricks to apply the same log index", DEADLINE, || {
             let (pool, addrs) = (pool.clone(), addrs.clone());
             async move {

@@ -699,6 +699,8 @@ async fn drain_heal_index(
             .filter(|e| {
                 held.contains(&(e.brick, e.chunk))
                     || (!referenced.contains(&e.chunk) && !still_stored.contains(&e.chunk))
+                    // A replaced brick's misses: its replacement was healed by digest above.
+                    || vol.config().brick(e.brick).is_none()
             })
             .map(|e| (e.brick, e.chunk))
             .collect();

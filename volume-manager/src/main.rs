@@ -145,11 +145,30 @@ enum VolumeCommand {
         scrub_rate: u64,
         /// Unreferenced chunks are removed only after this long (seconds, or with an s/m/h/d
         /// suffix): it protects writes in flight and files still open after unlink.
-        #[arg(long, default_value = "1h", value_parser = parse_duration_secs)]
+        #[arg(long, default_value = DEFAULT_GC_GRACE, value_parser = parse_duration_secs)]
         gc_grace: u64,
         /// A follower behind the metadata leader this long is reported as a problem.
         #[arg(long, default_value_t = replicas::MAX_LAG_SECS, value_parser = parse_duration_secs)]
         max_lag: u64,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// mortar volume replace-brick NAME OLD NEW commit: put the empty brick NEW (HOST:PORT) in
+    /// the place of the volume's brick OLD (dead or retiring), then heal so NEW holds every
+    /// chunk of its replica set. Run it again after any failure: it finishes what is left.
+    /// Exit status: 0 replaced and healed, 1 replaced but something is left to heal (listed),
+    /// 2 not replaced.
+    ReplaceBrick {
+        name: String,
+        /// The brick to replace, as the volume names it (see `volume info`).
+        old: String,
+        /// The new, empty brick (it may listen at the old brick's address).
+        new: String,
+        /// `commit`: carry the replacement out (as GlusterFS spells it).
+        #[arg(value_name = "commit", value_parser = ["commit"])]
+        action: String,
         #[command(flatten)]
         seeds: Seeds,
         #[command(flatten)]
@@ -163,6 +182,9 @@ enum VolumeCommand {
         conn: Conn,
     },
 }
+
+/// Unreferenced chunks are kept this long by default (heal's `--gc-grace`).
+const DEFAULT_GC_GRACE: &str = "1h";
 
 fn parse_create_spec(spec: &[String]) -> Result<Vec<String>> {
     match spec {
@@ -464,6 +486,23 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Volume(VolumeCommand::ReplaceBrick {
+            name,
+            old,
+            new,
+            action: _,
+            seeds,
+            conn,
+        }) => {
+            let code = match replace_brick(&name, &old, &new, &seeds, &conn).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("mortar: replace-brick {name}: {e:#}");
+                    2
+                }
+            };
+            std::process::exit(code);
+        }
         Command::Volume(VolumeCommand::List { seeds, conn }) => {
             let p = pool(&conn)?;
             let mut names = std::collections::BTreeSet::new();
@@ -486,6 +525,79 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Replace, then heal the new brick's replica set; the exit status as `ReplaceBrick` documents.
+async fn replace_brick(
+    name: &str,
+    old: &str,
+    new: &str,
+    seeds: &Seeds,
+    conn: &Conn,
+) -> Result<i32> {
+    let vol = connect(seeds, conn, Some(name)).await?;
+    // The leader first, or any brick that answers (it forwards there).
+    let via: Vec<String> = vol
+        .config()
+        .bricks()
+        .map(|b| b.addr.clone())
+        .filter(|a| a != old)
+        .chain(seeds.bricks.iter().cloned())
+        .collect();
+    let done = volume_admin::replace_brick(vol.pool(), &via, old, new).await?;
+    match &done.old {
+        Some(o) if !done.steps.is_empty() => println!(
+            "replace-brick {name}: {} (id {}) replaced by {} (id {}): {}",
+            o.addr,
+            o.id,
+            done.new.addr,
+            done.new.id,
+            done.steps.join(", ")
+        ),
+        _ => println!(
+            "replace-brick {name}: {} (id {}) is already in the volume; nothing to change",
+            done.new.addr, done.new.id
+        ),
+    }
+    // Heal with the configuration that names the new brick, once the leader reports on the
+    // new brick's replication (it samples every quarter second; heal checks every follower).
+    let vol = Arc::new(connect(seeds, conn, Some(name)).await?);
+    let reported = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let statuses = futures::future::join_all(
+            vol.config()
+                .bricks()
+                .map(|b| volume_admin::status(vol.pool(), &b.addr)),
+        )
+        .await;
+        let seen = replicas::leader(&statuses)
+            .is_some_and(|l| l.id == done.new.id || replicas::lag_of(l, done.new.id).is_some());
+        if seen || std::time::Instant::now() >= reported {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let opts = heal::Options {
+        full: false,
+        scrub_rate: 0,
+        gc_grace_secs: parse_duration_secs(DEFAULT_GC_GRACE).map_err(|e| anyhow!(e))?,
+        max_lag_secs: replicas::MAX_LAG_SECS,
+    };
+    Ok(
+        match heal::heal(vol, &opts, &heal::Progress::new()).await? {
+            heal::Outcome::Healed => {
+                println!("heal {name}: fully healed");
+                0
+            }
+            heal::Outcome::Left(left) => {
+                println!("heal {name}: {} problems left:", left.len());
+                for l in left {
+                    println!("  {l}");
+                }
+                1
+            }
+        },
+    )
 }
 
 fn main() {

@@ -50,7 +50,11 @@ impl Peer {
     where
         E: std::error::Error + serde::de::DeserializeOwned,
     {
-        let request = Request::Raft(RaftRpc { kind, payload });
+        let request = Request::Raft(RaftRpc {
+            target: self.target,
+            kind,
+            payload,
+        });
         let reply = self
             .pool
             .call(&self.addr, &request, timeout)
@@ -134,21 +138,46 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
-/// Serve a Raft RPC that arrived from a peer brick.
-pub async fn serve_rpc(raft: &Raft, rpc: RaftRpc) -> Result<Reply, FsError> {
+/// Serve a Raft RPC that arrived from a peer brick. Refused when it is meant for another brick
+/// (this one took over a retired brick's address) or comes from a retired brick: a replaced
+/// brick that comes back with its old log must not vote, lead or be counted.
+pub async fn serve_rpc(
+    raft: &Raft,
+    me: NodeId,
+    retired: &[NodeId],
+    rpc: RaftRpc,
+) -> Result<Reply, FsError> {
+    if rpc.target != me {
+        return Err(FsError::NotPermitted(format!(
+            "raft rpc for brick {}, but this is brick {me}",
+            rpc.target
+        )));
+    }
+    let from = |vote: &Vote<NodeId>| {
+        let sender = vote.leader_id().voted_for();
+        match sender.filter(|s| retired.contains(s)) {
+            Some(s) => Err(FsError::NotPermitted(format!(
+                "brick {s} was retired from the volume"
+            ))),
+            None => Ok(()),
+        }
+    };
     let bad = |e: wire::FrameError| FsError::Invalid(format!("raft rpc: {e}"));
     let payload = match rpc.kind {
         RaftKind::AppendEntries => {
             let req: AppendEntriesRequest<TypeConfig> = wire::decode(&rpc.payload).map_err(bad)?;
+            from(&req.vote)?;
             enc(&raft.append_entries(req).await)
         }
         RaftKind::Vote => {
             let req: VoteRequest<NodeId> = wire::decode(&rpc.payload).map_err(bad)?;
+            from(&req.vote)?;
             enc(&raft.vote(req).await)
         }
         RaftKind::InstallSnapshot => {
             let req: InstallSnapshotRequest<TypeConfig> =
                 wire::decode(&rpc.payload).map_err(bad)?;
+            from(&req.vote)?;
             enc(&raft.install_snapshot(req).await)
         }
     };

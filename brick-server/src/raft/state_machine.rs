@@ -334,7 +334,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     replayed = out.replayed;
                     once = cmd.once;
                     let out = out.result;
-                    volume_changed |= out.is_ok() && matches!(cmd.op, MetaOp::CreateVolume(_));
+                    volume_changed |= out.is_ok()
+                        && matches!(
+                            cmd.op,
+                            MetaOp::CreateVolume(_) | MetaOp::ReplaceBrick { .. }
+                        );
                     // apply_once leaves only the writes to keep: the change's on success, and
                     // the remembered outcome either way.
                     {
