@@ -254,6 +254,45 @@ async fn a_replacement_cut_short_by_the_leaders_death_is_finished_by_the_next_ru
     assert!(wrong.is_empty(), "files differ: {wrong:?}");
 }
 
+/// A brick replaced while it was down, started again with its old data, still thinks it is a
+/// voter: the others refuse its Raft messages, so it never disturbs the group (no new term).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_brick_that_comes_back_is_refused() {
+    let mut c = Cluster::start(3);
+    let vol = c.create_volume("www", CHUNK).await;
+    vol.mkdir(ROOT_INODE, b"d", 0o755, 0, 0).await.unwrap();
+    let leader = c.leader_index().await;
+    let victim = (leader + 1) % 3;
+    c.bricks[victim].kill();
+    let new = c.add_brick();
+    c.wait_up(new).await;
+    let r = replace(&c, &c.bricks[victim].addr, &c.bricks[new].addr);
+    assert_eq!(r.code, 0, "{}", r.out);
+    let term = |c: &Cluster, i: usize| {
+        let (pool, addr) = (c.admin_pool(), c.bricks[i].addr.clone());
+        async move { volume_admin::status(&pool, &addr).await.unwrap().term }
+    };
+    let before = term(&c, leader).await;
+    c.bricks[victim].start();
+    let peers: Vec<usize> = (0..4).filter(|i| *i != victim).collect();
+    wait_for("a peer to refuse the retired brick", DEADLINE, || {
+        let refused = peers
+            .iter()
+            .any(|i| c.log_contains(*i, "refused raft rpcs from a retired brick"));
+        async move { refused.then_some(()) }
+    })
+    .await;
+    // It keeps trying for a while (several election timeouts) without effect.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        assert_eq!(term(&c, leader).await, before, "the group's term did not change");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    vol.mkdir(ROOT_INODE, b"e", 0o755, 0, 0)
+        .await
+        .expect("the volume still takes changes");
+}
+
 /// Wrong requests are refused with a message that says why, and change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_replacements_are_refused_and_change_nothing() {

@@ -156,9 +156,20 @@ pub async fn serve_rpc(
     let from = |vote: &Vote<NodeId>| {
         let sender = vote.leader_id().voted_for();
         match sender.filter(|s| retired.contains(s)) {
-            Some(s) => Err(FsError::NotPermitted(format!(
-                "brick {s} was retired from the volume"
-            ))),
+            Some(s) => {
+                // A retired brick left running retries at its election rate: say it now and
+                // then, not every time.
+                static SAID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let now = Timestamp::now().secs.max(0) as u64;
+                let said = SAID.load(std::sync::atomic::Ordering::Relaxed);
+                if now >= said + 10 {
+                    SAID.store(now, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(brick = s, "refused raft rpcs from a retired brick; stop it");
+                }
+                Err(FsError::NotPermitted(format!(
+                    "brick {s} was retired from the volume"
+                )))
+            }
             None => Ok(()),
         }
     };
