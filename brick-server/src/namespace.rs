@@ -6,7 +6,7 @@
 pub use crate::store::Rows;
 use mortar_proto::attrs::check_content;
 use mortar_proto::wire::{
-    Inval, Listed, MetaOk, MetaOp, OpId, Query, LIST_WHOLE_BYTES, LOOKUP_WHOLE_MAX,
+    Inval, Listed, MetaOk, MetaOp, OpId, Query, LIST_WHOLE_BYTES, LOOKUP_WHOLE_MAX, ONCE_WINDOW,
 };
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
@@ -61,10 +61,6 @@ const PREFIX_DELEGATED: &[u8] = b"deleg/";
 
 /// `once/<client><seq>` -> the outcome of that client's change, for answering its retries.
 const PREFIX_ONCE: &[u8] = b"once/";
-/// Outcomes remembered per client: a retry of a change more than this many changes old (never
-/// the case for a client's own retries, which are bounded by its requests in flight) is not
-/// recognised. A client that goes away leaves at most this many rows behind.
-pub const ONCE_WINDOW: u64 = 256;
 /// Most inode numbers one ReserveInodes hands out.
 pub const MAX_RESERVE: u32 = 1 << 16;
 

@@ -11,6 +11,7 @@
 //! (or fsyncdir, or unmount) returns. A delegation ends when the lease that carried it ends;
 //! what it held is then committed as soon as a leader answers.
 
+use crate::once::Ticket;
 use crate::Volume;
 use mortar_proto::wire::{MetaOk, MetaOp, OpId, Request, Stamp};
 use mortar_proto::{
@@ -78,7 +79,7 @@ struct State {
     held: VecDeque<Held>,
     held_bytes: usize,
     /// A batch that was sent and not answered: sent again, under the same id, before anything.
-    unanswered: Option<(OpId, Vec<Held>)>,
+    unanswered: Option<(Ticket, Vec<Held>)>,
     /// The inodes of the batch being sent now: held until it is answered, so nothing the
     /// batch makes is forgotten early, and a change sent the usual way waits for it.
     flying: Vec<InodeId>,
@@ -506,9 +507,9 @@ impl Volume {
                     return Ok(ino);
                 }
             }
-            let once = self.next_once();
+            let ticket = self.seqs.ticket().await;
             match self
-                .write_op_as(MetaOp::ReserveInodes { count: RESERVE }, once)
+                .write_op_as(MetaOp::ReserveInodes { count: RESERVE }, ticket.id())
                 .await?
             {
                 MetaOk::Inodes { first, count } => {
@@ -656,7 +657,14 @@ impl Volume {
     /// any). Returns whether there was anything to commit.
     async fn commit_batch(&self) -> Result<bool, FsError> {
         let _one = self.deleg.committing.lock().await;
-        let (once, batch) = {
+        // A new batch's id, taken before the lock (it may wait); unused when the batch left
+        // unanswered goes again under its own.
+        let mut fresh = if self.deleg.lock().unanswered.is_none() {
+            Some(self.seqs.ticket().await)
+        } else {
+            None
+        };
+        let (ticket, batch) = {
             let mut st = self.deleg.lock();
             match st.unanswered.take() {
                 Some(b) => b,
@@ -676,18 +684,24 @@ impl Volume {
                     if batch.is_empty() {
                         return Ok(false);
                     }
-                    (self.next_once(), batch)
+                    let ticket = match fresh.take() {
+                        Some(t) => t,
+                        None => unreachable!(
+                            "only commit_batch, under `committing`, leaves a batch unanswered"
+                        ),
+                    };
+                    (ticket, batch)
                 }
             }
         };
         self.deleg.lock().flying = batch.iter().map(|h| h.ino).collect();
-        let result = self.send_batch(once, &batch).await;
+        let result = self.send_batch(ticket.id(), &batch).await;
         let mut st = self.deleg.lock();
         st.flying.clear();
         if let Err(e) = result {
             // Nothing is lost: the same batch goes again, under the same id (it may have
             // been applied), before anything else.
-            st.unanswered = Some((once, batch));
+            st.unanswered = Some((ticket, batch));
             return Err(e);
         }
         if st.held.is_empty() {
@@ -718,21 +732,14 @@ impl Volume {
                 // first): keep every change that still applies, and report the others.
                 tracing::error!(error = %e, changes = n, "a batch of delegated changes was refused; committing them one by one");
                 for h in batch {
-                    let once = self.next_once();
-                    if let Err(e) = self.write_op_as(h.op.clone(), once).await {
+                    let ticket = self.seqs.ticket().await;
+                    if let Err(e) = self.write_op_as(h.op.clone(), ticket.id()).await {
                         self.deleg.lose(h, &e);
                     }
                 }
             }
         }
         Ok(())
-    }
-
-    pub(crate) fn next_once(&self) -> OpId {
-        OpId {
-            client: self.client_id,
-            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
-        }
     }
 }
 

@@ -10,6 +10,7 @@ mod delegation;
 use delegation::Name;
 mod lease;
 mod meta_cache;
+mod once;
 mod upload;
 use meta_cache::Own;
 mod watch;
@@ -52,7 +53,7 @@ pub struct Volume {
     chunks: cache::ChunkCache,
     /// Names this client's namespace changes so retries apply once.
     client_id: u128,
-    next_seq: AtomicU64,
+    seqs: Arc<once::Seqs>,
     op_timeout: Duration,
     /// Namespace answers served from memory while the watch holds a lease.
     meta_cache: meta_cache::MetaCache,
@@ -151,6 +152,7 @@ impl Volume {
     }
 
     pub async fn with_pool(pool: Pool, seeds: &[String], volume: &str) -> Result<Volume, FsError> {
+        let client_id = rand::random();
         let mut partial = Volume {
             pool,
             seeds: seeds.to_vec(),
@@ -164,8 +166,8 @@ impl Volume {
             leader: Mutex::new(None),
             next: AtomicUsize::new(0),
             chunks: cache::ChunkCache::new(CHUNK_CACHE_BYTES),
-            client_id: rand::random(),
-            next_seq: AtomicU64::new(1),
+            client_id,
+            seqs: once::Seqs::new(client_id),
             op_timeout: DEFAULT_OP_TIMEOUT,
             meta_cache: meta_cache::MetaCache::default(),
             inval_hook: OnceLock::new(),
@@ -445,7 +447,8 @@ impl Volume {
         if self.deleg.holds_any() {
             self.commit_held().await?;
         }
-        self.write_op_as(op, self.next_once()).await
+        let ticket = self.seqs.ticket().await;
+        self.write_op_as(op, ticket.id()).await
     }
 
     async fn write_op_as(&self, op: MetaOp, once: OpId) -> Result<MetaOk, FsError> {

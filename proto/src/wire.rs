@@ -47,6 +47,12 @@ pub enum Request {
     },
 }
 
+/// Outcomes of changes the bricks remember per client, by sequence number: a change's outcome
+/// is forgotten once the same client's change `ONCE_WINDOW` numbers later is applied. Clients
+/// never have a change open (sent and unanswered, or kept to resend) that far back, so every
+/// retry finds its first outcome; a client that goes away leaves at most this many rows.
+pub const ONCE_WINDOW: u64 = 4096;
+
 /// Names one namespace change of one client: a random client id and a per-client sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpId {
