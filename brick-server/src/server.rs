@@ -7,6 +7,7 @@ use crate::namespace;
 use crate::raft::{self, Command, DbMeta, Raft, SharedVolume};
 use crate::store::{Store, CF_HEAL_INDEX};
 use crate::watch::{Named, Watchers};
+use mortar_proto::replication::Replication;
 use mortar_proto::tls::{peer_identity, Role};
 use mortar_proto::transport::{Health, Pool};
 use mortar_proto::wire::{
@@ -18,7 +19,7 @@ use mortar_proto::{
 };
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -279,7 +280,7 @@ impl Brick {
                         .is_some_and(|n| self.pool.health(&n.addr) != Health::Down)
             })
             .count();
-        reachable * 2 > voters.len()
+        reachable >= mortar_proto::replication::majority(voters.len())
     }
 
     pub async fn meta_write(&self, op: MetaOp, once: Option<OpId>) -> Reply {
@@ -576,7 +577,8 @@ impl Brick {
         match req {
             AdminRequest::Status => Ok(Reply::Status(self.status().await?)),
             AdminRequest::InitVolume(config) => {
-                need(&[Role::Admin])?;
+                // The first brick forwards it to the leader under its brick certificate.
+                need(&[Role::Admin, Role::Brick])?;
                 self.init_volume(config).await
             }
             AdminRequest::ListChunks { after, limit } => {
@@ -868,16 +870,24 @@ impl Brick {
     /// Start the metadata group over the volume's bricks and store the volume in it. Safe to
     /// repeat with the same configuration; refused if this brick already serves another group.
     async fn init_volume(&self, config: VolumeConfig) -> Response {
+        let replication = Replication::REPLICA_3;
+        let whole = config
+            .replica_sets
+            .iter()
+            .all(|s| s.len() == replication.copies());
         let set = config
             .replica_sets
             .first()
-            .filter(|s| s.len() == 3 && config.replica_sets.len() == 1)
+            .filter(|_| whole)
             .ok_or_else(|| {
-                FsError::Invalid("a new volume has exactly one replica set of 3".into())
+                FsError::Invalid(format!(
+                    "a volume is replica sets of {} bricks",
+                    replication.copies()
+                ))
             })?;
         if !set.iter().any(|b| b.id == self.id) {
             return Err(FsError::Invalid(
-                "this brick is not in the volume's replica set".into(),
+                "this brick is not in the volume's first replica set".into(),
             ));
         }
         let members: BTreeMap<u64, BasicNode> = set
@@ -891,25 +901,53 @@ impl Brick {
             .membership_config
             .membership()
             .clone();
-        let current_nodes: BTreeMap<u64, BasicNode> =
-            current.nodes().map(|(id, n)| (*id, n.clone())).collect();
-        if current_nodes.is_empty() {
+        let voters: BTreeSet<u64> = current.voter_ids().collect();
+        if voters.is_empty() {
             self.raft.initialize(members).await.map_err(unavailable)?;
-        } else if current_nodes != members {
+        } else if voters != members.keys().copied().collect() {
             return Err(FsError::Exists);
         }
+        self.create_volume_entry(&config).await?;
+        // The other sets' bricks follow the log as learners: each holds the namespace and the
+        // configuration as the voters do, and never votes. Only the leader adds them.
+        let leader = self.await_leader(Instant::now() + INIT_TIMEOUT).await?;
+        if leader.id != self.id {
+            let req = Request::Admin(AdminRequest::InitVolume(config));
+            return match self.pool.call(&leader.addr, &req, INIT_TIMEOUT).await {
+                Ok(r) => r,
+                Err(e) => Err(unavailable(e)),
+            };
+        }
+        let current = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
+        for b in config.replica_sets.iter().skip(1).flatten() {
+            if current.get_node(&b.id).is_none() {
+                self.raft
+                    .add_learner(b.id, BasicNode::new(&b.addr), true)
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(Reply::Done)
+    }
+
+    /// Commit the volume's `CreateVolume` entry, or find the same one committed already.
+    async fn create_volume_entry(&self, config: &VolumeConfig) -> Result<(), FsError> {
         match self
             .meta_write_within(MetaOp::CreateVolume(config.clone()), None, INIT_TIMEOUT)
             .await
         {
-            Reply::Meta { result: Ok(_), .. } => Ok(Reply::Done),
+            Reply::Meta { result: Ok(_), .. } => Ok(()),
             Reply::Meta {
                 result: Err(FsError::Exists),
                 ..
             } => match self.volume() {
-                Ok(v) if v.name == config.name && v.replica_sets == config.replica_sets => {
-                    Ok(Reply::Done)
-                }
+                Ok(v) if v.name == config.name && v.replica_sets == config.replica_sets => Ok(()),
                 _ => Err(FsError::Exists),
             },
             Reply::Meta { result: Err(e), .. } => Err(e),

@@ -1,6 +1,7 @@
 //! Operator actions that address bricks one by one: volume creation and per-brick status.
 
 use mortar_proto::digest::Bucket;
+use mortar_proto::replication::{LayoutError, Replication};
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{
     AdminRequest, BrickHello, BrickStatus, HealEntry, Replaced, Reply, Request,
@@ -21,8 +22,8 @@ const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum AdminError {
     #[error("invalid volume name '{0}': use 1-64 letters, digits, '-' or '_'")]
     BadName(String),
-    #[error("replica 3 needs exactly 3 bricks, got {0}")]
-    BrickCount(usize),
+    #[error("{0}")]
+    Layout(#[from] LayoutError),
     #[error("brick {0} is listed twice")]
     Duplicate(String),
     #[error("bricks {0} and {1} are the same brick (id {2})")]
@@ -78,18 +79,17 @@ pub fn validate_volume_name(name: &str) -> Result<(), AdminError> {
     Ok(())
 }
 
-/// Create a replica-3 volume over `bricks`. Every check happens before any brick is changed,
-/// so a refused create leaves nothing behind.
+/// Create a volume over `bricks`, cut into replica sets in the order given. Every check
+/// happens before any brick is changed, so a refused create leaves nothing behind.
 pub async fn create_volume(
     pool: &Pool,
     name: &str,
+    replication: Replication,
     bricks: &[String],
     chunk_size: u32,
 ) -> Result<VolumeConfig, AdminError> {
     validate_volume_name(name)?;
-    if bricks.len() != 3 {
-        return Err(AdminError::BrickCount(bricks.len()));
-    }
+    replication.sets(bricks)?;
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
         return Err(AdminError::ChunkSize(chunk_size));
     }
@@ -100,7 +100,7 @@ pub async fn create_volume(
         }
     }
     let hellos = futures::future::join_all(bricks.iter().map(|b| hello(pool, b))).await;
-    let mut set: Vec<BrickRef> = Vec::new();
+    let mut all: Vec<BrickRef> = Vec::new();
     for (addr, h) in bricks.iter().zip(hellos) {
         let h = h?;
         if let Some(volume) = h.volume {
@@ -109,14 +109,14 @@ pub async fn create_volume(
                 volume,
             });
         }
-        if let Some(other) = set.iter().find(|b| b.id == h.id) {
+        if let Some(other) = all.iter().find(|b| b.id == h.id) {
             return Err(AdminError::SameBrick(
                 other.addr.clone(),
                 addr.clone(),
                 h.id,
             ));
         }
-        set.push(BrickRef {
+        all.push(BrickRef {
             id: h.id,
             addr: addr.clone(),
         });
@@ -124,7 +124,7 @@ pub async fn create_volume(
     let config = VolumeConfig {
         name: name.to_string(),
         chunk_size,
-        replica_sets: vec![set],
+        replica_sets: replication.sets(&all)?,
         created: Timestamp::now(),
         retired: Vec::new(),
     };

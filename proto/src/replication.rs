@@ -1,13 +1,71 @@
-//! Quorum arithmetic for replicated chunk writes, in one place: a replica set of `n` bricks
-//! holds a write once a majority of it does, and [`WriteTally`] decides, answer by answer,
-//! when a write may be acknowledged or must fail. Pure: the brick feeds it the answers.
+//! The replication rules, in one place: how many copies a volume keeps, how its bricks form
+//! replica sets, and the quorums that follow — a replica set holds a write once a majority of
+//! it does, the metadata group commits once a majority of its voters does. [`WriteTally`]
+//! decides, answer by answer, when a chunk write may be acknowledged or must fail. Pure: the
+//! brick feeds it the answers.
 
 use crate::{BrickId, FsError};
 
 /// The copies of a replica set that must hold a chunk before its write is acknowledged: a
 /// majority, so any two acknowledged states share a brick and one brick's loss loses nothing.
 pub const fn write_quorum(set_size: usize) -> usize {
-    set_size / 2 + 1
+    majority(set_size)
+}
+
+/// The smallest number of `n` members that any two such groups share one of.
+pub const fn majority(n: usize) -> usize {
+    n / 2 + 1
+}
+
+/// How a volume keeps its data: `copies` bricks per replica set; the first set is also the
+/// metadata group's voters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replication {
+    copies: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("only 'replica 3' is supported (got 'replica {0}')")]
+    Copies(String),
+    #[error("replica 3 needs a multiple of 3 bricks (3, 6, 9, …), got {0}")]
+    BrickCount(usize),
+}
+
+impl Replication {
+    /// What mortar builds: three copies of everything.
+    pub const REPLICA_3: Replication = Replication { copies: 3 };
+
+    /// From the `replica N` of a volume create.
+    pub fn parse(copies: &str) -> Result<Replication, LayoutError> {
+        match copies {
+            "3" => Ok(Self::REPLICA_3),
+            other => Err(LayoutError::Copies(other.to_string())),
+        }
+    }
+
+    pub const fn copies(self) -> usize {
+        self.copies
+    }
+
+    /// Chunk copies that acknowledge a write.
+    pub const fn write_quorum(self) -> usize {
+        write_quorum(self.copies)
+    }
+
+    /// Voters of the metadata group (the first replica set).
+    pub const fn metadata_voters(self) -> usize {
+        self.copies
+    }
+
+    /// Bricks in the order given, cut into replica sets of `copies` (as GlusterFS does:
+    /// consecutive bricks form a set).
+    pub fn sets<T: Clone>(self, bricks: &[T]) -> Result<Vec<Vec<T>>, LayoutError> {
+        if bricks.is_empty() || !bricks.len().is_multiple_of(self.copies) {
+            return Err(LayoutError::BrickCount(bricks.len()));
+        }
+        Ok(bricks.chunks(self.copies).map(<[T]>::to_vec).collect())
+    }
 }
 
 /// One chunk write to a replica set: who stored it, who did not, and what that decides.
@@ -77,6 +135,22 @@ impl WriteTally {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bricks_form_sets_of_three_in_the_order_given() {
+        let r = Replication::parse("3").unwrap();
+        assert_eq!(
+            r.sets(&[1, 2, 3, 4, 5, 6]).unwrap(),
+            vec![vec![1, 2, 3], vec![4, 5, 6]]
+        );
+        assert_eq!(r.sets(&[1, 2, 3, 4]), Err(LayoutError::BrickCount(4)));
+        assert_eq!(r.sets::<u8>(&[]), Err(LayoutError::BrickCount(0)));
+        assert_eq!(
+            Replication::parse("2"),
+            Err(LayoutError::Copies("2".into()))
+        );
+        assert_eq!((r.write_quorum(), r.metadata_voters()), (2, 3));
+    }
 
     #[test]
     fn a_majority_of_the_set_is_the_quorum() {

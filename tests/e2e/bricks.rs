@@ -441,7 +441,7 @@ async fn volume_create_refuses_bad_brick_lists_without_side_effects() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["www", "replica", "3", &a[0], &a[1]],
-            "exactly 3 bricks, got 2",
+            "a multiple of 3 bricks (3, 6, 9, …), got 2",
         ),
         (
             vec!["www", "replica", "3", &a[0], &a[1], &a[1]],

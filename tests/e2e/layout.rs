@@ -3,7 +3,7 @@
 
 use mortar_tests::mortar_client::volume_admin;
 use mortar_tests::mortar_client::Volume;
-use mortar_tests::mortar_proto::{ChunkId, ROOT_INODE};
+use mortar_tests::mortar_proto::{layout, ChunkId, ROOT_INODE};
 use mortar_tests::workload::Writer;
 use mortar_tests::{wait_for, Cluster, Run, DEADLINE};
 use std::collections::BTreeSet;
@@ -285,7 +285,11 @@ async fn a_replaced_brick_that_comes_back_is_refused() {
     // It keeps trying for a while (several election timeouts) without effect.
     let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while std::time::Instant::now() < until {
-        assert_eq!(term(&c, leader).await, before, "the group's term did not change");
+        assert_eq!(
+            term(&c, leader).await,
+            before,
+            "the group's term did not change"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
     vol.mkdir(ROOT_INODE, b"e", 0o755, 0, 0)
@@ -335,4 +339,91 @@ async fn wrong_replacements_are_refused_and_change_nothing() {
     }
     let status = volume_admin::status(&c.admin_pool(), &a[3]).await.unwrap();
     assert_eq!(status.raft_role, "none", "the spare brick was not added");
+}
+
+/// `replica 3` over six bricks makes two replica sets: each chunk lives on exactly the three
+/// bricks of the set its placement names, both sets take a share, the second set follows the
+/// metadata log as learners, and a brick of the second set may die without a failed write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distributed_replicated_volume_keeps_each_chunk_on_its_own_set() {
+    let mut c = Cluster::start(6);
+    let admin = c.admin_pool();
+    for addr in c.addrs() {
+        wait_for("a brick to answer", DEADLINE, || {
+            let (admin, addr) = (admin.clone(), addr.clone());
+            async move { volume_admin::hello(&admin, &addr).await.ok() }
+        })
+        .await;
+    }
+    let a = c.addrs();
+    let mut spec = vec!["volume", "create", "www", "replica", "3"];
+    spec.extend(a[..4].iter().map(String::as_str));
+    let o = c.cli(&spec);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        !o.status.success() && err.contains("a multiple of 3 bricks (3, 6, 9, …), got 4"),
+        "{err}"
+    );
+    for addr in &a {
+        let h = volume_admin::hello(&c.admin_pool(), addr).await.unwrap();
+        assert_eq!(h.volume, None, "a refused create changes no brick");
+    }
+
+    let vol = c.create_volume("www", CHUNK).await;
+    let r = c.volume_cli("info", &[]);
+    assert!(
+        r.out.contains("Type: Distributed-Replicate")
+            && r.out.contains("Number of Bricks: 2 x 3 = 6"),
+        "{}",
+        r.out
+    );
+    let config = vol.config().clone();
+    assert_eq!(config.replica_sets.len(), 2);
+    for (i, addr) in a.iter().enumerate() {
+        let s = volume_admin::status(&c.admin_pool(), addr).await.unwrap();
+        let want: &[&str] = if i < 3 {
+            &["leader", "follower"]
+        } else {
+            &["learner"]
+        };
+        assert!(
+            want.contains(&s.raft_role.as_str()),
+            "brick {i} is a {}",
+            s.raft_role
+        );
+    }
+
+    let m = c.mount("www", "mnt", "").await;
+    let mut files = write_files(&m.path.join("f"), "f", 40);
+    // One brick of the second set dies: writes to that set still reach a quorum.
+    c.bricks[4].kill();
+    files.extend(write_files(&m.path.join("g"), "g", 20));
+    c.bricks[4].start();
+    c.wait_up(4).await;
+    let r = c.volume_cli("heal", &[]);
+    assert_eq!(r.code, 0, "heal brings the returned brick back");
+
+    let held = c.chunks_per_brick().await;
+    let all: BTreeSet<ChunkId> = held.iter().flatten().copied().collect();
+    let mut per_set = [0usize; 2];
+    for id in &all {
+        let set = layout::replica_set_index(&config, id);
+        per_set[set] += 1;
+        let on: Vec<usize> = (0..6).filter(|i| held[*i].contains(id)).collect();
+        let want: Vec<usize> = (set * 3..set * 3 + 3).collect();
+        assert_eq!(on, want, "chunk {id} is on exactly its set's bricks");
+    }
+    eprintln!("chunks per replica set: {per_set:?}");
+    assert!(
+        per_set.iter().all(|n| *n * 5 > all.len()),
+        "both sets hold a share: {per_set:?}"
+    );
+    let digests = c.settled_meta_digests().await;
+    assert!(
+        digests.iter().all(|d| *d == digests[0]),
+        "voters and learners hold the same namespace"
+    );
+    let fresh = c.mount("www", "fresh", "").await;
+    let wrong = differing(&files, &m.path, &fresh.path);
+    assert!(wrong.is_empty(), "files differ: {wrong:?}");
 }

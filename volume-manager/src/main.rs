@@ -7,6 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mortar_client::volume_admin::{self, AdminError};
 use mortar_client::Volume;
+use mortar_proto::replication::Replication;
 use mortar_proto::tls::{self, Identity, Role, Validity};
 use mortar_proto::transport::{client_endpoint, Health, Pool};
 use std::path::PathBuf;
@@ -91,10 +92,11 @@ struct Seeds {
 
 #[derive(Subcommand)]
 enum VolumeCommand {
-    /// mortar volume create NAME replica 3 HOST:PORT HOST:PORT HOST:PORT
+    /// mortar volume create NAME replica 3 HOST:PORT... (3, 6, 9, … bricks; each three in a
+    /// row form a replica set, the first set also holds the metadata group's votes)
     Create {
         name: String,
-        /// `replica 3` followed by the three bricks.
+        /// `replica 3` followed by the bricks.
         #[arg(required = true, num_args = 1..)]
         spec: Vec<String>,
         /// Chunk size in bytes.
@@ -186,15 +188,10 @@ enum VolumeCommand {
 /// Unreferenced chunks are kept this long by default (heal's `--gc-grace`).
 const DEFAULT_GC_GRACE: &str = "1h";
 
-fn parse_create_spec(spec: &[String]) -> Result<Vec<String>> {
+fn parse_create_spec(spec: &[String]) -> Result<(Replication, Vec<String>)> {
     match spec {
-        [r, n, bricks @ ..] if r == "replica" => {
-            if n != "3" {
-                bail!("only 'replica 3' is supported (got 'replica {n}')");
-            }
-            Ok(bricks.to_vec())
-        }
-        bricks => Ok(bricks.to_vec()),
+        [r, n, bricks @ ..] if r == "replica" => Ok((Replication::parse(n)?, bricks.to_vec())),
+        bricks => Ok((Replication::REPLICA_3, bricks.to_vec())),
     }
 }
 
@@ -313,9 +310,9 @@ async fn run(cli: Cli) -> Result<()> {
             chunk_size,
             conn,
         }) => {
-            let bricks = parse_create_spec(&spec)?;
+            let (replication, bricks) = parse_create_spec(&spec)?;
             let p = pool(&conn)?;
-            let config = volume_admin::create_volume(&p, &name, &bricks, chunk_size)
+            let config = volume_admin::create_volume(&p, &name, replication, &bricks, chunk_size)
                 .await
                 .map_err(|e| match e {
                     AdminError::Brick { .. } | AdminError::Unreachable { .. } => {
@@ -342,10 +339,16 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(c)?);
             } else {
                 println!("Volume Name: {}", c.name);
-                println!("Type: Replicate");
+                let kind = if c.replica_sets.len() > 1 {
+                    "Distributed-Replicate"
+                } else {
+                    "Replicate"
+                };
+                println!("Type: {kind}");
                 println!(
-                    "Number of Bricks: {} x 3 = {}",
+                    "Number of Bricks: {} x {} = {}",
                     c.replica_sets.len(),
+                    Replication::REPLICA_3.copies(),
                     c.bricks().count()
                 );
                 println!("Chunk Size: {}", human(c.chunk_size as u64));
