@@ -26,6 +26,8 @@ pub enum Step {
     ChangeVoters(BTreeSet<BrickId>),
     /// Name the new brick in the volume configuration in the old one's place, retiring it.
     RecordConfig,
+    /// Drop the retired brick from the group's learners (it served chunks only).
+    RemoveLearner,
     Done,
 }
 
@@ -35,6 +37,7 @@ impl Step {
             Step::AddLearner => "learner added",
             Step::ChangeVoters(_) => "membership changed",
             Step::RecordConfig => "configuration recorded",
+            Step::RemoveLearner => "old learner removed",
             Step::Done => "done",
         }
     }
@@ -74,9 +77,11 @@ pub fn next_step(
             return Err(PlanError::AlreadyInVolume(new));
         }
     }
-    // A brick of the metadata group first joins it; one that serves chunks only does not.
+    let member = |id: BrickId| seats.voters.contains(&id) || seats.learners.contains(&id);
+    // Every brick follows the metadata log (the first set votes, the others learn), so the
+    // new one joins it before anything names it.
     if seats.voters.contains(&old) {
-        if !seats.voters.contains(&new) && !seats.learners.contains(&new) {
+        if !member(new) {
             return Ok(Step::AddLearner);
         }
         let mut voters = seats.voters.clone();
@@ -84,17 +89,23 @@ pub fn next_step(
         voters.insert(new);
         return Ok(Step::ChangeVoters(voters));
     }
-    if recorded {
-        Ok(Step::Done)
-    } else {
-        Ok(Step::RecordConfig)
+    if !recorded {
+        return Ok(if member(new) {
+            Step::RecordConfig
+        } else {
+            Step::AddLearner
+        });
     }
+    if seats.learners.contains(&old) {
+        return Ok(Step::RemoveLearner);
+    }
+    Ok(Step::Done)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mortar_proto::{BrickRef, Timestamp};
+    use mortar_proto::{BrickRef, ReplicaSet, Timestamp};
 
     fn brick(id: BrickId) -> BrickRef {
         BrickRef {
@@ -107,7 +118,7 @@ mod tests {
         VolumeConfig {
             name: "www".into(),
             chunk_size: 1 << 20,
-            replica_sets: vec![ids.iter().map(|id| brick(*id)).collect()],
+            replica_sets: ReplicaSet::numbered(vec![ids.iter().map(|id| brick(*id)).collect()]),
             created: Timestamp::default(),
             retired: retired.iter().map(|id| brick(*id)).collect(),
         }
@@ -133,8 +144,11 @@ mod tests {
                     seats.voters = v.clone();
                     seats.learners.remove(&new);
                 }
+                Step::RemoveLearner => {
+                    seats.learners.remove(&old);
+                }
                 Step::RecordConfig => {
-                    for b in config.replica_sets.iter_mut().flatten() {
+                    for b in config.replica_sets.iter_mut().flat_map(|s| &mut s.bricks) {
                         if b.id == old {
                             *b = brick(new);
                         }
@@ -185,13 +199,19 @@ mod tests {
     }
 
     #[test]
-    fn a_brick_outside_the_metadata_group_is_only_renamed() {
+    fn a_learner_is_replaced_by_a_learner_and_the_voters_stay() {
         let mut c = config(&[1, 2, 3], &[]);
-        c.replica_sets.push([5, 6, 7].map(brick).to_vec());
-        let mut s = seats(&[1, 2, 3], &[]);
-        assert_eq!(run(&mut c, &mut s, 6, 8), vec![Step::RecordConfig]);
-        assert_eq!(s, seats(&[1, 2, 3], &[]), "the voters are untouched");
-        assert_eq!(c.replica_sets[1][1].id, 8);
+        c.replica_sets.push(ReplicaSet {
+            id: 1,
+            bricks: [5, 6, 7].map(brick).to_vec(),
+        });
+        let mut s = seats(&[1, 2, 3], &[5, 6, 7]);
+        assert_eq!(
+            run(&mut c, &mut s, 6, 8),
+            vec![Step::AddLearner, Step::RecordConfig, Step::RemoveLearner]
+        );
+        assert_eq!(s, seats(&[1, 2, 3], &[5, 7, 8]), "the voters are untouched");
+        assert_eq!(c.replica_sets[1].bricks[1].id, 8);
     }
 
     #[test]

@@ -1053,17 +1053,17 @@ mod tests {
     use super::*;
     use mortar_proto::attrs::{acl_mode, ACL_ACCESS, ACL_GROUP_OBJ, ACL_OTHER, ACL_USER_OBJ};
     use mortar_proto::wire::{SetAttr, TimeSet, XattrMode};
-    use mortar_proto::{Attr, BrickRef, INLINE_MAX};
+    use mortar_proto::{Attr, BrickRef, ReplicaSet, INLINE_MAX};
 
     fn vol() -> MemMeta {
         let mut m = MemMeta::default();
         m.run(MetaOp::CreateVolume(VolumeConfig {
             name: "t".into(),
             chunk_size: 1 << 20,
-            replica_sets: vec![vec![BrickRef {
+            replica_sets: ReplicaSet::numbered(vec![vec![BrickRef {
                 id: 1,
                 addr: "a:1".into(),
-            }]],
+            }]]),
             created: Timestamp::default(),
             retired: Vec::new(),
         }))
@@ -1083,7 +1083,10 @@ mod tests {
         };
         m.run(replace(&new)).unwrap();
         let v = volume(&m).unwrap().unwrap();
-        assert_eq!(v.replica_sets, vec![vec![new.clone()]]);
+        assert_eq!(
+            v.replica_sets,
+            ReplicaSet::numbered(vec![vec![new.clone()]])
+        );
         let old = BrickRef {
             id: 1,
             addr: "a:1".into(),

@@ -6,7 +6,7 @@ use crate::membership::{self, Seats, Step};
 use crate::server::Brick;
 use mortar_proto::wire::{AdminRequest, MetaOp, Replaced, Reply, Request};
 use mortar_proto::{BrickId, BrickRef, FsError};
-use openraft::BasicNode;
+use openraft::{BasicNode, ChangeMembers};
 use std::time::{Duration, Instant};
 
 /// A replacement's whole run, the learner's catch-up (a snapshot of the namespace) included.
@@ -113,6 +113,17 @@ impl Brick {
                         .map_err(|e| {
                             FsError::Unavailable(format!(
                                 "the voters did not change: {e}; run replace-brick again"
+                            ))
+                        })?;
+                }
+                Step::RemoveLearner => {
+                    let gone = ChangeMembers::RemoveNodes([old_ref.id].into());
+                    self.raft
+                        .change_membership(gone, false)
+                        .await
+                        .map_err(|e| {
+                            FsError::Unavailable(format!(
+                                "the retired learner was not removed: {e}; run replace-brick again"
                             ))
                         })?;
                 }

@@ -874,10 +874,11 @@ impl Brick {
         let whole = config
             .replica_sets
             .iter()
-            .all(|s| s.len() == replication.copies());
+            .all(|s| s.bricks.len() == replication.copies());
         let set = config
             .replica_sets
             .first()
+            .map(|s| &s.bricks)
             .filter(|_| whole)
             .ok_or_else(|| {
                 FsError::Invalid(format!(
@@ -925,7 +926,7 @@ impl Brick {
             .membership_config
             .membership()
             .clone();
-        for b in config.replica_sets.iter().skip(1).flatten() {
+        for b in config.replica_sets.iter().skip(1).flat_map(|s| &s.bricks) {
             if current.get_node(&b.id).is_none() {
                 self.raft
                     .add_learner(b.id, BasicNode::new(&b.addr), true)

@@ -7,7 +7,8 @@ use mortar_proto::wire::{
     AdminRequest, BrickHello, BrickStatus, HealEntry, Replaced, Reply, Request,
 };
 use mortar_proto::{
-    BrickId, BrickRef, ChunkId, FsError, InodeId, Timestamp, VolumeConfig, MAX_CHUNK_SIZE,
+    BrickId, BrickRef, ChunkId, FsError, InodeId, ReplicaSet, Timestamp, VolumeConfig,
+    MAX_CHUNK_SIZE,
 };
 use std::collections::HashSet;
 use std::time::Duration;
@@ -124,7 +125,7 @@ pub async fn create_volume(
     let config = VolumeConfig {
         name: name.to_string(),
         chunk_size,
-        replica_sets: replication.sets(&all)?,
+        replica_sets: ReplicaSet::numbered(replication.sets(&all)?),
         created: Timestamp::now(),
         retired: Vec::new(),
     };

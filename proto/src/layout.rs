@@ -1,14 +1,13 @@
 //! Chunk placement: rendezvous (highest random weight) hashing of a chunk id over the volume's
-//! replica sets. Adding a set moves only the chunks whose highest weight now falls on it.
+//! replica sets, by their numbers. Adding a set moves only the chunks whose highest weight now
+//! falls on it; replacing a brick moves none.
 
-use crate::types::{BrickRef, ChunkId, VolumeConfig};
+use crate::types::{BrickRef, ChunkId, ReplicaSet, VolumeConfig};
 
-fn weight(chunk: &ChunkId, set: &[BrickRef]) -> u64 {
+fn weight(chunk: &ChunkId, set: &ReplicaSet) -> u64 {
     let mut h = blake3::Hasher::new();
     h.update(&chunk.0);
-    for b in set {
-        h.update(&b.id.to_le_bytes());
-    }
+    h.update(&set.id.to_le_bytes());
     let out = h.finalize();
     u64::from_le_bytes(out.as_bytes()[..8].try_into().expect("8 bytes"))
 }
@@ -26,30 +25,47 @@ pub fn replica_set_index(volume: &VolumeConfig, chunk: &ChunkId) -> usize {
 
 /// The bricks that hold `chunk`.
 pub fn replica_set<'a>(volume: &'a VolumeConfig, chunk: &ChunkId) -> &'a [BrickRef] {
-    &volume.replica_sets[replica_set_index(volume, chunk)]
+    &volume.replica_sets[replica_set_index(volume, chunk)].bricks
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::types::Timestamp;
+    use crate::BrickId;
 
     fn volume(sets: u64) -> VolumeConfig {
         VolumeConfig {
             name: "v".into(),
             chunk_size: 1 << 20,
-            replica_sets: (0..sets)
-                .map(|s| {
-                    (0..3)
-                        .map(|i| BrickRef {
-                            id: s * 10 + i,
-                            addr: format!("h{s}{i}:1"),
-                        })
-                        .collect()
-                })
-                .collect(),
+            replica_sets: ReplicaSet::numbered(
+                (0..sets)
+                    .map(|s| (0..3).map(|i| brick(s * 10 + i)).collect())
+                    .collect(),
+            ),
             created: Timestamp::default(),
             retired: Vec::new(),
+        }
+    }
+
+    fn brick(id: BrickId) -> BrickRef {
+        BrickRef {
+            id,
+            addr: format!("h{id}:1"),
+        }
+    }
+
+    #[test]
+    fn replacing_a_brick_moves_no_chunk() {
+        let before = volume(2);
+        let mut after = before.clone();
+        after.replica_sets[1].bricks[1] = brick(99);
+        for i in 0..3000u32 {
+            let id = ChunkId::of(&i.to_le_bytes());
+            assert_eq!(
+                replica_set_index(&before, &id),
+                replica_set_index(&after, &id)
+            );
         }
     }
 

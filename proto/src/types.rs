@@ -164,13 +164,34 @@ pub struct BrickRef {
     pub addr: String,
 }
 
+/// One replica set: its bricks, and the number that places chunks on it for ever. Placement
+/// hashes the number, never the bricks, so replacing a brick moves no chunk between sets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSet {
+    pub id: u32,
+    pub bricks: Vec<BrickRef>,
+}
+
+impl ReplicaSet {
+    /// Sets numbered in order from 0, as a new volume's are.
+    pub fn numbered(sets: Vec<Vec<BrickRef>>) -> Vec<ReplicaSet> {
+        sets.into_iter()
+            .enumerate()
+            .map(|(i, bricks)| ReplicaSet {
+                id: i as u32,
+                bricks,
+            })
+            .collect()
+    }
+}
+
 /// The volume's configuration, held in the metadata group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeConfig {
     pub name: String,
     pub chunk_size: u32,
     /// Replica sets of three bricks; the first one also runs the metadata group.
-    pub replica_sets: Vec<Vec<BrickRef>>,
+    pub replica_sets: Vec<ReplicaSet>,
     pub created: Timestamp,
     /// Bricks replaced out of the volume, as they were named. Their ids are refused for ever (a
     /// retired brick that comes back must not vote or lead); brick ids are random, so never
@@ -180,7 +201,7 @@ pub struct VolumeConfig {
 
 impl VolumeConfig {
     pub fn bricks(&self) -> impl Iterator<Item = &BrickRef> {
-        self.replica_sets.iter().flatten()
+        self.replica_sets.iter().flat_map(|s| &s.bricks)
     }
 
     pub fn brick(&self, id: BrickId) -> Option<&BrickRef> {

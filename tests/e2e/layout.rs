@@ -90,7 +90,7 @@ async fn assert_replaced(c: &Cluster, set: &[usize], old_id: u64, new: usize) {
         status.raft_role
     );
     let info = info_json(c);
-    let named: Vec<String> = info["replica_sets"][0]
+    let named: Vec<String> = info["replica_sets"][0]["bricks"]
         .as_array()
         .unwrap()
         .iter()
@@ -426,4 +426,30 @@ async fn a_distributed_replicated_volume_keeps_each_chunk_on_its_own_set() {
     let fresh = c.mount("www", "fresh", "").await;
     let wrong = differing(&files, &m.path, &fresh.path);
     assert!(wrong.is_empty(), "files differ: {wrong:?}");
+
+    // A dead brick of the second set is replaced by a learner; the voters stay as they were.
+    c.bricks[5].kill();
+    let new = c.add_brick();
+    c.wait_up(new).await;
+    let r = replace(&c, &c.bricks[5].addr, &c.bricks[new].addr);
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(
+        r.out
+            .contains("learner added, configuration recorded, old learner removed"),
+        "{}",
+        r.out
+    );
+    let s = volume_admin::status(&c.admin_pool(), &c.bricks[new].addr)
+        .await
+        .unwrap();
+    assert_eq!(s.raft_role, "learner");
+    let second = [
+        chunks_of(&c, &a[3]).await,
+        chunks_of(&c, &a[4]).await,
+        chunks_of(&c, &c.bricks[new].addr).await,
+    ];
+    assert!(!second[0].is_empty());
+    assert_eq!(second[2], second[0], "the new brick holds its set's chunks");
+    assert_eq!(second[1], second[0]);
+    assert_eq!(c.volume_cli("heal", &["info"]).code, 0);
 }

@@ -189,6 +189,7 @@ async fn heal_under_lease(vol: &Volume, opts: &Options, progress: &Progress) -> 
     };
 
     for (set_no, set) in config.replica_sets.iter().enumerate() {
+        let set = &set.bricks;
         let set_up: Vec<&BrickRef> = set.iter().filter(|b| up.contains_key(&b.addr)).collect();
         if set_up.len() == set.len() {
             collect_garbage(
@@ -222,7 +223,7 @@ async fn heal_under_lease(vol: &Volume, opts: &Options, progress: &Progress) -> 
     drain_heal_index(vol, &up, &referenced, &mut t).await?;
 
     // Settled? Writes in flight can leave a bucket briefly different; look again a few times.
-    for set in &config.replica_sets {
+    for set in config.replica_sets.iter().map(|s| &s.bricks) {
         let set_up: Vec<&BrickRef> = set.iter().filter(|b| up.contains_key(&b.addr)).collect();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -769,6 +770,7 @@ pub async fn info(vol: &Volume) -> Result<bool> {
         "Brick", "ID", "Up", "Chunks", "Missing", "Corrupt", "Pending"
     );
     for (set_no, set) in vol.config().replica_sets.iter().enumerate() {
+        let set = &set.bricks;
         let set_up: Vec<&BrickRef> = set.iter().filter(|b| up.contains_key(&b.addr)).collect();
         // One digest per answering brick serves both the chunk counts and the comparison.
         let set_digests = digests(vol, &set_up).await?;

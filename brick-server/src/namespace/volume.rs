@@ -55,7 +55,7 @@ pub(super) fn replace<R: MetaRead>(
     let seat = config
         .replica_sets
         .iter_mut()
-        .flatten()
+        .flat_map(|s| &mut s.bricks)
         .find(|b| b.id == old)
         .ok_or_else(|| FsError::Invalid(format!("brick {old} is not in the volume")))?;
     let retired = std::mem::replace(seat, new.clone());
