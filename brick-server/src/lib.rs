@@ -10,7 +10,7 @@ pub mod log_bound;
 pub mod membership;
 pub mod namespace;
 pub mod raft;
-pub mod replace;
+pub mod reconfigure;
 pub mod server;
 pub mod snapshot;
 pub mod space;

@@ -121,6 +121,8 @@ mod tests {
             replica_sets: ReplicaSet::numbered(vec![ids.iter().map(|id| brick(*id)).collect()]),
             created: Timestamp::default(),
             retired: retired.iter().map(|id| brick(*id)).collect(),
+            epoch: 0,
+            previous: None,
         }
     }
 

@@ -48,8 +48,10 @@ struct Stored {
 }
 
 mod volume;
+pub use volume::rebalance;
 
 const KEY_VOLUME: &[u8] = b"volume";
+const KEY_REBALANCE: &[u8] = b"rebalance";
 const KEY_NEXT_INO: &[u8] = b"next_ino";
 const KEY_INODE_COUNT: &[u8] = b"inode_count";
 const KEY_HEAL_LEASE: &[u8] = b"heal_lease";
@@ -391,6 +393,9 @@ pub fn apply<R: MetaRead>(
     match op {
         MetaOp::CreateVolume(config) => volume::create(txn, config, now),
         MetaOp::ReplaceBrick { old, new } => volume::replace(txn, *old, new),
+        MetaOp::AddSets(sets) => volume::add_sets(txn, sets),
+        MetaOp::SettleLayout { epoch } => volume::settle(txn, *epoch),
+        MetaOp::Rebalance(state) => volume::record_rebalance(txn, state),
         MetaOp::Mknod {
             parent,
             name,
@@ -911,6 +916,7 @@ pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
             Ok(MetaOk::Entries(out))
         }
         Query::Volume => Ok(MetaOk::Volume(txn.volume()?)),
+        Query::Rebalance => Ok(MetaOk::Rebalance(volume::rebalance(r)?)),
         Query::StatFs => Err(FsError::Invalid("statfs is answered by the brick".into())),
     }
 }
@@ -1066,6 +1072,8 @@ mod tests {
             }]]),
             created: Timestamp::default(),
             retired: Vec::new(),
+            epoch: 0,
+            previous: None,
         }))
         .unwrap();
         m

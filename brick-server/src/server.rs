@@ -15,7 +15,7 @@ use mortar_proto::wire::{
     OpId, PeerHealth, Query, Reply, Request, Response, Stamp,
 };
 use mortar_proto::{
-    BrickId, BrickRef, FsError, InodeId, StatFs, Timestamp, VolumeConfig, NAME_MAX,
+    layout, BrickId, BrickRef, ChunkId, FsError, InodeId, StatFs, Timestamp, VolumeConfig, NAME_MAX,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState};
@@ -169,10 +169,13 @@ impl Brick {
                             "delegations are recorded by the metadata leader itself".into(),
                         ))
                     }
-                    MetaOp::ReplaceBrick { .. } => {
+                    MetaOp::ReplaceBrick { .. } | MetaOp::AddSets(_) => {
                         return Err(FsError::NotPermitted(
-                            "a brick is replaced through the ReplaceBrick admin request".into(),
+                            "bricks are replaced and added through the admin requests".into(),
                         ))
+                    }
+                    MetaOp::SettleLayout { .. } | MetaOp::Rebalance(_) => {
+                        need(&[Role::Admin, Role::Brick])?
                     }
                     // A follower forwards an admin's change under its own brick certificate,
                     // having checked the admin's: accept both (a brick may commit anything
@@ -531,7 +534,10 @@ impl Brick {
             | MetaOp::ReserveInodes { .. }
             | MetaOp::Delegated { .. }
             | MetaOp::Undelegated { .. }
-            | MetaOp::ReplaceBrick { .. } => {}
+            | MetaOp::ReplaceBrick { .. }
+            | MetaOp::AddSets(_)
+            | MetaOp::SettleLayout { .. }
+            | MetaOp::Rebalance(_) => {}
         }
     }
 
@@ -556,7 +562,7 @@ impl Brick {
                 named.inos.push(*ino);
                 named.listed.push(*ino);
             }
-            Query::StatFs | Query::Volume => {}
+            Query::StatFs | Query::Volume | Query::Rebalance => {}
         }
         named
     }
@@ -689,6 +695,33 @@ impl Brick {
                 // A follower forwards an admin's request under its brick certificate.
                 need(&[Role::Admin, Role::Brick])?;
                 Ok(Reply::Replaced(self.replace_brick(&old, &new).await?))
+            }
+            AdminRequest::AddBrick { bricks } => {
+                need(&[Role::Admin, Role::Brick])?;
+                Ok(Reply::Volume(self.add_brick(&bricks).await?))
+            }
+            AdminRequest::DropStrays { ids, epoch } => {
+                need(&[Role::Admin])?;
+                let volume = self.volume()?;
+                if volume.epoch < epoch || volume.previous.is_some() {
+                    return Err(FsError::Unavailable(format!(
+                        "this brick has the layout at epoch {}, not yet settled at {epoch}",
+                        volume.epoch
+                    )));
+                }
+                let me = self.id;
+                let strays: Vec<ChunkId> = ids
+                    .into_iter()
+                    .filter(|id| !layout::replica_set(&volume, id).iter().any(|b| b.id == me))
+                    .collect();
+                self.scan(move |s| {
+                    Ok(Reply::Collected(s.collect_garbage_at(
+                        &strays,
+                        0,
+                        u64::MAX,
+                    )?))
+                })
+                .await
             }
             AdminRequest::SpaceState => {
                 need(&[Role::Admin, Role::Brick])?;
@@ -841,6 +874,7 @@ impl Brick {
             replicas: self.lag.report(),
             log_bytes: self.log_bound.total(),
             disk_bytes: self.on_storage(|s| Ok(s.disk_bytes())).await?,
+            layout_epoch: self.volume().map(|v| v.epoch).unwrap_or(0),
         })
     }
 

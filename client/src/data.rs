@@ -12,7 +12,7 @@ use mortar_proto::chunk_map::{check_size, end_of};
 use mortar_proto::layout;
 use mortar_proto::wire::{MetaOk, MetaOp, PutChunk, Reply, Request};
 use mortar_proto::{
-    Attr, ChunkId, ChunkMap, Content, FsError, Inode, InodeId, Timestamp, INLINE_MAX,
+    Attr, ChunkId, ChunkMap, Content, FsError, Inode, InodeId, Timestamp, VolumeConfig, INLINE_MAX,
 };
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -40,14 +40,15 @@ const MAX_CONFLICT_RETRIES: usize = 64;
 
 impl Volume {
     pub fn chunk_size(&self) -> u64 {
-        self.config.chunk_size as u64
+        self.config().chunk_size as u64
     }
 
     /// Store one chunk on its replica set (quorum-durable on return). Any brick of the set can
     /// take it; we try them in turn.
     pub async fn put_chunk(&self, data: Vec<u8>, sync: bool) -> Result<ChunkId, FsError> {
         let id = ChunkId::of(&data);
-        let set = layout::replica_set(&self.config, &id);
+        let config = self.config();
+        let set = layout::replica_set(&config, &id);
         let req = Request::PutChunk(PutChunk {
             id,
             data,
@@ -78,12 +79,42 @@ impl Volume {
         self.chunks.get_or_fetch(*id, || self.get_chunk(id)).await
     }
 
-    /// Fetch a chunk from any replica that has a copy matching its id. Replicas are asked in
-    /// order of health; each gets [`HEDGE_DELAY`] before the next is asked too, and the first
-    /// good copy wins.
+    /// Fetch a chunk from any replica that has a copy matching its id. Replicas of its set are
+    /// asked in order of health, then (during a layout change) those of the set it was placed
+    /// on before; each gets [`HEDGE_DELAY`] before the next is asked too, and the first good
+    /// copy wins. When no brick has it, the layout may have changed since this client read it:
+    /// it reads the configuration again and, if the layout moved, asks once more.
     pub async fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, FsError> {
-        let set = layout::replica_set(&self.config, id);
-        let order = self.by_health(set.iter().map(|b| b.addr.as_str()));
+        let config = self.config();
+        let first = self.get_chunk_in(&config, id).await;
+        let retry = matches!(first, Err(FsError::NotFound | FsError::HashMismatch(_)))
+            && self
+                .refresh_config()
+                .await
+                .is_ok_and(|c| c.epoch != config.epoch);
+        let outcome = if retry {
+            self.get_chunk_in(&self.config(), id).await
+        } else {
+            first
+        };
+        outcome.map_err(|e| match e {
+            FsError::NotFound | FsError::HashMismatch(_) => {
+                FsError::Io(format!("no good copy of chunk {id}"))
+            }
+            other => other,
+        })
+    }
+
+    async fn get_chunk_in(&self, config: &VolumeConfig, id: &ChunkId) -> Result<Vec<u8>, FsError> {
+        let mut order = self.by_health(
+            layout::replica_set(config, id)
+                .iter()
+                .map(|b| b.addr.as_str()),
+        );
+        if let Some(before) = layout::previous_set_index(config, id) {
+            let bricks = config.replica_sets[before].bricks.iter();
+            order.extend(self.by_health(bricks.map(|b| b.addr.as_str())));
+        }
         let req = Request::GetChunk { id: *id };
         let mut pending = FuturesUnordered::new();
         let mut next = order.iter();
@@ -114,12 +145,7 @@ impl Volume {
                 }
             }
         }
-        Err(match last {
-            FsError::NotFound | FsError::HashMismatch(_) => {
-                FsError::Io(format!("no good copy of chunk {id}"))
-            }
-            other => other,
-        })
+        Err(last)
     }
 
     async fn ask_chunk<'a>(

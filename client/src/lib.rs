@@ -29,7 +29,7 @@ use mortar_proto::{
     Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs, VolumeConfig,
 };
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 pub use mortar_proto;
@@ -46,7 +46,7 @@ pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Volume {
     pool: Pool,
     seeds: Vec<String>,
-    config: VolumeConfig,
+    config: RwLock<Arc<VolumeConfig>>,
     /// Address of the metadata leader as last reported by a brick.
     leader: Mutex<Option<String>>,
     next: AtomicUsize,
@@ -156,13 +156,15 @@ impl Volume {
         let mut partial = Volume {
             pool,
             seeds: seeds.to_vec(),
-            config: VolumeConfig {
+            config: RwLock::new(Arc::new(VolumeConfig {
                 name: String::new(),
                 chunk_size: mortar_proto::DEFAULT_CHUNK_SIZE,
                 replica_sets: Vec::new(),
                 created: Default::default(),
                 retired: Vec::new(),
-            },
+                epoch: 0,
+                previous: None,
+            })),
             leader: Mutex::new(None),
             next: AtomicUsize::new(0),
             chunks: cache::ChunkCache::new(CHUNK_CACHE_BYTES),
@@ -193,7 +195,7 @@ impl Volume {
                 partial.seeds.push(b.addr.clone());
             }
         }
-        partial.config = config;
+        *partial.config.get_mut().expect("config lock") = Arc::new(config);
         // The id that names this client's changes and delegations in the bricks' logs.
         tracing::info!(client = %format!("{:032x}", partial.client_id), "volume client");
         Ok(partial)
@@ -278,8 +280,19 @@ impl Volume {
         self.client_id
     }
 
-    pub fn config(&self) -> &VolumeConfig {
-        &self.config
+    /// The volume configuration as this client last read it.
+    pub fn config(&self) -> Arc<VolumeConfig> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Read the volume configuration again (a layout may have changed since).
+    pub async fn refresh_config(&self) -> Result<Arc<VolumeConfig>, FsError> {
+        let config = match self.meta(Request::Query(Query::Volume)).await.result? {
+            MetaOk::Volume(v) => Arc::new(v),
+            other => return Err(FsError::Io(format!("unexpected answer {other:?}"))),
+        };
+        *self.config.write().expect("config lock") = config.clone();
+        Ok(config)
     }
 
     pub fn pool(&self) -> &Pool {
@@ -439,6 +452,16 @@ impl Volume {
     /// A namespace change as the operator tools send it (heal lease, release records).
     pub async fn admin_op(&self, op: MetaOp) -> Result<MetaOk, FsError> {
         self.write_op(op).await
+    }
+
+    /// The volume's rebalance progress, as last recorded.
+    pub async fn rebalance_state(
+        &self,
+    ) -> Result<Option<mortar_proto::wire::RebalanceState>, FsError> {
+        match self.meta(Request::Query(Query::Rebalance)).await.result? {
+            MetaOk::Rebalance(s) => Ok(s),
+            other => Err(FsError::Io(format!("unexpected answer {other:?}"))),
+        }
     }
 
     /// Commit a change, after what this client holds under delegations (so changes land in

@@ -128,6 +128,8 @@ pub async fn create_volume(
         replica_sets: ReplicaSet::numbered(replication.sets(&all)?),
         created: Timestamp::now(),
         retired: Vec::new(),
+        epoch: 0,
+        previous: None,
     };
     call(
         pool,
@@ -451,4 +453,67 @@ pub async fn replace_brick(
         addr: "(none)".into(),
         reason: "no brick of the volume to ask".into(),
     }))
+}
+
+/// One page of a brick's chunk ids, after `after`.
+pub async fn list_chunks_page(
+    pool: &Pool,
+    addr: &str,
+    after: Option<ChunkId>,
+    limit: u32,
+) -> Result<Vec<ChunkId>, AdminError> {
+    ask(
+        pool,
+        addr,
+        AdminRequest::ListChunks { after, limit },
+        LONG,
+        chunks,
+    )
+    .await
+}
+
+/// Ask the brick at `via` (or the leader it forwards to) to add `bricks` as new replica sets.
+pub async fn add_brick(
+    pool: &Pool,
+    via: &[String],
+    bricks: &[String],
+) -> Result<VolumeConfig, AdminError> {
+    let req = AdminRequest::AddBrick {
+        bricks: bricks.to_vec(),
+    };
+    let mut last = None;
+    for addr in via {
+        let answer = ask(pool, addr, req.clone(), REPLACE_TIMEOUT, |r| match r {
+            Reply::Volume(v) => Some(v),
+            _ => None,
+        })
+        .await;
+        match answer {
+            Err(e @ AdminError::Unreachable { .. }) => last = Some(e),
+            other => return other,
+        }
+    }
+    Err(last.unwrap_or_else(|| AdminError::Unreachable {
+        addr: "(none)".into(),
+        reason: "no brick of the volume to ask".into(),
+    }))
+}
+
+/// Remove from the brick at `addr` those of `ids` its replica set no longer holds under the
+/// settled layout `epoch`; the ids removed.
+pub async fn drop_strays(
+    pool: &Pool,
+    addr: &str,
+    ids: &[ChunkId],
+    epoch: u64,
+) -> Result<Vec<ChunkId>, AdminError> {
+    let req = AdminRequest::DropStrays {
+        ids: ids.to_vec(),
+        epoch,
+    };
+    ask(pool, addr, req, LONG, |r| match r {
+        Reply::Collected(c) => Some(c),
+        _ => None,
+    })
+    .await
 }

@@ -14,13 +14,39 @@ fn weight(chunk: &ChunkId, set: &ReplicaSet) -> u64 {
 
 /// Index of the replica set that holds `chunk`.
 pub fn replica_set_index(volume: &VolumeConfig, chunk: &ChunkId) -> usize {
+    highest(volume, chunk, |_| true).unwrap_or(0)
+}
+
+fn highest(
+    volume: &VolumeConfig,
+    chunk: &ChunkId,
+    among: impl Fn(&ReplicaSet) -> bool,
+) -> Option<usize> {
     volume
         .replica_sets
         .iter()
         .enumerate()
+        .filter(|(_, set)| among(set))
         .max_by_key(|(_, set)| weight(chunk, set))
         .map(|(i, _)| i)
-        .unwrap_or(0)
+}
+
+/// While a layout change is under way: the index of the set the previous placement put
+/// `chunk` on, when that differs from its set now (the chunk may not have moved yet).
+pub fn previous_set_index(volume: &VolumeConfig, chunk: &ChunkId) -> Option<usize> {
+    let ids = volume.previous.as_ref()?;
+    let before = highest(volume, chunk, |s| ids.contains(&s.id))?;
+    (before != replica_set_index(volume, chunk)).then_some(before)
+}
+
+/// The bricks to ask for `chunk`, in order: its set, then (during a layout change) the set the
+/// previous placement named.
+pub fn read_order<'a>(volume: &'a VolumeConfig, chunk: &ChunkId) -> Vec<&'a BrickRef> {
+    let mut order: Vec<&BrickRef> = replica_set(volume, chunk).iter().collect();
+    if let Some(i) = previous_set_index(volume, chunk) {
+        order.extend(&volume.replica_sets[i].bricks);
+    }
+    order
 }
 
 /// The bricks that hold `chunk`.
@@ -43,6 +69,8 @@ mod tests {
                     .map(|s| (0..3).map(|i| brick(s * 10 + i)).collect())
                     .collect(),
             ),
+            epoch: 0,
+            previous: None,
             created: Timestamp::default(),
             retired: Vec::new(),
         }
@@ -52,6 +80,27 @@ mod tests {
         BrickRef {
             id,
             addr: format!("h{id}:1"),
+        }
+    }
+
+    #[test]
+    fn during_a_change_readers_look_where_the_chunk_was_placed_before() {
+        let mut v = volume(3);
+        v.previous = Some(vec![0, 1]);
+        let two = volume(2);
+        for i in 0..3000u32 {
+            let id = ChunkId::of(&i.to_le_bytes());
+            let (now, before) = (replica_set_index(&v, &id), replica_set_index(&two, &id));
+            assert_eq!(
+                previous_set_index(&v, &id),
+                (now != before).then_some(before)
+            );
+            let order: Vec<u64> = read_order(&v, &id).iter().map(|b| b.id).collect();
+            let mut want: Vec<u64> = v.replica_sets[now].bricks.iter().map(|b| b.id).collect();
+            if now != before {
+                want.extend(v.replica_sets[before].bricks.iter().map(|b| b.id));
+            }
+            assert_eq!(order, want);
         }
     }
 

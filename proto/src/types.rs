@@ -197,6 +197,12 @@ pub struct VolumeConfig {
     /// retired brick that comes back must not vote or lead); brick ids are random, so never
     /// reused. Their addresses may be, by the bricks that replaced them.
     pub retired: Vec<BrickRef>,
+    /// Raised by every change of the replica sets (add-brick, a rebalance's end).
+    pub epoch: u64,
+    /// While a rebalance moves chunks to the placement over all of `replica_sets`: the numbers
+    /// of the sets the previous placement hashed over. Readers look there second; heal leaves
+    /// the moving chunks to the rebalance. None when no layout change is under way.
+    pub previous: Option<Vec<u32>>,
 }
 
 impl VolumeConfig {
@@ -210,6 +216,13 @@ impl VolumeConfig {
 
     pub fn brick_at(&self, addr: &str) -> Option<&BrickRef> {
         self.bricks().find(|b| b.addr == addr)
+    }
+
+    /// The replica set brick `id` belongs to.
+    pub fn set_of(&self, id: BrickId) -> Option<&ReplicaSet> {
+        self.replica_sets
+            .iter()
+            .find(|s| s.bricks.iter().any(|b| b.id == id))
     }
 
     pub fn is_retired(&self, id: BrickId) -> bool {

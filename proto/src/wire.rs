@@ -237,6 +237,40 @@ pub enum MetaOp {
         old: BrickId,
         new: BrickRef,
     },
+    /// Internal, proposed by the leader once the new bricks follow the log (refused from the
+    /// network): append these replica sets; placement hashes over all sets from now on, the
+    /// previous sets are kept as `previous` for reads until a rebalance settles the layout.
+    AddSets(Vec<Vec<BrickRef>>),
+    /// A rebalance moved every chunk to its placement under layout `epoch`: forget the previous
+    /// placement (the epoch goes up). Refused unless the layout is at `epoch` and changing.
+    SettleLayout {
+        epoch: u64,
+    },
+    /// A rebalance's progress, kept so `rebalance status` can show it from anywhere and
+    /// `rebalance start` after a crash goes on from the cursor.
+    Rebalance(RebalanceState),
+}
+
+/// Where a rebalance is and what it moved. One per volume, for the layout at `epoch`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceState {
+    pub epoch: u64,
+    /// Names one `rebalance start`: once a run's state is recorded "stopped", the namespace
+    /// refuses that run's progress (so a stop is never overwritten by the run it stops).
+    pub run: u64,
+    /// Index (in `replica_sets`) of the set being scanned, and the last chunk id done in it.
+    pub set: usize,
+    pub cursor: Option<ChunkId>,
+    /// Chunks scanned and those moved (copied to their new set and verified there), with bytes.
+    pub scanned: u64,
+    pub moved: u64,
+    pub moved_bytes: u64,
+    /// Chunks each old set held when the rebalance began (for the ETA).
+    pub total: u64,
+    pub started: Timestamp,
+    pub updated: Timestamp,
+    /// "running", "stopped", "moved" (copies made, sources not yet dropped) or "completed".
+    pub status: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,6 +293,8 @@ pub enum Query {
     },
     StatFs,
     Volume,
+    /// The volume's rebalance state, answered with [`MetaOk::Rebalance`].
+    Rebalance,
     /// A lookup answered with the whole inode (`MetaOk::Inode`) when it is small (see
     /// [`LOOKUP_WHOLE_MAX`]), else with its attributes: a reader's open and read of a small
     /// file then need no second round trip.
@@ -310,6 +346,7 @@ pub enum MetaOk {
         entries: Vec<Listed>,
         complete: bool,
     },
+    Rebalance(Option<RebalanceState>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -413,6 +450,19 @@ pub enum AdminRequest {
         old: String,
         new: String,
     },
+    /// Add the empty bricks at these addresses as new replica sets (a multiple of three): each
+    /// follows the metadata log as a learner first, then the sets are appended as one change.
+    /// Carried out by the leader, like ReplaceBrick; answered with the new configuration.
+    AddBrick {
+        bricks: Vec<String>,
+    },
+    /// After a rebalance settled layout `epoch` or later: remove these chunks if this brick's
+    /// replica set is not where the placement puts them (copies left behind by the move).
+    /// Answered with the ids removed.
+    DropStrays {
+        ids: Vec<ChunkId>,
+        epoch: u64,
+    },
 }
 
 /// What one [`AdminRequest::ReplaceBrick`] run did.
@@ -474,6 +524,8 @@ pub struct BrickStatus {
     pub log_bytes: u64,
     /// What the brick's data directory takes on disk (chunk_bytes is what is live in it).
     pub disk_bytes: u64,
+    /// The layout epoch of the volume configuration this brick has applied.
+    pub layout_epoch: u64,
 }
 
 /// A follower of the metadata group as its leader sees it.
@@ -635,6 +687,7 @@ pub enum Reply {
         full: Option<String>,
     },
     Replaced(Replaced),
+    Volume(VolumeConfig),
 }
 
 /// What a brick answers on a stream: a reply, or an error that carries an errno.

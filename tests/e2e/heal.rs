@@ -330,7 +330,7 @@ async fn two_heal_runs_never_overlap_and_bad_arguments_change_nothing() {
     );
     assert!(second
         .out
-        .contains("another heal of this volume is running"));
+        .contains("another heal or rebalance of this volume is running"));
     assert!(first_status.success(), "the first heal did not complete");
     assert_eq!(
         heal(&c, &[]).code,

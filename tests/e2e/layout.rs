@@ -4,6 +4,7 @@
 use mortar_tests::mortar_client::volume_admin;
 use mortar_tests::mortar_client::Volume;
 use mortar_tests::mortar_proto::{layout, ChunkId, ROOT_INODE};
+use mortar_tests::tree::{self, TreeSpec};
 use mortar_tests::workload::Writer;
 use mortar_tests::{wait_for, Cluster, Run, DEADLINE};
 use std::collections::BTreeSet;
@@ -23,7 +24,10 @@ fn write_files(dir: &Path, tag: &str, count: usize) -> Vec<(PathBuf, Vec<u8>)> {
             body.resize(len, 0);
             x.fill(&mut body);
             let path = dir.join(format!("{tag}{i}.bin"));
-            std::fs::write(&path, &body).unwrap();
+            let mut f = std::fs::File::create(&path).unwrap();
+            std::io::Write::write_all(&mut f, &body).unwrap();
+            // Stored on the bricks before this returns (chunks may go behind the writer).
+            f.sync_all().unwrap();
             (path, body)
         })
         .collect()
@@ -452,4 +456,267 @@ async fn a_distributed_replicated_volume_keeps_each_chunk_on_its_own_set() {
     assert_eq!(second[2], second[0], "the new brick holds its set's chunks");
     assert_eq!(second[1], second[0]);
     assert_eq!(c.volume_cli("heal", &["info"]).code, 0);
+}
+
+/// A reader that reads every file of `files` in turn, again and again, comparing bytes.
+struct Verifier {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Verifier {
+    fn start(files: Vec<(PathBuf, Vec<u8>)>) -> Verifier {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut reads, mut bad) = (0u64, Vec::new());
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                for (p, body) in &files {
+                    match std::fs::read(p) {
+                        Ok(b) if &b == body => {}
+                        Ok(_) => bad.push(format!("{}: different bytes", p.display())),
+                        Err(e) => bad.push(format!("{}: {e}", p.display())),
+                    }
+                    reads += 1;
+                }
+            }
+            (reads, bad)
+        });
+        Verifier {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Reads done and every failed or wrong one.
+    fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// add-brick and rebalance of a volume holding a WordPress-sized tree and larger files, while
+/// a writer writes and a reader verifies every file in a loop: nothing fails, nothing differs,
+/// each chunk ends on exactly the three bricks its placement names, and about half moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_brick_and_rebalance_under_a_writer_and_a_verifying_reader() {
+    let mut c = Cluster::start(3);
+    let vol = c.create_volume("www", CHUNK).await;
+    let m = c.mount("www", "mnt", "").await;
+    std::fs::create_dir(m.path.join("wp")).unwrap();
+    tree::make_tree(&m.path.join("wp"), &TreeSpec::docroot(), 7);
+    for p in tree::regular_files(&m.path.join("wp")) {
+        let p = m.path.join("wp").join(p);
+        let f = std::fs::File::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        f.sync_all().unwrap();
+    }
+    let files = write_files(&m.path.join("big"), "big", 60);
+    let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
+    eprintln!(
+        "volume holds the tree and {} MiB in {} larger files",
+        bytes >> 20,
+        files.len()
+    );
+    let before: BTreeSet<ChunkId> = c.chunks_per_brick().await.into_iter().flatten().collect();
+
+    let w = Writer::start(&m.path.join("app"));
+    // The reader has its own mount, so its reads reach the bricks rather than the writer's
+    // caches.
+    let rm = c.mount("www", "reader", "").await;
+    let through_reader: Vec<(PathBuf, Vec<u8>)> = files
+        .iter()
+        .map(|(p, b)| (rm.path.join(p.strip_prefix(&m.path).unwrap()), b.clone()))
+        .collect();
+    let reader = Verifier::start(through_reader);
+    w.progresses("the writer to start").await;
+    let new: Vec<usize> = (0..3).map(|_| c.add_brick()).collect();
+    for i in &new {
+        c.wait_up(*i).await;
+    }
+    let addrs: Vec<String> = new.iter().map(|i| c.bricks[*i].addr.clone()).collect();
+    let args: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let r = c.volume_cli("add-brick", &args);
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(r.out.contains("2 x 3 = 6"), "{}", r.out);
+    let r = c.volume_cli("rebalance", &["start"]);
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(r.out.contains("completed"), "{}", r.out);
+    let r = c.volume_cli("rebalance", &["status"]);
+    assert!(r.out.contains("status: completed"), "{}", r.out);
+    w.progresses("the writer to go on after the rebalance")
+        .await;
+    let log = w.finish();
+    let (reads, bad) = reader.finish();
+    let failed: Vec<&String> = log.ops.iter().filter_map(|o| o.error.as_ref()).collect();
+    assert!(failed.is_empty(), "writer operations failed: {failed:?}");
+    assert!(
+        reads >= files.len() as u64,
+        "the reader read everything at least once"
+    );
+    assert!(
+        bad.is_empty(),
+        "{} of {reads} reads failed: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+
+    let config = vol.refresh_config().await.unwrap();
+    assert_eq!(
+        (config.replica_sets.len(), config.previous.clone()),
+        (2, None)
+    );
+    let held = c.chunks_per_brick().await;
+    let mut ids = Vec::new();
+    for a in c.addrs() {
+        ids.push(volume_admin::hello(&c.admin_pool(), &a).await.unwrap().id);
+    }
+    let mut moved = 0;
+    for id in held.iter().flatten().collect::<BTreeSet<_>>() {
+        let set = layout::replica_set_index(&config, id);
+        let on: Vec<u64> = (0..6)
+            .filter(|i| held[*i].contains(id))
+            .map(|i| ids[i])
+            .collect();
+        let want: Vec<u64> = config.replica_sets[set]
+            .bricks
+            .iter()
+            .map(|b| b.id)
+            .collect();
+        let mut on_sorted = on.clone();
+        on_sorted.sort();
+        let mut want_sorted = want.clone();
+        want_sorted.sort();
+        assert_eq!(
+            on_sorted, want_sorted,
+            "chunk {id} is on exactly its set's bricks"
+        );
+        if set == 1 && before.contains(id) {
+            moved += 1;
+        }
+    }
+    eprintln!("{moved} of {} chunks moved to the new set", before.len());
+    assert!(
+        moved * 10 > before.len() * 3 && moved * 10 < before.len() * 7,
+        "about half of the chunks moved: {moved} of {}",
+        before.len()
+    );
+    assert_eq!(c.volume_cli("heal", &["info"]).code, 0);
+    let fresh = c.mount("www", "fresh", "").await;
+    assert!(differing(&files, &m.path, &fresh.path).is_empty());
+    let lost = log.lost_through(&m.path, &fresh.path);
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert_eq!(
+        tree::walk(&m.path.join("wp")).len(),
+        tree::walk(&fresh.path.join("wp")).len()
+    );
+}
+
+/// The rebalance's recorded progress, through `rebalance status`.
+fn status_line(c: &Cluster, key: &str) -> Option<String> {
+    let r = c.volume_cli("rebalance", &["status"]);
+    r.out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key).map(|v| v.trim().to_string()))
+}
+
+fn scanned(c: &Cluster) -> u64 {
+    status_line(c, "scanned:")
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// A rebalance stopped part way, then one killed (SIGKILL) part way: each next `start` goes on
+/// from the recorded cursor — the three runs scan the old set once, plus at most the page each
+/// interruption cut short — and the result is the same as an uninterrupted run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_stopped_or_killed_goes_on_from_its_cursor() {
+    let mut c = Cluster::start(3);
+    let vol = c.create_volume("www", 64 * 1024).await;
+    let m = c.mount("www", "mnt", "").await;
+    let files = write_files(&m.path.join("big"), "big", 50);
+    let old_set: BTreeSet<ChunkId> = chunks_of(&c, &c.bricks[0].addr).await;
+    let new: Vec<usize> = (0..3).map(|_| c.add_brick()).collect();
+    for i in &new {
+        c.wait_up(*i).await;
+    }
+    let addrs: Vec<String> = new.iter().map(|i| c.bricks[*i].addr.clone()).collect();
+    let args: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    assert_eq!(c.volume_cli("add-brick", &args).code, 0);
+
+    let seeds = c.addrs().join(",");
+    let slow = [
+        "volume",
+        "rebalance",
+        "www",
+        "start",
+        "--rate",
+        "4M",
+        "--page-chunks",
+        "32",
+        "--bricks",
+        &seeds,
+    ];
+    // Stop: the run ends at its next page with status 1.
+    let mut run = c.cli_command(&slow).spawn().unwrap();
+    wait_for("the rebalance to record progress", DEADLINE, || {
+        let n = scanned(&c);
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
+    let r = c.volume_cli("rebalance", &["stop"]);
+    assert_eq!(r.code, 0, "{}", r.out);
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "a stopped rebalance exits 1");
+    let after_stop = scanned(&c);
+    assert!(
+        after_stop < old_set.len() as u64,
+        "stopped part way: {after_stop}"
+    );
+
+    // Kill: the next start waits out the dead run's lease, then goes on.
+    let mut run = c.cli_command(&slow).spawn().unwrap();
+    wait_for("the rebalance to go on", DEADLINE, || {
+        let n = scanned(&c);
+        async move { (n > after_stop).then_some(()) }
+    })
+    .await;
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let after_kill = scanned(&c);
+    assert!(
+        after_kill < old_set.len() as u64,
+        "killed part way: {after_kill}"
+    );
+    // The dead run's lease lasts up to a minute; try again every few seconds until then.
+    let until = std::time::Instant::now() + DEADLINE;
+    let finished = loop {
+        let r = c.volume_cli("rebalance", &["start"]);
+        if !r.out.contains("is running") {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the dead run's lease never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    };
+    assert_eq!(finished.code, 0, "{}", finished.out);
+    assert!(finished.out.contains("completed"), "{}", finished.out);
+    let total = scanned(&c);
+    assert!(
+        total >= old_set.len() as u64 && total <= old_set.len() as u64 + 2 * 32,
+        "the old set's {} chunks scanned once over the three runs, not {total}",
+        old_set.len()
+    );
+
+    let config = vol.refresh_config().await.unwrap();
+    let held = c.chunks_per_brick().await;
+    for id in &old_set {
+        let set = layout::replica_set_index(&config, id);
+        let on: Vec<usize> = (0..6).filter(|i| held[*i].contains(id)).collect();
+        let want: Vec<usize> = if set == 0 { vec![0, 1, 2] } else { new.clone() };
+        assert_eq!(on, want, "chunk {id} is on exactly its set's bricks");
+    }
+    let fresh = c.mount("www", "fresh", "").await;
+    assert!(differing(&files, &m.path, &fresh.path).is_empty());
 }

@@ -318,15 +318,19 @@ impl Cluster {
 
     /// Run the `mortar` CLI with the admin certificate.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_command(args).output().expect("run mortar")
+    }
+
+    /// The `mortar` CLI with the admin certificate, to spawn (for a run to kill).
+    pub fn cli_command(&self, args: &[&str]) -> Command {
         let (cert, key) = self.certs.issue(Role::Admin, "admin");
-        Command::new(bin("mortar"))
-            .args(args)
+        let mut c = Command::new(bin("mortar"));
+        c.args(args)
             .env("MORTAR_CERT", cert)
             .env("MORTAR_KEY", key)
             .env("MORTAR_CA", self.certs.ca())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run mortar")
+            .stdin(Stdio::null());
+        c
     }
 
     /// `mortar volume CMD www ARGS --bricks <all>` with the admin certificate, printed.

@@ -58,11 +58,11 @@ impl Progress {
         }
     }
 
-    fn line(&self, msg: &str) {
+    pub(crate) fn line(&self, msg: &str) {
         println!("{msg}");
     }
 
-    fn bar(&self, len: u64, what: &str) -> ProgressBar {
+    pub(crate) fn bar(&self, len: u64, what: &str) -> ProgressBar {
         if !self.tty {
             self.line(what);
             return ProgressBar::hidden();
@@ -99,7 +99,12 @@ fn holder() -> String {
     format!("{host}:{}", std::process::id())
 }
 
-pub async fn heal(vol: Arc<Volume>, opts: &Options, progress: &Progress) -> Result<Outcome> {
+/// Run `work` under the volume's heal lease (heal and rebalance both take it, so neither
+/// overlaps another run of either, wherever they are started).
+pub(crate) async fn under_lease<T>(
+    vol: &Arc<Volume>,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
     let holder = holder();
     let lease = |ttl_secs| MetaOp::HealLease {
         holder: holder.clone(),
@@ -108,7 +113,7 @@ pub async fn heal(vol: Arc<Volume>, opts: &Options, progress: &Progress) -> Resu
     vol.admin_op(lease(LEASE_TTL_SECS))
         .await
         .map_err(|e| match e {
-            FsError::Busy(m) => anyhow!("another heal of this volume is running: {m}"),
+            FsError::Busy(m) => anyhow!("another heal or rebalance of this volume is running: {m}"),
             e => anyhow!("cannot take the volume's heal lease: {e}"),
         })?;
     let renewer = {
@@ -123,12 +128,16 @@ pub async fn heal(vol: Arc<Volume>, opts: &Options, progress: &Progress) -> Resu
             }
         })
     };
-    let result = heal_under_lease(&vol, opts, progress).await;
+    let result = work.await;
     renewer.abort();
     if let Err(e) = vol.admin_op(lease(0)).await {
         tracing::warn!(error = %e, "cannot release the heal lease; it expires by itself");
     }
-    let tally = result?;
+    result
+}
+
+pub async fn heal(vol: Arc<Volume>, opts: &Options, progress: &Progress) -> Result<Outcome> {
+    let tally = under_lease(&vol, heal_under_lease(&vol, opts, progress)).await?;
     let name = &vol.config().name;
     progress.line(&format!(
         "heal {name}: copied {} chunks ({}), {} corrupt copies found, {} unreferenced chunks removed",
@@ -204,7 +213,10 @@ async fn heal_under_lease(vol: &Volume, opts: &Options, progress: &Progress) -> 
         }
         let set_referenced: Vec<ChunkId> = referenced
             .iter()
-            .filter(|c| layout::replica_set_index(config, c) == set_no)
+            .filter(|c| layout::replica_set_index(&config, c) == set_no)
+            // During a layout change a moving chunk may still be on its old set only: the
+            // rebalance copies it, heal does not look for it here.
+            .filter(|c| layout::previous_set_index(&config, c).is_none())
             .copied()
             .collect();
         // A source found rotten while serving a copy removes itself, which makes a new gap:

@@ -1,6 +1,7 @@
 //! `mortar`: the operator CLI — CA and certificates, volume create/info/status/list/heal.
 
 mod heal;
+mod rebalance;
 mod replicas;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -176,6 +177,38 @@ enum VolumeCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// mortar volume add-brick NAME HOST:PORT...: add empty bricks as new replica sets (a
+    /// multiple of three). New chunks are placed over all sets at once; `rebalance start`
+    /// moves the existing ones. Run it again after any failure: it finishes what is left.
+    AddBrick {
+        name: String,
+        /// The new bricks, HOST:PORT, three per replica set.
+        #[arg(required = true, num_args = 1.., value_name = "BRICK")]
+        new_bricks: Vec<String>,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// mortar volume rebalance NAME start|status|stop: move the chunks whose placement an
+    /// add-brick changed. `start` runs in the foreground (a progress bar on a terminal) and
+    /// goes on from where a stopped or crashed run left off; `status` and `stop` work from
+    /// any host. Exit status of `start`: 0 completed, 1 stopped, 2 failed (run it again).
+    Rebalance {
+        name: String,
+        #[arg(value_parser = ["start", "status", "stop"])]
+        action: String,
+        /// Bytes moved per second at most, with an optional K/M/G suffix; 0 for no limit.
+        #[arg(long, default_value = "0", value_parser = parse_bytes)]
+        rate: u64,
+        /// Chunk ids scanned per page; the progress is recorded after each.
+        #[arg(long, default_value_t = rebalance::PAGE, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        page_chunks: u32,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// The volumes the given bricks serve; fails if any of them does not answer.
     List {
         #[command(flatten)]
@@ -336,7 +369,7 @@ async fn run(cli: Cli) -> Result<()> {
             let vol = connect(&seeds, &conn, name.as_deref()).await?;
             let c = vol.config();
             if json {
-                println!("{}", serde_json::to_string_pretty(c)?);
+                println!("{}", serde_json::to_string_pretty(&*c)?);
             } else {
                 println!("Volume Name: {}", c.name);
                 let kind = if c.replica_sets.len() > 1 {
@@ -352,6 +385,13 @@ async fn run(cli: Cli) -> Result<()> {
                     c.bricks().count()
                 );
                 println!("Chunk Size: {}", human(c.chunk_size as u64));
+                match &c.previous {
+                    Some(_) => println!(
+                        "Layout: epoch {}, changing (run 'mortar volume rebalance {} start')",
+                        c.epoch, c.name
+                    ),
+                    None => println!("Layout: epoch {}, settled", c.epoch),
+                }
                 println!("Bricks:");
                 for (i, b) in c.bricks().enumerate() {
                     println!("Brick{}: {} (id {})", i + 1, b.addr, b.id);
@@ -506,6 +546,84 @@ async fn run(cli: Cli) -> Result<()> {
             };
             std::process::exit(code);
         }
+        Command::Volume(VolumeCommand::AddBrick {
+            name,
+            new_bricks: bricks,
+            seeds,
+            conn,
+        }) => {
+            let vol = connect(&seeds, &conn, Some(&name)).await?;
+            let via: Vec<String> = vol.config().bricks().map(|b| b.addr.clone()).collect();
+            let config = volume_admin::add_brick(vol.pool(), &via, &bricks)
+                .await
+                .map_err(|e| anyhow!("add-brick {name}: {e}"))?;
+            println!(
+                "add-brick {name}: success; the volume is {} x {} = {} (layout epoch {}); \
+                 run 'mortar volume rebalance {name} start' to move existing chunks",
+                config.replica_sets.len(),
+                Replication::REPLICA_3.copies(),
+                config.bricks().count(),
+                config.epoch
+            );
+        }
+        Command::Volume(VolumeCommand::Rebalance {
+            name,
+            action,
+            rate,
+            page_chunks,
+            seeds,
+            conn,
+        }) => {
+            let vol = Arc::new(connect(&seeds, &conn, Some(&name)).await?);
+            match action.as_str() {
+                "status" => match vol.rebalance_state().await? {
+                    Some(s) => {
+                        println!("Rebalance of volume {name}:");
+                        for line in rebalance::describe(&s) {
+                            println!("  {line}");
+                        }
+                    }
+                    None => println!("rebalance {name}: never run"),
+                },
+                "stop" => {
+                    rebalance::stop(&vol).await?;
+                    println!("rebalance {name}: stop recorded; the running rebalance stops after its current page");
+                }
+                _ => {
+                    let opts = rebalance::Options {
+                        rate,
+                        page: page_chunks,
+                    };
+                    let code = match rebalance::start(vol, &opts, &heal::Progress::new()).await {
+                        Ok(rebalance::Outcome::NothingToDo) => {
+                            println!("rebalance {name}: the layout is settled; nothing to move");
+                            0
+                        }
+                        Ok(rebalance::Outcome::Completed(s)) => {
+                            println!(
+                                "rebalance {name}: completed: {} chunks scanned, {} moved ({})",
+                                s.scanned,
+                                s.moved,
+                                human(s.moved_bytes)
+                            );
+                            0
+                        }
+                        Ok(rebalance::Outcome::Stopped(s)) => {
+                            println!(
+                                "rebalance {name}: stopped after {} chunks scanned; 'start' goes on from there",
+                                s.scanned
+                            );
+                            1
+                        }
+                        Err(e) => {
+                            eprintln!("mortar: rebalance {name}: {e:#}");
+                            2
+                        }
+                    };
+                    std::process::exit(code);
+                }
+            }
+        }
         Command::Volume(VolumeCommand::List { seeds, conn }) => {
             let p = pool(&conn)?;
             let mut names = std::collections::BTreeSet::new();
@@ -625,5 +743,14 @@ fn main() {
     if let Err(e) = runtime.block_on(run(cli)) {
         eprintln!("mortar: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -87,6 +87,7 @@ mod tests {
             replicas,
             log_bytes: 0,
             disk_bytes: 0,
+            layout_epoch: 0,
         }
     }
 

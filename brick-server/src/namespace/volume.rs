@@ -1,10 +1,14 @@
-//! The volume's own rows in the namespace: its configuration, written once at creation and
-//! changed only by a brick replacement.
+//! The volume's own rows in the namespace: its configuration (written at creation, changed by a
+//! brick replacement and by layout changes) and the rebalance's progress.
 
-use super::{dec, enc, MetaRead, Stored, Table, Txn, KEY_INODE_COUNT, KEY_NEXT_INO, KEY_VOLUME};
-use mortar_proto::wire::MetaOk;
+use super::{
+    dec, enc, MetaRead, Stored, Table, Txn, KEY_INODE_COUNT, KEY_NEXT_INO, KEY_REBALANCE,
+    KEY_VOLUME,
+};
+use mortar_proto::wire::{MetaOk, RebalanceState};
 use mortar_proto::{
-    Attr, BrickId, BrickRef, Content, FileKind, FsError, Inode, Timestamp, VolumeConfig, ROOT_INODE,
+    Attr, BrickId, BrickRef, Content, FileKind, FsError, Inode, ReplicaSet, Timestamp,
+    VolumeConfig, ROOT_INODE,
 };
 
 /// Store the configuration and the root directory of a new volume.
@@ -42,10 +46,7 @@ pub(super) fn replace<R: MetaRead>(
     old: BrickId,
     new: &BrickRef,
 ) -> Result<MetaOk, FsError> {
-    let mut config: VolumeConfig = match txn.get(Table::Sys, KEY_VOLUME)? {
-        Some(b) => dec(&b)?,
-        None => return Err(FsError::NoVolume),
-    };
+    let mut config = current(txn)?;
     if config.is_retired(old) && config.brick(new.id) == Some(new) {
         return Ok(MetaOk::Done);
     }
@@ -62,4 +63,95 @@ pub(super) fn replace<R: MetaRead>(
     config.retired.push(retired);
     txn.put(Table::Sys, KEY_VOLUME, enc(&config));
     Ok(MetaOk::Done)
+}
+
+/// Append replica sets, numbered after every set the volume ever had, and keep the current
+/// sets as the previous placement until a rebalance settles. Applying the same sets again
+/// changes nothing (a retried proposal).
+pub(super) fn add_sets<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    sets: &[Vec<BrickRef>],
+) -> Result<MetaOk, FsError> {
+    let mut config = current(txn)?;
+    let ids = |s: &[BrickRef]| s.iter().map(|b| b.id).collect::<Vec<_>>();
+    let tail = &config.replica_sets[config.replica_sets.len().saturating_sub(sets.len())..];
+    if tail.len() == sets.len() && tail.iter().zip(sets).all(|(t, s)| ids(&t.bricks) == ids(s)) {
+        return Ok(MetaOk::Done);
+    }
+    if config.previous.is_some() {
+        return Err(FsError::Busy(
+            "a layout change is under way: let its rebalance finish first".into(),
+        ));
+    }
+    if let Some(b) = sets
+        .iter()
+        .flatten()
+        .find(|b| config.brick(b.id).is_some() || config.is_retired(b.id))
+    {
+        return Err(FsError::Invalid(format!(
+            "brick {} is or was in the volume",
+            b.addr
+        )));
+    }
+    config.previous = Some(config.replica_sets.iter().map(|s| s.id).collect());
+    let next = config
+        .replica_sets
+        .iter()
+        .map(|s| s.id + 1)
+        .max()
+        .unwrap_or(0);
+    for (i, bricks) in sets.iter().enumerate() {
+        config.replica_sets.push(ReplicaSet {
+            id: next + i as u32,
+            bricks: bricks.clone(),
+        });
+    }
+    config.epoch += 1;
+    txn.put(Table::Sys, KEY_VOLUME, enc(&config));
+    Ok(MetaOk::Done)
+}
+
+/// Forget the previous placement of layout `epoch`: every chunk is where the layout puts it.
+pub(super) fn settle<R: MetaRead>(txn: &mut Txn<'_, R>, epoch: u64) -> Result<MetaOk, FsError> {
+    let mut config = current(txn)?;
+    match (config.epoch, &config.previous) {
+        (e, Some(_)) if e == epoch => {
+            config.previous = None;
+            config.epoch += 1;
+            txn.put(Table::Sys, KEY_VOLUME, enc(&config));
+            Ok(MetaOk::Done)
+        }
+        // Settled already (a retry).
+        (e, None) if e == epoch + 1 => Ok(MetaOk::Done),
+        (e, _) => Err(FsError::Invalid(format!(
+            "the layout is at epoch {e}, not {epoch} with a change under way"
+        ))),
+    }
+}
+
+pub(super) fn record_rebalance<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    state: &RebalanceState,
+) -> Result<MetaOk, FsError> {
+    if let Some(b) = txn.get(Table::Sys, KEY_REBALANCE)? {
+        let recorded: RebalanceState = dec(&b)?;
+        if recorded.run == state.run && recorded.status == "stopped" && state.status != "stopped" {
+            return Err(FsError::Busy("this rebalance run was stopped".into()));
+        }
+    }
+    txn.put(Table::Sys, KEY_REBALANCE, enc(state));
+    Ok(MetaOk::Done)
+}
+
+pub fn rebalance<R: MetaRead>(r: &R) -> Result<Option<RebalanceState>, FsError> {
+    r.get(Table::Sys, KEY_REBALANCE)?
+        .map(|b| dec(&b))
+        .transpose()
+}
+
+fn current<R: MetaRead>(txn: &Txn<'_, R>) -> Result<VolumeConfig, FsError> {
+    match txn.get(Table::Sys, KEY_VOLUME)? {
+        Some(b) => dec(&b),
+        None => Err(FsError::NoVolume),
+    }
 }

@@ -337,7 +337,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     volume_changed |= out.is_ok()
                         && matches!(
                             cmd.op,
-                            MetaOp::CreateVolume(_) | MetaOp::ReplaceBrick { .. }
+                            MetaOp::CreateVolume(_)
+                                | MetaOp::ReplaceBrick { .. }
+                                | MetaOp::AddSets(_)
+                                | MetaOp::SettleLayout { .. }
                         );
                     // apply_once leaves only the writes to keep: the change's on success, and
                     // the remembered outcome either way.

@@ -1,11 +1,12 @@
-//! `replace-brick` as the metadata leader carries it out: the I/O around the pure plan in
-//! [`crate::membership`] — hello to the new brick, openraft's membership calls, the wait for
-//! the learner to catch up, and the configuration change through the log.
+//! `replace-brick` and `add-brick` as the metadata leader carries them out: the I/O around the
+//! pure plan in [`crate::membership`] — hello to the new bricks, openraft's membership calls,
+//! the wait for learners to catch up, and the configuration change through the log.
 
 use crate::membership::{self, Seats, Step};
 use crate::server::Brick;
-use mortar_proto::wire::{AdminRequest, MetaOp, Replaced, Reply, Request};
-use mortar_proto::{BrickId, BrickRef, FsError};
+use mortar_proto::replication::Replication;
+use mortar_proto::wire::{AdminRequest, BrickHello, MetaOp, Replaced, Reply, Request};
+use mortar_proto::{BrickId, BrickRef, FsError, VolumeConfig};
 use openraft::{BasicNode, ChangeMembers};
 use std::time::{Duration, Instant};
 
@@ -41,16 +42,7 @@ impl Brick {
         // The configuration read below is then the committed one.
         self.confirm_leading().await?;
         let config = self.volume()?;
-        let hello = match self.pool.call(new, &Request::Hello, HELLO_TIMEOUT).await {
-            Ok(Ok(Reply::Hello(h))) => h,
-            Ok(Ok(other)) => return Err(FsError::Io(format!("unexpected reply {other:?}"))),
-            Ok(Err(e)) => return Err(e),
-            Err(e) => {
-                return Err(FsError::Unavailable(format!(
-                    "new brick {new} is unreachable: {e}"
-                )))
-            }
-        };
+        let hello = self.hello(new).await?;
         let new_ref = BrickRef {
             id: hello.id,
             addr: new.to_string(),
@@ -146,6 +138,91 @@ impl Brick {
             "replace-brick did not settle after {MAX_STEPS} steps ({})",
             steps.join(", ")
         )))
+    }
+
+    /// Add the empty bricks at `addrs` as new replica sets: each joins the metadata log as a
+    /// learner and catches up, then one change appends the sets (and starts a layout change
+    /// that a rebalance finishes). Running it again after a crash finishes it; running it after
+    /// success changes nothing.
+    pub async fn add_brick(&self, addrs: &[String]) -> Result<VolumeConfig, FsError> {
+        let deadline = Instant::now() + REPLACE_TIMEOUT;
+        let leader = self.await_leader(Instant::now() + LEADER_WAIT).await?;
+        if leader.id != self.id {
+            let req = Request::Admin(AdminRequest::AddBrick {
+                bricks: addrs.to_vec(),
+            });
+            return match self.pool.call(&leader.addr, &req, REPLACE_TIMEOUT).await {
+                Ok(Ok(Reply::Volume(v))) => Ok(v),
+                Ok(Ok(other)) => Err(FsError::Io(format!("unexpected reply {other:?}"))),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(FsError::Unavailable(format!(
+                    "the metadata leader {} did not answer: {e}",
+                    leader.addr
+                ))),
+            };
+        }
+        self.confirm_leading().await?;
+        let config = self.volume()?;
+        let sets = Replication::REPLICA_3
+            .sets(addrs)
+            .map_err(|e| FsError::Invalid(e.to_string()))?;
+        let mut refs = Vec::new();
+        for set in &sets {
+            let mut bricks = Vec::new();
+            for addr in set {
+                if refs
+                    .iter()
+                    .flatten()
+                    .chain(&bricks)
+                    .any(|b: &BrickRef| &b.addr == addr)
+                {
+                    return Err(FsError::Invalid(format!("brick {addr} is listed twice")));
+                }
+                let h = self.hello(addr).await?;
+                let seat = self.seats();
+                let member = seat.voters.contains(&h.id) || seat.learners.contains(&h.id);
+                if let Some(other) = h.volume.as_ref().filter(|_| !member) {
+                    return Err(FsError::Invalid(format!(
+                        "brick {addr} already belongs to volume '{other}'"
+                    )));
+                }
+                bricks.push(BrickRef {
+                    id: h.id,
+                    addr: addr.clone(),
+                });
+            }
+            refs.push(bricks);
+        }
+        let already = config
+            .bricks()
+            .filter(|b| refs.iter().flatten().any(|r| r.id == b.id));
+        if already.count() == refs.iter().flatten().count() {
+            return Ok(config);
+        }
+        for b in refs.iter().flatten() {
+            let seat = self.seats();
+            if !seat.learners.contains(&b.id) && !seat.voters.contains(&b.id) {
+                self.add_caught_up_learner(b, deadline).await?;
+                tracing::info!(brick = b.id, addr = %b.addr, "add-brick: learner added");
+                crash_hook("learner added");
+            }
+        }
+        match self.meta_write(MetaOp::AddSets(refs), None).await {
+            Reply::Meta { result: Ok(_), .. } => self.volume(),
+            Reply::Meta { result: Err(e), .. } => Err(e),
+            other => Err(FsError::Io(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn hello(&self, addr: &str) -> Result<BrickHello, FsError> {
+        match self.pool.call(addr, &Request::Hello, HELLO_TIMEOUT).await {
+            Ok(Ok(Reply::Hello(h))) => Ok(h),
+            Ok(Ok(other)) => Err(FsError::Io(format!("unexpected reply {other:?}"))),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(FsError::Unavailable(format!(
+                "new brick {addr} is unreachable: {e}"
+            ))),
+        }
     }
 
     fn seats(&self) -> Seats {
