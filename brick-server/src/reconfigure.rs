@@ -19,25 +19,48 @@ const LEADER_WAIT: Duration = Duration::from_secs(10);
 const MAX_STEPS: usize = 6;
 
 impl Brick {
+    /// Forward an admin's change to the metadata `leader` (only it changes the membership),
+    /// under this brick's certificate; `pick` takes the reply it should give.
+    pub(crate) async fn ask_leader<T>(
+        &self,
+        leader: &BrickRef,
+        req: AdminRequest,
+        timeout: Duration,
+        pick: impl FnOnce(Reply) -> Option<T>,
+    ) -> Result<T, FsError> {
+        match self
+            .pool
+            .call(&leader.addr, &Request::Admin(req), timeout)
+            .await
+        {
+            Ok(Ok(reply)) => {
+                let what = format!("{reply:?}");
+                pick(reply).ok_or_else(|| FsError::Io(format!("unexpected reply {what}")))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(FsError::Unavailable(format!(
+                "the metadata leader {} did not answer: {e}",
+                leader.addr
+            ))),
+        }
+    }
+
     /// Replace the volume's brick at address `old` by the brick at `new`, or finish a
     /// replacement an earlier run left half-done. Only the leader acts; others forward.
     pub async fn replace_brick(&self, old: &str, new: &str) -> Result<Replaced, FsError> {
         let deadline = Instant::now() + REPLACE_TIMEOUT;
         let leader = self.await_leader(Instant::now() + LEADER_WAIT).await?;
         if leader.id != self.id {
-            let req = Request::Admin(AdminRequest::ReplaceBrick {
+            let req = AdminRequest::ReplaceBrick {
                 old: old.into(),
                 new: new.into(),
-            });
-            return match self.pool.call(&leader.addr, &req, REPLACE_TIMEOUT).await {
-                Ok(Ok(Reply::Replaced(r))) => Ok(r),
-                Ok(Ok(other)) => Err(FsError::Io(format!("unexpected reply {other:?}"))),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(FsError::Unavailable(format!(
-                    "the metadata leader {} did not answer: {e}",
-                    leader.addr
-                ))),
             };
+            return self
+                .ask_leader(&leader, req, REPLACE_TIMEOUT, |r| match r {
+                    Reply::Replaced(r) => Some(r),
+                    _ => None,
+                })
+                .await;
         }
         // The configuration read below is then the committed one.
         self.confirm_leading().await?;
@@ -148,18 +171,15 @@ impl Brick {
         let deadline = Instant::now() + REPLACE_TIMEOUT;
         let leader = self.await_leader(Instant::now() + LEADER_WAIT).await?;
         if leader.id != self.id {
-            let req = Request::Admin(AdminRequest::AddBrick {
+            let req = AdminRequest::AddBrick {
                 bricks: addrs.to_vec(),
-            });
-            return match self.pool.call(&leader.addr, &req, REPLACE_TIMEOUT).await {
-                Ok(Ok(Reply::Volume(v))) => Ok(v),
-                Ok(Ok(other)) => Err(FsError::Io(format!("unexpected reply {other:?}"))),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(FsError::Unavailable(format!(
-                    "the metadata leader {} did not answer: {e}",
-                    leader.addr
-                ))),
             };
+            return self
+                .ask_leader(&leader, req, REPLACE_TIMEOUT, |r| match r {
+                    Reply::Volume(v) => Some(v),
+                    _ => None,
+                })
+                .await;
         }
         self.confirm_leading().await?;
         let config = self.volume()?;

@@ -947,11 +947,8 @@ impl Brick {
         // configuration as the voters do, and never votes. Only the leader adds them.
         let leader = self.await_leader(Instant::now() + INIT_TIMEOUT).await?;
         if leader.id != self.id {
-            let req = Request::Admin(AdminRequest::InitVolume(config));
-            return match self.pool.call(&leader.addr, &req, INIT_TIMEOUT).await {
-                Ok(r) => r,
-                Err(e) => Err(unavailable(e)),
-            };
+            let req = AdminRequest::InitVolume(config);
+            return self.ask_leader(&leader, req, INIT_TIMEOUT, Some).await;
         }
         let current = self
             .raft

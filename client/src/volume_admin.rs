@@ -437,14 +437,24 @@ pub async fn replace_brick(
         old: old.into(),
         new: new.into(),
     };
+    ask_any(pool, via, req, REPLACE_TIMEOUT, |r| match r {
+        Reply::Replaced(r) => Some(r),
+        _ => None,
+    })
+    .await
+}
+
+/// Ask the first of `via` that answers (a brick forwards what only the leader does).
+async fn ask_any<T>(
+    pool: &Pool,
+    via: &[String],
+    req: AdminRequest,
+    timeout: Duration,
+    pick: impl Fn(Reply) -> Option<T>,
+) -> Result<T, AdminError> {
     let mut last = None;
     for addr in via {
-        let answer = ask(pool, addr, req.clone(), REPLACE_TIMEOUT, |r| match r {
-            Reply::Replaced(r) => Some(r),
-            _ => None,
-        })
-        .await;
-        match answer {
+        match ask(pool, addr, req.clone(), timeout, &pick).await {
             Err(e @ AdminError::Unreachable { .. }) => last = Some(e),
             other => return other,
         }
@@ -481,22 +491,11 @@ pub async fn add_brick(
     let req = AdminRequest::AddBrick {
         bricks: bricks.to_vec(),
     };
-    let mut last = None;
-    for addr in via {
-        let answer = ask(pool, addr, req.clone(), REPLACE_TIMEOUT, |r| match r {
-            Reply::Volume(v) => Some(v),
-            _ => None,
-        })
-        .await;
-        match answer {
-            Err(e @ AdminError::Unreachable { .. }) => last = Some(e),
-            other => return other,
-        }
-    }
-    Err(last.unwrap_or_else(|| AdminError::Unreachable {
-        addr: "(none)".into(),
-        reason: "no brick of the volume to ask".into(),
-    }))
+    ask_any(pool, via, req, REPLACE_TIMEOUT, |r| match r {
+        Reply::Volume(v) => Some(v),
+        _ => None,
+    })
+    .await
 }
 
 /// Remove from the brick at `addr` those of `ids` its replica set no longer holds under the

@@ -17,6 +17,20 @@ pub fn replica_set_index(volume: &VolumeConfig, chunk: &ChunkId) -> usize {
     highest(volume, chunk, |_| true).unwrap_or(0)
 }
 
+/// `chunks` grouped by the index of the replica set that holds each, in their order.
+pub fn by_set(
+    volume: &VolumeConfig,
+    chunks: &[ChunkId],
+) -> std::collections::BTreeMap<usize, Vec<ChunkId>> {
+    let mut sets: std::collections::BTreeMap<usize, Vec<ChunkId>> = Default::default();
+    for id in chunks {
+        sets.entry(replica_set_index(volume, id))
+            .or_default()
+            .push(*id);
+    }
+    sets
+}
+
 fn highest(
     volume: &VolumeConfig,
     chunk: &ChunkId,

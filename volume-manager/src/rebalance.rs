@@ -260,14 +260,7 @@ async fn copy_to_new_sets(
     sources: &[String],
 ) -> Result<u64> {
     let mut bytes = 0;
-    let mut by_set: std::collections::BTreeMap<usize, Vec<ChunkId>> = Default::default();
-    for id in batch {
-        by_set
-            .entry(layout::replica_set_index(config, id))
-            .or_default()
-            .push(*id);
-    }
-    for (set, ids) in by_set {
+    for (set, ids) in layout::by_set(config, batch) {
         let bricks = &config.replica_sets[set].bricks;
         let mut held = vec![0usize; ids.len()];
         let mut size = vec![0u64; ids.len()];
@@ -346,14 +339,7 @@ async fn on_their_sets(
     ids: &[ChunkId],
 ) -> Result<Vec<ChunkId>> {
     let mut out = Vec::new();
-    let mut by_set: std::collections::BTreeMap<usize, Vec<ChunkId>> = Default::default();
-    for id in ids {
-        by_set
-            .entry(layout::replica_set_index(config, id))
-            .or_default()
-            .push(*id);
-    }
-    for (set, ids) in by_set {
+    for (set, ids) in layout::by_set(config, ids) {
         let bricks = &config.replica_sets[set].bricks;
         let mut held = vec![0usize; ids.len()];
         for b in bricks {
