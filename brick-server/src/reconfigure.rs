@@ -219,6 +219,17 @@ impl Brick {
         if already.count() == refs.iter().flatten().count() {
             return Ok(config);
         }
+        // Refused before any learner is added, so a refusal leaves the membership as it was.
+        if let Some(b) = refs
+            .iter()
+            .flatten()
+            .find(|b| config.brick(b.id).is_some() || config.is_retired(b.id))
+        {
+            return Err(FsError::Invalid(format!(
+                "brick {} is or was in volume '{}' already",
+                b.addr, config.name
+            )));
+        }
         for b in refs.iter().flatten() {
             let seat = self.seats();
             if !seat.learners.contains(&b.id) && !seat.voters.contains(&b.id) {

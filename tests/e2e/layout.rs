@@ -345,6 +345,51 @@ async fn wrong_replacements_are_refused_and_change_nothing() {
     assert_eq!(status.raft_role, "none", "the spare brick was not added");
 }
 
+/// Wrong add-brick requests are refused with a message that says why, before any brick joins
+/// the metadata log: the volume and the spare bricks are as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_add_bricks_are_refused_and_change_nothing() {
+    let mut c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let spares: Vec<usize> = (0..3).map(|_| c.add_brick()).collect();
+    for i in &spares {
+        c.wait_up(*i).await;
+    }
+    let before = info_json(&c);
+    let a = c.addrs();
+    let nowhere = format!("{}:6999", c.ip);
+    for (args, says) in [
+        (vec![a[3].as_str(), a[4].as_str()], "multiple of 3"),
+        (
+            vec![a[3].as_str(), a[4].as_str(), a[0].as_str()],
+            "is or was in volume 'www' already",
+        ),
+        (
+            vec![a[3].as_str(), a[4].as_str(), nowhere.as_str()],
+            "unreachable",
+        ),
+        (
+            vec![a[3].as_str(), a[4].as_str(), a[3].as_str()],
+            "listed twice",
+        ),
+    ] {
+        let r = c.volume_cli("add-brick", &args);
+        assert_ne!(r.code, 0, "refused: {args:?}");
+        assert!(
+            r.out.contains(says),
+            "{args:?}: the message says '{says}': {}",
+            r.out
+        );
+        assert!(!r.out.contains("panicked"), "{}", r.out);
+        assert_eq!(info_json(&c), before, "a refused add-brick changes nothing");
+        for i in &spares {
+            let addr = &c.bricks[*i].addr;
+            let status = volume_admin::status(&c.admin_pool(), addr).await.unwrap();
+            assert_eq!(status.raft_role, "none", "{addr} joined no log: {args:?}");
+        }
+    }
+}
+
 /// `replica 3` over six bricks makes two replica sets: each chunk lives on exactly the three
 /// bricks of the set its placement names, both sets take a share, the second set follows the
 /// metadata log as learners, and a brick of the second set may die without a failed write.
