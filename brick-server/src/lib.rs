@@ -9,6 +9,7 @@ pub mod lag;
 pub mod log_bound;
 pub mod membership;
 pub mod namespace;
+pub mod proposals;
 pub mod raft;
 pub mod reconfigure;
 pub mod server;

@@ -125,6 +125,7 @@ async fn run(args: Args) -> Result<()> {
         log_bound: bound.clone(),
         space: Arc::new(Space::new(args.data.clone(), args.reserve)),
         peers_full: Default::default(),
+        proposals: Default::default(),
     });
     tracing::info!(brick = id, listen = %args.listen, data = %args.data.display(), "brick serving");
     let server = tokio::spawn(brick.clone().serve(endpoint.clone()));

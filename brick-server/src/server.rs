@@ -52,7 +52,15 @@ pub struct Brick {
     pub space: Arc<crate::space::Space>,
     /// On the leader: what each peer last said about its disk (why it is full, if it is).
     pub peers_full: std::sync::Mutex<HashMap<BrickId, (Option<String>, Instant)>>,
+    /// On the leader: changes proposed and not answered yet, which a retry joins.
+    pub proposals: crate::proposals::Proposals<Written>,
 }
+
+/// What a proposal to the namespace log came to.
+pub type Written = Result<
+    openraft::raft::ClientWriteResponse<raft::TypeConfig>,
+    RaftError<BrickId, ClientWriteError<BrickId, BasicNode>>,
+>;
 
 /// Refuse (and log) a request the peer's certificate role does not allow.
 fn require(role: Role, wanted: &[Role]) -> Result<(), FsError> {
@@ -350,7 +358,19 @@ impl Brick {
             };
             // A recall waited for is not time the commit had: it gets what was left before.
             let left = deadline.saturating_duration_since(admitted);
-            match tokio::time::timeout(left, self.raft.client_write(cmd)).await {
+            let propose = {
+                let raft = self.raft.clone();
+                async move { raft.client_write(cmd).await }
+            };
+            // A retry of a change still in the log waits for it rather than proposing it again.
+            let written = match once {
+                Some(id) => self.proposals.join_or_start(id, propose),
+                None => futures::FutureExt::shared(futures::FutureExt::boxed(
+                    futures::FutureExt::map(propose, Arc::new),
+                )),
+            };
+            let written = tokio::time::timeout(left, written).await;
+            match written.as_ref().map(|w| &**w) {
                 Ok(Ok(resp)) => {
                     let index = resp.log_id.index;
                     // Applying it announced it to every other watcher.
@@ -363,11 +383,11 @@ impl Brick {
                         index,
                     });
                     return Reply::Meta {
-                        result: resp.data.result,
+                        result: resp.data.result.clone(),
                         leader: Some(leader),
                         stamp,
-                        touched: resp.data.touched,
-                        fresh: resp.data.fresh,
+                        touched: resp.data.touched.clone(),
+                        fresh: resp.data.fresh.clone(),
                     };
                 }
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {

@@ -54,7 +54,7 @@ pub enum Request {
 pub const ONCE_WINDOW: u64 = 4096;
 
 /// Names one namespace change of one client: a random client id and a per-client sequence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct OpId {
     pub client: u128,
     pub seq: u64,
