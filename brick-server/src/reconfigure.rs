@@ -220,11 +220,7 @@ impl Brick {
             return Ok(config);
         }
         // Refused before any learner is added, so a refusal leaves the membership as it was.
-        if let Some(b) = refs
-            .iter()
-            .flatten()
-            .find(|b| config.brick(b.id).is_some() || config.is_retired(b.id))
-        {
+        if let Some(b) = refs.iter().flatten().find(|b| config.has_or_had(b.id)) {
             return Err(FsError::Invalid(format!(
                 "brick {} is or was in volume '{}' already",
                 b.addr, config.name

@@ -228,6 +228,11 @@ impl VolumeConfig {
     pub fn is_retired(&self, id: BrickId) -> bool {
         self.retired.iter().any(|b| b.id == id)
     }
+
+    /// Whether brick `id` is in the volume or was replaced out of it (never to join again).
+    pub fn has_or_had(&self, id: BrickId) -> bool {
+        self.brick(id).is_some() || self.is_retired(id)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -301,6 +301,20 @@ async fn a_replaced_brick_that_comes_back_is_refused() {
         .expect("the volume still takes changes");
 }
 
+/// `volume CMD www ARGS` is refused (non-zero exit, no panic) with a message containing `says`,
+/// and the volume's info is still `before`.
+fn assert_refused(c: &Cluster, cmd: &str, args: &[&str], says: &str, before: &serde_json::Value) {
+    let r = c.volume_cli(cmd, args);
+    assert_ne!(r.code, 0, "refused: {args:?}");
+    assert!(
+        r.out.contains(says),
+        "{args:?}: the message says '{says}': {}",
+        r.out
+    );
+    assert!(!r.out.contains("panicked"), "{}", r.out);
+    assert_eq!(&info_json(c), before, "a refused {cmd} changes nothing");
+}
+
 /// Wrong requests are refused with a message that says why, and change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_replacements_are_refused_and_change_nothing() {
@@ -327,19 +341,7 @@ async fn wrong_replacements_are_refused_and_change_nothing() {
         (vec![a[0].as_str(), a[3].as_str()], "commit"),
         (vec![a[0].as_str(), a[3].as_str(), "start"], "commit"),
     ] {
-        let r = c.volume_cli("replace-brick", &args);
-        assert_ne!(r.code, 0, "refused: {args:?}");
-        assert!(
-            r.out.contains(says),
-            "{args:?}: the message says '{says}': {}",
-            r.out
-        );
-        assert!(!r.out.contains("panicked"), "{}", r.out);
-        assert_eq!(
-            info_json(&c),
-            before,
-            "a refused replacement changes nothing"
-        );
+        assert_refused(&c, "replace-brick", &args, says, &before);
     }
     let status = volume_admin::status(&c.admin_pool(), &a[3]).await.unwrap();
     assert_eq!(status.raft_role, "none", "the spare brick was not added");
@@ -373,15 +375,7 @@ async fn wrong_add_bricks_are_refused_and_change_nothing() {
             "listed twice",
         ),
     ] {
-        let r = c.volume_cli("add-brick", &args);
-        assert_ne!(r.code, 0, "refused: {args:?}");
-        assert!(
-            r.out.contains(says),
-            "{args:?}: the message says '{says}': {}",
-            r.out
-        );
-        assert!(!r.out.contains("panicked"), "{}", r.out);
-        assert_eq!(info_json(&c), before, "a refused add-brick changes nothing");
+        assert_refused(&c, "add-brick", &args, says, &before);
         for i in &spares {
             let addr = &c.bricks[*i].addr;
             let status = volume_admin::status(&c.admin_pool(), addr).await.unwrap();

@@ -83,11 +83,7 @@ pub(super) fn add_sets<R: MetaRead>(
             "a layout change is under way: let its rebalance finish first".into(),
         ));
     }
-    if let Some(b) = sets
-        .iter()
-        .flatten()
-        .find(|b| config.brick(b.id).is_some() || config.is_retired(b.id))
-    {
+    if let Some(b) = sets.iter().flatten().find(|b| config.has_or_had(b.id)) {
         return Err(FsError::Invalid(format!(
             "brick {} is or was in the volume",
             b.addr
