@@ -25,7 +25,7 @@ pub(crate) async fn run(volume: Weak<Volume>) {
         // reach the new leader soon, to give back what it held there).
         *v.leader.lock().expect("leader lock") = None;
         // Delegations end with the lease; what they held is committed by the committer.
-        v.deleg.lease_lost();
+        v.lease_lost();
         match outcome {
             Ok(()) => pause = RETRY_AFTER,
             Err(e) => {
@@ -95,9 +95,10 @@ async fn keep_watch(
         }
     });
     let _stop_reader = scopeguard(reader);
-    // Recalls are answered by tasks (committing what a delegation held takes round trips
-    // during which this loop must keep acknowledging invalidations).
+    // A recall is acknowledged by whichever commit settles what it covers (that takes round
+    // trips, during which this loop must keep acknowledging invalidations).
     let (recalled_tx, mut recalled) = mpsc::unbounded_channel::<u64>();
+    let watch = v.deleg.watch_opened(recalled_tx);
     let mut tick = tokio::time::interval(RENEW_EVERY);
     let mut renewals = Renewals::new(Instant::now());
     loop {
@@ -140,14 +141,7 @@ async fn keep_watch(
                             hook(&items);
                         }
                     }
-                    WatchDown::Recall { seq, dir } => {
-                        let v = v.clone();
-                        let done = recalled_tx.clone();
-                        tokio::spawn(async move {
-                            v.recalled(dir).await;
-                            let _ = done.send(seq);
-                        });
-                    }
+                    WatchDown::Recall { seq, dir } => v.recalled(dir, watch, seq),
                     other => return Err(format!("unexpected watch message {other:?}")),
                 }
             }
