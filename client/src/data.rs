@@ -20,6 +20,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// How long one chunk write may take at the brick that takes it (it waits for a quorum of
 /// copies) before we hand the chunk to another brick of the set.
 const PUT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pause between rounds over the set when no brick took a chunk, doubling up to the maximum.
+const PUT_RETRY_AFTER: Duration = Duration::from_millis(100);
+const PUT_MAX_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// A chunk read gets this long at one replica before the next replica is asked as well; the
 /// first good answer wins, so a frozen or slow brick costs a read this much, not a timeout.
 pub const HEDGE_DELAY: Duration = Duration::from_millis(300);
@@ -44,7 +47,9 @@ impl Volume {
     }
 
     /// Store one chunk on its replica set (quorum-durable on return). Any brick of the set can
-    /// take it; we try them in turn.
+    /// take it; we try them in turn, round after round until the operation timeout (a brick
+    /// may be restarting, or a copy waiting for a quorum), and stop at once at an answer no
+    /// retry can change.
     pub async fn put_chunk(&self, data: Vec<u8>, sync: bool) -> Result<ChunkId, FsError> {
         let id = ChunkId::of(&data);
         let config = self.config();
@@ -55,20 +60,35 @@ impl Volume {
             replicate: true,
             sync,
         });
-        let mut last = FsError::Unavailable("no brick of the replica set answered".into());
-        for addr in self.by_health(set.iter().map(|b| b.addr.as_str())) {
-            match self.pool.call(addr, &req, PUT_ATTEMPT_TIMEOUT).await {
-                Ok(Ok(Reply::ChunkStored { .. })) => return Ok(id),
-                Ok(Ok(other)) => last = FsError::Io(format!("unexpected reply {other:?}")),
-                // Every primary of the set asks the same replicas: no retry can succeed.
-                Ok(Err(
-                    e @ (FsError::HashMismatch(_) | FsError::TooLarge(_) | FsError::NoSpace(_)),
-                )) => return Err(e),
-                Ok(Err(e)) => last = e,
-                Err(e) => last = e.into(),
+        let deadline = tokio::time::Instant::now() + self.op_timeout;
+        let mut pause = PUT_RETRY_AFTER;
+        loop {
+            let mut last = FsError::Unavailable("no brick of the replica set answered".into());
+            for addr in self.by_health(set.iter().map(|b| b.addr.as_str())) {
+                match self.pool.call(addr, &req, PUT_ATTEMPT_TIMEOUT).await {
+                    Ok(Ok(Reply::ChunkStored { .. })) => return Ok(id),
+                    Ok(Ok(other)) => {
+                        return Err(FsError::Io(format!("unexpected reply {other:?}")))
+                    }
+                    // Every primary of the set asks the same replicas: no retry can succeed.
+                    Ok(Err(
+                        e @ (FsError::HashMismatch(_)
+                        | FsError::TooLarge(_)
+                        | FsError::NoSpace(_)
+                        | FsError::NotPermitted(_)),
+                    )) => return Err(e),
+                    Ok(Err(e)) => last = e,
+                    Err(e) if e.is_refused() => return Err(FsError::NotPermitted(e.to_string())),
+                    Err(e) => last = e.into(),
+                }
             }
+            if tokio::time::Instant::now() + pause >= deadline {
+                return Err(last);
+            }
+            tracing::debug!(chunk = %id, error = %last, "no brick of the set took the chunk; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(PUT_MAX_RETRY_AFTER);
         }
-        Err(last)
     }
 
     /// A chunk from the cache, or fetched (once, however many ask) and cached.

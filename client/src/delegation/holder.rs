@@ -473,13 +473,15 @@ impl<T: BatchId> Holder<T> {
     }
 
     /// The batch to send now: the one that failed, again under its id, or the oldest held
-    /// changes under `fresh` (which must be given when [`Holder::needs_id`] says so). None:
-    /// nothing to send, or a batch is in flight.
+    /// changes under `fresh`. None: nothing to send, a batch is in flight, or a new batch is
+    /// due and `fresh` is None (a change was held since [`Holder::needs_id`] said no: ask
+    /// again).
     pub(crate) fn next_batch(&mut self, fresh: Option<T>) -> Option<(OpId, Vec<MetaOp>)> {
         if self.sent.as_ref().is_some_and(|s| s.flying) {
             return None;
         }
         if self.sent.is_none() {
+            let ticket = fresh?;
             let mut batch = Vec::new();
             let mut bytes = 0;
             while let Some(h) = self.held.front() {
@@ -494,7 +496,6 @@ impl<T: BatchId> Holder<T> {
             if batch.is_empty() {
                 return None;
             }
-            let ticket = fresh.expect("a fresh id for a new batch (needs_id)");
             self.sent = Some(Sent {
                 ticket,
                 batch,

@@ -310,16 +310,24 @@ impl Volume {
     /// any). Returns whether there was anything to commit.
     async fn commit_batch(&self) -> Result<bool, FsError> {
         let _one = self.deleg.committing.lock().await;
-        // A new batch's id is taken outside the lock (it may wait); unused when the batch
-        // left unanswered goes again under its own.
-        let needs_id = self.deleg.lock().needs_id();
-        let fresh = match needs_id {
-            true => Some(self.seqs.ticket().await),
-            false => None,
+        let (once, ops) = loop {
+            // A new batch's id is taken outside the lock (it may wait); unused when the batch
+            // left unanswered goes again under its own.
+            let needs_id = self.deleg.lock().needs_id();
+            let fresh = match needs_id {
+                true => Some(self.seqs.ticket().await),
+                false => None,
+            };
+            let mut st = self.deleg.lock();
+            match st.next_batch(fresh) {
+                Some(batch) => break batch,
+                // A change was held while the id was awaited: take one for it.
+                None if st.needs_id() => continue,
+                None => return Ok(false),
+            }
         };
-        let Some((once, ops)) = self.deleg.lock().next_batch(fresh) else {
-            return Ok(false);
-        };
+        // Settled below; if this future is dropped first, the batch goes again.
+        let mut flight = InFlight(Some(&self.deleg));
         let answer = self.send_batch(once, ops).await;
         let (settled, singles) = self.deleg.lock().batch_answered(match &answer {
             Ok(a) => *a,
@@ -338,6 +346,7 @@ impl Volume {
             }
             self.settle(settled);
         }
+        flight.0 = None;
         answer.map(|_| true)
     }
 
@@ -359,6 +368,19 @@ impl Volume {
                 tracing::error!(error = %e, changes = n, "a batch of delegated changes was refused; committing them one by one");
                 Ok(Answer::Refused)
             }
+        }
+    }
+}
+
+/// A batch in flight: should the commit that sent it be dropped before its answer is
+/// settled, the batch is marked to go again (else it would count as flying for ever and
+/// nothing more would commit).
+struct InFlight<'a>(Option<&'a Delegations>);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(d) = self.0 {
+            d.lock().batch_answered(Answer::Retry);
         }
     }
 }

@@ -178,6 +178,21 @@ fn a_batch_without_answer_goes_again_under_its_id_before_anything_else() {
 }
 
 #[test]
+fn a_change_held_while_an_id_was_awaited_waits_for_one() {
+    let mut h = holding(&[ROOT]);
+    assert!(!h.needs_id(), "nothing held: no id needed");
+    // The committer asked, found nothing, and a create came before it took the next batch.
+    create(&mut h, ROOT, "a", 100).unwrap();
+    assert_eq!(
+        h.next_batch(None),
+        None,
+        "a new batch needs an id: ask again"
+    );
+    assert!(h.needs_id());
+    assert_eq!(send(&mut h, 1), Some((1, 1)));
+}
+
+#[test]
 fn a_recall_is_answered_only_once_what_was_held_is_committed() {
     let mut h = holding(&[ROOT]);
     create(&mut h, ROOT, "a", 100).unwrap();
