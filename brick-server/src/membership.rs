@@ -206,6 +206,7 @@ mod tests {
         c.replica_sets.push(ReplicaSet {
             id: 1,
             bricks: [5, 6, 7].map(brick).to_vec(),
+            leaving: false,
         });
         let mut s = seats(&[1, 2, 3], &[5, 6, 7]);
         assert_eq!(

@@ -395,6 +395,8 @@ pub fn apply<R: MetaRead>(
         MetaOp::ReplaceBrick { old, new } => volume::replace(txn, *old, new),
         MetaOp::AddSets(sets) => volume::add_sets(txn, sets),
         MetaOp::SettleLayout { epoch } => volume::settle(txn, *epoch),
+        MetaOp::DrainSet { set } => volume::drain_set(txn, *set),
+        MetaOp::RemoveSet { set } => volume::remove_set(txn, *set),
         MetaOp::Rebalance(state) => volume::record_rebalance(txn, state),
         MetaOp::Mknod {
             parent,
@@ -1120,6 +1122,58 @@ mod tests {
             Err(FsError::Exists),
             "a retired id never comes back"
         );
+    }
+
+    #[test]
+    fn a_set_is_drained_then_removed_and_the_last_set_stays() {
+        let mut m = vol();
+        let b = |id| BrickRef {
+            id,
+            addr: format!("h:{id}"),
+        };
+        assert_eq!(
+            m.run(MetaOp::DrainSet { set: 0 }),
+            Err(FsError::Invalid(
+                "the volume's last replica set cannot be removed".into()
+            ))
+        );
+        m.run(MetaOp::AddSets(vec![vec![b(5)]])).unwrap();
+        assert!(
+            matches!(m.run(MetaOp::DrainSet { set: 1 }), Err(FsError::Busy(_))),
+            "not while the add-brick's layout change is under way"
+        );
+        let e = volume(&m).unwrap().unwrap().epoch;
+        m.run(MetaOp::SettleLayout { epoch: e }).unwrap();
+        assert!(
+            matches!(
+                m.run(MetaOp::RemoveSet { set: 1 }),
+                Err(FsError::Invalid(_))
+            ),
+            "commit without start"
+        );
+        m.run(MetaOp::DrainSet { set: 1 }).unwrap();
+        m.run(MetaOp::DrainSet { set: 1 })
+            .expect("a retried drain changes nothing");
+        let v = volume(&m).unwrap().unwrap();
+        assert!(v.replica_sets[1].leaving && v.previous == Some(vec![0, 1]));
+        assert!(
+            matches!(m.run(MetaOp::RemoveSet { set: 1 }), Err(FsError::Busy(_))),
+            "commit before the drain settled"
+        );
+        assert_eq!(
+            m.run(MetaOp::DrainSet { set: 0 }),
+            Err(FsError::Busy(
+                "a layout change is under way: let its rebalance finish first".into()
+            ))
+        );
+        m.run(MetaOp::SettleLayout { epoch: v.epoch }).unwrap();
+        m.run(MetaOp::RemoveSet { set: 1 }).unwrap();
+        m.run(MetaOp::RemoveSet { set: 1 })
+            .expect("a retried removal changes nothing");
+        let v = volume(&m).unwrap().unwrap();
+        assert_eq!(v.replica_sets.len(), 1);
+        assert_eq!(v.retired, vec![b(5)]);
+        assert!(v.is_retired(5));
     }
 
     fn attr(ok: MetaOk) -> Attr {

@@ -1,4 +1,4 @@
-//! `replace-brick` and `add-brick` as the metadata leader carries them out: the I/O around the
+//! `replace-brick`, `add-brick` and `remove-brick` as the metadata leader carries them out: the I/O around the
 //! pure plan in [`crate::membership`] — hello to the new bricks, openraft's membership calls,
 //! the wait for learners to catch up, and the configuration change through the log.
 
@@ -239,6 +239,125 @@ impl Brick {
             Reply::Meta { result: Err(e), .. } => Err(e),
             other => Err(FsError::Io(format!("unexpected reply {other:?}"))),
         }
+    }
+
+    /// `remove-brick`: start draining the replica set made of exactly the bricks at `addrs`
+    /// (`commit` false), or take the drained set out of the volume (`commit` true): the
+    /// configuration change, then its bricks leave the metadata log. The set holding the
+    /// metadata group's votes is refused. Running either again after a crash finishes it;
+    /// after success it changes nothing.
+    pub async fn remove_brick(
+        &self,
+        addrs: &[String],
+        commit: bool,
+    ) -> Result<VolumeConfig, FsError> {
+        let leader = self.await_leader(Instant::now() + LEADER_WAIT).await?;
+        if leader.id != self.id {
+            let req = AdminRequest::RemoveBrick {
+                bricks: addrs.to_vec(),
+                commit,
+            };
+            return self
+                .ask_leader(&leader, req, REPLACE_TIMEOUT, |r| match r {
+                    Reply::Volume(v) => Some(v),
+                    _ => None,
+                })
+                .await;
+        }
+        self.confirm_leading().await?;
+        let config = self.volume()?;
+        let name = &config.name;
+        let retired = |a: &String| config.retired.iter().any(|b| &b.addr == a);
+        let Some(i) = config.set_at(addrs) else {
+            if commit && !addrs.is_empty() && addrs.iter().all(retired) {
+                // Committed by an earlier run: only its learners may be left to remove.
+                self.remove_learners(&config, addrs).await?;
+                return Ok(config);
+            }
+            if let Some(a) = addrs.iter().find(|a| config.brick_at(a).is_none()) {
+                return Err(FsError::Invalid(format!(
+                    "brick {a} is not in volume '{name}'"
+                )));
+            }
+            let sets: Vec<String> = config
+                .replica_sets
+                .iter()
+                .map(|s| {
+                    let b: Vec<&str> = s.bricks.iter().map(|b| b.addr.as_str()).collect();
+                    b.join(" ")
+                })
+                .collect();
+            return Err(FsError::Invalid(format!(
+                "remove-brick takes the bricks of one whole replica set; volume '{name}' has \
+                 the sets: {}",
+                sets.join("; ")
+            )));
+        };
+        let set = &config.replica_sets[i];
+        let voters = self.seats().voters;
+        if set.bricks.iter().any(|b| voters.contains(&b.id)) {
+            return Err(FsError::Invalid(format!(
+                "replica set {} holds the metadata group's votes and cannot be removed",
+                set.id
+            )));
+        }
+        let op = match (commit, set.leaving) {
+            (false, true) => return Ok(config),
+            (false, false) => MetaOp::DrainSet { set: set.id },
+            (true, false) => {
+                return Err(FsError::Invalid(format!(
+                    "remove-brick of replica set {} was not started: run remove-brick start first",
+                    set.id
+                )))
+            }
+            (true, true) if config.previous.is_some() => {
+                return Err(FsError::Busy(format!(
+                    "the drain of replica set {} has not finished: run remove-brick start \
+                     again to finish it",
+                    set.id
+                )))
+            }
+            (true, true) => MetaOp::RemoveSet { set: set.id },
+        };
+        match self.meta_write(op, None).await {
+            Reply::Meta { result: Ok(_), .. } => {}
+            Reply::Meta { result: Err(e), .. } => return Err(e),
+            other => return Err(FsError::Io(format!("unexpected reply {other:?}"))),
+        }
+        let config = self.volume()?;
+        if commit {
+            crash_hook("set removed");
+            self.remove_learners(&config, addrs).await?;
+        }
+        Ok(config)
+    }
+
+    /// The retired bricks at `addrs` that still follow the metadata log leave it.
+    async fn remove_learners(
+        &self,
+        config: &VolumeConfig,
+        addrs: &[String],
+    ) -> Result<(), FsError> {
+        let learners = self.seats().learners;
+        let gone: std::collections::BTreeSet<BrickId> = config
+            .retired
+            .iter()
+            .filter(|b| addrs.contains(&b.addr) && learners.contains(&b.id))
+            .map(|b| b.id)
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        self.raft
+            .change_membership(ChangeMembers::RemoveNodes(gone), false)
+            .await
+            .map_err(|e| {
+                FsError::Unavailable(format!(
+                    "the removed bricks still follow the metadata log: {e}; run remove-brick \
+                     commit again"
+                ))
+            })?;
+        Ok(())
     }
 
     async fn hello(&self, addr: &str) -> Result<BrickHello, FsError> {

@@ -177,9 +177,13 @@ impl Brick {
                             "delegations are recorded by the metadata leader itself".into(),
                         ))
                     }
-                    MetaOp::ReplaceBrick { .. } | MetaOp::AddSets(_) => {
+                    MetaOp::ReplaceBrick { .. }
+                    | MetaOp::AddSets(_)
+                    | MetaOp::DrainSet { .. }
+                    | MetaOp::RemoveSet { .. } => {
                         return Err(FsError::NotPermitted(
-                            "bricks are replaced and added through the admin requests".into(),
+                            "bricks are replaced, added and removed through the admin requests"
+                                .into(),
                         ))
                     }
                     MetaOp::SettleLayout { .. } | MetaOp::Rebalance(_) => {
@@ -556,6 +560,8 @@ impl Brick {
             | MetaOp::Undelegated { .. }
             | MetaOp::ReplaceBrick { .. }
             | MetaOp::AddSets(_)
+            | MetaOp::DrainSet { .. }
+            | MetaOp::RemoveSet { .. }
             | MetaOp::SettleLayout { .. }
             | MetaOp::Rebalance(_) => {}
         }
@@ -719,6 +725,10 @@ impl Brick {
             AdminRequest::AddBrick { bricks } => {
                 need(&[Role::Admin, Role::Brick])?;
                 Ok(Reply::Volume(self.add_brick(&bricks).await?))
+            }
+            AdminRequest::RemoveBrick { bricks, commit } => {
+                need(&[Role::Admin, Role::Brick])?;
+                Ok(Reply::Volume(self.remove_brick(&bricks, commit).await?))
             }
             AdminRequest::DropStrays { ids, epoch } => {
                 need(&[Role::Admin])?;

@@ -498,6 +498,25 @@ pub async fn add_brick(
     .await
 }
 
+/// Ask the brick at `via` (or the leader it forwards to) to start draining the replica set of
+/// `bricks` (`commit` false) or to take the drained set out of the volume.
+pub async fn remove_brick(
+    pool: &Pool,
+    via: &[String],
+    bricks: &[String],
+    commit: bool,
+) -> Result<VolumeConfig, AdminError> {
+    let req = AdminRequest::RemoveBrick {
+        bricks: bricks.to_vec(),
+        commit,
+    };
+    ask_any(pool, via, req, REPLACE_TIMEOUT, |r| match r {
+        Reply::Volume(v) => Some(v),
+        _ => None,
+    })
+    .await
+}
+
 /// Remove from the brick at `addr` those of `ids` its replica set no longer holds under the
 /// settled layout `epoch`; the ids removed.
 pub async fn drop_strays(

@@ -1,6 +1,7 @@
 //! Chunk placement: rendezvous (highest random weight) hashing of a chunk id over the volume's
 //! replica sets, by their numbers. Adding a set moves only the chunks whose highest weight now
-//! falls on it; replacing a brick moves none.
+//! falls on it; draining a set (`remove-brick`) moves only its own chunks, each to the set of
+//! its next highest weight; replacing a brick moves none.
 
 use crate::types::{BrickRef, ChunkId, ReplicaSet, VolumeConfig};
 
@@ -12,9 +13,9 @@ fn weight(chunk: &ChunkId, set: &ReplicaSet) -> u64 {
     u64::from_le_bytes(out.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
-/// Index of the replica set that holds `chunk`.
+/// Index of the replica set that holds `chunk` (never a set being drained).
 pub fn replica_set_index(volume: &VolumeConfig, chunk: &ChunkId) -> usize {
-    highest(volume, chunk, |_| true).unwrap_or(0)
+    highest(volume, chunk, |s| !s.leaving).unwrap_or(0)
 }
 
 /// `chunks` grouped by the index of the replica set that holds each, in their order.
@@ -148,5 +149,35 @@ mod tests {
         }
         // About a third should move to the new set; allow wide slack.
         assert!((700..1300).contains(&moved), "moved {moved}");
+    }
+
+    #[test]
+    fn draining_a_set_moves_only_its_chunks_and_readers_still_find_them_there() {
+        let three = volume(3);
+        let mut draining = three.clone();
+        draining.replica_sets[1].leaving = true;
+        draining.previous = Some(vec![0, 1, 2]);
+        let (mut moved, mut kept) = (0, 0);
+        for i in 0..3000u32 {
+            let id = ChunkId::of(&i.to_le_bytes());
+            let before = replica_set_index(&three, &id);
+            let now = replica_set_index(&draining, &id);
+            assert_ne!(now, 1, "nothing is placed on a leaving set");
+            if before == 1 {
+                moved += 1;
+                assert_eq!(previous_set_index(&draining, &id), Some(1));
+                let order: Vec<u64> = read_order(&draining, &id).iter().map(|b| b.id).collect();
+                assert_eq!(
+                    &order[3..],
+                    &[10, 11, 12],
+                    "the leaving set is asked second"
+                );
+            } else {
+                kept += 1;
+                assert_eq!(now, before, "a chunk moved between two staying sets");
+                assert_eq!(previous_set_index(&draining, &id), None);
+            }
+        }
+        assert!((700..1300).contains(&moved), "moved {moved}, kept {kept}");
     }
 }

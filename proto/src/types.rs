@@ -170,6 +170,9 @@ pub struct BrickRef {
 pub struct ReplicaSet {
     pub id: u32,
     pub bricks: Vec<BrickRef>,
+    /// Being drained by `remove-brick`: placement no longer names it, readers still look
+    /// there while its chunks move, and `remove-brick commit` takes it out of the volume.
+    pub leaving: bool,
 }
 
 impl ReplicaSet {
@@ -180,6 +183,7 @@ impl ReplicaSet {
             .map(|(i, bricks)| ReplicaSet {
                 id: i as u32,
                 bricks,
+                leaving: false,
             })
             .collect()
     }
@@ -227,6 +231,13 @@ impl VolumeConfig {
 
     pub fn is_retired(&self, id: BrickId) -> bool {
         self.retired.iter().any(|b| b.id == id)
+    }
+
+    /// The index of the replica set whose bricks are exactly `addrs` (in any order).
+    pub fn set_at(&self, addrs: &[String]) -> Option<usize> {
+        self.replica_sets.iter().position(|s| {
+            s.bricks.len() == addrs.len() && s.bricks.iter().all(|b| addrs.contains(&b.addr))
+        })
     }
 
     /// Whether brick `id` is in the volume or was replaced out of it (never to join again).

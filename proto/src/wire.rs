@@ -249,6 +249,33 @@ pub enum MetaOp {
     /// A rebalance's progress, kept so `rebalance status` can show it from anywhere and
     /// `rebalance start` after a crash goes on from the cursor.
     Rebalance(RebalanceState),
+    /// Internal, proposed by the leader for `remove-brick start` (refused from the network):
+    /// replica set `set` leaves the placement; the sets before are kept as `previous` for
+    /// reads until the drain (a rebalance) settles the layout.
+    DrainSet {
+        set: u32,
+    },
+    /// Internal, proposed by the leader for `remove-brick commit` (refused from the network):
+    /// the drained set `set` leaves the volume and its bricks are retired.
+    RemoveSet {
+        set: u32,
+    },
+}
+
+impl MetaOp {
+    /// Whether applying it changes the volume configuration (bricks, sets, layout): a brick
+    /// then reloads the configuration it places chunks and checks peers by.
+    pub fn changes_volume_config(&self) -> bool {
+        matches!(
+            self,
+            MetaOp::CreateVolume(_)
+                | MetaOp::ReplaceBrick { .. }
+                | MetaOp::AddSets(_)
+                | MetaOp::DrainSet { .. }
+                | MetaOp::RemoveSet { .. }
+                | MetaOp::SettleLayout { .. }
+        )
+    }
 }
 
 /// Where a rebalance is and what it moved. One per volume, for the layout at `epoch`.
@@ -462,6 +489,14 @@ pub enum AdminRequest {
     DropStrays {
         ids: Vec<ChunkId>,
         epoch: u64,
+    },
+    /// `remove-brick`: with `commit` false, start draining the replica set made of exactly
+    /// these bricks (a rebalance then moves its chunks); with `commit` true, take the drained
+    /// set out of the volume and retire its bricks. Carried out by the leader; answered with
+    /// the new configuration. The caller checks the chunks are elsewhere before a commit.
+    RemoveBrick {
+        bricks: Vec<String>,
+        commit: bool,
     },
 }
 

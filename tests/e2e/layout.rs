@@ -759,3 +759,186 @@ async fn a_rebalance_stopped_or_killed_goes_on_from_its_cursor() {
     let fresh = c.mount("www", "fresh", "").await;
     assert!(differing(&files, &m.path, &fresh.path).is_empty());
 }
+
+/// `remove-brick` of the second replica set of a 2 x 3 volume while a writer writes and a
+/// reader verifies every file: wrong requests are refused and change nothing; `commit` is
+/// refused while the drain runs and after the draining process was killed (SIGKILL) part way;
+/// `start` again finishes the drain, `commit` takes the set out, and with its bricks stopped
+/// every file and every acknowledged write reads back through a fresh mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_brick_drains_a_set_and_commit_waits_for_the_drain() {
+    let mut c = Cluster::start(6);
+    let admin = c.admin_pool();
+    for addr in c.addrs() {
+        wait_for("a brick to answer", DEADLINE, || {
+            let (admin, addr) = (admin.clone(), addr.clone());
+            async move { volume_admin::hello(&admin, &addr).await.ok() }
+        })
+        .await;
+    }
+    let vol = c.create_volume("www", 64 * 1024).await;
+    let m = c.mount("www", "mnt", "").await;
+    let files = write_files(&m.path.join("big"), "big", 40);
+    let a = c.addrs();
+    let second: Vec<&str> = a[3..6].iter().map(String::as_str).collect();
+    let on_second: BTreeSet<ChunkId> = chunks_of(&c, &a[3]).await;
+    assert!(!on_second.is_empty(), "the second set holds chunks");
+
+    let before = info_json(&c);
+    let nowhere = format!("{}:6999", c.ip);
+    let with = |bricks: &[&str], action: &str| {
+        let mut v: Vec<String> = bricks.iter().map(|s| s.to_string()).collect();
+        v.push(action.into());
+        v
+    };
+    for (args, says) in [
+        (with(&second, "commit"), "was not started"),
+        (
+            with(&[&a[2], &a[3], &a[4]], "start"),
+            "one whole replica set",
+        ),
+        (
+            with(&[&a[0], &a[1], &a[2]], "start"),
+            "metadata group's votes",
+        ),
+        (
+            with(&[&a[3], &a[4], &nowhere], "start"),
+            "is not in volume 'www'",
+        ),
+        (with(&second, "go"), "start, status or commit"),
+        (
+            second.iter().map(|s| s.to_string()).collect(),
+            "start, status or commit",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_refused(&c, "remove-brick", &args, says, &before);
+    }
+
+    let remove = |c: &Cluster, action: &str| {
+        let args = with(&second, action);
+        c.volume_cli(
+            "remove-brick",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let w = Writer::start(&m.path.join("app"));
+    let rm = c.mount("www", "reader", "").await;
+    let through_reader: Vec<(PathBuf, Vec<u8>)> = files
+        .iter()
+        .map(|(p, b)| (rm.path.join(p.strip_prefix(&m.path).unwrap()), b.clone()))
+        .collect();
+    let reader = Verifier::start(through_reader);
+    w.progresses("the writer to start").await;
+
+    // A slow drain, killed part way; commit is refused meanwhile and after.
+    let seeds = a.join(",");
+    let mut slow = vec!["volume", "remove-brick", "www"];
+    slow.extend(&second);
+    slow.extend([
+        "start",
+        "--rate",
+        "2M",
+        "--page-chunks",
+        "16",
+        "--bricks",
+        &seeds,
+    ]);
+    let mut run = c.cli_command(&slow).spawn().unwrap();
+    wait_for("the drain to record progress", DEADLINE, || {
+        let n = scanned(&c);
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
+    let r = remove(&c, "commit");
+    assert_ne!(r.code, 0, "commit while the drain runs: {}", r.out);
+    assert!(r.out.contains("has not finished"), "{}", r.out);
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let status = remove(&c, "status");
+    assert!(status.out.contains("layout: draining"), "{}", status.out);
+    let r = remove(&c, "commit");
+    assert!(
+        r.code != 0 && r.out.contains("has not finished"),
+        "{}",
+        r.out
+    );
+
+    // Start again (once the killed run's lease is gone): the drain finishes.
+    let until = std::time::Instant::now() + DEADLINE;
+    let finished = loop {
+        let r = remove(&c, "start");
+        if !r.out.contains("is running") {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the killed run's lease never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    };
+    assert_eq!(finished.code, 0, "{}", finished.out);
+    assert!(finished.out.contains("drained"), "{}", finished.out);
+    let status = remove(&c, "status");
+    assert!(status.out.contains("ready to commit"), "{}", status.out);
+    let r = remove(&c, "commit");
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(r.out.contains("1 x 3 = 3"), "{}", r.out);
+    // Again: nothing left to do, and it says so without an error.
+    let r = remove(&c, "commit");
+    assert_eq!(r.code, 0, "{}", r.out);
+
+    w.progresses("the writer to go on after the commit").await;
+    let log = w.finish();
+    let (reads, bad) = reader.finish();
+    let failed: Vec<&String> = log.ops.iter().filter_map(|o| o.error.as_ref()).collect();
+    assert!(failed.is_empty(), "writer operations failed: {failed:?}");
+    assert!(
+        reads >= files.len() as u64,
+        "the reader read everything once"
+    );
+    assert!(
+        bad.is_empty(),
+        "{} of {reads} reads failed: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+
+    let config = vol.refresh_config().await.unwrap();
+    assert_eq!(config.replica_sets.len(), 1);
+    let retired: Vec<&str> = config.retired.iter().map(|b| b.addr.as_str()).collect();
+    assert_eq!(retired, second, "the removed bricks are retired");
+    let gone: Vec<u64> = config.retired.iter().map(|b| b.id).collect();
+    wait_for(
+        "the removed bricks to leave the metadata log",
+        DEADLINE,
+        || {
+            let (c, gone) = (&c, gone.clone());
+            async move {
+                let leader = c.leader_index().await;
+                let s = volume_admin::status(&c.admin_pool(), &c.bricks[leader].addr)
+                    .await
+                    .ok()?;
+                s.replicas
+                    .iter()
+                    .all(|r| !gone.contains(&r.id))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let first = chunks_of(&c, &a[0]).await;
+    assert!(
+        on_second.is_subset(&first),
+        "every chunk of the removed set is on the first"
+    );
+    for i in 3..6 {
+        c.bricks[i].kill();
+    }
+    let fresh = c.mount("www", "fresh", "").await;
+    let wrong = differing(&files, &m.path, &fresh.path);
+    assert!(wrong.is_empty(), "files differ: {wrong:?}");
+    let lost = log.lost_through(&m.path, &fresh.path);
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert_eq!(c.volume_cli("heal", &["info"]).code, 0);
+}

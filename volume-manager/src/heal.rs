@@ -235,7 +235,13 @@ async fn heal_under_lease(vol: &Volume, opts: &Options, progress: &Progress) -> 
     drain_heal_index(vol, &up, &referenced, &mut t).await?;
 
     // Settled? Writes in flight can leave a bucket briefly different; look again a few times.
-    for set in config.replica_sets.iter().map(|s| &s.bricks) {
+    // A set being drained holds only copies on their way out: its bricks may differ.
+    for set in config
+        .replica_sets
+        .iter()
+        .filter(|s| !s.leaving)
+        .map(|s| &s.bricks)
+    {
         let set_up: Vec<&BrickRef> = set.iter().filter(|b| up.contains_key(&b.addr)).collect();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -272,6 +278,17 @@ async fn brick_states(vol: &Volume) -> (BTreeMap<String, BrickRef>, Vec<(BrickRe
         }
     }
     (up, down)
+}
+
+/// The chunks the namespace references now, read on the current metadata leader as
+/// [`namespace_references`] reads them. Err: why not.
+pub(crate) async fn referenced_now(vol: &Volume) -> Result<HashSet<ChunkId>, String> {
+    let (up, _) = brick_states(vol).await;
+    let statuses =
+        futures::future::join_all(up.keys().map(|addr| admin::status(vol.pool(), addr))).await;
+    namespace_references(vol, &up, &statuses)
+        .await
+        .map(|(referenced, _)| referenced)
 }
 
 /// The chunks the namespace references and the release records, read on the current metadata

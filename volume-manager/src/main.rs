@@ -2,6 +2,7 @@
 
 mod heal;
 mod rebalance;
+mod remove_brick;
 mod replicas;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -209,6 +210,29 @@ enum VolumeCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// mortar volume remove-brick NAME B1 B2 B3 start|status|commit: take one replica set out
+    /// of the volume. `start` drains it (its chunks move to the other sets, like a rebalance:
+    /// foreground, resumable, `--rate`); `status` shows what is left; `commit` takes the
+    /// drained set out and retires its bricks, refused until every chunk files reference is
+    /// on every brick of its set elsewhere. The set holding the metadata group's votes cannot
+    /// be removed. Exit status of `start`: 0 drained, 1 stopped, 2 failed (run it again).
+    RemoveBrick {
+        name: String,
+        /// The bricks of one replica set (HOST:PORT), then start, status or commit.
+        #[arg(required = true, num_args = 1.., value_name = "BRICK... ACTION")]
+        spec: Vec<String>,
+        /// Bytes moved per second at most by `start`, with an optional K/M/G suffix; 0 for no
+        /// limit.
+        #[arg(long, default_value = "0", value_parser = parse_bytes)]
+        rate: u64,
+        /// Chunk ids scanned per page by `start`; the progress is recorded after each.
+        #[arg(long, default_value_t = rebalance::PAGE, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        page_chunks: u32,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// The volumes the given bricks serve; fails if any of them does not answer.
     List {
         #[command(flatten)]
@@ -392,9 +416,20 @@ async fn run(cli: Cli) -> Result<()> {
                     ),
                     None => println!("Layout: epoch {}, settled", c.epoch),
                 }
+                if c.replica_sets.iter().any(|s| s.leaving) {
+                    println!(
+                        "Leaving: the bricks marked leaving are drained by 'remove-brick … start' \
+                         and taken out by 'remove-brick … commit'"
+                    );
+                }
                 println!("Bricks:");
-                for (i, b) in c.bricks().enumerate() {
-                    println!("Brick{}: {} (id {})", i + 1, b.addr, b.id);
+                let mut n = 0;
+                for set in &c.replica_sets {
+                    let leaving = if set.leaving { ", leaving" } else { "" };
+                    for b in &set.bricks {
+                        n += 1;
+                        println!("Brick{n}: {} (id {}{leaving})", b.addr, b.id);
+                    }
                 }
             }
         }
@@ -617,6 +652,39 @@ async fn run(cli: Cli) -> Result<()> {
                         }
                         Err(e) => {
                             eprintln!("mortar: rebalance {name}: {e:#}");
+                            2
+                        }
+                    };
+                    std::process::exit(code);
+                }
+            }
+        }
+        Command::Volume(VolumeCommand::RemoveBrick {
+            name,
+            spec,
+            rate,
+            page_chunks,
+            seeds,
+            conn,
+        }) => {
+            let (bricks, action) = remove_brick::parse(&spec)?;
+            let vol = Arc::new(connect(&seeds, &conn, Some(&name)).await?);
+            match action {
+                remove_brick::Action::Status => remove_brick::status(&vol, &name, &bricks)
+                    .await
+                    .map_err(|e| anyhow!("remove-brick {name}: {e:#}"))?,
+                remove_brick::Action::Commit => remove_brick::commit(&vol, &name, &bricks)
+                    .await
+                    .map_err(|e| anyhow!("remove-brick {name}: {e:#}"))?,
+                remove_brick::Action::Start => {
+                    let opts = rebalance::Options {
+                        rate,
+                        page: page_chunks,
+                    };
+                    let code = match remove_brick::start(vol, &name, &bricks, &opts).await {
+                        Ok(code) => code,
+                        Err(e) => {
+                            eprintln!("mortar: remove-brick {name}: {e:#}");
                             2
                         }
                     };

@@ -100,8 +100,65 @@ pub(super) fn add_sets<R: MetaRead>(
         config.replica_sets.push(ReplicaSet {
             id: next + i as u32,
             bricks: bricks.clone(),
+            leaving: false,
         });
     }
+    config.epoch += 1;
+    txn.put(Table::Sys, KEY_VOLUME, enc(&config));
+    Ok(MetaOk::Done)
+}
+
+/// Start draining replica set `set` (by its number): placement leaves it, and the current
+/// sets are kept as the previous placement until a rebalance settles. Applying it again
+/// changes nothing (a retried proposal).
+pub(super) fn drain_set<R: MetaRead>(txn: &mut Txn<'_, R>, set: u32) -> Result<MetaOk, FsError> {
+    let mut config = current(txn)?;
+    let Some(i) = config.replica_sets.iter().position(|s| s.id == set) else {
+        return Err(FsError::Invalid(format!(
+            "the volume has no replica set {set}"
+        )));
+    };
+    if config.replica_sets[i].leaving {
+        return Ok(MetaOk::Done);
+    }
+    if config.previous.is_some() {
+        return Err(FsError::Busy(
+            "a layout change is under way: let its rebalance finish first".into(),
+        ));
+    }
+    if config.replica_sets.iter().filter(|s| !s.leaving).count() < 2 {
+        return Err(FsError::Invalid(
+            "the volume's last replica set cannot be removed".into(),
+        ));
+    }
+    config.previous = Some(config.replica_sets.iter().map(|s| s.id).collect());
+    config.replica_sets[i].leaving = true;
+    config.epoch += 1;
+    txn.put(Table::Sys, KEY_VOLUME, enc(&config));
+    Ok(MetaOk::Done)
+}
+
+/// Take the drained replica set `set` out of the volume and retire its bricks (their ids are
+/// refused from then on). Refused unless it is leaving and the layout has settled. Applying
+/// it again changes nothing (a retried proposal).
+pub(super) fn remove_set<R: MetaRead>(txn: &mut Txn<'_, R>, set: u32) -> Result<MetaOk, FsError> {
+    let mut config = current(txn)?;
+    // Gone already: a retried proposal (the leader checked the set before proposing).
+    let Some(i) = config.replica_sets.iter().position(|s| s.id == set) else {
+        return Ok(MetaOk::Done);
+    };
+    if !config.replica_sets[i].leaving {
+        return Err(FsError::Invalid(format!(
+            "replica set {set} is not being drained: run remove-brick start first"
+        )));
+    }
+    if config.previous.is_some() {
+        return Err(FsError::Busy(
+            "the drain has not finished: run remove-brick start again".into(),
+        ));
+    }
+    let gone = config.replica_sets.remove(i);
+    config.retired.extend(gone.bricks);
     config.epoch += 1;
     txn.put(Table::Sys, KEY_VOLUME, enc(&config));
     Ok(MetaOk::Done)

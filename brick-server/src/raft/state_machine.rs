@@ -334,14 +334,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     replayed = out.replayed;
                     once = cmd.once;
                     let out = out.result;
-                    volume_changed |= out.is_ok()
-                        && matches!(
-                            cmd.op,
-                            MetaOp::CreateVolume(_)
-                                | MetaOp::ReplaceBrick { .. }
-                                | MetaOp::AddSets(_)
-                                | MetaOp::SettleLayout { .. }
-                        );
+                    volume_changed |= out.is_ok() && cmd.op.changes_volume_config();
                     // apply_once leaves only the writes to keep: the change's on success, and
                     // the remembered outcome either way.
                     {
