@@ -73,7 +73,9 @@ pub struct Volume {
     said_bye: Arc<tokio::sync::Notify>,
 }
 
-pub type InvalHook = Box<dyn Fn(&[Inval]) + Send + Sync>;
+/// Passes what other clients changed on (to the kernel's caches); the task it returns, if
+/// any, is waited for (up to [`watch::KERNEL_INVAL_WAIT`]) before the change is acknowledged.
+pub type InvalHook = Box<dyn Fn(&[Inval]) -> Option<tokio::task::JoinHandle<()>> + Send + Sync>;
 
 /// What a successful create-like change tells the cache: the new name, and for an exclusive
 /// create of a regular file the whole inode (the namespace makes it empty, inline, without
@@ -237,7 +239,9 @@ impl Volume {
         committed
     }
 
-    /// Call `hook` with what other clients changed, once this client's cache has dropped it.
+    /// Call `hook` with what other clients changed, once this client's cache has dropped it;
+    /// the leader is told the change is dropped once the hook's task ended (or after
+    /// [`watch::KERNEL_INVAL_WAIT`]).
     pub fn on_invalidate(&self, hook: InvalHook) {
         let _ = self.inval_hook.set(hook);
     }

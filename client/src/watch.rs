@@ -13,6 +13,12 @@ use tokio::sync::mpsc;
 /// Pause before watching again after a watch ended, doubling while no watch can be opened.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(2);
+/// How long an invalidation's acknowledgement waits for the invalidation hook's task (the
+/// kernel's caches): a process on this mount must not read the old state after the writer
+/// elsewhere was answered. Bounded, because the kernel may hold a notification while it waits
+/// for one of our answers, which may wait for this acknowledgement.
+pub const KERNEL_INVAL_WAIT: Duration = Duration::from_millis(100);
+const _: () = assert!(KERNEL_INVAL_WAIT.as_millis() * 5 <= WATCH_LEASE.as_millis());
 
 /// Keep a watch on the current leader for as long as the volume is in use.
 pub(crate) async fn run(volume: Weak<Volume>) {
@@ -97,8 +103,9 @@ async fn keep_watch(
     let _stop_reader = scopeguard(reader);
     // A recall is acknowledged by whichever commit settles what it covers (that takes round
     // trips, during which this loop must keep acknowledging invalidations).
-    let (recalled_tx, mut recalled) = mpsc::unbounded_channel::<u64>();
-    let watch = v.deleg.watch_opened(recalled_tx);
+    // Acknowledgements given later: of recalls, and of invalidations the kernel had to drop.
+    let (acks, mut recalled) = mpsc::unbounded_channel::<u64>();
+    let watch = v.deleg.watch_opened(acks.clone());
     let mut tick = tokio::time::interval(RENEW_EVERY);
     let mut renewals = Renewals::new(Instant::now());
     loop {
@@ -134,11 +141,17 @@ async fn keep_watch(
                     }
                     WatchDown::Invalidate { seq, index, items } => {
                         v.meta_cache.invalidate(index, &items);
-                        write_frame(&mut send, &WatchUp::Ack { seq })
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        if let Some(hook) = v.inval_hook.get() {
-                            hook(&items);
+                        match v.inval_hook.get().and_then(|hook| hook(&items)) {
+                            Some(task) => {
+                                let acks = acks.clone();
+                                tokio::spawn(async move {
+                                    let _ = tokio::time::timeout(KERNEL_INVAL_WAIT, task).await;
+                                    let _ = acks.send(seq);
+                                });
+                            }
+                            None => write_frame(&mut send, &WatchUp::Ack { seq })
+                                .await
+                                .map_err(|e| e.to_string())?,
                         }
                     }
                     WatchDown::Recall { seq, dir } => v.recalled(dir, watch, seq),

@@ -122,6 +122,11 @@ fn open_flags(keep_cache: bool, write: bool) -> FopenFlags {
 
 const GENERATION: Generation = Generation(0);
 
+/// A request still unanswered after this long is logged (the operation timeout is 30 s by
+/// default, so only a wait without a deadline gets here).
+const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_secs(45);
+const _: () = assert!(SLOW_REQUEST.as_secs() > mortar_client::DEFAULT_OP_TIMEOUT.as_secs());
+
 /// Pass what other clients changed on to the kernel's entry, attribute and page caches. The
 /// notifications run on blocking threads: the kernel may hold them while it waits for one of
 /// our answers.
@@ -130,11 +135,9 @@ pub fn kernel_invalidation(
     rt: tokio::runtime::Handle,
 ) -> mortar_client::InvalHook {
     Box::new(move |items: &[Inval]| {
-        let Some(n) = notifier.get().cloned() else {
-            return;
-        };
+        let n = notifier.get().cloned()?;
         let items = items.to_vec();
-        rt.spawn_blocking(move || {
+        Some(rt.spawn_blocking(move || {
             for item in items {
                 let _ = match item {
                     Inval::Inode(ino) => n.inval_inode(INodeNo(ino), 0, 0),
@@ -146,7 +149,7 @@ pub fn kernel_invalidation(
                     Inval::Names(_) => Ok(()),
                 };
             }
-        });
+        }))
     })
 }
 
@@ -233,7 +236,24 @@ impl MortarFs {
         let mut task = Box::pin(f(self.core.clone()));
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         if std::future::Future::poll(task.as_mut(), &mut cx).is_pending() {
-            self.rt.spawn(task);
+            self.rt.spawn(async move {
+                // Every wait below has a deadline; one that outlives this names its request in
+                // the log, so a hang can be found.
+                tokio::select! {
+                    biased;
+                    () = &mut task => return,
+                    () = tokio::time::sleep(SLOW_REQUEST) => {}
+                }
+                tracing::warn!(
+                    request = std::any::type_name::<F>(),
+                    "a request has been waiting for {SLOW_REQUEST:?}"
+                );
+                task.await;
+                tracing::warn!(
+                    request = std::any::type_name::<F>(),
+                    "the slow request ended"
+                );
+            });
         }
     }
 }
