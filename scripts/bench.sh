@@ -3,6 +3,8 @@
 #   scripts/bench.sh docroot      a web docroot workload on a mortar mount vs a local directory
 #   scripts/bench.sh bricks [N]   the brick write path: replicated vs one brick, no replication
 #   scripts/bench.sh heal [F M]   heal info / heal / heal --full over F files, M missed by a brick
+#   scripts/bench.sh rebalance [MIB]  add-brick + rebalance of MIB MiB, with a reader's rate
+#                                 during it as a share of before
 #   scripts/bench.sh model [N]    the mount's reference-model property test with N sequences
 #                                 (20,000 by default; CI runs 2,000); MORTAR_MODEL_SEED replays one
 set -euo pipefail
@@ -19,6 +21,12 @@ heal() {
     need_build_packages
     cargo build --workspace --bins
     "$BIN_DIR/bench-heal" "${1:-5000}" "${2:-1000}"
+}
+
+rebalance() {
+    need_build_packages
+    cargo build --workspace --bins
+    MORTAR_BIN_DIR="$BIN_DIR" "$BIN_DIR/bench-rebalance" "${1:-512}"
 }
 
 model() {
@@ -171,12 +179,16 @@ case "${1:-docroot}" in
     docroot) docroot ;;
     bricks) bricks "${2:-200}" ;;
     heal) heal "${2:-5000}" "${3:-1000}" ;;
+    rebalance)
+        [[ "${2:-512}" =~ ^[1-9][0-9]*$ ]] || { echo "rebalance: MIB must be a whole number of at least 1" >&2; exit 2; }
+        rebalance "${2:-512}"
+        ;;
     model)
         [[ "${2:-20000}" =~ ^[1-9][0-9]*$ ]] || { echo "model: N must be a whole number of at least 1" >&2; exit 2; }
         model "${2:-20000}"
         ;;
     *)
-        echo "usage: scripts/bench.sh [docroot | bricks [CHUNKS_PER_SIZE] | heal [FILES MISSED] | model [SEQUENCES]]" >&2
+        echo "usage: scripts/bench.sh [docroot | bricks [CHUNKS_PER_SIZE] | heal [FILES MISSED] | rebalance [MIB] | model [SEQUENCES]]" >&2
         exit 2
         ;;
 esac

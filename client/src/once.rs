@@ -81,16 +81,26 @@ impl Seqs {
 
     /// The next change's ticket; waits while the window above the oldest open one is full.
     pub(crate) async fn ticket(self: &Arc<Self>) -> Ticket {
+        let mut said = false;
         loop {
             let closed = self.closed.notified();
-            if let Some(seq) = self.open.lock().expect("seqs lock").take() {
-                return Ticket {
-                    id: OpId {
-                        client: self.client,
-                        seq,
-                    },
-                    seqs: self.clone(),
-                };
+            let oldest = {
+                let mut open = self.open.lock().expect("seqs lock");
+                if let Some(seq) = open.take() {
+                    return Ticket {
+                        id: OpId {
+                            client: self.client,
+                            seq,
+                        },
+                        seqs: self.clone(),
+                    };
+                }
+                open.open.first().copied()
+            };
+            if !said {
+                // Rare, and a wait with no deadline of its own: say so, for diagnosis.
+                tracing::warn!(?oldest, "a change waits for the oldest unanswered change");
+                said = true;
             }
             closed.await;
         }
