@@ -9,11 +9,10 @@ use mortar_proto::transport::Pool;
 use mortar_proto::wire::{AdminRequest, Frame, HealEntry, HealReason, PutChunk, Reply, Request};
 use mortar_proto::{BrickId, BrickRef, ChunkId, FsError, VolumeConfig, MAX_CHUNK_SIZE};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// How long a forwarded copy may take before the peer counts as failed for this write.
-pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(3);
+pub use mortar_proto::timing::REPLICA_TIMEOUT;
 
 pub fn verify(p: &PutChunk) -> Result<(), FsError> {
     if p.data.len() > MAX_CHUNK_SIZE as usize {

@@ -13,8 +13,9 @@
 //! - **A lease is extended only to a watcher that acknowledged everything sent to it before
 //!   it asked** ([`Coherence::renew`]); so a watcher that stops acknowledging (frozen, slow,
 //!   cut off) loses its lease within one lease, and from then on no writer waits for it.
-//! - **A new leader answers no change until leases its predecessors granted have run out**,
-//!   and a watch that ended keeps blocking changes until its lease has.
+//! - **A new leader answers no change until leases its predecessors granted have run out**
+//!   ([`NEW_TERM_WAIT`]: a lease less the leader lease its electors waited out), and a watch
+//!   that ended keeps blocking changes until its lease has.
 //! - **A delegated directory is changed by its holder alone**: a request naming it from another
 //!   client waits for a recall (the holder commits and acknowledges), or, when the holder does
 //!   not answer in time, for the holder's lease to run out.
@@ -44,11 +45,7 @@ pub const RECALL_WAIT: Duration = Duration::from_secs(5);
 /// leases without renewal), find the new one and open a watch on it.
 pub const RECLAIM_GRACE: Duration = Duration::from_secs(10);
 
-/// A lease as the leader counts it: a little longer than the client does, for clock-rate
-/// differences between hosts.
-pub const LEASE_MARGIN: Duration = Duration::from_millis(
-    WATCH_LEASE.as_millis() as u64 + WATCH_LEASE.as_millis() as u64 / 20 + 20,
-);
+pub use mortar_proto::timing::{LEASE_MARGIN, NEW_TERM_WAIT};
 
 // A silent watcher's lease must have ended before it is given up on (closing its watch is
 // then only bookkeeping), and a recall must outlast a lease's worth of commits.
@@ -414,7 +411,7 @@ impl Coherence {
             .departed
             .iter()
             .copied()
-            .chain(std::iter::once(since + LEASE_MARGIN).filter(|t| *t > now))
+            .chain(std::iter::once(since + NEW_TERM_WAIT).filter(|t| *t > now))
             .chain(
                 self.sessions
                     .values()

@@ -101,16 +101,12 @@ async fn run(args: Args) -> Result<()> {
             .validate()
             .context("raft configuration")?,
     );
-    let raft = raft::Raft::new(
-        id,
-        config,
-        Network { pool: pool.clone() },
-        LogStore::new(store.clone(), bound.clone()),
-        sm,
-    )
-    .await
-    // openraft's Fatal prints nothing useful with Display; the Debug form names the cause.
-    .map_err(|e| anyhow::anyhow!("cannot start the metadata group: {e:?}"))?;
+    let log = LogStore::new(store.clone(), bound.clone());
+    let campaign = Arc::new(raft::Campaign::new(raft::ELECTION, log.clone()));
+    let raft = raft::Raft::new(id, config, Network { pool: pool.clone() }, log, sm)
+        .await
+        // openraft's Fatal prints nothing useful with Display; the Debug form names the cause.
+        .map_err(|e| anyhow::anyhow!("cannot start the metadata group: {e:?}"))?;
 
     let watchers = Arc::new(Watchers::new(id, raft.clone(), hub, store.clone()));
     let brick = Arc::new(Brick {
@@ -122,6 +118,7 @@ async fn run(args: Args) -> Result<()> {
         data_dir: args.data.clone(),
         watchers,
         lag: Arc::default(),
+        campaign: campaign.clone(),
         log_bound: bound.clone(),
         space: Arc::new(Space::new(args.data.clone(), args.reserve)),
         peers_full: Default::default(),
@@ -131,6 +128,13 @@ async fn run(args: Args) -> Result<()> {
     let server = tokio::spawn(brick.clone().serve(endpoint.clone()));
     tokio::spawn(log_bound::run(raft.clone(), bound));
     tokio::spawn(lag::run(raft.clone(), brick.lag.clone()));
+    tokio::spawn(raft::log_changes(raft.clone()));
+    tokio::spawn(raft::run_elections(
+        raft.clone(),
+        brick.pool.clone(),
+        id,
+        campaign,
+    ));
     tokio::spawn(brick.clone().watch_peer_space());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -24,18 +24,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long a client's metadata request waits here for a leader (election) or a commit before
-/// the brick answers "unavailable" and the client tries again, possibly elsewhere. Shorter than
-/// the client's per-attempt timeout, so the client hears the answer.
-pub const META_TIMEOUT: Duration = Duration::from_millis(1500);
+use mortar_proto::timing::FORWARD_TIMEOUT;
+pub use mortar_proto::timing::META_TIMEOUT;
 /// Volume creation waits for the first election for up to this long.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the leader asks its peers about their disks, and how long an answer counts.
 const PEER_SPACE_EVERY: Duration = Duration::from_secs(1);
 const PEER_SPACE_FRESH: Duration = Duration::from_secs(5);
 const _: () = assert!(PEER_SPACE_FRESH.as_millis() > 2 * PEER_SPACE_EVERY.as_millis());
-/// Per-hop timeout when a follower forwards to the leader.
-const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
 
 pub struct Brick {
     pub id: BrickId,
@@ -47,6 +43,8 @@ pub struct Brick {
     pub watchers: Arc<Watchers>,
     /// Followers' lag, while this brick leads.
     pub lag: Arc<crate::lag::Lag>,
+    /// When this brick last heard a leader, and its pre-votes.
+    pub campaign: Arc<raft::Campaign>,
     pub log_bound: Arc<crate::log_bound::LogBound>,
     /// The data disk and the reserve kept on it for metadata.
     pub space: Arc<crate::space::Space>,
@@ -206,7 +204,7 @@ impl Brick {
                     .volume()
                     .map(|v| v.retired.iter().map(|b| b.id).collect())
                     .unwrap_or_default();
-                raft::serve_rpc(&self.raft, self.id, &retired, rpc).await
+                raft::serve_rpc(&self.raft, &self.campaign, self.id, &retired, rpc).await
             }
             Request::Admin(a) => self.admin(role, a).await,
             Request::Delegate { client, dir } => {
@@ -905,6 +903,7 @@ impl Brick {
             log_bytes: self.log_bound.total(),
             disk_bytes: self.on_storage(|s| Ok(s.disk_bytes())).await?,
             layout_epoch: self.volume().map(|v| v.epoch).unwrap_or(0),
+            longest_leader_gap_ms: self.campaign.longest_gap().as_millis() as u64,
         })
     }
 

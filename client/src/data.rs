@@ -25,7 +25,7 @@ const PUT_RETRY_AFTER: Duration = Duration::from_millis(100);
 const PUT_MAX_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// A chunk read gets this long at one replica before the next replica is asked as well; the
 /// first good answer wins, so a frozen or slow brick costs a read this much, not a timeout.
-pub const HEDGE_DELAY: Duration = Duration::from_millis(300);
+pub use mortar_proto::timing::CHUNK_HEDGE as HEDGE_DELAY;
 const GET_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How a write stores the chunks it makes.
 #[derive(Clone, Copy)]

@@ -34,14 +34,7 @@ use std::time::{Duration, Instant};
 
 pub use mortar_proto;
 
-/// How long one namespace request may take at one brick before we try another: a frozen or
-/// cut-off brick costs at most this (retries are safe: every change carries an [`OpId`]).
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
-/// A namespace request not answered within this is also sent to a second brick.
-pub const META_HEDGE: Duration = Duration::from_millis(600);
-/// Default for how long an operation keeps retrying (leader changes, bricks away) before it
-/// fails with ENOTCONN; the mount's `op_timeout` option sets it.
-pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(30);
+pub use mortar_proto::timing::{ATTEMPT_TIMEOUT, DEFAULT_OP_TIMEOUT, META_HEDGE};
 
 pub struct Volume {
     pool: Pool,

@@ -7,6 +7,7 @@ pub mod digest;
 pub mod error;
 pub mod layout;
 pub mod replication;
+pub mod timing;
 pub mod tls;
 pub mod transport;
 pub mod types;

@@ -8,18 +8,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Keep-alives well inside the idle timeout, so a silent peer is noticed within seconds instead
-/// of GlusterFS's 42-second ping timeout.
-pub const KEEP_ALIVE: Duration = Duration::from_millis(300);
-pub const IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
-pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
-/// After a failed connect, a brick is treated as down (requests fail at once) while a background
-/// probe reconnects; probes back off from this delay up to [`MAX_PROBE_BACKOFF`].
-pub const PROBE_BACKOFF: Duration = Duration::from_millis(250);
-pub const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(2);
-/// A brick that timed out is tried after healthy ones for this long (or until it answers), so
-/// one slow answer does not demote it for good.
-pub const SUSPECT_FOR: Duration = Duration::from_secs(3);
+pub use crate::timing::{
+    CONNECT_TIMEOUT, IDLE_TIMEOUT, KEEP_ALIVE, MAX_PROBE_BACKOFF, PROBE_BACKOFF, SUSPECT_FOR,
+};
 
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();

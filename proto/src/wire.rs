@@ -381,6 +381,8 @@ pub enum RaftKind {
     AppendEntries,
     Vote,
     InstallSnapshot,
+    /// Would the receiver vote for the sender? Asked before an election, which raises the term.
+    PreVote,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -561,6 +563,9 @@ pub struct BrickStatus {
     pub disk_bytes: u64,
     /// The layout epoch of the volume configuration this brick has applied.
     pub layout_epoch: u64,
+    /// The longest this brick went without hearing from its leader since it started, in ms
+    /// (heartbeats come every 100 ms; a leader is replaced after about 600–800 ms).
+    pub longest_leader_gap_ms: u64,
 }
 
 /// A follower of the metadata group as its leader sees it.
@@ -663,8 +668,7 @@ pub enum WatchDown {
     },
 }
 
-/// How long a granted lease lasts, counted by the client from when it asked.
-pub const WATCH_LEASE: std::time::Duration = std::time::Duration::from_secs(1);
+pub use crate::timing::WATCH_LEASE;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Reply {

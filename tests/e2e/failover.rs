@@ -255,3 +255,73 @@ async fn a_partitioned_old_leader_acknowledges_nothing() {
     majority.lookup(ROOT_INODE, b"majority").await.unwrap();
     majority.lookup(ROOT_INODE, b"before-cut").await.unwrap();
 }
+
+/// A follower killed, frozen and cut off, each for 30 s under the live workload: the writer
+/// never fails, and when the follower returns it rejoins without an election — the term and the
+/// leader are what they were (pre-vote: a brick that lost its leader asks before it stands, and
+/// its peers, still hearing the leader, say no).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_returning_from_kill_freeze_or_cut_keeps_the_term_and_the_leader() {
+    let hold = Duration::from_secs(30);
+    let mut c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let m = c.mount("www", "mnt", "").await;
+    let w = Writer::start(&m.path.join("app"));
+    w.progresses("the workload to start").await;
+    let leader = c.leader_index().await;
+    let victim = (leader + 1) % 3;
+    let term =
+        |s: &Option<mortar_tests::mortar_proto::wire::BrickStatus>| s.as_ref().map(|s| s.term);
+    let before = c.statuses().await;
+    let started = Instant::now();
+    for fault in Fault::ALL {
+        let from = Instant::now();
+        fault.inject(&mut c, victim, hold).await;
+        w.progresses("the workload to go on after the follower returned")
+            .await;
+        let window = w.log.lock().unwrap().window(from, Instant::now());
+        let now = c.statuses().await;
+        eprintln!(
+            "{fault:?} of a follower (brick {victim}) for {hold:?}: {} operations, {} failed, longest {:?}; terms {:?} -> {:?}",
+            window.ops,
+            window.failed.len(),
+            window.longest,
+            before.iter().map(term).collect::<Vec<_>>(),
+            now.iter().map(term).collect::<Vec<_>>(),
+        );
+        assert_eq!(
+            c.leader_index().await,
+            leader,
+            "{fault:?}: the leader changed"
+        );
+        for (i, s) in now.iter().enumerate() {
+            assert_eq!(
+                term(s),
+                term(&before[leader]),
+                "{fault:?}: brick {i}'s term moved"
+            );
+        }
+    }
+    // The path under test was taken: cut off, the follower asked for pre-votes (and was told no
+    // or heard nothing) rather than standing.
+    assert!(
+        c.log_contains(victim, "pre-vote: no majority; keeping the term"),
+        "the cut-off follower never asked for a pre-vote"
+    );
+    let log = w.finish();
+    let all = log.window(started, Instant::now());
+    assert!(
+        all.failed.is_empty(),
+        "application operations failed: {:?}",
+        &all.failed[..all.failed.len().min(10)]
+    );
+    let fresh = c.mount("www", "fresh", "").await;
+    let lost = log.lost_through(&m.path, &fresh.path);
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    eprintln!(
+        "{} operations, {} acknowledged writes, longest stall during the follower's faults {:?}",
+        log.ops.len(),
+        log.acked.len(),
+        all.longest
+    );
+}

@@ -411,6 +411,16 @@ impl Cluster {
         .await
     }
 
+    /// Each brick's status (None for a brick that does not answer).
+    pub async fn statuses(&self) -> Vec<Option<mortar_proto::wire::BrickStatus>> {
+        let pool = self.admin_pool();
+        let mut out = Vec::new();
+        for a in self.addrs() {
+            out.push(mortar_client::volume_admin::status(&pool, &a).await.ok());
+        }
+        out
+    }
+
     /// Every brick's namespace digest, once all report the same applied index.
     pub async fn settled_meta_digests(&self) -> Vec<[u8; 32]> {
         self.settled_meta_digests_of(&self.addrs()).await

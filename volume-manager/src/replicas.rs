@@ -88,6 +88,7 @@ mod tests {
             log_bytes: 0,
             disk_bytes: 0,
             layout_epoch: 0,
+            longest_leader_gap_ms: 0,
         }
     }
 

@@ -10,6 +10,7 @@ use crate::log_bound::LogBound;
 use crate::namespace::{self, MetaRead, Table, Txn};
 use crate::snapshot::{self, table_cf};
 use crate::store::{Store, CF_RAFT_LOG, CF_RAFT_STATE};
+use mortar_proto::timing;
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{self, Inval, MetaOk, MetaOp, OpId, RaftKind, RaftRpc, Reply, Request};
 use mortar_proto::{FsError, Inode, Timestamp, VolumeConfig};
@@ -78,14 +79,23 @@ type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)
 /// Log entries between snapshots (after which older entries are purged).
 pub const SNAPSHOT_EVERY: u64 = 20_000;
 
-/// Timing of the metadata group. Heartbeats every 100 ms and elections after 400–800 ms of
-/// silence keep a leader change well inside the failover budget.
+/// When a brick stands for election ([`Campaign`] decides; openraft's own timer is off).
+pub const ELECTION: election::Timing = election::Timing {
+    lease: timing::LEADER_LEASE,
+    slack: timing::ELECTION_SLACK,
+    spread: timing::ELECTION_SPREAD,
+};
+
+/// The metadata group's openraft settings. openraft takes its leader lease (a voter refuses a
+/// real vote this soon after hearing a leader) from `election_timeout_max`; its own election
+/// timer is off (`enable_elect`), because it would stand without asking first.
 pub fn config(snapshot_every: u64) -> openraft::Config {
     openraft::Config {
         cluster_name: "mortar".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 400,
-        election_timeout_max: 800,
+        heartbeat_interval: timing::HEARTBEAT.as_millis() as u64,
+        election_timeout_min: timing::HEARTBEAT.as_millis() as u64 * 2,
+        election_timeout_max: timing::LEADER_LEASE.as_millis() as u64,
+        enable_elect: false,
         // Per chunk; the last chunk's reply waits for the install, which reads the whole file
         // twice and rewrites the namespace.
         install_snapshot_timeout: 120_000,
@@ -120,10 +130,13 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 const KEY_INSTALLING: &[u8] = b"installing";
 
+mod campaign;
+pub mod election;
 mod log;
 mod network;
 mod state_machine;
 
+pub use campaign::{log_changes, run as run_elections, Campaign, PreVote, PreVoteAnswer};
 pub use log::LogStore;
 pub use network::{entries_hint, serve_rpc, Network, Peer, APPEND_BYTES, MAX_ENTRY};
 pub use state_machine::{meta_digest, DbMeta, SharedVolume, StateMachine};

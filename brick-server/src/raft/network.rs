@@ -143,6 +143,7 @@ impl RaftNetwork<TypeConfig> for Peer {
 /// brick that comes back with its old log must not vote, lead or be counted.
 pub async fn serve_rpc(
     raft: &Raft,
+    campaign: &Campaign,
     me: NodeId,
     retired: &[NodeId],
     rpc: RaftRpc,
@@ -153,8 +154,7 @@ pub async fn serve_rpc(
             rpc.target
         )));
     }
-    let from = |vote: &Vote<NodeId>| {
-        let sender = vote.leader_id().voted_for();
+    let from = |sender: Option<NodeId>| {
         match sender.filter(|s| retired.contains(s)) {
             Some(s) => {
                 // A retired brick left running retries at its election rate: say it now and
@@ -177,19 +177,39 @@ pub async fn serve_rpc(
     let payload = match rpc.kind {
         RaftKind::AppendEntries => {
             let req: AppendEntriesRequest<TypeConfig> = wire::decode(&rpc.payload).map_err(bad)?;
-            from(&req.vote)?;
-            enc(&raft.append_entries(req).await)
+            from(req.vote.leader_id().voted_for())?;
+            let resp = raft.append_entries(req).await;
+            // Anything but "your term is behind mine" means this brick follows the sender.
+            if matches!(&resp, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+                campaign.leader_heard();
+            }
+            enc(&resp)
         }
         RaftKind::Vote => {
             let req: VoteRequest<NodeId> = wire::decode(&rpc.payload).map_err(bad)?;
-            from(&req.vote)?;
-            enc(&raft.vote(req).await)
+            from(req.vote.leader_id().voted_for())?;
+            let resp = raft.vote(req).await;
+            // A vote granted restarts the wait, as in Raft: the candidate gets its chance.
+            if matches!(&resp, Ok(r) if r.vote_granted) {
+                campaign.leader_heard();
+            }
+            enc(&resp)
         }
         RaftKind::InstallSnapshot => {
             let req: InstallSnapshotRequest<TypeConfig> =
                 wire::decode(&rpc.payload).map_err(bad)?;
-            from(&req.vote)?;
-            enc(&raft.install_snapshot(req).await)
+            from(req.vote.leader_id().voted_for())?;
+            let vote = req.vote;
+            let resp = raft.install_snapshot(req).await;
+            if matches!(&resp, Ok(r) if r.vote == vote) {
+                campaign.leader_heard();
+            }
+            enc(&resp)
+        }
+        RaftKind::PreVote => {
+            let req: PreVote = wire::decode(&rpc.payload).map_err(bad)?;
+            from(Some(req.candidate))?;
+            enc(&campaign.answer(raft, &req).await?)
         }
     };
     Ok(Reply::Raft(payload))
