@@ -63,6 +63,9 @@ pub struct Volume {
     /// Asks the watch to say goodbye to the leader (see [`Volume::shutdown`]), and is told
     /// when it has.
     bye: Arc<tokio::sync::Notify>,
+    /// A brick named a leader other than the one last known: the watch moves to it at once
+    /// rather than wait for its renewals to go unanswered (what it held is reclaimed there).
+    leader_moved: tokio::sync::Notify,
     said_bye: Arc<tokio::sync::Notify>,
 }
 
@@ -172,6 +175,7 @@ impl Volume {
             deleg: delegation::Delegations::default(),
             uploads: upload::Uploads::default(),
             bye: Arc::default(),
+            leader_moved: tokio::sync::Notify::new(),
             said_bye: Arc::default(),
         };
         let config = match partial.meta(Request::Query(Query::Volume)).await.result? {
@@ -348,7 +352,16 @@ impl Volume {
                     touched,
                     fresh,
                 })) => {
-                    *self.leader.lock().expect("leader lock") = leader.map(|l| l.addr);
+                    let named = leader.map(|l| l.addr);
+                    let moved = {
+                        let mut known = self.leader.lock().expect("leader lock");
+                        let moved = named.is_some() && *known != named;
+                        *known = named;
+                        moved
+                    };
+                    if moved {
+                        self.leader_moved.notify_one();
+                    }
                     match result {
                         Err(FsError::Unavailable(e)) => last_err = FsError::Unavailable(e),
                         Err(e @ FsError::ReadOnly(_)) => {

@@ -27,9 +27,6 @@ pub(crate) async fn run(volume: Weak<Volume>) {
         let Some(v) = volume.upgrade() else { return };
         let outcome = watch_leader(&v).await;
         v.meta_cache.watch_ended();
-        // The leader may be gone: find it afresh for the next watch (a delegation's holder must
-        // reach the new leader soon, to give back what it held there).
-        *v.leader.lock().expect("leader lock") = None;
         // Delegations end with the lease; what they held is committed by the committer.
         v.lease_lost();
         match outcome {
@@ -39,8 +36,12 @@ pub(crate) async fn run(volume: Weak<Volume>) {
                 pause = (pause * 2).min(MAX_RETRY_AFTER);
             }
         }
+        // A brick already named the next leader (the watch moved): watch it at once.
+        let known = v.leader.lock().expect("leader lock").is_some();
         drop(v);
-        tokio::time::sleep(pause).await;
+        if !known {
+            tokio::time::sleep(pause).await;
+        }
     }
 }
 
@@ -56,7 +57,19 @@ async fn leader_addr(v: &Volume) -> Option<String> {
 /// Ok when a watch was opened (however it ended later), Err when none could be.
 async fn watch_leader(v: &Arc<Volume>) -> Result<(), String> {
     let addr = leader_addr(v).await.ok_or("no metadata leader known")?;
-    let conn = v.pool.connection(&addr).await.map_err(|e| e.to_string())?;
+    let watched = watch_at(v, &addr).await;
+    // That leader may be gone: find it afresh for the next watch (a delegation's holder must
+    // reach the new leader soon, to give back what it held there), unless a brick has
+    // already named another.
+    let mut known = v.leader.lock().expect("leader lock");
+    if known.as_deref() == Some(addr.as_str()) {
+        *known = None;
+    }
+    watched
+}
+
+async fn watch_at(v: &Arc<Volume>, addr: &str) -> Result<(), String> {
+    let conn = v.pool.connection(addr).await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let hello = Request::Watch {
         client: v.client_id,
@@ -77,7 +90,7 @@ async fn watch_leader(v: &Arc<Volume>) -> Result<(), String> {
         other => return Err(format!("unexpected first watch message {other:?}")),
     }
     tracing::debug!(%addr, "watching the metadata leader");
-    if let Err(e) = keep_watch(v, &addr, send, recv).await {
+    if let Err(e) = keep_watch(v, addr, send, recv).await {
         tracing::debug!(%addr, error = %e, "watch ended");
     }
     Ok(())
@@ -117,6 +130,12 @@ async fn keep_watch(
                 write_frame(&mut send, &WatchUp::Renew { n })
                     .await
                     .map_err(|e| e.to_string())?;
+            }
+            _ = v.leader_moved.notified() => {
+                let named = v.leader.lock().expect("leader lock").clone();
+                if let Some(other) = named.filter(|l| l != addr) {
+                    return Err(format!("the leader moved from {addr} to {other}"));
+                }
             }
             Some(seq) = recalled.recv() => {
                 write_frame(&mut send, &WatchUp::Ack { seq })

@@ -44,7 +44,10 @@ pub const ELECTION_WAIT_MAX: Duration = ms(LEADER_LEASE.as_millis() as u64
 
 /// How long a granted watch lease lasts, counted by the client from when it asked. A lease is
 /// granted only after the leader confirmed its leadership with a quorum since the ask.
-pub const WATCH_LEASE: Duration = ms(1000);
+pub const WATCH_LEASE: Duration = ms(600);
+/// How often a client renews its lease: several times per lease, so one slow renewal costs
+/// nothing.
+pub const RENEW_EVERY: Duration = ms(150);
 /// A lease as the leader counts it: a little longer than the client does, for clock-rate
 /// differences between hosts (5 %, and 20 ms).
 pub const LEASE_MARGIN: Duration =
@@ -87,6 +90,10 @@ const fn lt(a: Duration, b: Duration) -> bool {
 
 // The new term's wait is a lease less what the election itself already waited.
 const _: () = assert!(lt(LEADER_LEASE, LEASE_MARGIN) && lt(NEW_TERM_WAIT, LEASE_MARGIN));
+const _: () = assert!(!lt(
+    WATCH_LEASE,
+    Duration::from_millis(4 * RENEW_EVERY.as_millis() as u64)
+));
 // Several heartbeats fit in a lease, so a late one or two end nothing on a busy host.
 const _: () = assert!(lt(
     Duration::from_millis(3 * HEARTBEAT.as_millis() as u64),

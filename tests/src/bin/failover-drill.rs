@@ -8,7 +8,54 @@
 use mortar_tests::workload::{Fault, Writer};
 use mortar_tests::{wait_for, Cluster, DEADLINE};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Seconds since midnight UTC of a brick log line's timestamp (`2026-12-03T15:52:30.614099Z …`).
+fn log_time(line: &str) -> Option<f64> {
+    let t = line
+        .split_whitespace()
+        .next()?
+        .split('T')
+        .nth(1)?
+        .trim_end_matches('Z');
+    let mut parts = t.split(':');
+    let (h, m, s): (f64, f64, f64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+fn seconds_of_day(t: SystemTime) -> f64 {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    (since.as_secs_f64()) % 86_400.0
+}
+
+/// Where a leader fault's stall went, read from the surviving bricks' logs: the first pre-vote
+/// won and the first brick leading after the fault, in seconds after it. (A run across
+/// midnight UTC reads nothing.)
+fn election_after(c: &Cluster, victim: usize, fault_at: SystemTime) -> (Option<f64>, Option<f64>) {
+    let from = seconds_of_day(fault_at);
+    let first = |needle: &str| {
+        (0..c.bricks.len())
+            .filter(|&i| i != victim)
+            .filter_map(|i| std::fs::read_to_string(&c.bricks[i].log).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .filter(|l| l.contains(needle))
+                    .filter_map(log_time)
+                    .filter(|t| *t >= from)
+                    .collect::<Vec<_>>()
+            })
+            .map(|t| t - from)
+            .reduce(f64::min)
+    };
+    (
+        first("pre-vote won: standing for election"),
+        first("state=Leader"),
+    )
+}
 
 /// What wrk saw over one fault.
 struct Http {
@@ -128,6 +175,7 @@ async fn main() {
                 .spawn()
                 .expect("start wrk");
             let from = Instant::now();
+            let fault_at = SystemTime::now();
             fault.inject(&mut c, victim, hold).await;
             w.progresses("the writer to make progress").await;
             let out = tokio::task::spawn_blocking(move || wrk.wait_with_output())
@@ -160,6 +208,25 @@ async fn main() {
                     format!("NO ({} lost)", lost.len())
                 }
             );
+            if victim == leader {
+                let (pre_vote, elected) = election_after(&c, victim, fault_at);
+                let stalled_from = {
+                    let log = w.log.lock().expect("log");
+                    log.ops
+                        .iter()
+                        .filter(|o| o.start + o.took >= from)
+                        .max_by_key(|o| o.took)
+                        .map(|o| o.start.saturating_duration_since(from).as_secs_f64())
+                };
+                let s = |t: Option<f64>| t.map_or("-".to_string(), |t| format!("{t:.3}s"));
+                println!(
+                    "    timeline after the fault: pre-vote won {}, new leader {}, longest write began {} and took {:.3}s",
+                    s(pre_vote),
+                    s(elected),
+                    s(stalled_from),
+                    window.longest.as_secs_f64()
+                );
+            }
             for f in window.failed.iter().take(3) {
                 println!("    failed: {f}");
             }
