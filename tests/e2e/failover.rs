@@ -42,6 +42,24 @@ async fn the_application_rides_through_kill_freeze_and_cut_of_the_leader() {
             window.longest
         );
     }
+    let all = nothing_failed_or_lost(&c, &m, w, started, "the faults").await;
+    assert!(
+        all.longest <= Duration::from_secs(5),
+        "longest application stall {:?}",
+        all.longest
+    );
+}
+
+/// Stop the writer and assert that none of its operations since `started` failed and that
+/// every write it had acknowledged reads back through a fresh mount (not the writer's own
+/// cache). Returns the figures of the window.
+async fn nothing_failed_or_lost(
+    c: &Cluster,
+    m: &mortar_tests::Mount,
+    w: Writer,
+    started: Instant,
+    what: &str,
+) -> mortar_tests::workload::Window {
     let log = w.finish();
     let all = log.window(started, Instant::now());
     assert!(
@@ -49,21 +67,16 @@ async fn the_application_rides_through_kill_freeze_and_cut_of_the_leader() {
         "application operations failed: {:?}",
         &all.failed[..all.failed.len().min(10)]
     );
-    assert!(
-        all.longest <= Duration::from_secs(5),
-        "longest application stall {:?}",
-        all.longest
-    );
-    // Read back through a fresh mount, not the writer's own cache.
     let fresh = c.mount("www", "fresh", "").await;
     let lost = log.lost_through(&m.path, &fresh.path);
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     eprintln!(
-        "{} operations, {} acknowledged writes, longest stall during the faults {:?}",
+        "{} operations, {} acknowledged writes, longest stall during {what} {:?}",
         log.ops.len(),
         log.acked.len(),
         all.longest
     );
+    all
 }
 
 /// Two bricks down: reads go on, writes fail with EROFS, and a returning brick restores writes
@@ -308,20 +321,5 @@ async fn a_follower_returning_from_kill_freeze_or_cut_keeps_the_term_and_the_lea
         c.log_contains(victim, "pre-vote: no majority; keeping the term"),
         "the cut-off follower never asked for a pre-vote"
     );
-    let log = w.finish();
-    let all = log.window(started, Instant::now());
-    assert!(
-        all.failed.is_empty(),
-        "application operations failed: {:?}",
-        &all.failed[..all.failed.len().min(10)]
-    );
-    let fresh = c.mount("www", "fresh", "").await;
-    let lost = log.lost_through(&m.path, &fresh.path);
-    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
-    eprintln!(
-        "{} operations, {} acknowledged writes, longest stall during the follower's faults {:?}",
-        log.ops.len(),
-        log.acked.len(),
-        all.longest
-    );
+    nothing_failed_or_lost(&c, &m, w, started, "the follower's faults").await;
 }

@@ -299,48 +299,16 @@ mod tests {
     fn a_voter_says_yes_only_past_the_lease_and_to_a_log_as_long_as_its_own() {
         let t0 = Instant::now();
         let lease = ms(500);
+        // A follower last heard its leader at t0 and is asked at `at`.
+        let asked =
+            |at: u64, mine, theirs| would_vote(t0 + ms(at), Some(t0), lease, false, mine, theirs);
         // A leader spoke 100 ms ago: the candidate is the one that lost it.
-        assert!(!would_vote(
-            t0 + ms(100),
-            Some(t0),
-            lease,
-            false,
-            log(2, 9),
-            log(2, 9)
-        ));
+        assert!(!asked(100, log(2, 9), log(2, 9)));
         // Silent for the lease: yes to an equal or longer log, no to a shorter one.
-        assert!(would_vote(
-            t0 + ms(500),
-            Some(t0),
-            lease,
-            false,
-            log(2, 9),
-            log(2, 9)
-        ));
-        assert!(would_vote(
-            t0 + ms(500),
-            Some(t0),
-            lease,
-            false,
-            log(2, 9),
-            log(3, 4)
-        ));
-        assert!(!would_vote(
-            t0 + ms(500),
-            Some(t0),
-            lease,
-            false,
-            log(2, 9),
-            log(2, 8)
-        ));
-        assert!(!would_vote(
-            t0 + ms(500),
-            Some(t0),
-            lease,
-            false,
-            log(3, 1),
-            log(2, 9)
-        ));
+        assert!(asked(500, log(2, 9), log(2, 9)));
+        assert!(asked(500, log(2, 9), log(3, 4)));
+        assert!(!asked(500, log(2, 9), log(2, 8)));
+        assert!(!asked(500, log(3, 1), log(2, 9)));
         // Never heard a leader (a fresh start): yes.
         assert!(would_vote(t0, None, lease, false, None, None));
         // The leader itself says no: it is alive.
