@@ -107,7 +107,13 @@ pub struct Named {
     pub inos: Vec<InodeId>,
     /// Directories whose listing it reads (a listing shows each entry's attributes).
     pub listed: Vec<InodeId>,
+    /// It reads or changes the whole namespace (snapshots): every delegation is recalled,
+    /// and none is granted while it is in flight.
+    pub everything: bool,
 }
+
+/// How a request naming everything is counted in flight (no inode has number 0).
+const EVERYTHING: InodeId = 0;
 
 /// What [`Coherence::admit`] decided.
 #[derive(Debug, PartialEq, Eq)]
@@ -457,7 +463,10 @@ impl Coherence {
                 busy("delegated to another client")
             };
         }
-        if self.in_flight.get(&dir).is_some_and(|n| *n > 0) {
+        if [dir, EVERYTHING]
+            .iter()
+            .any(|d| self.in_flight.get(d).is_some_and(|n| *n > 0))
+        {
             return busy("the directory is being changed");
         }
         if self.lapsed.get(&dir).is_some_and(|until| *until > now) {
@@ -499,7 +508,18 @@ impl Coherence {
             .iter()
             .filter_map(|p| self.delegated_in.get(p))
             .flatten();
-        let mut dirs: Vec<InodeId> = named.inos.iter().chain(listed).copied().collect();
+        let everything = named
+            .everything
+            .then(|| self.delegations.keys())
+            .into_iter()
+            .flatten();
+        let mut dirs: Vec<InodeId> = named
+            .inos
+            .iter()
+            .chain(listed)
+            .chain(everything)
+            .copied()
+            .collect();
         dirs.sort_unstable();
         dirs.dedup();
         let mut wake: Option<Instant> = None;
@@ -567,10 +587,14 @@ impl Coherence {
         match wake {
             Some(t) => Admit::Wait(sends, t),
             None => {
-                for ino in &named.inos {
+                let mut inos = named.inos.clone();
+                if named.everything {
+                    inos.push(EVERYTHING);
+                }
+                for ino in &inos {
                     *self.in_flight.entry(*ino).or_default() += 1;
                 }
-                Admit::Go(named.inos.clone())
+                Admit::Go(inos)
             }
         }
     }

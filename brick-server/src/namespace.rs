@@ -6,7 +6,8 @@
 pub use crate::store::Rows;
 use mortar_proto::attrs::check_content;
 use mortar_proto::wire::{
-    Inval, Listed, MetaOk, MetaOp, OpId, Query, LIST_WHOLE_BYTES, LOOKUP_WHOLE_MAX, ONCE_WINDOW,
+    Inval, Listed, MetaOk, MetaOp, OpId, Query, RefCursor, LIST_WHOLE_BYTES, LOOKUP_WHOLE_MAX,
+    ONCE_WINDOW,
 };
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
@@ -22,9 +23,11 @@ pub enum Table {
     Inodes,
     Dentries,
     Sys,
+    /// Rows kept for snapshots ([`snapshots`]).
+    Snap,
 }
 
-pub const TABLES: [Table; 3] = [Table::Inodes, Table::Dentries, Table::Sys];
+pub const TABLES: [Table; 4] = [Table::Inodes, Table::Dentries, Table::Sys, Table::Snap];
 
 /// Read access to committed namespace state.
 pub trait MetaRead {
@@ -47,6 +50,7 @@ struct Stored {
     parent: InodeId,
 }
 
+pub mod snapshots;
 mod volume;
 pub use volume::rebalance;
 
@@ -131,7 +135,10 @@ pub fn apply_once<R: MetaRead>(
             }
         }
     }
-    let out = apply(txn, op, now);
+    let out = apply(txn, op, now).and_then(|ok| {
+        snapshots::keep_overwritten(txn)?;
+        Ok(ok)
+    });
     if out.is_err() {
         txn.writes.clear();
     }
@@ -222,6 +229,8 @@ pub struct Txn<'a, R: MetaRead> {
     pub writes: BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>,
     /// The inode number the create being applied must use (a [`MetaOp::Local`] create).
     chosen: Option<InodeId>,
+    /// The log index of the change being applied (recorded by snapshots).
+    pub index: u64,
 }
 
 impl<'a, R: MetaRead> Txn<'a, R> {
@@ -230,6 +239,7 @@ impl<'a, R: MetaRead> Txn<'a, R> {
             base,
             writes: BTreeMap::new(),
             chosen: None,
+            index: 0,
         }
     }
 
@@ -398,6 +408,9 @@ pub fn apply<R: MetaRead>(
         MetaOp::DrainSet { set } => volume::drain_set(txn, *set),
         MetaOp::RemoveSet { set } => volume::remove_set(txn, *set),
         MetaOp::Rebalance(state) => volume::record_rebalance(txn, state),
+        MetaOp::CreateSnapshot { name, keep } => snapshots::create(txn, name, *keep, now),
+        MetaOp::DeleteSnapshot { name } => snapshots::delete(txn, name, now),
+        MetaOp::RestoreSnapshot { name, undo } => snapshots::restore(txn, name, undo, now),
         MetaOp::Mknod {
             parent,
             name,
@@ -852,6 +865,21 @@ fn rename<R: MetaRead>(
 
 /// Answer a read from committed state.
 pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
+    match q {
+        Query::Snapshots => Ok(MetaOk::Snapshots(snapshots::list(r)?)),
+        Query::SnapshotUsage { name } => {
+            let chunk_size = Txn::new(r).volume()?.chunk_size as u64;
+            Ok(MetaOk::SnapshotUsage(snapshots::usage(
+                r, name, chunk_size,
+            )?))
+        }
+        Query::InSnapshot { name, query } => read(&snapshots::SnapView::open(r, name)?, query),
+        _ => read(r, q),
+    }
+}
+
+/// Answer a namespace read from `r` (the live namespace or a snapshot's).
+fn read<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
     let txn = Txn::new(r);
     match q {
         Query::Lookup { parent, name } => {
@@ -920,6 +948,9 @@ pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
         Query::Volume => Ok(MetaOk::Volume(txn.volume()?)),
         Query::Rebalance => Ok(MetaOk::Rebalance(volume::rebalance(r)?)),
         Query::StatFs => Err(FsError::Invalid("statfs is answered by the brick".into())),
+        Query::Snapshots | Query::SnapshotUsage { .. } | Query::InSnapshot { .. } => Err(
+            FsError::Invalid("only namespace reads are answered from a snapshot".into()),
+        ),
     }
 }
 
@@ -940,13 +971,13 @@ pub fn empty_dir_parent<R: MetaRead>(r: &R, ino: InodeId) -> Result<Option<Inode
     Ok((ino != ROOT_INODE && txn.is_empty_dir(ino)?).then_some(s.parent))
 }
 
-/// Chunks named by up to `limit` inodes after `after`, and the inode to continue after (`None`
-/// at the end).
-pub fn chunk_references<R: MetaRead>(
+/// Chunks named by up to `limit` live inodes after `after`; at their end, where the kept rows
+/// start.
+fn live_references<R: MetaRead>(
     r: &R,
     after: Option<InodeId>,
     limit: usize,
-) -> Result<(Vec<ChunkId>, Option<InodeId>), FsError> {
+) -> Result<(Vec<ChunkId>, Option<RefCursor>), FsError> {
     let after = after.map(ino_key);
     let rows = r.scan(Table::Inodes, &[], after.as_ref().map(|k| &k[..]), limit)?;
     let mut chunks = Vec::new();
@@ -956,7 +987,35 @@ pub fn chunk_references<R: MetaRead>(
         chunks.extend(content_chunks(&s.inode.content).copied());
         last = Some(s.inode.attr.ino);
     }
-    Ok((chunks, if rows.len() < limit { None } else { last }))
+    Ok(if rows.len() == limit {
+        (chunks, last.map(RefCursor::Inode))
+    } else {
+        (chunks, None)
+    })
+}
+
+/// Chunks named by up to `limit` inodes after `after` — the live ones, then those kept for
+/// snapshots —, and where to continue (`None` at the end).
+pub fn chunk_references<R: MetaRead>(
+    r: &R,
+    after: Option<RefCursor>,
+    limit: usize,
+) -> Result<(Vec<ChunkId>, Option<RefCursor>), FsError> {
+    let live_after = match after {
+        Some(RefCursor::Kept(k)) => {
+            let (kept, next) = snapshots::kept_references(r, Some(&k), limit)?;
+            return Ok((kept, next.map(RefCursor::Kept)));
+        }
+        Some(RefCursor::Inode(ino)) => Some(ino),
+        None => None,
+    };
+    let (mut chunks, next) = live_references(r, live_after, limit)?;
+    if next.is_some() {
+        return Ok((chunks, next));
+    }
+    let (kept, next) = snapshots::kept_references(r, None, limit)?;
+    chunks.extend(kept);
+    Ok((chunks, next.map(RefCursor::Kept)))
 }
 
 /// Release records after `after`, up to `limit`: (chunk, when released).
@@ -1040,7 +1099,7 @@ impl MemMeta {
     pub fn run(&mut self, op: MetaOp) -> Result<MetaOk, FsError> {
         let writes = {
             let mut txn = Txn::new(&*self);
-            let out = apply(&mut txn, &op, Timestamp { secs: 1, nanos: 0 });
+            let out = apply_once(&mut txn, &op, None, Timestamp { secs: 1, nanos: 0 }).result;
             match out {
                 Ok(ok) => (txn.writes, ok),
                 Err(e) => return Err(e),
@@ -1063,7 +1122,7 @@ mod tests {
     use mortar_proto::wire::{SetAttr, TimeSet, XattrMode};
     use mortar_proto::{Attr, BrickRef, ReplicaSet, INLINE_MAX};
 
-    fn vol() -> MemMeta {
+    pub(in crate::namespace) fn vol() -> MemMeta {
         let mut m = MemMeta::default();
         m.run(MetaOp::CreateVolume(VolumeConfig {
             name: "t".into(),

@@ -190,9 +190,11 @@ impl Brick {
                     // A follower forwards an admin's change under its own brick certificate,
                     // having checked the admin's: accept both (a brick may commit anything
                     // through Raft anyway).
-                    MetaOp::HealLease { .. } | MetaOp::ForgetReleased(_) => {
-                        need(&[Role::Admin, Role::Brick])?
-                    }
+                    MetaOp::HealLease { .. }
+                    | MetaOp::ForgetReleased(_)
+                    | MetaOp::CreateSnapshot { .. }
+                    | MetaOp::DeleteSnapshot { .. }
+                    | MetaOp::RestoreSnapshot { .. } => need(&[Role::Admin, Role::Brick])?,
                     _ => {}
                 }
                 Ok(self.meta_write(op, once).await)
@@ -550,7 +552,13 @@ impl Brick {
             MetaOp::SetInode { inode, .. } => named.inos.push(inode.attr.ino),
             MetaOp::Batch(ops) => ops.iter().for_each(|op| self.add_named(op, named)),
             MetaOp::Local { op, .. } => self.add_named(op, named),
-            MetaOp::CreateVolume(_)
+            // A snapshot holds everything any mount has shown, so whatever is held under a
+            // delegation is committed first; a restore changes anything.
+            MetaOp::CreateSnapshot { .. } | MetaOp::RestoreSnapshot { .. } => {
+                named.everything = true
+            }
+            MetaOp::DeleteSnapshot { .. }
+            | MetaOp::CreateVolume(_)
             | MetaOp::HealLease { .. }
             | MetaOp::ForgetReleased(_)
             | MetaOp::ReserveInodes { .. }
@@ -586,7 +594,13 @@ impl Brick {
                 named.inos.push(*ino);
                 named.listed.push(*ino);
             }
-            Query::StatFs | Query::Volume | Query::Rebalance => {}
+            // Snapshots are never delegated.
+            Query::StatFs
+            | Query::Volume
+            | Query::Rebalance
+            | Query::Snapshots
+            | Query::SnapshotUsage { .. }
+            | Query::InSnapshot { .. } => {}
         }
         named
     }

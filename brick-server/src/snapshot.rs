@@ -11,7 +11,9 @@
 //! blocking threads, never on the async runtime.
 
 use crate::namespace::{Table, TABLES};
-use crate::store::{Store, StoreError, CF_META_DENTRIES, CF_META_INODES, CF_META_SYS};
+use crate::store::{
+    Store, StoreError, CF_META_DENTRIES, CF_META_INODES, CF_META_SNAP, CF_META_SYS,
+};
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -45,6 +47,7 @@ pub fn table_cf(t: Table) -> &'static str {
         Table::Inodes => CF_META_INODES,
         Table::Dentries => CF_META_DENTRIES,
         Table::Sys => CF_META_SYS,
+        Table::Snap => CF_META_SNAP,
     }
 }
 

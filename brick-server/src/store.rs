@@ -22,6 +22,8 @@ pub const CF_CHUNK_DIGEST: &str = "chunk_digest";
 pub const CF_META_INODES: &str = "meta_inodes";
 pub const CF_META_DENTRIES: &str = "meta_dentries";
 pub const CF_META_SYS: &str = "meta_sys";
+/// Namespace rows kept for snapshots (copy-on-write, `namespace::snapshots`).
+pub const CF_META_SNAP: &str = "meta_snap";
 pub const CF_RAFT_LOG: &str = "raft_log";
 pub const CF_RAFT_STATE: &str = "raft_state";
 pub const CF_HEAL_INDEX: &str = "heal_index";
@@ -44,8 +46,6 @@ const BLOB_FILE_BYTES: u64 = 64 << 20;
 /// brick's reserve for metadata comes on top of it (`space::Space`), so RocksDB itself never
 /// meets ENOSPC, which it does not recover from without a restart.
 pub const TRANSIENT_BYTES: u64 = WRITE_BUFFERS as u64 + WAL_BYTES + BLOB_FILE_BYTES;
-
-pub const META_CFS: [&str; 3] = [CF_META_INODES, CF_META_DENTRIES, CF_META_SYS];
 
 const KEY_BRICK_ID: &[u8] = b"brick_id";
 const KEY_CHUNK_COUNT: &[u8] = b"chunk_count";
@@ -170,7 +170,8 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_CHUNK_DIGEST, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_META_INODES, meta_opts.clone()),
             ColumnFamilyDescriptor::new(CF_META_DENTRIES, meta_opts.clone()),
-            ColumnFamilyDescriptor::new(CF_META_SYS, meta_opts),
+            ColumnFamilyDescriptor::new(CF_META_SYS, meta_opts.clone()),
+            ColumnFamilyDescriptor::new(CF_META_SNAP, meta_opts),
             ColumnFamilyDescriptor::new(CF_RAFT_LOG, log_opts),
             ColumnFamilyDescriptor::new(CF_RAFT_STATE, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_HEAL_INDEX, cf_opts(false)),

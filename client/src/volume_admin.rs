@@ -7,8 +7,7 @@ use mortar_proto::wire::{
     AdminRequest, BrickHello, BrickStatus, HealEntry, Replaced, Reply, Request,
 };
 use mortar_proto::{
-    BrickId, BrickRef, ChunkId, FsError, InodeId, ReplicaSet, Timestamp, VolumeConfig,
-    MAX_CHUNK_SIZE,
+    BrickId, BrickRef, ChunkId, FsError, ReplicaSet, Timestamp, VolumeConfig, MAX_CHUNK_SIZE,
 };
 use std::collections::HashSet;
 use std::time::Duration;
@@ -342,11 +341,11 @@ pub async fn scrub_page(
     .await
 }
 
-/// Every chunk the namespace references (with repeats), read on `addr`, which must be the
-/// metadata leader (it confirms that with a quorum for every page).
+/// Every chunk the namespace references (with repeats), live files' and snapshots', read on
+/// `addr`, which must be the metadata leader (it confirms that with a quorum for every page).
 pub async fn scan_references(pool: &Pool, addr: &str) -> Result<Vec<ChunkId>, AdminError> {
     let mut all = Vec::new();
-    let mut after: Option<InodeId> = None;
+    let mut after: Option<mortar_proto::wire::RefCursor> = None;
     loop {
         let req = AdminRequest::ScanReferences { after, limit: PAGE };
         let (page, next) = ask(pool, addr, req, LONG, |r| match r {

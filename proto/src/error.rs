@@ -49,6 +49,9 @@ pub enum FsError {
     /// A size or write end past [`crate::MAX_FILE_SIZE`].
     #[error("file too large: {0} bytes is past the {max}-byte maximum", max = crate::MAX_FILE_SIZE)]
     FileTooBig(u64),
+    /// The snapshot named does not exist (or was deleted under a mount of it).
+    #[error("no such snapshot: {0}")]
+    NoSnapshot(String),
 }
 
 impl FsError {
@@ -72,6 +75,7 @@ impl FsError {
             FsError::HashMismatch(_) | FsError::Io(_) => libc::EIO,
             FsError::Unavailable(_) | FsError::NoVolume => libc::ENOTCONN,
             FsError::FileTooBig(_) => libc::EFBIG,
+            FsError::NoSnapshot(_) => libc::ESTALE,
         }
     }
 }

@@ -260,7 +260,75 @@ pub enum MetaOp {
     RemoveSet {
         set: u32,
     },
+    /// Admin: record the namespace as it is now as snapshot `name` (no rows are copied: later
+    /// changes keep what they overwrite, see the brick's `namespace::snapshots`). With `keep`,
+    /// then delete the oldest snapshots of the same series (the name up to its last '-')
+    /// beyond the newest `keep`. Answered with [`MetaOk::Snapshot`].
+    CreateSnapshot {
+        name: String,
+        keep: Option<u32>,
+    },
+    /// Admin: forget snapshot `name`; what only it kept is released.
+    DeleteSnapshot {
+        name: String,
+    },
+    /// Admin: make the live namespace equal to snapshot `name`'s, in one change, after first
+    /// recording the current namespace as snapshot `undo` (so the restore can be undone).
+    RestoreSnapshot {
+        name: String,
+        undo: String,
+    },
 }
+
+/// Where a reference scan goes on: live inodes first, then the inodes snapshots keep.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefCursor {
+    Inode(InodeId),
+    Kept(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+/// A snapshot's record: made at log index `index` (the change that created it), the
+/// `gen`-th snapshot of the volume, holding `files` inodes then.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub gen: u64,
+    pub index: u64,
+    pub created: Timestamp,
+    pub files: u64,
+}
+
+/// What a snapshot holds: its inodes, the bytes of its regular files, and the bytes of the
+/// chunks it names that the live namespace does not (what deleting it could free, unless
+/// another snapshot names them too).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotUsage {
+    pub info: SnapshotInfo,
+    pub files: u64,
+    pub bytes: u64,
+    pub only_bytes: u64,
+}
+
+/// Characters a snapshot name may hold; at most [`SNAPSHOT_NAME_MAX`] of them, not starting
+/// with '-' or '.'. '@' is left out because `VOLUME@SNAPSHOT` names a snapshot to mount.
+pub fn validate_snapshot_name(name: &str) -> Result<(), FsError> {
+    let ok = !name.is_empty()
+        && name.len() <= SNAPSHOT_NAME_MAX
+        && !name.starts_with(['-', '.'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(FsError::Invalid(format!(
+            "snapshot name {name:?}: use 1 to {SNAPSHOT_NAME_MAX} letters, digits, '.', '_', \
+             '-' or ':', not starting with '-' or '.'"
+        )))
+    }
+}
+
+pub const SNAPSHOT_NAME_MAX: usize = 64;
 
 impl MetaOp {
     /// Whether applying it changes the volume configuration (bricks, sets, layout): a brick
@@ -336,6 +404,19 @@ pub enum Query {
         dir: InodeId,
         limit: u32,
     },
+    /// Every snapshot of the volume, oldest first, answered with [`MetaOk::Snapshots`].
+    Snapshots,
+    /// What snapshot `name` holds, answered with [`MetaOk::SnapshotUsage`] (reads every
+    /// inode of the snapshot and of the live namespace).
+    SnapshotUsage {
+        name: String,
+    },
+    /// `query` answered from snapshot `name` instead of the live namespace (read-only mounts
+    /// of a snapshot). Fails with ESTALE once the snapshot is deleted.
+    InSnapshot {
+        name: String,
+        query: Box<Query>,
+    },
 }
 
 /// Whole-inode bytes one [`Query::ListWhole`] answer carries at most.
@@ -374,6 +455,9 @@ pub enum MetaOk {
         complete: bool,
     },
     Rebalance(Option<RebalanceState>),
+    Snapshot(SnapshotInfo),
+    Snapshots(Vec<SnapshotInfo>),
+    SnapshotUsage(SnapshotUsage),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -443,7 +527,7 @@ pub enum AdminRequest {
     /// leader, or cannot confirm it, refuses): garbage collection must not judge from a
     /// stale replica.
     ScanReferences {
-        after: Option<InodeId>,
+        after: Option<RefCursor>,
         limit: u32,
     },
     /// Chunks whose references went away (overwrite, truncate, unlink), with how many seconds
@@ -705,7 +789,7 @@ pub enum Reply {
     },
     References {
         chunks: Vec<ChunkId>,
-        next: Option<InodeId>,
+        next: Option<RefCursor>,
     },
     /// (chunk, seconds since its release).
     Released(Vec<(ChunkId, u64)>),

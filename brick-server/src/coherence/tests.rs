@@ -183,7 +183,7 @@ fn delegated() -> (Coherence, Instant, Vec<SessionId>) {
 fn names(inos: &[InodeId]) -> Named {
     Named {
         inos: inos.to_vec(),
-        listed: Vec::new(),
+        ..Named::default()
     }
 }
 
@@ -210,6 +210,29 @@ fn a_request_naming_a_delegated_directory_waits_for_its_recall() {
     c.ack(sids[0], seq_of(&sent[0].1));
     assert!(!c.delegates_in(1));
     assert_eq!(c.admit(Some(2), &names(&[50]), now), Admit::Go(vec![50]));
+}
+
+#[test]
+fn a_snapshot_recalls_every_delegation_and_none_is_granted_while_it_runs() {
+    let (mut c, now, sids) = delegated();
+    let everything = Named {
+        everything: true,
+        ..Named::default()
+    };
+    let Admit::Wait(sent, _) = c.admit(None, &everything, now) else {
+        panic!("went ahead with a delegation held")
+    };
+    assert!(matches!(sent[..], [(sid, WatchDown::Recall { dir: 50, .. })] if sid == sids[0]));
+    c.ack(sids[0], seq_of(&sent[0].1));
+    let Admit::Go(inos) = c.admit(None, &everything, now) else {
+        panic!("waited with nothing delegated")
+    };
+    assert!(matches!(
+        c.delegate(1, 60, now, || Ok(Some(1))),
+        Err(FsError::Busy(_))
+    ));
+    c.done(&inos);
+    c.delegate(1, 60, now, || Ok(Some(1))).unwrap();
 }
 
 #[test]
@@ -261,6 +284,7 @@ fn a_listing_of_the_parent_recalls_the_delegation() {
     let listing = Named {
         inos: vec![1],
         listed: vec![1],
+        ..Named::default()
     };
     assert!(matches!(c.admit(Some(2), &listing, now), Admit::Wait(s, _) if s.len() == 1));
 }

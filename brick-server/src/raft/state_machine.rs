@@ -330,6 +330,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                     let base = DbMeta(&self.store);
                     let mut txn = Txn::new(&base);
+                    txn.index = entry.log_id.index;
                     let out = namespace::apply_once(&mut txn, &cmd.op, cmd.once, cmd.now);
                     replayed = out.replayed;
                     once = cmd.once;
