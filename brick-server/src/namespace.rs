@@ -87,11 +87,15 @@ fn whole_bytes(inode: &Inode) -> Option<usize> {
     (inode.attr.kind == FileKind::Regular && bytes <= LOOKUP_WHOLE_MAX).then_some(bytes)
 }
 
-/// The name `op` creates, if it is a create.
+/// The name `op` creates, if it creates one: a file's, or a snapshot's (a restore makes its
+/// undo snapshot).
 pub fn creates_name(op: &MetaOp) -> Option<&[u8]> {
     match op {
         MetaOp::Mknod { name, .. } | MetaOp::Mkdir { name, .. } | MetaOp::Symlink { name, .. } => {
             Some(name)
+        }
+        MetaOp::CreateSnapshot { name, .. } | MetaOp::RestoreSnapshot { undo: name, .. } => {
+            Some(name.as_bytes())
         }
         _ => None,
     }
@@ -873,7 +877,9 @@ pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
                 r, name, chunk_size,
             )?))
         }
-        Query::InSnapshot { name, query } => read(&snapshots::SnapView::open(r, name)?, query),
+        Query::InSnapshot { name, query } if query.reads_files() => {
+            read(&snapshots::SnapView::open(r, name)?, query)
+        }
         _ => read(r, q),
     }
 }
@@ -949,7 +955,7 @@ fn read<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
         Query::Rebalance => Ok(MetaOk::Rebalance(volume::rebalance(r)?)),
         Query::StatFs => Err(FsError::Invalid("statfs is answered by the brick".into())),
         Query::Snapshots | Query::SnapshotUsage { .. } | Query::InSnapshot { .. } => Err(
-            FsError::Invalid("only namespace reads are answered from a snapshot".into()),
+            FsError::Invalid("only file and directory reads are answered from a snapshot".into()),
         ),
     }
 }

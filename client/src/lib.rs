@@ -67,6 +67,8 @@ pub struct Volume {
     /// rather than wait for its renewals to go unanswered (what it held is reclaimed there).
     leader_moved: tokio::sync::Notify,
     said_bye: Arc<tokio::sync::Notify>,
+    /// Files and directories are read from this snapshot, and nothing can be changed.
+    snapshot: Option<String>,
 }
 
 /// Passes what other clients changed on (to the kernel's caches); the task it returns, if
@@ -177,6 +179,7 @@ impl Volume {
             bye: Arc::default(),
             leader_moved: tokio::sync::Notify::new(),
             said_bye: Arc::default(),
+            snapshot: None,
         };
         let config = match partial.meta(Request::Query(Query::Volume)).await.result? {
             MetaOk::Volume(v) => v,
@@ -203,6 +206,22 @@ impl Volume {
     /// How long operations keep retrying before failing (ENOTCONN) when no brick can serve them.
     pub fn set_op_timeout(&mut self, t: Duration) {
         self.op_timeout = t;
+    }
+
+    /// Read files and directories from snapshot `name` from now on; every change is refused
+    /// with EROFS.
+    pub fn set_snapshot(&mut self, name: &str) {
+        self.snapshot = Some(name.to_string());
+    }
+
+    /// The snapshot this client reads, if any.
+    pub fn snapshot(&self) -> Option<&str> {
+        self.snapshot.as_deref()
+    }
+
+    /// A read the caller makes itself (snapshot listings and usage, for the CLI).
+    pub async fn ask(&self, q: Query) -> Result<MetaOk, FsError> {
+        self.query(q).await
     }
 
     /// Bricks to try, in order: the best health first, rotating among equals so load spreads.
@@ -305,6 +324,23 @@ impl Volume {
     /// changes with EROFS at once (reads still work); that ends the retries.
     async fn meta(&self, req: Request) -> Answer {
         self.meta_requests.fetch_add(1, Ordering::Relaxed);
+        let req = match (&self.snapshot, req) {
+            (Some(name), Request::Query(q)) if q.reads_files() => {
+                Request::Query(Query::InSnapshot {
+                    name: name.clone(),
+                    query: Box::new(q),
+                })
+            }
+            (Some(name), Request::Meta { .. } | Request::Delegate { .. }) => {
+                return Answer {
+                    result: Err(FsError::ReadOnly(format!("snapshot '{name}' is read-only"))),
+                    stamp: None,
+                    touched: Vec::new(),
+                    fresh: Vec::new(),
+                }
+            }
+            (_, req) => req,
+        };
         self.meta_inner(req).await.unwrap_or_else(|e| Answer {
             result: Err(e),
             stamp: None,

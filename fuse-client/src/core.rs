@@ -74,6 +74,11 @@ pub struct Core {
     next_fh: AtomicU64,
     /// (version, size) of each inode as last reported to the kernel.
     seen: Mutex<HashMap<InodeId, (u64, u64)>>,
+    /// (version, size) of each file when it was last opened: what the kernel's cached pages of
+    /// it may hold. Kept apart from `seen`, which a getattr moves on without the pages: after
+    /// a watch break (a leader failover) nothing drops the kernel's pages, and a stat before
+    /// the next open must not make stale pages look current.
+    paged: Mutex<HashMap<InodeId, (u64, u64)>>,
 }
 
 fn rofs() -> FsError {
@@ -89,6 +94,7 @@ impl Core {
             dirs: Mutex::default(),
             next_fh: AtomicU64::new(1),
             seen: Mutex::default(),
+            paged: Mutex::default(),
         }
     }
 
@@ -362,10 +368,12 @@ impl Core {
             _ => return Err(FsError::Invalid("not a regular file".into())),
         }
         let now = (inode.attr.version, inode.attr.size);
-        let before = self.seen.lock().expect("seen lock").insert(ino, now);
-        let changed = before.is_some_and(|b| b != now);
-        // Close-to-open: keep the kernel's pages only if nobody changed the file since.
-        let keep_cache = before == Some(now);
+        let told = self.seen.lock().expect("seen lock").insert(ino, now);
+        let paged = self.paged.lock().expect("paged lock").insert(ino, now);
+        let changed = told.is_some_and(|b| b != now);
+        // Close-to-open: keep the kernel's pages only if the file is as it was at the last
+        // open (this mount's own writes since count as a change too: safe, a re-read).
+        let keep_cache = paged == Some(now);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let file = OpenFile {
             ino,

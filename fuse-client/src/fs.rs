@@ -29,6 +29,17 @@ fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// The errno of an operation on an inode the kernel named by number. When the namespace no
+/// longer has it, the kernel's name for it is stale (another mount renamed or removed it, or a
+/// snapshot was restored, and the invalidation is still on its way): ESTALE makes the VFS walk
+/// the path again with a fresh lookup instead of failing the open or stat with ENOENT.
+fn node_errno(e: &FsError) -> Errno {
+    match e {
+        FsError::NotFound => Errno::from_i32(libc::ESTALE),
+        e => errno(e),
+    }
+}
+
 fn to_time(t: Timestamp) -> SystemTime {
     if t.secs >= 0 {
         UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
@@ -306,7 +317,7 @@ impl Filesystem for MortarFs {
         self.spawn(move |core| async move {
             match core.getattr(ino.0).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(node_errno(&e)),
             }
         });
     }
@@ -466,7 +477,7 @@ impl Filesystem for MortarFs {
                     }
                     reply.opened(FileHandle(o.fh), open_flags(o.keep_cache, write))
                 }
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(node_errno(&e)),
             }
         });
     }
@@ -556,7 +567,7 @@ impl Filesystem for MortarFs {
         self.spawn(move |core| async move {
             match core.opendir(ino.0).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(node_errno(&e)),
             }
         });
     }

@@ -85,6 +85,18 @@ fn parse(args: &Args) -> Result<(Source, MountOptions)> {
     for o in &args.options {
         parse_options(o, &mut opts)?;
     }
+    match (&source.snapshot, &opts.snapshot) {
+        (Some(a), Some(b)) if a != b => {
+            bail!("the source names snapshot '{a}' and -o snapshot= names '{b}'")
+        }
+        (Some(a), None) => opts.snapshot = Some(a.clone()),
+        _ => {}
+    }
+    if let Some(name) = &opts.snapshot {
+        mortar_client::mortar_proto::wire::validate_snapshot_name(name)?;
+        // A snapshot never changes.
+        opts.read_only = true;
+    }
     Ok((source, opts))
 }
 
@@ -215,6 +227,11 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
         })?;
         let mut vol = vol;
         vol.set_op_timeout(opts.op_timeout);
+        if let Some(name) = &opts.snapshot {
+            vol.set_snapshot(name);
+            rt.block_on(vol.getattr(mortar_client::mortar_proto::ROOT_INODE))
+                .map_err(|e| anyhow!("cannot mount snapshot '{name}' of volume '{}': {e}", source.volume))?;
+        }
         let vol = Arc::new(vol);
         let core = Arc::new(Core::new(vol.clone(), opts.read_only));
         let fs = MortarFs::new(core, rt.handle().clone(), opts.attr_timeout, opts.entry_timeout);

@@ -10,11 +10,13 @@ pub const DEFAULT_BRICK_PORT: u16 = 7001;
 pub struct Source {
     pub bricks: Vec<String>,
     pub volume: String,
+    /// `VOLUME@SNAPSHOT`: mount that snapshot, read-only.
+    pub snapshot: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OptionError {
-    #[error("bad source '{0}': expected HOST[:PORT][,HOST[:PORT]...]:/VOLUME")]
+    #[error("bad source '{0}': expected HOST[:PORT][,HOST[:PORT]...]:/VOLUME[@SNAPSHOT]")]
     Source(String),
     #[error("unknown mount option '{0}'")]
     Unknown(String),
@@ -41,9 +43,15 @@ pub fn parse_source(s: &str) -> Result<Source, OptionError> {
         };
         bricks.push(with_port);
     }
+    let (volume, snapshot) = match volume.split_once('@') {
+        Some((v, snap)) if !v.is_empty() && !snap.is_empty() => (v, Some(snap.to_string())),
+        Some(_) => return Err(bad()),
+        None => (volume, None),
+    };
     Ok(Source {
         bricks,
         volume: volume.to_string(),
+        snapshot,
     })
 }
 
@@ -63,6 +71,8 @@ pub struct MountOptions {
     /// How long an operation keeps retrying while no brick can serve it (all bricks away)
     /// before it fails with ENOTCONN; never forever.
     pub op_timeout: Duration,
+    /// Mount this snapshot of the volume, read-only (`-o snapshot=NAME`, or `VOLUME@NAME`).
+    pub snapshot: Option<String>,
 }
 
 impl Default for MountOptions {
@@ -82,6 +92,7 @@ impl Default for MountOptions {
             log: None,
             connect_timeout: Duration::from_secs(20),
             op_timeout: mortar_client::DEFAULT_OP_TIMEOUT,
+            snapshot: None,
         }
     }
 }
@@ -121,6 +132,7 @@ pub fn parse_options(list: &str, opts: &mut MountOptions) -> Result<(), OptionEr
             "log" => opts.log = Some(PathBuf::from(need()?)),
             "connect_timeout" => opts.connect_timeout = seconds(key, need()?)?,
             "op_timeout" => opts.op_timeout = seconds(key, need()?)?,
+            "snapshot" => opts.snapshot = Some(need()?.to_string()),
             // Options mount(8), fstab and systemd pass that concern them, not us.
             "defaults" | "_netdev" | "auto" | "noauto" | "nofail" | "user" | "nouser" | "users"
             | "owner" | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev" | "atime"
@@ -141,7 +153,22 @@ mod tests {
         let s = parse_source("h1,h2:7005,10.0.0.3:/www").unwrap();
         assert_eq!(s.bricks, ["h1:7001", "h2:7005", "10.0.0.3:7001"]);
         assert_eq!(s.volume, "www");
-        for bad in ["h1:/", ":/www", "h1", "h1,,h2:/www", "h1:x:/www", "h1:/a/b"] {
+        assert_eq!(s.snapshot, None);
+        let s = parse_source("h1:/www@before").unwrap();
+        assert_eq!(
+            (s.volume.as_str(), s.snapshot.as_deref()),
+            ("www", Some("before"))
+        );
+        for bad in [
+            "h1:/",
+            ":/www",
+            "h1",
+            "h1,,h2:/www",
+            "h1:x:/www",
+            "h1:/a/b",
+            "h1:/www@",
+            "h1:/@x",
+        ] {
             assert!(parse_source(bad).is_err(), "{bad}");
         }
     }

@@ -419,6 +419,21 @@ pub enum Query {
     },
 }
 
+impl Query {
+    /// Whether it reads files and directories (and so may be answered from a snapshot).
+    pub fn reads_files(&self) -> bool {
+        matches!(
+            self,
+            Query::Lookup { .. }
+                | Query::GetAttr { .. }
+                | Query::GetInode { .. }
+                | Query::ReadDir { .. }
+                | Query::LookupWhole { .. }
+                | Query::ListWhole { .. }
+        )
+    }
+}
+
 /// Whole-inode bytes one [`Query::ListWhole`] answer carries at most.
 pub const LIST_WHOLE_BYTES: usize = 1024 * 1024;
 

@@ -6,6 +6,7 @@
 //! even when the test fails; on failure the tail of each brick's log is printed.
 
 pub mod tree;
+pub mod web;
 pub mod workload;
 
 use mortar_client::mortar_proto::tls::{self, Identity, Role, Validity};
@@ -335,8 +336,18 @@ impl Cluster {
 
     /// `mortar volume CMD www ARGS --bricks <all>` with the admin certificate, printed.
     pub fn volume_cli(&self, cmd: &str, args: &[&str]) -> Run {
+        self.group_cli("volume", cmd, args)
+    }
+
+    /// `mortar snapshot CMD www ARGS --bricks <all>` with the admin certificate, printed.
+    pub fn snapshot_cli(&self, cmd: &str, args: &[&str]) -> Run {
+        self.group_cli("snapshot", cmd, args)
+    }
+
+    /// `mortar GROUP CMD www ARGS --bricks <all>` with the admin certificate, printed.
+    fn group_cli(&self, group: &str, cmd: &str, args: &[&str]) -> Run {
         let bricks = self.addrs().join(",");
-        let mut all = vec!["volume", cmd, "www"];
+        let mut all = vec![group, cmd, "www"];
         all.extend(args);
         all.extend(["--bricks", &bricks]);
         let o = self.cli(&all);
@@ -348,7 +359,7 @@ impl Cluster {
                 String::from_utf8_lossy(&o.stderr)
             ),
         };
-        eprintln!("$ mortar volume {cmd} www {}\n{}", args.join(" "), run.out);
+        eprintln!("$ mortar {group} {cmd} www {}\n{}", args.join(" "), run.out);
         run
     }
 

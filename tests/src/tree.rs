@@ -383,3 +383,56 @@ pub async fn referenced_chunks(vol: &Volume) -> BTreeSet<mortar_client::mortar_p
     }
     out
 }
+
+/// What [`manifest`] gives: each entry's description by its path under the root.
+pub type Manifest = std::collections::BTreeMap<std::path::PathBuf, String>;
+
+/// Every entry under `root` (and `root` itself, as "."), as it is on disk: kind, mode, owner,
+/// size, mtime to the nanosecond, and the bytes' hash or the symlink's target. Two trees with
+/// equal manifests are byte- and attribute-identical (access and change times aside). Fails
+/// rather than panics, so it can be polled while the tree changes.
+pub fn manifest(root: &Path) -> std::io::Result<Manifest> {
+    fn describe(p: &Path) -> std::io::Result<String> {
+        let m = std::fs::symlink_metadata(p)?;
+        let what = if m.file_type().is_symlink() {
+            format!("-> {}", std::fs::read_link(p)?.display())
+        } else if m.is_file() {
+            blake3::hash(&std::fs::read(p)?).to_hex().to_string()
+        } else {
+            String::new()
+        };
+        let size = if m.is_dir() { 0 } else { m.size() };
+        Ok(format!(
+            "mode {:o} uid {} gid {} size {size} mtime {}.{:09} {what}",
+            m.mode(),
+            m.uid(),
+            m.gid(),
+            m.mtime(),
+            m.mtime_nsec()
+        ))
+    }
+    fn rec(root: &Path, dir: &Path, out: &mut Manifest) -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let p = e?.path();
+            out.insert(p.strip_prefix(root).unwrap().to_path_buf(), describe(&p)?);
+            if std::fs::symlink_metadata(&p)?.is_dir() {
+                rec(root, &p, out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut out = Manifest::new();
+    out.insert(".".into(), describe(root)?);
+    rec(root, root, &mut out)?;
+    Ok(out)
+}
+
+/// The entries of two manifests that differ, for a failure message (at most `max`).
+pub fn manifest_diff(a: &Manifest, b: &Manifest, max: usize) -> Vec<String> {
+    let keys: BTreeSet<_> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .take(max)
+        .map(|k| format!("{}: {:?} vs {:?}", k.display(), a.get(k), b.get(k)))
+        .collect()
+}

@@ -4,6 +4,7 @@ mod heal;
 mod rebalance;
 mod remove_brick;
 mod replicas;
+mod snapshot;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -37,6 +38,72 @@ enum Command {
     /// Create and inspect volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Snapshots of a volume: taken at once, sharing every chunk, restorable while mounted.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Take snapshot NAME of the whole namespace, at one point of its log. Without NAME, the
+    /// snapshot is named SERIES-YYYYMMDDTHHMMSSZ (UTC). With --keep N, the oldest snapshots of
+    /// the same series (names alike up to their last '-') beyond the newest N are deleted.
+    Create {
+        volume: String,
+        name: Option<String>,
+        #[arg(long)]
+        keep: Option<u32>,
+        #[arg(long, default_value = "auto")]
+        series: String,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Every snapshot: when it was taken, at which log index, its files and bytes, and the
+    /// bytes of chunks only snapshots keep (what the live volume no longer names).
+    List {
+        volume: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// One snapshot, as `list` shows it.
+    Info {
+        volume: String,
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete a snapshot; the next heal frees the chunks only it kept (after --gc-grace).
+    Delete {
+        volume: String,
+        name: String,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Make the live volume equal to snapshot NAME, in one change, while it stays mounted.
+    /// The state before is kept as snapshot --undo (default undo-YYYYMMDDTHHMMSSZ), so the
+    /// restore can itself be undone.
+    Restore {
+        volume: String,
+        name: String,
+        #[arg(long)]
+        undo: Option<String>,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -692,6 +759,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Snapshot(cmd) => run_snapshot(cmd).await?,
         Command::Volume(VolumeCommand::List { seeds, conn }) => {
             let p = pool(&conn)?;
             let mut names = std::collections::BTreeSet::new();
@@ -711,6 +779,112 @@ async fn run(cli: Cli) -> Result<()> {
             if !unreachable.is_empty() {
                 bail!("{}", unreachable.join("; "));
             }
+        }
+    }
+    Ok(())
+}
+
+async fn run_snapshot(cmd: SnapshotCommand) -> Result<()> {
+    let row = |u: &mortar_proto::wire::SnapshotUsage| {
+        println!(
+            "{:<28} {:<23} {:>10} {:>9} {:>10} {:>12}",
+            u.info.name,
+            snapshot::when(u.info.created),
+            u.info.index,
+            u.files,
+            human(u.bytes),
+            human(u.only_bytes)
+        )
+    };
+    let header = || {
+        println!(
+            "{:<28} {:<23} {:>10} {:>9} {:>10} {:>12}",
+            "NAME", "CREATED", "INDEX", "FILES", "BYTES", "ONLY-KEPT"
+        )
+    };
+    match cmd {
+        SnapshotCommand::Create {
+            volume,
+            name,
+            keep,
+            series,
+            seeds,
+            conn,
+        } => {
+            let name = name.unwrap_or_else(|| snapshot::timed_name(&series));
+            mortar_proto::wire::validate_snapshot_name(&name)?;
+            let vol = connect(&seeds, &conn, Some(&volume)).await?;
+            let info = snapshot::create(&vol, &name, keep).await?;
+            println!(
+                "snapshot create {volume} {}: taken at log index {}, {} files",
+                info.name, info.index, info.files
+            );
+        }
+        SnapshotCommand::List {
+            volume,
+            json,
+            seeds,
+            conn,
+        } => {
+            let vol = connect(&seeds, &conn, Some(&volume)).await?;
+            let mut all = Vec::new();
+            for s in snapshot::list(&vol).await? {
+                all.push(snapshot::usage(&vol, &s.name).await?);
+            }
+            if json {
+                let v: Vec<_> = all.iter().map(snapshot::usage_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if all.is_empty() {
+                println!("No snapshots of volume '{volume}'");
+            } else {
+                header();
+                all.iter().for_each(row);
+            }
+        }
+        SnapshotCommand::Info {
+            volume,
+            name,
+            json,
+            seeds,
+            conn,
+        } => {
+            let vol = connect(&seeds, &conn, Some(&volume)).await?;
+            let u = snapshot::usage(&vol, &name).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&snapshot::usage_json(&u))?
+                );
+            } else {
+                header();
+                row(&u);
+            }
+        }
+        SnapshotCommand::Delete {
+            volume,
+            name,
+            seeds,
+            conn,
+        } => {
+            let vol = connect(&seeds, &conn, Some(&volume)).await?;
+            snapshot::delete(&vol, &name).await?;
+            println!("snapshot delete {volume} {name}: deleted");
+        }
+        SnapshotCommand::Restore {
+            volume,
+            name,
+            undo,
+            seeds,
+            conn,
+        } => {
+            let undo = undo.unwrap_or_else(|| snapshot::timed_name("undo"));
+            let vol = connect(&seeds, &conn, Some(&volume)).await?;
+            let kept = snapshot::restore(&vol, &name, &undo).await?;
+            println!(
+                "snapshot restore {volume} {name}: restored; the volume as it was is snapshot \
+                 '{}' (mortar snapshot restore {volume} {} undoes this)",
+                kept.name, kept.name
+            );
         }
     }
     Ok(())

@@ -41,8 +41,8 @@ pub struct StateMachine {
     volume: SharedVolume,
     /// Told of every change applied, for the watchers' caches.
     hub: Arc<crate::watch::Hub>,
-    /// Test hook (`MORTAR_TEST_SLOW_APPLY=NAME:MS`): the first create of NAME is applied MS
-    /// late, so a commit outlives the request that proposed it without stopping the Raft core
+    /// Test hook (`MORTAR_TEST_SLOW_APPLY=NAME:MS`): the first create of NAME (a file or a
+    /// snapshot) is applied MS late, so a commit outlives the request that proposed it without stopping the Raft core
     /// (a follower stalled that long would start an election instead).
     slow_apply: Option<(Vec<u8>, std::time::Duration)>,
     /// Where snapshot files live (the brick's data directory's `snapshots/`).

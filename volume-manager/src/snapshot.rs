@@ -1,0 +1,125 @@
+//! `mortar snapshot create|list|info|delete|restore`: named snapshots of a volume's namespace.
+//! Each change is one replicated namespace change (the bricks' `namespace::snapshots`); these
+//! commands only ask for it and print what came back.
+
+use anyhow::{anyhow, bail, Result};
+use mortar_client::Volume;
+use mortar_proto::wire::{
+    validate_snapshot_name, MetaOk, MetaOp, Query, SnapshotInfo, SnapshotUsage,
+};
+use mortar_proto::{FsError, Timestamp};
+
+/// A time as operators read it, in UTC.
+pub fn when(t: Timestamp) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(t.secs) {
+        Ok(d) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+            d.year(),
+            d.month() as u8,
+            d.day(),
+            d.hour(),
+            d.minute(),
+            d.second()
+        ),
+        Err(_) => format!("{}s", t.secs),
+    }
+}
+
+/// A name from the time, for snapshots named by their series only (the timer's, the one a
+/// restore takes first): `SERIES-YYYYMMDDTHHMMSSZ`.
+pub fn timed_name(series: &str) -> String {
+    let d = time::OffsetDateTime::now_utc();
+    format!(
+        "{series}-{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        d.year(),
+        d.month() as u8,
+        d.day(),
+        d.hour(),
+        d.minute(),
+        d.second()
+    )
+}
+
+fn refused(what: &str, name: &str, e: FsError) -> anyhow::Error {
+    match e {
+        FsError::Exists => anyhow!("{what}: a snapshot named '{name}' already exists"),
+        FsError::NoSnapshot(n) => anyhow!("{what}: there is no snapshot named '{n}'"),
+        e => anyhow!("{what}: {e}"),
+    }
+}
+
+pub async fn create(vol: &Volume, name: &str, keep: Option<u32>) -> Result<SnapshotInfo> {
+    validate_snapshot_name(name)?;
+    if keep == Some(0) {
+        bail!("--keep must be at least 1");
+    }
+    let op = MetaOp::CreateSnapshot {
+        name: name.to_string(),
+        keep,
+    };
+    match vol.admin_op(op).await {
+        Ok(MetaOk::Snapshot(info)) => Ok(info),
+        Ok(other) => bail!("unexpected answer {other:?}"),
+        Err(e) => Err(refused("cannot create the snapshot", name, e)),
+    }
+}
+
+pub async fn list(vol: &Volume) -> Result<Vec<SnapshotInfo>> {
+    match vol.ask(Query::Snapshots).await? {
+        MetaOk::Snapshots(s) => Ok(s),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+pub async fn usage(vol: &Volume, name: &str) -> Result<SnapshotUsage> {
+    let q = Query::SnapshotUsage {
+        name: name.to_string(),
+    };
+    match vol.ask(q).await {
+        Ok(MetaOk::SnapshotUsage(u)) => Ok(u),
+        Ok(other) => bail!("unexpected answer {other:?}"),
+        Err(e) => Err(refused("cannot read the snapshot", name, e)),
+    }
+}
+
+pub async fn delete(vol: &Volume, name: &str) -> Result<()> {
+    let op = MetaOp::DeleteSnapshot {
+        name: name.to_string(),
+    };
+    match vol.admin_op(op).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(refused("cannot delete the snapshot", name, e)),
+    }
+}
+
+/// Restore `name`, recording the namespace as it was as snapshot `undo` first; answers the
+/// undo snapshot.
+pub async fn restore(vol: &Volume, name: &str, undo: &str) -> Result<SnapshotInfo> {
+    validate_snapshot_name(name)?;
+    validate_snapshot_name(undo)?;
+    let op = MetaOp::RestoreSnapshot {
+        name: name.to_string(),
+        undo: undo.to_string(),
+    };
+    match vol.admin_op(op).await {
+        Ok(MetaOk::Snapshot(info)) => Ok(info),
+        Ok(other) => bail!("unexpected answer {other:?}"),
+        Err(FsError::Exists) => bail!(
+            "cannot restore: the snapshot to undo it with, '{undo}', already exists (choose \
+             another with --undo)"
+        ),
+        Err(e) => Err(refused("cannot restore", name, e)),
+    }
+}
+
+pub fn usage_json(u: &SnapshotUsage) -> serde_json::Value {
+    serde_json::json!({
+        "name": u.info.name,
+        "created": u.info.created.secs,
+        "index": u.info.index,
+        "generation": u.info.gen,
+        "files": u.files,
+        "bytes": u.bytes,
+        "only_bytes": u.only_bytes,
+    })
+}
