@@ -137,7 +137,7 @@ async fn a_bad_deploy_is_rolled_back_on_every_mount_while_nginx_serves() {
     let m1 = manifest(&site_a).unwrap();
     let walk = walking.elapsed();
     assert!(m1.len() > 2_500, "only {} entries deployed", m1.len());
-    until_all_show(&[site_b.clone()], &m1, "v1 on the second mount").await;
+    until_all_show(std::slice::from_ref(&site_b), &m1, "v1 on the second mount").await;
     let taken = Instant::now();
     let run = c.snapshot_cli("create", &["before"]);
     eprintln!("snapshot create took {:?}", taken.elapsed());
@@ -151,7 +151,7 @@ async fn a_bad_deploy_is_rolled_back_on_every_mount_while_nginx_serves() {
     let deleted = m1.keys().filter(|k| !m2.contains_key(*k)).count();
     eprintln!("v2: {changed} entries changed or deleted, {added} added, {deleted} deleted");
     assert!(added > 30 && deleted > 100, "v2 is not different enough");
-    until_all_show(&[site_b.clone()], &m2, "v2 on the second mount").await;
+    until_all_show(std::slice::from_ref(&site_b), &m2, "v2 on the second mount").await;
 
     // Acceptance 2: the snapshot, mounted, is v1 while the live volume is v2.
     let snap = c.mount("www@before", "snap", "").await;
@@ -552,7 +552,12 @@ async fn killed_during(kill: Kill, op: &str, args: &[&str]) {
         ok(&c.snapshot_cli(op, args));
     }
     let want = if op == "restore" { &v1 } else { &v2 };
-    until_all_show(&[m.path.clone()], want, "the tree after the command").await;
+    until_all_show(
+        std::slice::from_ref(&m.path),
+        want,
+        "the tree after the command",
+    )
+    .await;
     // The snapshot made reads as the tree it was taken of.
     let s = c.mount(&format!("www@{made_name}"), "s", "").await;
     let shown = manifest(&s.path).unwrap();
