@@ -5,6 +5,8 @@
 #   scripts/bench.sh heal [F M]   heal info / heal / heal --full over F files, M missed by a brick
 #   scripts/bench.sh rebalance [MIB]  add-brick + rebalance of MIB MiB, with a reader's rate
 #                                 during it as a share of before
+#   scripts/bench.sh snapshot [N]  snapshot create over N entries (100,000) against cp -al of
+#                                 the same tree locally; disk use; restore and list times
 #   scripts/bench.sh model [N]    the mount's reference-model property test with N sequences
 #                                 (20,000 by default; CI runs 2,000); MORTAR_MODEL_SEED replays one
 set -euo pipefail
@@ -27,6 +29,13 @@ rebalance() {
     need_build_packages
     cargo build --workspace --bins
     MORTAR_BIN_DIR="$BIN_DIR" "$BIN_DIR/bench-rebalance" "${1:-512}"
+}
+
+snapshot() {
+    need_build_packages
+    need_packages fuse3
+    cargo build --workspace --bins
+    MORTAR_BIN_DIR="$BIN_DIR" "$BIN_DIR/bench-snapshot" "${1:-100000}"
 }
 
 model() {
@@ -183,12 +192,16 @@ case "${1:-docroot}" in
         [[ "${2:-512}" =~ ^[1-9][0-9]*$ ]] || { echo "rebalance: MIB must be a whole number of at least 1" >&2; exit 2; }
         rebalance "${2:-512}"
         ;;
+    snapshot)
+        [[ "${2:-100000}" =~ ^[1-9][0-9]*$ ]] || { echo "snapshot: N must be a whole number of at least 1" >&2; exit 2; }
+        snapshot "${2:-100000}"
+        ;;
     model)
         [[ "${2:-20000}" =~ ^[1-9][0-9]*$ ]] || { echo "model: N must be a whole number of at least 1" >&2; exit 2; }
         model "${2:-20000}"
         ;;
     *)
-        echo "usage: scripts/bench.sh [docroot | bricks [CHUNKS_PER_SIZE] | heal [FILES MISSED] | rebalance [MIB] | model [SEQUENCES]]" >&2
+        echo "usage: scripts/bench.sh [docroot | bricks [CHUNKS_PER_SIZE] | heal [FILES MISSED] | rebalance [MIB] | snapshot [ENTRIES] | model [SEQUENCES]]" >&2
         exit 2
         ;;
 esac

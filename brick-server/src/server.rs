@@ -444,6 +444,11 @@ impl Brick {
         let stamp = leader.as_ref().and_then(|_| self.watchers.stamp());
         let result = match q {
             Query::StatFs => self.statfs(),
+            // Reads every inode, live and kept: off the runtime's workers.
+            q @ Query::SnapshotUsage { .. } => {
+                let store = self.store.clone();
+                crate::background::run(move || namespace::query(&DbMeta(&store), &q)).await
+            }
             q => namespace::query(&DbMeta(&self.store), &q),
         };
         Reply::Meta {

@@ -468,6 +468,38 @@ async fn bad_snapshot_requests_are_refused_clearly_and_change_nothing() {
     assert!(!mortar_tests::is_mounted(&dir));
 }
 
+/// Retention as the timer runs it: `--keep N` deletes the oldest of the same series beyond N,
+/// and never a snapshot of another series; without a name, the series and the time name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_deletes_the_oldest_of_a_series_only() {
+    let c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    ok(&c.snapshot_cli("create", &["before-deploy"]));
+    for i in 1..=4 {
+        ok(&c.snapshot_cli("create", &[&format!("hourly-{i}"), "--keep", "2"]));
+    }
+    let run = c.snapshot_cli("create", &["--series", "daily", "--keep", "2"]);
+    ok(&run);
+    assert!(
+        run.out.contains("snapshot create www daily-20"),
+        "{}",
+        run.out
+    );
+    let list = c.snapshot_cli("list", &["--json"]);
+    ok(&list);
+    let v: serde_json::Value =
+        serde_json::from_str(&list.out[..list.out.rfind(']').unwrap() + 1]).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(&names[..3], ["before-deploy", "hourly-3", "hourly-4"]);
+    assert!(names[3].starts_with("daily-20"), "{names:?}");
+}
+
 /// When the leader is killed.
 #[derive(Clone, Copy, Debug)]
 enum Kill {
