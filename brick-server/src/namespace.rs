@@ -871,12 +871,6 @@ fn rename<R: MetaRead>(
 pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
     match q {
         Query::Snapshots => Ok(MetaOk::Snapshots(snapshots::list(r)?)),
-        Query::SnapshotUsage { name } => {
-            let chunk_size = Txn::new(r).volume()?.chunk_size as u64;
-            Ok(MetaOk::SnapshotUsage(snapshots::usage(
-                r, name, chunk_size,
-            )?))
-        }
         Query::InSnapshot { name, query } if query.reads_files() => {
             read(&snapshots::SnapView::open(r, name)?, query)
         }
@@ -954,7 +948,7 @@ fn read<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
         Query::Volume => Ok(MetaOk::Volume(txn.volume()?)),
         Query::Rebalance => Ok(MetaOk::Rebalance(volume::rebalance(r)?)),
         Query::StatFs => Err(FsError::Invalid("statfs is answered by the brick".into())),
-        Query::Snapshots | Query::SnapshotUsage { .. } | Query::InSnapshot { .. } => Err(
+        Query::Snapshots | Query::InSnapshot { .. } => Err(
             FsError::Invalid("only file and directory reads are answered from a snapshot".into()),
         ),
     }
@@ -1061,6 +1055,15 @@ pub fn new_data_bytes(op: &MetaOp) -> u64 {
 
 pub fn inode_count<R: MetaRead>(r: &R) -> Result<u64, FsError> {
     Ok(u64_of(r.get(Table::Sys, KEY_INODE_COUNT)?))
+}
+
+/// What snapshot `name` (every snapshot, without a name) holds.
+pub fn snapshot_usage<R: MetaRead>(
+    r: &R,
+    name: Option<&str>,
+) -> Result<Vec<mortar_proto::wire::SnapshotUsage>, FsError> {
+    let chunk_size = Txn::new(r).volume()?.chunk_size as u64;
+    snapshots::usage(r, name, chunk_size)
 }
 
 pub fn volume<R: MetaRead>(r: &R) -> Result<Option<VolumeConfig>, FsError> {

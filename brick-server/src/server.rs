@@ -444,11 +444,6 @@ impl Brick {
         let stamp = leader.as_ref().and_then(|_| self.watchers.stamp());
         let result = match q {
             Query::StatFs => self.statfs(),
-            // Reads every inode, live and kept: off the runtime's workers.
-            q @ Query::SnapshotUsage { .. } => {
-                let store = self.store.clone();
-                crate::background::run(move || namespace::query(&DbMeta(&store), &q)).await
-            }
             q => namespace::query(&DbMeta(&self.store), &q),
         };
         Reply::Meta {
@@ -604,7 +599,6 @@ impl Brick {
             | Query::Volume
             | Query::Rebalance
             | Query::Snapshots
-            | Query::SnapshotUsage { .. }
             | Query::InSnapshot { .. } => {}
         }
         named
@@ -718,6 +712,14 @@ impl Brick {
                 self.scan(move |s| {
                     let (chunks, next) = namespace::chunk_references(&DbMeta(s), after, limit)?;
                     Ok(Reply::References { chunks, next })
+                })
+                .await
+            }
+            AdminRequest::SnapshotUsage { name } => {
+                need(&[Role::Admin])?;
+                self.confirm_leading().await?;
+                self.scan(move |s| {
+                    namespace::snapshot_usage(&DbMeta(s), name.as_deref()).map(Reply::SnapshotUsage)
                 })
                 .await
             }

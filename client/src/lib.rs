@@ -219,11 +219,6 @@ impl Volume {
         self.snapshot.as_deref()
     }
 
-    /// A read the caller makes itself (snapshot listings and usage, for the CLI).
-    pub async fn ask(&self, q: Query) -> Result<MetaOk, FsError> {
-        self.query(q).await
-    }
-
     /// Bricks to try, in order: the best health first, rotating among equals so load spreads.
     fn by_health<'a>(&self, bricks: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
         let mut v: Vec<&str> = bricks.collect();

@@ -361,6 +361,23 @@ pub async fn scan_references(pool: &Pool, addr: &str) -> Result<Vec<ChunkId>, Ad
     }
 }
 
+/// What snapshot `name` (every snapshot, without a name) holds, read on `addr`, which must be
+/// the metadata leader.
+pub async fn snapshot_usage(
+    pool: &Pool,
+    addr: &str,
+    name: Option<&str>,
+) -> Result<Vec<mortar_proto::wire::SnapshotUsage>, AdminError> {
+    let req = AdminRequest::SnapshotUsage {
+        name: name.map(str::to_string),
+    };
+    ask(pool, addr, req, LONG, |r| match r {
+        Reply::SnapshotUsage(u) => Some(u),
+        _ => None,
+    })
+    .await
+}
+
 /// This host's clock, Unix seconds: bricks count garbage-collection grace by the earlier of
 /// theirs and this.
 fn unix_now() -> u64 {

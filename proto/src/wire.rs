@@ -406,11 +406,6 @@ pub enum Query {
     },
     /// Every snapshot of the volume, oldest first, answered with [`MetaOk::Snapshots`].
     Snapshots,
-    /// What snapshot `name` holds, answered with [`MetaOk::SnapshotUsage`] (reads every
-    /// inode of the snapshot and of the live namespace).
-    SnapshotUsage {
-        name: String,
-    },
     /// `query` answered from snapshot `name` instead of the live namespace (read-only mounts
     /// of a snapshot). Fails with ESTALE once the snapshot is deleted.
     InSnapshot {
@@ -472,7 +467,6 @@ pub enum MetaOk {
     Rebalance(Option<RebalanceState>),
     Snapshot(SnapshotInfo),
     Snapshots(Vec<SnapshotInfo>),
-    SnapshotUsage(SnapshotUsage),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -544,6 +538,12 @@ pub enum AdminRequest {
     ScanReferences {
         after: Option<RefCursor>,
         limit: u32,
+    },
+    /// What snapshot `name` (every snapshot, without a name) holds, read on the metadata
+    /// leader: it reads every inode of the live namespace and of each snapshot, so it is an
+    /// admin scan with its long timeout rather than a namespace query.
+    SnapshotUsage {
+        name: Option<String>,
     },
     /// Chunks whose references went away (overwrite, truncate, unlink), with how many seconds
     /// ago: a reader may still use them, e.g. through a file open after unlink, so garbage
@@ -806,6 +806,7 @@ pub enum Reply {
         chunks: Vec<ChunkId>,
         next: Option<RefCursor>,
     },
+    SnapshotUsage(Vec<SnapshotUsage>),
     /// (chunk, seconds since its release).
     Released(Vec<(ChunkId, u64)>),
     Collected(Vec<ChunkId>),

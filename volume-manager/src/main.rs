@@ -827,10 +827,7 @@ async fn run_snapshot(cmd: SnapshotCommand) -> Result<()> {
             conn,
         } => {
             let vol = connect(&seeds, &conn, Some(&volume)).await?;
-            let mut all = Vec::new();
-            for s in snapshot::list(&vol).await? {
-                all.push(snapshot::usage(&vol, &s.name).await?);
-            }
+            let all = snapshot::usage(&vol, None).await?;
             if json {
                 let v: Vec<_> = all.iter().map(snapshot::usage_json).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -849,7 +846,7 @@ async fn run_snapshot(cmd: SnapshotCommand) -> Result<()> {
             conn,
         } => {
             let vol = connect(&seeds, &conn, Some(&volume)).await?;
-            let u = snapshot::usage(&vol, &name).await?;
+            let u = snapshot::usage(&vol, Some(&name)).await?.remove(0);
             if json {
                 println!(
                     "{}",

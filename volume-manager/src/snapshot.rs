@@ -3,10 +3,9 @@
 //! commands only ask for it and print what came back.
 
 use anyhow::{anyhow, bail, Result};
+use mortar_client::volume_admin::{self, AdminError};
 use mortar_client::Volume;
-use mortar_proto::wire::{
-    validate_snapshot_name, MetaOk, MetaOp, Query, SnapshotInfo, SnapshotUsage,
-};
+use mortar_proto::wire::{validate_snapshot_name, MetaOk, MetaOp, SnapshotInfo, SnapshotUsage};
 use mortar_proto::{FsError, Timestamp};
 
 /// A time as operators read it, in UTC.
@@ -64,22 +63,26 @@ pub async fn create(vol: &Volume, name: &str, keep: Option<u32>) -> Result<Snaps
     }
 }
 
-pub async fn list(vol: &Volume) -> Result<Vec<SnapshotInfo>> {
-    match vol.ask(Query::Snapshots).await? {
-        MetaOk::Snapshots(s) => Ok(s),
-        other => bail!("unexpected answer {other:?}"),
-    }
-}
-
-pub async fn usage(vol: &Volume, name: &str) -> Result<SnapshotUsage> {
-    let q = Query::SnapshotUsage {
-        name: name.to_string(),
-    };
-    match vol.ask(q).await {
-        Ok(MetaOk::SnapshotUsage(u)) => Ok(u),
-        Ok(other) => bail!("unexpected answer {other:?}"),
-        Err(e) => Err(refused("cannot read the snapshot", name, e)),
-    }
+/// What snapshot `name` (every snapshot, without a name) holds, read on the metadata leader.
+pub async fn usage(vol: &Volume, name: Option<&str>) -> Result<Vec<SnapshotUsage>> {
+    let addrs: Vec<String> = vol.config().bricks().map(|b| b.addr.clone()).collect();
+    let statuses = futures::future::join_all(
+        addrs.iter().map(|a| volume_admin::status(vol.pool(), a)),
+    )
+    .await;
+    let leader = crate::replicas::leader(&statuses)
+        .and_then(|l| statuses.iter().position(|s| s.as_ref().is_ok_and(|s| s.id == l.id)))
+        .map(|i| addrs[i].clone())
+        .ok_or_else(|| anyhow!("cannot read the snapshots: the volume has no metadata leader"))?;
+    volume_admin::snapshot_usage(vol.pool(), &leader, name)
+        .await
+        .map_err(|e| match e {
+            AdminError::Brick {
+                err: FsError::NoSnapshot(n),
+                ..
+            } => anyhow!("cannot read the snapshot: there is no snapshot named '{n}'"),
+            e => anyhow!("cannot read the snapshots: {e}"),
+        })
 }
 
 pub async fn delete(vol: &Volume, name: &str) -> Result<()> {

@@ -524,30 +524,49 @@ fn each_inode<R: MetaRead>(r: &R, mut f: impl FnMut(Stored)) -> Result<(), FsErr
     }
 }
 
-pub fn usage<R: MetaRead>(r: &R, name: &str, chunk_size: u64) -> Result<SnapshotUsage, FsError> {
-    let view = SnapView::open(r, name)?;
-    let info = find(r, name)?;
+/// What snapshot `name` (every snapshot, without a name) holds; the live namespace is read
+/// once for all of them.
+pub fn usage<R: MetaRead>(
+    r: &R,
+    name: Option<&str>,
+    chunk_size: u64,
+) -> Result<Vec<SnapshotUsage>, FsError> {
+    let infos = match name {
+        Some(n) => vec![find(r, n)?],
+        None => list(r)?,
+    };
     let mut live: HashSet<ChunkId> = HashSet::new();
-    each_inode(r, |s| live.extend(chunks_of(&s.inode.content)))?;
-    let (mut files, mut bytes) = (0u64, 0u64);
-    let mut only: BTreeMap<ChunkId, u64> = BTreeMap::new();
-    each_inode(&view, |s| {
-        files += 1;
-        if s.inode.attr.kind == FileKind::Regular {
-            bytes += s.inode.attr.size;
-        }
-        for (id, n) in chunk_bytes(&s, chunk_size) {
-            if !live.contains(&id) {
-                only.insert(id, n);
-            }
-        }
-    })?;
-    Ok(SnapshotUsage {
-        info,
-        files,
-        bytes,
-        only_bytes: only.values().sum(),
-    })
+    if !infos.is_empty() {
+        each_inode(r, |s| live.extend(chunks_of(&s.inode.content)))?;
+    }
+    infos
+        .into_iter()
+        .map(|info| {
+            let view = SnapView {
+                base: r,
+                gen: info.gen,
+            };
+            let (mut files, mut bytes) = (0u64, 0u64);
+            let mut only: BTreeMap<ChunkId, u64> = BTreeMap::new();
+            each_inode(&view, |s| {
+                files += 1;
+                if s.inode.attr.kind == FileKind::Regular {
+                    bytes += s.inode.attr.size;
+                }
+                for (id, n) in chunk_bytes(&s, chunk_size) {
+                    if !live.contains(&id) {
+                        only.insert(id, n);
+                    }
+                }
+            })?;
+            Ok(SnapshotUsage {
+                info,
+                files,
+                bytes,
+                only_bytes: only.values().sum(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -767,8 +786,9 @@ mod tests {
             }
         };
         assert_eq!(all_refs(&m), vec![a]);
-        let usage = usage(&m, "s", 1 << 20).unwrap();
+        let usage = usage(&m, Some("s"), 1 << 20).unwrap().remove(0);
         assert_eq!((usage.files, usage.bytes, usage.only_bytes), (2, 10, 10));
+        assert_eq!(usage, super::usage(&m, None, 1 << 20).unwrap().remove(0));
         m.run(MetaOp::DeleteSnapshot { name: "s".into() }).unwrap();
         assert_eq!(all_refs(&m), Vec::<ChunkId>::new());
         assert_eq!(kept_rows(&m), 0);
