@@ -948,9 +948,9 @@ fn read<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
         Query::Volume => Ok(MetaOk::Volume(txn.volume()?)),
         Query::Rebalance => Ok(MetaOk::Rebalance(volume::rebalance(r)?)),
         Query::StatFs => Err(FsError::Invalid("statfs is answered by the brick".into())),
-        Query::Snapshots | Query::InSnapshot { .. } => Err(
-            FsError::Invalid("only file and directory reads are answered from a snapshot".into()),
-        ),
+        Query::Snapshots | Query::InSnapshot { .. } => Err(FsError::Invalid(
+            "only file and directory reads are answered from a snapshot".into(),
+        )),
     }
 }
 

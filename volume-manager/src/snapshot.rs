@@ -66,12 +66,14 @@ pub async fn create(vol: &Volume, name: &str, keep: Option<u32>) -> Result<Snaps
 /// What snapshot `name` (every snapshot, without a name) holds, read on the metadata leader.
 pub async fn usage(vol: &Volume, name: Option<&str>) -> Result<Vec<SnapshotUsage>> {
     let addrs: Vec<String> = vol.config().bricks().map(|b| b.addr.clone()).collect();
-    let statuses = futures::future::join_all(
-        addrs.iter().map(|a| volume_admin::status(vol.pool(), a)),
-    )
-    .await;
+    let statuses =
+        futures::future::join_all(addrs.iter().map(|a| volume_admin::status(vol.pool(), a))).await;
     let leader = crate::replicas::leader(&statuses)
-        .and_then(|l| statuses.iter().position(|s| s.as_ref().is_ok_and(|s| s.id == l.id)))
+        .and_then(|l| {
+            statuses
+                .iter()
+                .position(|s| s.as_ref().is_ok_and(|s| s.id == l.id))
+        })
         .map(|i| addrs[i].clone())
         .ok_or_else(|| anyhow!("cannot read the snapshots: the volume has no metadata leader"))?;
     volume_admin::snapshot_usage(vol.pool(), &leader, name)
