@@ -125,23 +125,30 @@ pub async fn run(raft: Raft, lag: Arc<Lag>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (last_log, replication) = {
-            let m = raft.metrics();
-            let m = m.borrow();
-            let replication = m.replication.as_ref().map(|r| {
-                r.iter()
-                    .filter(|(id, _)| **id != m.id)
-                    .map(|(id, l)| (*id, l.map(|l| l.index)))
-                    .collect::<BTreeMap<_, _>>()
-            });
-            (m.last_log_index.unwrap_or(0), replication)
-        };
-        let now = lag.now();
-        lag.tracker
-            .lock()
-            .expect("lag lock")
-            .observe(now, last_log, replication.as_ref());
+        sample(&raft, &lag);
     }
+}
+
+/// Take one sample now. A status report takes one first, so a leader elected since the last
+/// tick already reports every follower (it reported none, and heal took that for followers
+/// the leader does not replicate).
+pub fn sample(raft: &Raft, lag: &Lag) {
+    let (last_log, replication) = {
+        let m = raft.metrics();
+        let m = m.borrow();
+        let replication = m.replication.as_ref().map(|r| {
+            r.iter()
+                .filter(|(id, _)| **id != m.id)
+                .map(|(id, l)| (*id, l.map(|l| l.index)))
+                .collect::<BTreeMap<_, _>>()
+        });
+        (m.last_log_index.unwrap_or(0), replication)
+    };
+    let now = lag.now();
+    lag.tracker
+        .lock()
+        .expect("lag lock")
+        .observe(now, last_log, replication.as_ref());
 }
 
 #[cfg(test)]

@@ -920,7 +920,10 @@ impl Brick {
             heal_backlog: self.on_storage(|s| Ok(s.count(CF_HEAL_INDEX)?)).await?,
             peers: self.peer_health().await,
             term: m.current_term,
-            replicas: self.lag.report(),
+            replicas: {
+                crate::lag::sample(&self.raft, &self.lag);
+                self.lag.report()
+            },
             log_bytes: self.log_bound.total(),
             disk_bytes: self.on_storage(|s| Ok(s.disk_bytes())).await?,
             layout_epoch: self.volume().map(|v| v.epoch).unwrap_or(0),
