@@ -1270,7 +1270,7 @@ mod tests {
         }
         acl
     }
-    fn create_op(parent: InodeId, name: &str) -> MetaOp {
+    pub(in crate::namespace) fn create_op(parent: InodeId, name: &str) -> MetaOp {
         MetaOp::Mknod {
             parent,
             name: name.into(),

@@ -8,18 +8,22 @@ use mortar_client::Volume;
 use mortar_proto::wire::{validate_snapshot_name, MetaOk, MetaOp, SnapshotInfo, SnapshotUsage};
 use mortar_proto::{FsError, Timestamp};
 
+/// A UTC time's fields, for the two ways snapshots show one.
+fn fields(d: time::OffsetDateTime) -> (i32, u8, u8, u8, u8, u8) {
+    (
+        d.year(),
+        d.month() as u8,
+        d.day(),
+        d.hour(),
+        d.minute(),
+        d.second(),
+    )
+}
+
 /// A time as operators read it, in UTC.
 pub fn when(t: Timestamp) -> String {
-    match time::OffsetDateTime::from_unix_timestamp(t.secs) {
-        Ok(d) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-            d.year(),
-            d.month() as u8,
-            d.day(),
-            d.hour(),
-            d.minute(),
-            d.second()
-        ),
+    match time::OffsetDateTime::from_unix_timestamp(t.secs).map(fields) {
+        Ok((y, mo, d, h, mi, s)) => format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02} UTC"),
         Err(_) => format!("{}s", t.secs),
     }
 }
@@ -27,16 +31,8 @@ pub fn when(t: Timestamp) -> String {
 /// A name from the time, for snapshots named by their series only (the timer's, the one a
 /// restore takes first): `SERIES-YYYYMMDDTHHMMSSZ`.
 pub fn timed_name(series: &str) -> String {
-    let d = time::OffsetDateTime::now_utc();
-    format!(
-        "{series}-{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-        d.year(),
-        d.month() as u8,
-        d.day(),
-        d.hour(),
-        d.minute(),
-        d.second()
-    )
+    let (y, mo, d, h, mi, s) = fields(time::OffsetDateTime::now_utc());
+    format!("{series}-{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
 }
 
 fn refused(what: &str, name: &str, e: FsError) -> anyhow::Error {

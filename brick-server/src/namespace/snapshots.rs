@@ -234,18 +234,10 @@ pub fn find<R: MetaRead>(r: &R, name: &str) -> Result<SnapshotInfo, FsError> {
 /// Every snapshot, oldest first.
 pub fn list<R: MetaRead>(r: &R) -> Result<Vec<SnapshotInfo>, FsError> {
     let mut out: Vec<SnapshotInfo> = Vec::new();
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let rows = r.scan(Table::Sys, PREFIX_SNAP, after.as_deref(), PAGE)?;
-        let full = rows.len() == PAGE;
-        after = rows.last().map(|(k, _)| k.clone());
-        for (_, v) in rows {
-            out.push(dec(&v)?);
-        }
-        if !full {
-            break;
-        }
-    }
+    each_row(r, Table::Sys, PREFIX_SNAP, |_, v| {
+        out.push(dec(&v)?);
+        Ok(())
+    })?;
     out.sort_by_key(|s| s.gen);
     Ok(out)
 }
@@ -331,35 +323,28 @@ fn remove<R: MetaRead>(txn: &mut Txn<'_, R>, name: &str, now: Timestamp) -> Resu
             .to_vec(),
     );
     let read_by = |prev: u64, gen: u64| live.iter().any(|s| *s > prev && *s <= gen);
-    let mut after: Option<Vec<u8>> = None;
+    let base = txn.base;
     let mut prev: Option<(Vec<u8>, u64)> = None;
-    loop {
-        let rows = txn.base.scan(Table::Snap, &[], after.as_deref(), PAGE)?;
-        let full = rows.len() == PAGE;
-        after = rows.last().map(|(k, _)| k.clone());
-        for (k, v) in rows {
-            let (table, _, gen) = parse_kept(&k)?;
-            let before = match &prev {
-                Some((pk, pg)) if *pk == k[..k.len() - 8] => *pg,
-                _ => 0,
-            };
-            prev = Some((k[..k.len() - 8].to_vec(), gen));
-            if read_by(before, gen) {
-                continue;
-            }
-            txn.delete(Table::Snap, &k);
-            if table == Table::Inodes {
-                if let Some(row) = dec::<Option<Vec<u8>>>(&v)? {
-                    for id in chunks_of(&dec::<Stored>(&row)?.inode.content) {
-                        txn.put(Table::Sys, &released_key(&id), enc(&now));
-                    }
+    each_row(base, Table::Snap, &[], |k, v| {
+        let (table, _, gen) = parse_kept(&k)?;
+        let before = match &prev {
+            Some((pk, pg)) if *pk == k[..k.len() - 8] => *pg,
+            _ => 0,
+        };
+        prev = Some((k[..k.len() - 8].to_vec(), gen));
+        if read_by(before, gen) {
+            return Ok(());
+        }
+        txn.delete(Table::Snap, &k);
+        if table == Table::Inodes {
+            if let Some(row) = dec::<Option<Vec<u8>>>(&v)? {
+                for id in chunks_of(&dec::<Stored>(&row)?.inode.content) {
+                    txn.put(Table::Sys, &released_key(&id), enc(&now));
                 }
             }
         }
-        if !full {
-            return Ok(());
-        }
-    }
+        Ok(())
+    })
 }
 
 /// Generations of the snapshots that live once `txn` is applied (a change may create one and
@@ -402,21 +387,13 @@ pub(super) fn restore<R: MetaRead>(
     let undo = record(txn, undo, now)?;
     // Every key changed since the target was taken has a row kept at a generation ≥ its own.
     let mut changed: BTreeSet<(Table, Vec<u8>)> = BTreeSet::new();
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let rows = txn.base.scan(Table::Snap, &[], after.as_deref(), PAGE)?;
-        let full = rows.len() == PAGE;
-        after = rows.last().map(|(k, _)| k.clone());
-        for (k, _) in rows {
-            let (table, key, gen) = parse_kept(&k)?;
-            if gen >= target.gen {
-                changed.insert((table, key));
-            }
+    each_row(txn.base, Table::Snap, &[], |k, _| {
+        let (table, key, gen) = parse_kept(&k)?;
+        if gen >= target.gen {
+            changed.insert((table, key));
         }
-        if !full {
-            break;
-        }
-    }
+        Ok(())
+    })?;
     let mut count = u64_of(txn.get(Table::Sys, KEY_INODE_COUNT)?) as i64;
     for (table, key) in changed {
         let then = read_at(txn.base, table, &key, target.gen)?;
@@ -510,13 +487,26 @@ fn chunk_bytes(s: &Stored, chunk_size: u64) -> Vec<(ChunkId, u64)> {
 
 /// Every inode of a namespace view, page by page.
 fn each_inode<R: MetaRead>(r: &R, mut f: impl FnMut(Stored)) -> Result<(), FsError> {
+    each_row(r, Table::Inodes, &[], |_, v| {
+        f(dec(&v)?);
+        Ok(())
+    })
+}
+
+/// Every row of `table` under `prefix`, in key order, a page at a time.
+fn each_row<R: MetaRead>(
+    r: &R,
+    table: Table,
+    prefix: &[u8],
+    mut f: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), FsError>,
+) -> Result<(), FsError> {
     let mut after: Option<Vec<u8>> = None;
     loop {
-        let rows = r.scan(Table::Inodes, &[], after.as_deref(), PAGE)?;
+        let rows = r.scan(table, prefix, after.as_deref(), PAGE)?;
         let full = rows.len() == PAGE;
         after = rows.last().map(|(k, _)| k.clone());
-        for (_, v) in rows {
-            f(dec(&v)?);
+        for (k, v) in rows {
+            f(k, v)?;
         }
         if !full {
             return Ok(());
@@ -571,7 +561,7 @@ pub fn usage<R: MetaRead>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::vol;
+    use super::super::tests::{create_op, vol};
     use super::super::{chunk_references, released, MemMeta};
     use super::*;
     use mortar_proto::wire::{MetaOp, Query, RefCursor};
@@ -619,16 +609,7 @@ mod tests {
     }
 
     fn mknod(m: &mut MemMeta, parent: InodeId, name: &str) -> Result<MetaOk, FsError> {
-        m.run(MetaOp::Mknod {
-            parent,
-            name: name.into(),
-            kind: FileKind::Regular,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            exclusive: true,
-        })
+        m.run(create_op(parent, name))
     }
 
     fn write(m: &mut MemMeta, parent: InodeId, name: &str, content: Content) {
