@@ -94,9 +94,9 @@ pub fn creates_name(op: &MetaOp) -> Option<&[u8]> {
         MetaOp::Mknod { name, .. } | MetaOp::Mkdir { name, .. } | MetaOp::Symlink { name, .. } => {
             Some(name)
         }
-        MetaOp::CreateSnapshot { name, .. } | MetaOp::RestoreSnapshot { undo: name, .. } => {
-            Some(name.as_bytes())
-        }
+        MetaOp::CreateSnapshot { name, .. }
+        | MetaOp::RestoreSnapshot { undo: name, .. }
+        | MetaOp::RestorePath { undo: name, .. } => Some(name.as_bytes()),
         _ => None,
     }
 }
@@ -415,6 +415,9 @@ pub fn apply<R: MetaRead>(
         MetaOp::CreateSnapshot { name, keep } => snapshots::create(txn, name, *keep, now),
         MetaOp::DeleteSnapshot { name } => snapshots::delete(txn, name, now),
         MetaOp::RestoreSnapshot { name, undo } => snapshots::restore(txn, name, undo, now),
+        MetaOp::RestorePath { name, undo, path } => {
+            snapshots::restore_path(txn, name, undo, path, now)
+        }
         MetaOp::Mknod {
             parent,
             name,

@@ -194,7 +194,8 @@ impl Brick {
                     | MetaOp::ForgetReleased(_)
                     | MetaOp::CreateSnapshot { .. }
                     | MetaOp::DeleteSnapshot { .. }
-                    | MetaOp::RestoreSnapshot { .. } => need(&[Role::Admin, Role::Brick])?,
+                    | MetaOp::RestoreSnapshot { .. }
+                    | MetaOp::RestorePath { .. } => need(&[Role::Admin, Role::Brick])?,
                     _ => {}
                 }
                 Ok(self.meta_write(op, once).await)
@@ -554,9 +555,9 @@ impl Brick {
             MetaOp::Local { op, .. } => self.add_named(op, named),
             // A snapshot holds everything any mount has shown, so whatever is held under a
             // delegation is committed first; a restore changes anything.
-            MetaOp::CreateSnapshot { .. } | MetaOp::RestoreSnapshot { .. } => {
-                named.everything = true
-            }
+            MetaOp::CreateSnapshot { .. }
+            | MetaOp::RestoreSnapshot { .. }
+            | MetaOp::RestorePath { .. } => named.everything = true,
             MetaOp::DeleteSnapshot { .. }
             | MetaOp::CreateVolume(_)
             | MetaOp::HealLease { .. }

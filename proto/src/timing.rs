@@ -35,6 +35,9 @@ pub const LEADER_LEASE: Duration = ms(500);
 /// ELECTION_SPREAD` without a leader.
 pub const ELECTION_SLACK: Duration = ms(100);
 pub const ELECTION_SPREAD: Duration = ms(200);
+/// After a peer could not be reached at all (a refused or failed connect), the leader's next
+/// message to it waits this long; a late answer waits for nothing but the next heartbeat.
+pub const UNREACHABLE_RETRY: Duration = ms(250);
 /// The longest a follower waits without a leader before it stands.
 pub const ELECTION_WAIT_MAX: Duration = ms(LEADER_LEASE.as_millis() as u64
     + ELECTION_SLACK.as_millis() as u64
@@ -102,6 +105,11 @@ const _: () = assert!(lt(
 // The followers hear a heartbeat at slightly different times: the first to stand must find
 // the others' leases over too, or its pre-vote is refused and it waits a whole round more.
 const _: () = assert!(!lt(ELECTION_SLACK, HEARTBEAT));
+// A follower the leader once failed to reach hears it again before it would stand.
+const _: () = assert!(lt(
+    Duration::from_millis(UNREACHABLE_RETRY.as_millis() as u64 + HEARTBEAT.as_millis() as u64),
+    Duration::from_millis(LEADER_LEASE.as_millis() as u64 + ELECTION_SLACK.as_millis() as u64)
+));
 // A request waiting at a brick for a leader outlives one election.
 const _: () = assert!(lt(ELECTION_WAIT_MAX, META_TIMEOUT));
 // The client hears a brick's "unavailable" (or a forwarded answer) before its attempt ends.

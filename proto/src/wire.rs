@@ -278,6 +278,14 @@ pub enum MetaOp {
         name: String,
         undo: String,
     },
+    /// Admin: make the tree at `path` (absolute, not `/`) equal to snapshot `name`'s tree at
+    /// that path, leaving everything outside it as it is, after recording the current namespace
+    /// as snapshot `undo`.
+    RestorePath {
+        name: String,
+        undo: String,
+        path: String,
+    },
 }
 
 /// Where a reference scan goes on: live inodes first, then the inodes snapshots keep.

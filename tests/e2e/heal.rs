@@ -70,16 +70,6 @@ async fn assert_all_copies_verify(c: &Cluster, chunks: &BTreeSet<ChunkId>) {
 }
 
 /// Stop brick `i`, change its RocksDB directly (what a bad disk or a bug would do), restart it.
-async fn tamper(c: &mut Cluster, i: usize, change: impl FnOnce(&Store)) {
-    c.bricks[i].stop();
-    {
-        let store = Store::open(&c.bricks[i].data).expect("open the stopped brick's store");
-        change(&store);
-    }
-    c.bricks[i].start();
-    c.wait_up(i).await;
-}
-
 fn pending(out: &str, addr: &str) -> (u64, u64) {
     let line = out
         .lines()
@@ -204,13 +194,13 @@ async fn heal_replaces_rotten_and_missing_copies_only_from_verified_ones() {
     };
 
     // x: rotten on brick 0 and missing on brick 1, so brick 2 holds the only good copy.
-    tamper(&mut c, 0, rot(x)).await;
-    tamper(&mut c, 1, |s| {
+    c.tamper(0, rot(x)).await;
+    c.tamper(1, |s| {
         assert_eq!(s.collect_garbage(&[x], 0).unwrap(), vec![x]);
     })
     .await;
     // y: rotten on brick 2, and found by a read: the brick stops serving it and reports it.
-    tamper(&mut c, 2, rot(y)).await;
+    c.tamper(2, rot(y)).await;
     let pool = c.admin_pool();
     let r = pool
         .call(
@@ -236,7 +226,7 @@ async fn heal_replaces_rotten_and_missing_copies_only_from_verified_ones() {
     assert_all_copies_verify(&c, &referenced.iter().copied().collect()).await;
 
     // z: rotten on brick 1 and not yet read by anyone: only a full scrub finds it.
-    tamper(&mut c, 1, rot(z)).await;
+    c.tamper(1, rot(z)).await;
     let r = heal(&c, &["info"]);
     assert_eq!(r.code, 0, "an unread rotten copy is not known yet");
     let r = heal(&c, &["--full", "--scrub-rate", "0"]);
@@ -266,7 +256,7 @@ async fn metadata_mismatch_is_the_alarm() {
         }
         found.expect("a follower")
     };
-    tamper(&mut c, victim, |s| {
+    c.tamper(victim, |s| {
         s.db.put_cf(s.cf(CF_META_SYS), b"tampered", b"1").unwrap()
     })
     .await;
@@ -547,7 +537,7 @@ async fn garbage_collection_from_a_stale_view_deletes_nothing_live() {
 
     // A rotten copy, found by a read, is quarantined; the good copies serve; heal restores it.
     let victim = referenced.iter().next().copied().unwrap();
-    tamper(&mut c, 1, |s| {
+    c.tamper(1, |s| {
         s.db.put_cf(s.cf(CF_CHUNKS), victim.0, b"bit rot".repeat(1000))
             .unwrap()
     })
@@ -558,7 +548,7 @@ async fn garbage_collection_from_a_stale_view_deletes_nothing_live() {
         .await
         .unwrap();
     assert!(r.is_err(), "a rotten copy was served");
-    tamper(&mut c, 1, |s| {
+    c.tamper(1, |s| {
         assert_eq!(
             s.quarantined().unwrap(),
             vec![victim],
@@ -572,7 +562,7 @@ async fn garbage_collection_from_a_stale_view_deletes_nothing_live() {
     let r = heal(&c, &[]);
     assert_eq!(r.code, 0, "{}", r.out);
     assert_all_copies_verify(&c, &referenced).await;
-    tamper(&mut c, 1, |s| {
+    c.tamper(1, |s| {
         assert!(
             s.quarantined().unwrap().is_empty(),
             "the quarantine outlived the good copy"

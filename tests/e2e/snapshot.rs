@@ -352,7 +352,7 @@ fn chunk_ids(bytes: &[u8]) -> Vec<ChunkId> {
 /// deleted, the next heal frees exactly what only it held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heal_keeps_what_a_snapshot_names_and_frees_it_once_deleted() {
-    let c = Cluster::start(3);
+    let mut c = Cluster::start(3);
     c.create_volume("www", CHUNK).await;
     let m = c.mount("www", "m", "").await;
     let kept_file = random_bytes(3 << 20, 7);
@@ -379,6 +379,23 @@ async fn heal_keeps_what_a_snapshot_names_and_frees_it_once_deleted() {
                 "brick {i} lost chunk {id:?} a snapshot names"
             );
         }
+    }
+    // A copy of a chunk only the snapshot names, lost on one brick: heal brings it back to
+    // three copies like any other.
+    let lost = held[0];
+    c.tamper(1, |s| {
+        assert_eq!(s.collect_garbage(&[lost], 0).unwrap(), vec![lost]);
+    })
+    .await;
+    assert!(!c.chunks_per_brick().await[1].contains(&lost));
+    let run = c.volume_cli("heal", &["--gc-grace", "0"]);
+    ok(&run);
+    for (i, chunks) in c.chunks_per_brick().await.iter().enumerate() {
+        assert!(
+            held.iter().all(|id| chunks.contains(id)),
+            "brick {i} lacks a chunk only the snapshot names after heal: {}",
+            run.out
+        );
     }
     let info = c.snapshot_cli("info", &["keep", "--json"]);
     ok(&info);
@@ -414,6 +431,118 @@ async fn heal_keeps_what_a_snapshot_names_and_frees_it_once_deleted() {
         }
     }
     assert!(std::fs::read(m.path.join("live.bin")).unwrap() == live_file);
+}
+
+/// `restore --path`: the tree at the path comes back as the snapshot holds it, on every mount,
+/// and nothing outside it changes; the undo snapshot holds the tree as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_is_restored_and_the_rest_of_the_volume_stays_as_it_is() {
+    let c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let a = c.mount("www", "a", "").await;
+    let b = c.mount("www", "b", "").await;
+    let v1 = c.dir.path().join("v1");
+    let themes = Path::new("wp-content/themes");
+    for (f, body) in [
+        ("index.php", b"<?php /* v1 */".to_vec()),
+        (
+            "wp-content/themes/t1/style.css",
+            b"body { color: red }".to_vec(),
+        ),
+        ("wp-content/themes/t1/big.bin", random_bytes(3 << 20, 11)),
+        (
+            "wp-content/themes/t2/functions.php",
+            b"<?php /* t2 */".to_vec(),
+        ),
+        ("wp-content/uploads/logo.png", random_bytes(5000, 12)),
+    ] {
+        let p = v1.join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+    rsync(&v1, &a.path, false);
+    // As the mount shows it: rsync sets the times of directories it creates or changes only
+    // sometimes, on any filesystem (rsync 3.5.0 here).
+    let v1_themes = manifest(&a.path.join(themes)).unwrap();
+    ok(&c.snapshot_cli("create", &["before"]));
+    // v2: the theme changed everywhere, and so did the rest of the site.
+    let v2 = c.dir.path().join("v2");
+    rsync(&v1, &v2, false);
+    std::fs::write(
+        v2.join("wp-content/themes/t1/style.css"),
+        "body { color: blue }",
+    )
+    .unwrap();
+    std::fs::write(
+        v2.join("wp-content/themes/t1/big.bin"),
+        random_bytes(2 << 20, 13),
+    )
+    .unwrap();
+    std::fs::remove_dir_all(v2.join("wp-content/themes/t2")).unwrap();
+    std::fs::create_dir_all(v2.join("wp-content/themes/t3")).unwrap();
+    std::fs::write(v2.join("wp-content/themes/t3/new.php"), "<?php /* t3 */").unwrap();
+    std::fs::write(v2.join("index.php"), "<?php /* v2 */").unwrap();
+    std::fs::write(
+        v2.join("wp-content/uploads/new.png"),
+        random_bytes(7000, 14),
+    )
+    .unwrap();
+    rsync(&v2, &a.path, true);
+    let v2_themes = manifest(&a.path.join(themes)).unwrap();
+    until_all_show(&[b.path.join(themes)], &v2_themes, "v2 deployed").await;
+    // Everything but the restored tree and the directory holding it (whose times move).
+    let outside = |root: &Path| -> Manifest {
+        manifest(root)
+            .unwrap()
+            .into_iter()
+            .filter(|(p, _)| !p.starts_with(themes) && p != Path::new("wp-content"))
+            .collect()
+    };
+    let rest = outside(&a.path);
+
+    let run = c.snapshot_cli(
+        "restore",
+        &["before", "--path", "/wp-content/themes", "--undo", "u"],
+    );
+    ok(&run);
+    assert!(
+        run.out.contains("/wp-content/themes restored"),
+        "{}",
+        run.out
+    );
+    until_all_show(
+        &[a.path.join(themes), b.path.join(themes)],
+        &v1_themes,
+        "theme restored",
+    )
+    .await;
+    for m in [&a.path, &b.path] {
+        let diff = manifest_diff(&outside(m), &rest, 5);
+        assert!(diff.is_empty(), "outside the path changed: {diff:?}");
+    }
+    // The undo snapshot holds v2's theme.
+    {
+        let s = c.mount("www", "undo", "snapshot=u").await;
+        assert_eq!(manifest(&s.path.join(themes)).unwrap(), v2_themes);
+    }
+    // A path the snapshot does not hold, or not a path: refused, nothing changed.
+    let tree = manifest(&a.path).unwrap();
+    for (path, says) in [
+        (
+            "/wp-content/themes/t3",
+            "'/wp-content/themes/t3' is not in snapshot 'before'",
+        ),
+        ("wp-content", "must be absolute"),
+        ("/", "restore without --path"),
+    ] {
+        let run = c.snapshot_cli("restore", &["before", "--path", path]);
+        assert_ne!(run.code, 0, "{path}: {}", run.out);
+        assert!(run.out.contains(says), "{path}: {}", run.out);
+    }
+    assert_eq!(manifest(&a.path).unwrap(), tree);
+    let run = c.volume_cli("heal", &[]);
+    ok(&run);
+    assert!(run.out.contains("replicas agree"), "{}", run.out);
 }
 
 /// Acceptance 5: an existing or invalid name, a missing snapshot, a bad --keep: a clear

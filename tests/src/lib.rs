@@ -492,6 +492,18 @@ impl Cluster {
         out
     }
 
+    /// Stop brick `i`, change its store directly (rot or drop a chunk), and start it again.
+    pub async fn tamper(&mut self, i: usize, change: impl FnOnce(&mortar_brick::store::Store)) {
+        self.bricks[i].stop();
+        {
+            let store = mortar_brick::store::Store::open(&self.bricks[i].data)
+                .expect("open the stopped brick's store");
+            change(&store);
+        }
+        self.bricks[i].start();
+        self.wait_up(i).await;
+    }
+
     /// Wait until brick `i` answers.
     pub async fn wait_up(&self, i: usize) {
         let pool = self.admin_pool();

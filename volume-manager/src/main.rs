@@ -93,12 +93,15 @@ enum SnapshotCommand {
     },
     /// Make the live volume equal to snapshot NAME, in one change, while it stays mounted.
     /// The state before is kept as snapshot --undo (default undo-YYYYMMDDTHHMMSSZ), so the
-    /// restore can itself be undone.
+    /// restore can itself be undone. With --path, only the tree at that path (absolute, in
+    /// the volume) is restored, and nothing outside it changes.
     Restore {
         volume: String,
         name: String,
         #[arg(long)]
         undo: Option<String>,
+        #[arg(long)]
+        path: Option<String>,
         #[command(flatten)]
         seeds: Seeds,
         #[command(flatten)]
@@ -871,15 +874,17 @@ async fn run_snapshot(cmd: SnapshotCommand) -> Result<()> {
             volume,
             name,
             undo,
+            path,
             seeds,
             conn,
         } => {
             let undo = undo.unwrap_or_else(|| snapshot::timed_name("undo"));
             let vol = connect(&seeds, &conn, Some(&volume)).await?;
-            let kept = snapshot::restore(&vol, &name, &undo).await?;
+            let kept = snapshot::restore(&vol, &name, &undo, path.as_deref()).await?;
+            let what = path.map_or_else(String::new, |p| format!(" {p}"));
             println!(
-                "snapshot restore {volume} {name}: restored; the volume as it was is snapshot \
-                 '{}' (mortar snapshot restore {volume} {} undoes this)",
+                "snapshot restore {volume} {name}:{what} restored; the volume as it was is \
+                 snapshot '{}' (mortar snapshot restore {volume} {} undoes this)",
                 kept.name, kept.name
             );
         }

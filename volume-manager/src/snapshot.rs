@@ -93,14 +93,24 @@ pub async fn delete(vol: &Volume, name: &str) -> Result<()> {
     }
 }
 
-/// Restore `name`, recording the namespace as it was as snapshot `undo` first; answers the
-/// undo snapshot.
-pub async fn restore(vol: &Volume, name: &str, undo: &str) -> Result<SnapshotInfo> {
+/// Restore `name` (only the tree at `path`, if given), recording the namespace as it was as
+/// snapshot `undo` first; answers the undo snapshot.
+pub async fn restore(
+    vol: &Volume,
+    name: &str,
+    undo: &str,
+    path: Option<&str>,
+) -> Result<SnapshotInfo> {
     validate_snapshot_name(name)?;
     validate_snapshot_name(undo)?;
-    let op = MetaOp::RestoreSnapshot {
-        name: name.to_string(),
-        undo: undo.to_string(),
+    let (n, u) = (name.to_string(), undo.to_string());
+    let op = match path {
+        None => MetaOp::RestoreSnapshot { name: n, undo: u },
+        Some(p) => MetaOp::RestorePath {
+            name: n,
+            undo: u,
+            path: p.to_string(),
+        },
     };
     match vol.admin_op(op).await {
         Ok(MetaOk::Snapshot(info)) => Ok(info),

@@ -24,6 +24,9 @@ use mortar_proto::wire::{validate_snapshot_name, MetaOk, SnapshotInfo, SnapshotU
 use mortar_proto::{ChunkId, Content, FileKind, FsError, Timestamp};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
+mod subtree;
+pub(super) use subtree::restore_path;
+
 /// `snap/<name>` → [`SnapshotInfo`].
 const PREFIX_SNAP: &[u8] = b"snap/";
 /// The generation the next snapshot gets.
@@ -896,6 +899,430 @@ mod tests {
                 m.run(MetaOp::DeleteSnapshot { name }).unwrap();
             }
             prop_assert_eq!(kept_rows(&m), 0);
+        }
+    }
+
+    /// What a path shows, whatever inode number holds it: kind, mode, owner, size and content
+    /// (and a file's mtime; a directory's times move with its entries).
+    type Shown = (
+        FileKind,
+        u32,
+        u32,
+        u64,
+        Content,
+        Vec<(Vec<u8>, Vec<u8>)>,
+        Option<Timestamp>,
+    );
+
+    fn entries<R: MetaRead>(r: &R, d: InodeId) -> Vec<(String, InodeId)> {
+        r.scan(Table::Dentries, &d.to_be_bytes(), None, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8(k[8..].to_vec()).unwrap(), u64_of(Some(v))))
+            .collect()
+    }
+
+    fn stored_of<R: MetaRead>(r: &R, ino: InodeId) -> Stored {
+        dec(&r.get(Table::Inodes, &ino.to_be_bytes()).unwrap().unwrap()).unwrap()
+    }
+
+    /// Every path of a view (below the root, "/a/b" form) and what it shows.
+    fn paths<R: MetaRead>(r: &R) -> BTreeMap<String, Shown> {
+        let mut out = BTreeMap::new();
+        let mut dirs = vec![(String::new(), ROOT_INODE)];
+        while let Some((at, d)) = dirs.pop() {
+            for (name, c) in entries(r, d) {
+                let s = stored_of(r, c);
+                let a = &s.inode.attr;
+                let path = format!("{at}/{name}");
+                let dir = a.kind == FileKind::Directory;
+                out.insert(
+                    path.clone(),
+                    (
+                        a.kind,
+                        a.perm,
+                        a.uid,
+                        a.size,
+                        s.inode.content.clone(),
+                        s.inode.xattrs.clone(),
+                        (!dir).then_some(a.mtime),
+                    ),
+                );
+                if dir {
+                    dirs.push((path, c));
+                }
+            }
+        }
+        out
+    }
+
+    /// The namespace is whole: every entry names an inode, every inode is reachable, a
+    /// directory has one entry, its parent and 2 + subdirectories links, a file as many links
+    /// as entries, and the inode count is right.
+    fn whole(m: &MemMeta) -> Result<(), String> {
+        let mut names: BTreeMap<InodeId, u32> = BTreeMap::new();
+        let mut subdirs: BTreeMap<InodeId, u32> = BTreeMap::new();
+        let mut seen = BTreeSet::from([ROOT_INODE]);
+        let mut dirs = vec![ROOT_INODE];
+        while let Some(d) = dirs.pop() {
+            for (name, c) in entries(m, d) {
+                let Some(row) = m.get(Table::Inodes, &c.to_be_bytes()).unwrap() else {
+                    return Err(format!("entry {name} in {d} names missing inode {c}"));
+                };
+                let s: Stored = dec(&row).unwrap();
+                *names.entry(c).or_default() += 1;
+                if s.inode.attr.kind == FileKind::Directory {
+                    *subdirs.entry(d).or_default() += 1;
+                    if s.parent != d {
+                        return Err(format!(
+                            "directory {c} in {d} says its parent is {}",
+                            s.parent
+                        ));
+                    }
+                }
+                if seen.insert(c) && s.inode.attr.kind == FileKind::Directory {
+                    dirs.push(c);
+                }
+            }
+        }
+        let rows: Vec<InodeId> = m
+            .data
+            .keys()
+            .filter(|(t, _)| *t == Table::Inodes)
+            .map(|(_, k)| u64::from_be_bytes(k[..].try_into().unwrap()))
+            .collect();
+        for &ino in &rows {
+            if !seen.contains(&ino) {
+                return Err(format!("inode {ino} is not reachable"));
+            }
+            let a = stored_of(m, ino).inode.attr;
+            let want = if a.kind == FileKind::Directory {
+                if ino != ROOT_INODE && names.get(&ino) != Some(&1) {
+                    return Err(format!("directory {ino} has {:?} entries", names.get(&ino)));
+                }
+                2 + subdirs.get(&ino).copied().unwrap_or(0)
+            } else {
+                names[&ino]
+            };
+            if a.nlink != want {
+                return Err(format!(
+                    "inode {ino} has nlink {} for {want} links",
+                    a.nlink
+                ));
+            }
+        }
+        let count = super::super::inode_count(m).unwrap();
+        if count != rows.len() as u64 {
+            return Err(format!("inode count {count} for {} inodes", rows.len()));
+        }
+        Ok(())
+    }
+
+    fn at_path(m: &MemMeta, path: &str) -> Option<InodeId> {
+        path.split('/')
+            .filter(|p| !p.is_empty())
+            .try_fold(ROOT_INODE, |d, p| lookup(m, d, p).map(|a| a.ino))
+    }
+
+    fn under(path: &str, top: &str) -> bool {
+        path == top || path.starts_with(&format!("{top}/"))
+    }
+
+    fn restore_path_op(name: &str, undo: &str, path: &str) -> MetaOp {
+        MetaOp::RestorePath {
+            name: name.into(),
+            undo: undo.into(),
+            path: path.into(),
+        }
+    }
+
+    #[test]
+    fn a_path_is_restored_and_nothing_outside_it_changes() {
+        let mut m = vol();
+        let themes = attr(
+            m.run(MetaOp::Mkdir {
+                parent: ROOT_INODE,
+                name: b"themes".to_vec(),
+                perm: 0o755,
+                uid: 0,
+                gid: 0,
+            })
+            .unwrap(),
+        );
+        mknod(&mut m, themes.ino, "style.css").unwrap();
+        write(
+            &mut m,
+            themes.ino,
+            "style.css",
+            Content::Inline(b"v1".to_vec()),
+        );
+        mknod(&mut m, ROOT_INODE, "index.php").unwrap();
+        snap(&mut m, "before").unwrap();
+        let then = paths(&m);
+        write(
+            &mut m,
+            themes.ino,
+            "style.css",
+            Content::Inline(b"v2!".to_vec()),
+        );
+        mknod(&mut m, themes.ino, "new.css").unwrap();
+        write(
+            &mut m,
+            ROOT_INODE,
+            "index.php",
+            Content::Inline(b"live".to_vec()),
+        );
+        let live = paths(&m);
+        m.run(restore_path_op("before", "undo", "/themes")).unwrap();
+        let now = paths(&m);
+        for (p, shown) in &now {
+            let want = if under(p, "/themes") {
+                &then[p]
+            } else {
+                &live[p]
+            };
+            assert_eq!(shown, want, "{p}");
+        }
+        assert!(!now.contains_key("/themes/new.css"));
+        assert_eq!(now["/index.php"].4, Content::Inline(b"live".to_vec()));
+        whole(&m).unwrap();
+        // The undo snapshot holds the namespace as it was before.
+        assert_eq!(paths(&SnapView::open(&m, "undo").unwrap()), live);
+        // The file kept its number, with a higher version.
+        let css = lookup(&m, themes.ino, "style.css").unwrap();
+        assert_eq!(at_path(&m, "/themes/style.css"), Some(css.ino));
+        assert!(css.version > 2);
+    }
+
+    #[test]
+    fn a_directory_moved_out_comes_back_as_a_copy() {
+        let mut m = vol();
+        let mk = |m: &mut MemMeta, parent, name: &str| {
+            attr(
+                m.run(MetaOp::Mkdir {
+                    parent,
+                    name: name.into(),
+                    perm: 0o755,
+                    uid: 0,
+                    gid: 0,
+                })
+                .unwrap(),
+            )
+        };
+        let a = mk(&mut m, ROOT_INODE, "a");
+        let b = mk(&mut m, a.ino, "b");
+        mknod(&mut m, b.ino, "f").unwrap();
+        let f = lookup(&m, b.ino, "f").unwrap();
+        // A hard link outside the path.
+        m.run(MetaOp::Link {
+            ino: f.ino,
+            new_parent: ROOT_INODE,
+            new_name: b"f-link".to_vec(),
+        })
+        .unwrap();
+        snap(&mut m, "s").unwrap();
+        let then = paths(&m);
+        // b moves out of /a, and /a gets a new b.
+        m.run(MetaOp::Rename {
+            parent: a.ino,
+            name: b"b".to_vec(),
+            new_parent: ROOT_INODE,
+            new_name: b"b-moved".to_vec(),
+            flags: 0,
+        })
+        .unwrap();
+        mk(&mut m, a.ino, "b");
+        m.run(restore_path_op("s", "u", "/a")).unwrap();
+        whole(&m).unwrap();
+        let now = paths(&m);
+        assert_eq!(now["/a/b/f"], then["/a/b/f"]);
+        assert!(now.contains_key("/b-moved/f"), "outside the path stays");
+        let restored = at_path(&m, "/a/b").unwrap();
+        assert_ne!(
+            restored, b.ino,
+            "the moved directory stays where it went; a copy returns"
+        );
+        assert_eq!(at_path(&m, "/b-moved"), Some(b.ino));
+        // The file is linked from /b-moved and /f-link live: the restored one is a copy.
+        assert_ne!(at_path(&m, "/a/b/f"), Some(f.ino));
+        assert_eq!(lookup(&m, b.ino, "f").unwrap().nlink, 2);
+    }
+
+    #[test]
+    fn bad_paths_are_refused_and_change_nothing() {
+        let mut m = vol();
+        mknod(&mut m, ROOT_INODE, "index.php").unwrap();
+        snap(&mut m, "s").unwrap();
+        let before = m.data.clone();
+        for bad in [
+            "",
+            "/",
+            "//",
+            "relative",
+            "/nope",
+            "/index.php/x",
+            "/a/../b",
+            "/x\0y",
+        ] {
+            assert!(
+                matches!(
+                    m.run(restore_path_op("s", "u", bad)),
+                    Err(FsError::Invalid(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            m.run(restore_path_op("nope", "u", "/index.php")),
+            Err(FsError::NoSnapshot("nope".into()))
+        );
+        assert_eq!(
+            m.run(restore_path_op("s", "s", "/index.php")),
+            Err(FsError::Exists)
+        );
+        assert_eq!(m.data, before);
+    }
+
+    #[derive(Clone, Debug)]
+    enum TreeStep {
+        Create(u8, u8),
+        Write(u8, u8, u8),
+        Unlink(u8, u8),
+        Link(u8, u8, u8, u8),
+        Rename(u8, u8, u8, u8),
+        MoveDir(u8, u8),
+        Snapshot,
+        RestorePath(u8, u8),
+    }
+
+    /// Directories by number: the root, /d1, /d2, /d1/e.
+    const DIRS: [&str; 4] = ["", "/d1", "/d2", "/d1/e"];
+    const RESTORED: [&str; 6] = ["/d1", "/d2", "/d1/e", "/f0", "/d1/f1", "/d2/e"];
+
+    fn tree_step() -> impl Strategy<Value = TreeStep> {
+        prop_oneof![
+            4 => (0..4u8, 0..4u8).prop_map(|(d, f)| TreeStep::Create(d, f)),
+            3 => (0..4u8, 0..4u8, 0..4u8).prop_map(|(d, f, c)| TreeStep::Write(d, f, c)),
+            2 => (0..4u8, 0..4u8).prop_map(|(d, f)| TreeStep::Unlink(d, f)),
+            2 => (0..4u8, 0..4u8, 0..4u8, 0..4u8).prop_map(|(a, b, c, d)| TreeStep::Link(a, b, c, d)),
+            2 => (0..4u8, 0..4u8, 0..4u8, 0..4u8).prop_map(|(a, b, c, d)| TreeStep::Rename(a, b, c, d)),
+            2 => (1..4u8, 0..4u8).prop_map(|(a, b)| TreeStep::MoveDir(a, b)),
+            2 => Just(TreeStep::Snapshot),
+            2 => (any::<u8>(), 0..6u8).prop_map(|(s, p)| TreeStep::RestorePath(s, p)),
+        ]
+    }
+
+    fn mkdir_path(m: &mut MemMeta, path: &str) {
+        let (up, name) = path.rsplit_once('/').unwrap();
+        if let Some(p) = at_path(m, up) {
+            let _ = m.run(MetaOp::Mkdir {
+                parent: p,
+                name: name.into(),
+                perm: 0o755,
+                uid: 0,
+                gid: 0,
+            });
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// A path restore makes the paths under it show the snapshot's and leaves every other
+        /// path as it was; the namespace stays whole and every snapshot keeps what it holds.
+        #[test]
+        fn a_path_restore_changes_exactly_the_path(steps in proptest::collection::vec(tree_step(), 1..50)) {
+            let mut m = vol();
+            for d in &DIRS[1..] {
+                mkdir_path(&mut m, d);
+            }
+            let mut copies: Vec<(String, Rows)> = Vec::new();
+            let mut made = 0;
+            let d = |m: &MemMeta, i: u8| at_path(m, DIRS[i as usize]);
+            for s in steps {
+                match s {
+                    TreeStep::Create(a, f) => if let Some(p) = d(&m, a) {
+                        let _ = mknod(&mut m, p, &format!("f{f}"));
+                    },
+                    TreeStep::Write(a, f, c) => if let Some(p) = d(&m, a) {
+                        write(&mut m, p, &format!("f{f}"), Content::Inline(vec![c; c as usize]));
+                    },
+                    TreeStep::Unlink(a, f) => if let Some(p) = d(&m, a) {
+                        let _ = m.run(MetaOp::Unlink { parent: p, name: format!("f{f}").into() });
+                    },
+                    TreeStep::Link(a, f, b, g) => if let (Some(p), Some(q)) = (d(&m, a), d(&m, b)) {
+                        if let Some(file) = lookup(&m, p, &format!("f{f}")) {
+                            if file.kind != FileKind::Directory {
+                                let _ = m.run(MetaOp::Link {
+                                    ino: file.ino, new_parent: q, new_name: format!("f{g}").into(),
+                                });
+                            }
+                        }
+                    },
+                    TreeStep::Rename(a, f, b, g) => if let (Some(p), Some(q)) = (d(&m, a), d(&m, b)) {
+                        let _ = m.run(MetaOp::Rename {
+                            parent: p, name: format!("f{f}").into(),
+                            new_parent: q, new_name: format!("f{g}").into(), flags: 0,
+                        });
+                    },
+                    // A directory moves to where another is expected (its place refilled
+                    // later by a fresh one), or back.
+                    TreeStep::MoveDir(a, b) => if let (Some(_), Some(q)) = (d(&m, a), d(&m, b)) {
+                        let (up, name) = DIRS[a as usize].rsplit_once('/').unwrap();
+                        if let Some(p) = at_path(&m, up) {
+                            let moved = format!("moved{made}");
+                            made += 1;
+                            let _ = m.run(MetaOp::Rename {
+                                parent: p, name: name.into(),
+                                new_parent: q, new_name: moved.into(), flags: 0,
+                            });
+                            mkdir_path(&mut m, DIRS[a as usize]);
+                        }
+                    },
+                    TreeStep::Snapshot => {
+                        made += 1;
+                        let name = format!("s{made}");
+                        snap(&mut m, &name).unwrap();
+                        copies.push((name, state(&m)));
+                    }
+                    TreeStep::RestorePath(i, p) => if !copies.is_empty() {
+                        let (name, _) = copies[i as usize % copies.len()].clone();
+                        let path = RESTORED[p as usize];
+                        made += 1;
+                        let undo = format!("u{made}");
+                        let live = paths(&m);
+                        let then = paths(&SnapView::open(&m, &name).unwrap());
+                        let live_state = state(&m);
+                        match m.run(restore_path_op(&name, &undo, path)) {
+                            Ok(_) => {
+                                let now = paths(&m);
+                                let want: BTreeMap<String, Shown> = live
+                                    .iter()
+                                    .filter(|(k, _)| !under(k, path))
+                                    .chain(then.iter().filter(|(k, _)| under(k, path)))
+                                    .map(|(k, v)| (k.clone(), v.clone()))
+                                    .collect();
+                                // The parent directory of the path is touched; compare the rest.
+                                prop_assert_eq!(&now, &want, "restore of {} from {}", path, name);
+                                copies.push((undo, live_state));
+                            }
+                            Err(FsError::Invalid(_)) => {
+                                // Only when the path is not in the snapshot, or its directory
+                                // is not live.
+                                let up = path.rsplit_once('/').unwrap().0;
+                                prop_assert!(!then.contains_key(path) || (!up.is_empty() && !live.contains_key(up)));
+                                prop_assert_eq!(&state(&m), &live_state);
+                            }
+                            Err(e) => prop_assert!(false, "restore failed: {e:?}"),
+                        }
+                    },
+                }
+                if let Err(e) = whole(&m) {
+                    prop_assert!(false, "{}", e);
+                }
+                for (name, copy) in &copies {
+                    prop_assert_eq!(&state(&SnapView::open(&m, name).unwrap()), copy, "snapshot {}", name);
+                }
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::namespace::{self, MetaRead, Table, Txn};
 use crate::snapshot::{self, table_cf};
 use crate::store::{Store, CF_RAFT_LOG, CF_RAFT_STATE};
 use mortar_proto::timing;
-use mortar_proto::transport::Pool;
+use mortar_proto::transport::{Pool, TransportError};
 use mortar_proto::wire::{self, Inval, MetaOk, MetaOp, OpId, RaftKind, RaftRpc, Reply, Request};
 use mortar_proto::{FsError, Inode, Timestamp, VolumeConfig};
 use openraft::error::{

@@ -3,6 +3,7 @@
 #![allow(clippy::result_large_err)]
 
 use super::*;
+use openraft::network::Backoff;
 
 /// Raft RPCs ride the brick's own connection pool, one request per QUIC stream.
 #[derive(Clone)]
@@ -40,6 +41,28 @@ pub fn entries_hint(entries: usize, bytes: usize) -> u64 {
     ((entries as u128 * APPEND_BYTES as u128 / bytes.max(1) as u128) as u64).max(1)
 }
 
+/// How a transport failure reaches openraft. After `Unreachable` openraft sends nothing to
+/// the peer for [`Peer::backoff`], heartbeats included, so only a peer we cannot reach at all
+/// is that. A late answer or a lost connection is `Network`, and the next heartbeat goes out on
+/// its tick: a heartbeat late by a few ms on a busy host followed by half a second of silence
+/// let both followers stand for election while the leader was healthy.
+fn rpc_error<E: std::error::Error>(e: TransportError) -> RPCError<NodeId, BasicNode, E> {
+    match e {
+        TransportError::Timeout { .. }
+        | TransportError::Lost { .. }
+        | TransportError::Frame { .. } => RPCError::Network(NetworkError::new(&e)),
+        TransportError::Resolve(_)
+        | TransportError::Connect { .. }
+        | TransportError::Refused { .. }
+        | TransportError::Tls(_)
+        | TransportError::Socket(_) => RPCError::Unreachable(Unreachable::new(&e)),
+    }
+}
+
+fn unreachable_backoff() -> Backoff {
+    Backoff::new(std::iter::repeat(timing::UNREACHABLE_RETRY))
+}
+
 impl Peer {
     async fn send<Resp: serde::de::DeserializeOwned, E>(
         &self,
@@ -59,7 +82,7 @@ impl Peer {
             .pool
             .call(&self.addr, &request, timeout)
             .await
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+            .map_err(rpc_error)?;
         match reply {
             Ok(Reply::Raft(bytes)) => {
                 let r: Result<Resp, RaftError<NodeId, E>> =
@@ -81,6 +104,13 @@ impl Peer {
 }
 
 impl RaftNetwork<TypeConfig> for Peer {
+    /// A peer we cannot connect to is retried every [`timing::UNREACHABLE_RETRY`]; the pool
+    /// fails such requests at once while its own probe reconnects, so this bounds only the
+    /// log noise and how soon a returning follower is caught up.
+    fn backoff(&self) -> Backoff {
+        unreachable_backoff()
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -213,4 +243,48 @@ pub async fn serve_rpc(
         }
     };
     Ok(Reply::Raft(payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(e: TransportError) -> &'static str {
+        match rpc_error::<RaftError<NodeId>>(e) {
+            RPCError::Unreachable(_) => "unreachable",
+            RPCError::Network(_) => "network",
+            _ => "other",
+        }
+    }
+
+    #[test]
+    fn only_a_peer_out_of_reach_backs_off() {
+        let addr = || "127.0.0.1:7001".to_string();
+        let late = TransportError::Timeout {
+            addr: addr(),
+            after: timing::HEARTBEAT,
+        };
+        assert_eq!(
+            kind(late),
+            "network",
+            "a late answer is retried on the next tick"
+        );
+        let lost = TransportError::Lost {
+            addr: addr(),
+            reason: "reset".into(),
+        };
+        assert_eq!(kind(lost), "network");
+        let down = TransportError::Connect {
+            addr: addr(),
+            reason: "refused".into(),
+        };
+        assert_eq!(kind(down), "unreachable");
+        let refused = TransportError::Refused {
+            addr: addr(),
+            reason: "bad certificate".into(),
+        };
+        assert_eq!(kind(refused), "unreachable");
+        let backoff: Vec<Duration> = unreachable_backoff().take(3).collect();
+        assert_eq!(backoff, vec![timing::UNREACHABLE_RETRY; 3]);
+    }
 }
