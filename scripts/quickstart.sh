@@ -77,7 +77,7 @@ for i in 1 2 3; do
     fi
     setsid "$BIN_DIR/mortar-brick" --data "$STATE/brick$i" --listen "$IP:700$i" \
         --cert "$PKI/brick$i.pem" --key "$PKI/brick$i.key" --ca "$PKI/ca.pem" \
-        </dev/null >>"$STATE/brick$i.log" 2>&1 &
+        --log-file "$STATE/brick$i.log" </dev/null >>"$STATE/brick$i.log" 2>&1 &
     echo $! >"$pidfile"
     echo "started brick$i on $IP:700$i (pid $!, log $STATE/brick$i.log)"
 done

@@ -7,6 +7,7 @@ use mortar_brick::server::Brick;
 use mortar_brick::space::{self, Space};
 use mortar_brick::store::Store;
 use mortar_brick::watch::{Hub, Watchers};
+use mortar_proto::logfile::{self, LogFile};
 use mortar_proto::tls::Identity;
 use mortar_proto::transport::{server_endpoint, Pool};
 use std::net::SocketAddr;
@@ -46,6 +47,28 @@ struct Args {
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log: String,
+    /// Where to log: a file (appended to, opened again on SIGHUP for logrotate), or `-` for
+    /// standard error. Default: standard error when run by systemd (the journal) or on a
+    /// terminal, else /var/log/mortar/brick-PORT.log.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+}
+
+/// The file to log to, None for standard error.
+fn log_path(args: &Args) -> Option<PathBuf> {
+    match &args.log_file {
+        Some(p) if p.as_os_str() == "-" => None,
+        Some(p) => Some(p.clone()),
+        None if std::env::var_os("JOURNAL_STREAM").is_some()
+            || std::io::IsTerminal::is_terminal(&std::io::stderr()) =>
+        {
+            None
+        }
+        None => Some(PathBuf::from(format!(
+            "/var/log/mortar/brick-{}.log",
+            args.listen.port()
+        ))),
+    }
 }
 
 fn main() -> Result<()> {
@@ -57,17 +80,37 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Colour codes only for a terminal: journald and log files get plain text to grep.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let log_file = match log_path(&args) {
+        Some(p) => {
+            let f = LogFile::open(&p)
+                .with_context(|| format!("cannot open the log file {}", p.display()))?;
+            eprintln!("mortar-brick: logging to {}", p.display());
+            let writer = Arc::clone(&f);
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(move || writer.writer())
+                .init();
+            Some(f)
+        }
+        None => {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                // Colour codes only for a terminal: journald gets plain text to grep.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr)
+                .init();
+            None
+        }
+    };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(run(args))
+        .block_on(async move {
+            logfile::reopen_on_hangup(log_file).context("cannot handle SIGHUP")?;
+            run(args).await
+        })
 }
 
 async fn run(args: Args) -> Result<()> {

@@ -9,6 +9,7 @@ use crate::fs::MortarFs;
 use crate::options::{parse_options, parse_source, MountOptions, Source};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
+use mortar_client::mortar_proto::logfile::{self, LogFile};
 use mortar_client::mortar_proto::tls::Identity;
 use mortar_client::Volume;
 use std::io::{BufRead, Write};
@@ -165,7 +166,12 @@ fn daemonize() -> Result<()> {
     }
 }
 
-fn init_logging(opts: &MountOptions, volume: &str, foreground: bool) -> Result<()> {
+/// Set up logging; the log file, if there is one (reopened on SIGHUP once the runtime runs).
+fn init_logging(
+    opts: &MountOptions,
+    volume: &str,
+    foreground: bool,
+) -> Result<Option<Arc<LogFile>>> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MORTAR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let path = match (&opts.log, foreground) {
@@ -175,27 +181,23 @@ fn init_logging(opts: &MountOptions, volume: &str, foreground: bool) -> Result<(
     };
     match path {
         Some(p) => {
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-                .with_context(|| format!("opening log {}", p.display()))?;
+            let log = LogFile::open(&p).with_context(|| format!("opening log {}", p.display()))?;
+            let writer = Arc::clone(&log);
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
+                .with_writer(move || writer.writer())
                 .init();
+            Ok(Some(log))
         }
-        None => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
+        None => {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
+            Ok(None)
+        }
     }
-    Ok(())
 }
 
 fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Result<()> {
@@ -212,12 +214,16 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
         }
     };
     let setup = || -> Result<(tokio::runtime::Runtime, fuser::Session<MortarFs>, Arc<Volume>)> {
-        init_logging(&opts, &source.volume, !notify)?;
+        let log = init_logging(&opts, &source.volume, !notify)?;
         if notify {
             check_mount_point(&args.mountpoint)?;
         }
         let identity = Identity::load(&opts.cert, &opts.key, &opts.ca).context("cannot load the client certificate (options cert=, key=, ca=)")?;
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+        {
+            let _in_runtime = rt.enter();
+            logfile::reopen_on_hangup(log).context("cannot handle SIGHUP")?;
+        }
         let vol = rt.block_on(async {
             let deadline = opts.connect_timeout;
             tokio::time::timeout(deadline, Volume::connect(&source.bricks, &source.volume, &identity))

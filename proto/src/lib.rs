@@ -6,6 +6,7 @@ pub mod chunk_map;
 pub mod digest;
 pub mod error;
 pub mod layout;
+pub mod logfile;
 pub mod replication;
 pub mod timing;
 pub mod tls;

@@ -599,3 +599,52 @@ async fn snapshots_purge_restart_and_catch_up_by_snapshot() {
     );
     check(vol, expect).await;
 }
+
+/// Issue 23, point 6: logrotate moves a brick's (or a mount's) log away and sends SIGHUP; the
+/// process writes to a new file at the same path from then on, and goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_makes_a_brick_open_its_log_file_again() {
+    let logs = tempfile::tempdir().unwrap();
+    let path = logs.path().join("bricks.log");
+    let c = Cluster::start_with(3, &["--log-file", path.to_str().unwrap()]);
+    let vol = c.create_volume("www", 1 << 20).await;
+    let logged = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert!(
+        logged(&path).contains("metadata group"),
+        "the bricks did not log to --log-file: {}",
+        logged(&path)
+    );
+    let rotated = logs.path().join("bricks.log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    for b in &c.bricks {
+        b.hangup();
+    }
+    wait_for("a new log file with the reopening line", DEADLINE, || {
+        let text = logged(&path);
+        async move { (text.matches("log file reopened (SIGHUP)").count() == 3).then_some(()) }
+    })
+    .await;
+    // The old file got nothing after the signal; every brick still serves.
+    assert!(!logged(&rotated).contains("reopened"));
+    vol.create(ROOT_INODE, b"after-rotation", 0o644, 0, 0)
+        .await
+        .unwrap();
+    for (i, s) in c.statuses().await.iter().enumerate() {
+        assert!(s.is_some(), "brick {i} stopped answering after SIGHUP");
+    }
+
+    let m = c.mount("www", "m", "").await;
+    let rotated = m.log.with_extension("log.1");
+    std::fs::rename(&m.log, &rotated).unwrap();
+    m.hangup();
+    wait_for("the mount's new log file", DEADLINE, || {
+        let text = logged(&m.log);
+        async move { text.contains("log file reopened (SIGHUP)").then_some(()) }
+    })
+    .await;
+    std::fs::write(m.path.join("after-rotation.txt"), b"still mounted").unwrap();
+    assert_eq!(
+        std::fs::read(m.path.join("after-rotation.txt")).unwrap(),
+        b"still mounted"
+    );
+}

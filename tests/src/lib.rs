@@ -143,6 +143,13 @@ impl BrickProc {
             ])
             .args(["--ca", self.ca.to_str().unwrap()])
             .args(&self.extra_args)
+            // Its own log file (panics still reach it on stderr), unless the test names one.
+            .args(
+                (!self.extra_args.iter().any(|a| a == "--log-file"))
+                    .then(|| ["--log-file", self.log.to_str().unwrap()])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("RUST_LOG", "info,openraft=warn")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -201,6 +208,11 @@ impl BrickProc {
 
     pub fn thaw(&self) {
         self.signal(libc::SIGCONT);
+    }
+
+    /// SIGHUP, as logrotate sends after moving the log away.
+    pub fn hangup(&self) {
+        self.signal(libc::SIGHUP);
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -686,6 +698,13 @@ pub struct Mount {
 }
 
 impl Mount {
+    /// SIGHUP, as logrotate sends after moving the log away.
+    pub fn hangup(&self) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, libc::SIGHUP) };
+        }
+    }
+
     /// SIGSTOP the mount process (a frozen app server); nothing may touch its mount meanwhile.
     pub fn freeze(&self) {
         if let Some(c) = &self.child {
