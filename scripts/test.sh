@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 need_build_packages
-need_packages fuse3 attr acl libacl1-dev iproute2 iptables nginx-light wordpress rsync
+need_packages fuse3 attr acl libacl1-dev iproute2 iptables nginx-light wordpress rsync systemd
 need_conformance_tools
 
 echo "== build (target dir $CARGO_TARGET_DIR)"

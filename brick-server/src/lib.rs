@@ -4,6 +4,7 @@
 pub mod background;
 pub mod chunk;
 pub mod coherence;
+pub mod config;
 pub mod heal;
 pub mod lag;
 pub mod log_bound;

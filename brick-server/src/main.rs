@@ -1,16 +1,16 @@
 use anyhow::{Context, Result};
 use clap::Parser;
+use mortar_brick::config::{Keys, Settings};
 use mortar_brick::lag;
 use mortar_brick::log_bound::{self, LogBound};
 use mortar_brick::raft::{self, LogStore, Network, StateMachine};
 use mortar_brick::server::Brick;
-use mortar_brick::space::{self, Space};
+use mortar_brick::space::Space;
 use mortar_brick::store::Store;
 use mortar_brick::watch::{Hub, Watchers};
 use mortar_proto::logfile::{self, LogFile};
 use mortar_proto::tls::Identity;
 use mortar_proto::transport::{server_endpoint, Pool};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -18,57 +18,13 @@ use std::sync::Arc;
 #[derive(Parser, Debug)]
 #[command(name = "mortar-brick", version)]
 struct Args {
-    /// Directory for this brick's RocksDB (created if missing).
+    /// A TOML file of these settings, keys named as the flags (data, listen, cert, key, ca,
+    /// snapshot-every, snapshot-bytes, reserve, log, log-file), e.g.
+    /// /etc/mortar/brick-NAME.toml; flags override it.
     #[arg(long)]
-    data: PathBuf,
-    /// UDP address to listen on for QUIC, e.g. 127.0.0.1:7001.
-    #[arg(long)]
-    listen: SocketAddr,
-    /// This brick's certificate (role brick), PEM.
-    #[arg(long)]
-    cert: PathBuf,
-    /// This brick's private key, PEM.
-    #[arg(long)]
-    key: PathBuf,
-    /// The volume CA certificate, PEM.
-    #[arg(long)]
-    ca: PathBuf,
-    /// Metadata log entries between snapshots; older entries are then purged.
-    #[arg(long, default_value_t = raft::SNAPSHOT_EVERY, value_parser = clap::value_parser!(u64).range(10..))]
-    snapshot_every: u64,
-    /// Log bytes between snapshots, at most (an entry may hold many changes); a quarter of it
-    /// is kept after a purge.
-    #[arg(long, default_value_t = log_bound::SNAPSHOT_BYTES, value_parser = clap::value_parser!(u64).range(4096..))]
-    snapshot_bytes: u64,
-    /// Disk space kept free for metadata (size like 512M, or a share like 2%): new data is
-    /// refused with ENOSPC below it, so deletes, renames and mkdir still work on a full disk.
-    #[arg(long, default_value = space::DEFAULT_RESERVE)]
-    reserve: space::Reserve,
-    /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
-    #[arg(long, default_value = "info")]
-    log: String,
-    /// Where to log: a file (appended to, opened again on SIGHUP for logrotate), or `-` for
-    /// standard error. Default: standard error when run by systemd (the journal) or on a
-    /// terminal, else /var/log/mortar/brick-PORT.log.
-    #[arg(long)]
-    log_file: Option<PathBuf>,
-}
-
-/// The file to log to, None for standard error.
-fn log_path(args: &Args) -> Option<PathBuf> {
-    match &args.log_file {
-        Some(p) if p.as_os_str() == "-" => None,
-        Some(p) => Some(p.clone()),
-        None if std::env::var_os("JOURNAL_STREAM").is_some()
-            || std::io::IsTerminal::is_terminal(&std::io::stderr()) =>
-        {
-            None
-        }
-        None => Some(PathBuf::from(format!(
-            "/var/log/mortar/brick-{}.log",
-            args.listen.port()
-        ))),
-    }
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    keys: Keys,
 }
 
 fn main() -> Result<()> {
@@ -78,11 +34,18 @@ fn main() -> Result<()> {
     // SAFETY: mallopt before any thread starts, with a documented parameter.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let args = Args::parse();
+    let keys = match &args.config {
+        Some(path) => args.keys.over(Keys::from_file(path)?),
+        None => args.keys,
+    };
+    let watched = std::env::var_os("JOURNAL_STREAM").is_some()
+        || std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let args = keys.settle(watched)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
-    let log_file = match log_path(&args) {
+    let log_file = match &args.log_file {
         Some(p) => {
-            let f = LogFile::open(&p)
+            let f = LogFile::open(p)
                 .with_context(|| format!("cannot open the log file {}", p.display()))?;
             eprintln!("mortar-brick: logging to {}", p.display());
             let writer = Arc::clone(&f);
@@ -113,7 +76,7 @@ fn main() -> Result<()> {
         })
 }
 
-async fn run(args: Args) -> Result<()> {
+async fn run(args: Settings) -> Result<()> {
     let identity = Identity::load(&args.cert, &args.key, &args.ca)
         .context("cannot load the brick's TLS identity")?;
     let (role, name) = mortar_proto::tls::role_of(&identity.chain[0]).context("reading --cert")?;
@@ -169,6 +132,10 @@ async fn run(args: Args) -> Result<()> {
     });
     tracing::info!(brick = id, listen = %args.listen, data = %args.data.display(), "brick serving");
     let server = tokio::spawn(brick.clone().serve(endpoint.clone()));
+    // systemd's Type=notify: the unit is started once the brick answers.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot tell systemd the brick is ready");
+    }
     tokio::spawn(log_bound::run(raft.clone(), bound));
     tokio::spawn(lag::run(raft.clone(), brick.lag.clone()));
     tokio::spawn(raft::log_changes(raft.clone()));

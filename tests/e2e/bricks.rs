@@ -648,3 +648,169 @@ async fn sighup_makes_a_brick_open_its_log_file_again() {
         b"still mounted"
     );
 }
+
+/// The repository's root, where `scripts/` is.
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A process this test started, killed when dropped (even on a failed assertion).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Issue 23, services: every unit shipped in scripts/systemd passes `systemd-analyze verify`
+/// (instances named, in a root holding the installed binaries), without a warning.
+#[test]
+fn every_shipped_unit_passes_systemd_analyze_verify() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let units = r.join("etc/systemd/system");
+    std::fs::create_dir_all(&units).unwrap();
+    std::fs::create_dir_all(r.join("usr/local/bin")).unwrap();
+    std::fs::create_dir_all(r.join("lib/systemd")).unwrap();
+    // systemd's own units (targets the shipped ones name), as the machine has them.
+    let out = std::process::Command::new("cp")
+        .args(["-a", "/lib/systemd/system"])
+        .arg(r.join("lib/systemd/system"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for b in ["mortar", "mortar-brick", "mortar-mount"] {
+        let to = r.join("usr/local/bin").join(b);
+        std::fs::hard_link(mortar_tests::bin(b), &to)
+            .or_else(|_| std::fs::copy(mortar_tests::bin(b), &to).map(|_| ()))
+            .unwrap();
+    }
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(repo().join("scripts/systemd")).unwrap() {
+        let p = e.unwrap().path();
+        let file = p.file_name().unwrap().to_str().unwrap().to_string();
+        std::fs::copy(&p, units.join(&file)).unwrap();
+        names.push(file.replace("@.", "@www."));
+    }
+    names.sort();
+    for want in [
+        "mortar-brick@www.service",
+        "mortar-heal@www.timer",
+        "srv-www.mount",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} not shipped: {names:?}"
+        );
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", r.display()))
+        .args(&names)
+        .output()
+        .expect("systemd-analyze (Debian's systemd, installed by scripts/test.sh)");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "{names:?}: {said}"
+    );
+}
+
+/// Issue 23, services and config files: a brick started as mortar-brick@.service's ExecStart
+/// line says, from a TOML file holding every setting, tells systemd it is ready (Type=notify)
+/// and serves its replica set; a bad file is refused naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brick_runs_from_its_config_file_as_its_unit_starts_it() {
+    let mut c = Cluster::start(3);
+    let vol = c.create_volume("www", 1 << 20).await;
+    c.bricks[0].stop();
+    let b = &c.bricks[0];
+    let conf = c.dir.path().join("brick-b0.toml");
+    let settings = format!(
+        "data = {:?}\nlisten = {:?}\ncert = {:?}\nkey = {:?}\nca = {:?}\nreserve = \"1%\"\nlog-file = {:?}\n",
+        b.data, b.addr, b.cert, b.key, b.ca, b.log
+    );
+    std::fs::write(&conf, &settings).unwrap();
+    let unit =
+        std::fs::read_to_string(repo().join("scripts/systemd/mortar-brick@.service")).unwrap();
+    let exec: Vec<&str> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        exec,
+        [
+            "/usr/local/bin/mortar-brick",
+            "--config",
+            "/etc/mortar/brick-%i.toml"
+        ]
+    );
+    let notify = c.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let brick = Killed(
+        std::process::Command::new(mortar_tests::bin("mortar-brick"))
+            .args([exec[1], conf.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &notify)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut said = [0u8; 256];
+    let n = socket
+        .recv(&mut said)
+        .expect("the brick's readiness notification");
+    let said = String::from_utf8_lossy(&said[..n]);
+    assert!(said.contains("READY=1"), "{said}");
+    c.wait_up(0).await;
+    vol.create(ROOT_INODE, b"from-config", 0o644, 0, 0)
+        .await
+        .unwrap();
+    let statuses = c.statuses().await;
+    assert!(statuses.iter().all(Option::is_some), "{statuses:?}");
+    assert!(
+        std::fs::read_to_string(&b.log)
+            .unwrap()
+            .contains("brick serving"),
+        "the brick did not log to the config's log-file"
+    );
+    drop(brick);
+
+    // Bad files: one line naming the key, a non-zero exit.
+    for (text, says) in [
+        (format!("{settings}bogus = 1\n"), "bogus"),
+        ("listen = \"nowhere\"\n".to_string(), "listen"),
+        (
+            format!("{settings}snapshot-every = 2\n"),
+            "snapshot-every: 2 is below",
+        ),
+    ] {
+        std::fs::write(&conf, &text).unwrap();
+        let out = std::process::Command::new(mortar_tests::bin("mortar-brick"))
+            .args(["--config", conf.to_str().unwrap(), "--log-file", "-"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{text}: {err}");
+        assert!(
+            err.contains(says) && !err.contains("panicked"),
+            "{text}: {err}"
+        );
+    }
+}

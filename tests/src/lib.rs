@@ -110,9 +110,9 @@ pub struct BrickProc {
     pub addr: String,
     pub data: PathBuf,
     pub log: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
     /// Extra command-line arguments for `mortar-brick`.
     pub extra_args: Vec<String>,
     /// Extra environment variables for `mortar-brick` (test hooks).
