@@ -664,15 +664,22 @@ fn scanned(c: &Cluster) -> u64 {
         .unwrap_or(0)
 }
 
-/// A rebalance stopped part way, then one killed (SIGKILL) part way: each next `start` goes on
-/// from the recorded cursor — the three runs scan the old set once, plus at most the page each
-/// interruption cut short — and the result is the same as an uninterrupted run's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rebalance_stopped_or_killed_goes_on_from_its_cursor() {
+/// A one-set volume holding `count` chunked files, grown by a second set of three bricks
+/// (`add-brick` done, no rebalance yet).
+struct Grown {
+    c: Cluster,
+    vol: Volume,
+    m: mortar_tests::Mount,
+    files: Vec<(PathBuf, Vec<u8>)>,
+    old_set: BTreeSet<ChunkId>,
+    new: Vec<usize>,
+}
+
+async fn grown(count: usize) -> Grown {
     let mut c = Cluster::start(3);
     let vol = c.create_volume("www", 64 * 1024).await;
     let m = c.mount("www", "mnt", "").await;
-    let files = write_files(&m.path.join("big"), "big", 50);
+    let files = write_files(&m.path.join("big"), "big", count);
     let old_set: BTreeSet<ChunkId> = chunks_of(&c, &c.bricks[0].addr).await;
     let new: Vec<usize> = (0..3).map(|_| c.add_brick()).collect();
     for i in &new {
@@ -681,22 +688,68 @@ async fn a_rebalance_stopped_or_killed_goes_on_from_its_cursor() {
     let addrs: Vec<String> = new.iter().map(|i| c.bricks[*i].addr.clone()).collect();
     let args: Vec<&str> = addrs.iter().map(String::as_str).collect();
     assert_eq!(c.volume_cli("add-brick", &args).code, 0);
+    Grown {
+        c,
+        vol,
+        m,
+        files,
+        old_set,
+        new,
+    }
+}
 
+/// Every chunk of the first set is on exactly the three bricks its placement names: the first
+/// set's, or the `new` one's.
+async fn assert_placed(c: &Cluster, vol: &Volume, old_set: &BTreeSet<ChunkId>, new: &[usize]) {
+    let config = vol.refresh_config().await.unwrap();
+    let held = c.chunks_per_brick().await;
+    for id in old_set {
+        let set = layout::replica_set_index(&config, id);
+        let on: Vec<usize> = (0..6).filter(|i| held[*i].contains(id)).collect();
+        let want: Vec<usize> = if set == 0 {
+            vec![0, 1, 2]
+        } else {
+            new.to_vec()
+        };
+        assert_eq!(on, want, "chunk {id} is on exactly its set's bricks");
+    }
+}
+
+/// `rebalance start` at `rate`, `page` chunks a page, as its own process.
+fn slow_rebalance(c: &Cluster, rate: &str, page: &str) -> std::process::Child {
     let seeds = c.addrs().join(",");
-    let slow = [
+    c.cli_command(&[
         "volume",
         "rebalance",
         "www",
         "start",
         "--rate",
-        "4M",
+        rate,
         "--page-chunks",
-        "32",
+        page,
         "--bricks",
         &seeds,
-    ];
+    ])
+    .spawn()
+    .unwrap()
+}
+
+/// A rebalance stopped part way, then one killed (SIGKILL) part way: each next `start` goes on
+/// from the recorded cursor — the three runs scan the old set once, plus at most the page each
+/// interruption cut short — and the result is the same as an uninterrupted run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_stopped_or_killed_goes_on_from_its_cursor() {
+    let Grown {
+        c,
+        vol,
+        m,
+        files,
+        old_set,
+        new,
+    } = grown(50).await;
+
     // Stop: the run ends at its next page with status 1.
-    let mut run = c.cli_command(&slow).spawn().unwrap();
+    let mut run = slow_rebalance(&c, "4M", "32");
     wait_for("the rebalance to record progress", DEADLINE, || {
         let n = scanned(&c);
         async move { (n > 0).then_some(()) }
@@ -713,7 +766,7 @@ async fn a_rebalance_stopped_or_killed_goes_on_from_its_cursor() {
     );
 
     // Kill: the next start waits out the dead run's lease, then goes on.
-    let mut run = c.cli_command(&slow).spawn().unwrap();
+    let mut run = slow_rebalance(&c, "4M", "32");
     wait_for("the rebalance to go on", DEADLINE, || {
         let n = scanned(&c);
         async move { (n > after_stop).then_some(()) }
@@ -748,14 +801,82 @@ async fn a_rebalance_stopped_or_killed_goes_on_from_its_cursor() {
         old_set.len()
     );
 
-    let config = vol.refresh_config().await.unwrap();
-    let held = c.chunks_per_brick().await;
-    for id in &old_set {
-        let set = layout::replica_set_index(&config, id);
-        let on: Vec<usize> = (0..6).filter(|i| held[*i].contains(id)).collect();
-        let want: Vec<usize> = if set == 0 { vec![0, 1, 2] } else { new.clone() };
-        assert_eq!(on, want, "chunk {id} is on exactly its set's bricks");
+    assert_placed(&c, &vol, &old_set, &new).await;
+    let fresh = c.mount("www", "fresh", "").await;
+    assert!(differing(&files, &m.path, &fresh.path).is_empty());
+}
+
+/// Issue 21, acceptance 2: during one rebalance, kill -9 a brick of the old set (a source), then
+/// a brick of the new set (a target), then the metadata leader, each restarted before the next:
+/// the rebalance finishes (the same run, or `start` again), a heal brings the target back to
+/// full copies, every chunk ends on exactly its placement's three bricks, and every file reads
+/// back through a fresh mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_outlives_a_killed_source_target_and_leader() {
+    let Grown {
+        mut c,
+        vol,
+        m,
+        files,
+        old_set,
+        new,
+    } = grown(60).await;
+
+    let run = std::sync::Mutex::new(slow_rebalance(&c, "2M", "16"));
+    let exited = || run.lock().unwrap().try_wait().unwrap();
+    let leader = c.leader_index().await;
+    let source = (0..3).find(|i| *i != leader).unwrap();
+    let mut progress = 0;
+    for (what, victim) in [
+        ("a source", source),
+        ("a target", new[0]),
+        ("the leader", leader),
+    ] {
+        wait_for("the rebalance to go on", DEADLINE, || {
+            let n = scanned(&c);
+            async move { (n > progress).then_some(n) }
+        })
+        .await;
+        c.bricks[victim].kill();
+        progress = scanned(&c);
+        eprintln!("killed {what} (brick {victim}) at {progress} scanned");
+        assert!(
+            progress < old_set.len() as u64,
+            "the rebalance ended before {what} was killed"
+        );
+        // The run goes on without it, past where it was.
+        wait_for("the rebalance to go on without the brick", DEADLINE, || {
+            let n = scanned(&c);
+            let ended = exited();
+            async move {
+                assert!(ended.is_none(), "the rebalance run ended: {ended:?}");
+                (n > progress).then_some(())
+            }
+        })
+        .await;
+        c.bricks[victim].start();
+        c.wait_up(victim).await;
     }
+    let status = wait_for("the rebalance run to end", DEADLINE, || {
+        let ended = exited();
+        async move { ended }
+    })
+    .await;
+    assert!(status.success(), "the rebalance run failed: {status}");
+    let r = c.volume_cli("rebalance", &["status"]);
+    assert!(r.out.contains("completed"), "{}", r.out);
+    let r = c.volume_cli("heal", &[]);
+    assert_eq!(r.code, 0, "{}", r.out);
+
+    assert_placed(&c, &vol, &old_set, &new).await;
+    let config = vol.refresh_config().await.unwrap();
+    assert!(
+        old_set
+            .iter()
+            .any(|id| layout::replica_set_index(&config, id) == 1),
+        "no chunk moved: the test measured nothing"
+    );
+    assert_eq!(c.volume_cli("heal", &["info"]).code, 0);
     let fresh = c.mount("www", "fresh", "").await;
     assert!(differing(&files, &m.path, &fresh.path).is_empty());
 }
