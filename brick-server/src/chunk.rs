@@ -42,12 +42,26 @@ pub fn store_copy(
     Ok(store.put_chunk(id, data, sync)?)
 }
 
+/// [`store_copy`] on a blocking thread. A synced write waits for the disk, hundreds of ms on a
+/// busy one; on the runtime's worker threads two of them starved the Raft heartbeats (both
+/// followers stood for election while the leader logged nothing).
+pub async fn store_copy_apart(
+    store: &Arc<Store>,
+    space: &Arc<Space>,
+    id: ChunkId,
+    data: Vec<u8>,
+    sync: bool,
+) -> Result<(), FsError> {
+    let (store, space) = (Arc::clone(store), Arc::clone(space));
+    crate::store::blocking(move || store_copy(&store, &space, &id, &data, sync)).await
+}
+
 /// Store a chunk a client sent and replicate it. Answers as soon as a quorum holds it (a slow,
 /// frozen or cut-off peer does not hold up the write); the remaining copies finish in the
 /// background and any miss goes to the heal index. Returns the copies held when answering.
 pub async fn put_replicated(
     store: &Arc<Store>,
-    space: &Space,
+    space: &Arc<Space>,
     pool: &Pool,
     self_id: BrickId,
     volume: &VolumeConfig,
@@ -88,7 +102,7 @@ pub async fn put_replicated(
     };
     let mut tally = WriteTally::new(set.len());
     if set.iter().any(|b| b.id == self_id) {
-        match store_copy(store, space, &id, &p.data, p.sync) {
+        match store_copy_apart(store, space, id, p.data, p.sync).await {
             Ok(()) => tally.stored(self_id),
             Err(e) => {
                 tracing::warn!(chunk = %id, error = %e, "storing own copy failed");

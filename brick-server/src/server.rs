@@ -158,15 +158,16 @@ impl Brick {
                 } else {
                     need(&[Role::Brick])?;
                     chunk::verify(&p)?;
-                    chunk::store_copy(&self.store, &self.space, &p.id, &p.data, p.sync)?;
+                    chunk::store_copy_apart(&self.store, &self.space, p.id, p.data, p.sync).await?;
                     Ok(Reply::ChunkStored { copies: 1 })
                 }
             }
-            Request::GetChunk { id } => Ok(Reply::Chunk(heal::read_verified(
-                &self.store,
-                self.id,
-                &id,
-            )?)),
+            Request::GetChunk { id } => {
+                let (store, me) = (Arc::clone(&self.store), self.id);
+                let data =
+                    crate::store::blocking(move || heal::read_verified(&store, me, &id)).await?;
+                Ok(Reply::Chunk(data))
+            }
             Request::Meta { op, once } => {
                 match op {
                     MetaOp::CreateVolume(_) => need(&[Role::Brick])?,
