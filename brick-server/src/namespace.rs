@@ -1253,7 +1253,11 @@ mod tests {
             other => panic!("expected attr, got {other:?}"),
         }
     }
-    fn mkdir(m: &mut MemMeta, parent: InodeId, name: &str) -> Result<Attr, FsError> {
+    pub(in crate::namespace) fn mkdir(
+        m: &mut MemMeta,
+        parent: InodeId,
+        name: &str,
+    ) -> Result<Attr, FsError> {
         m.run(MetaOp::Mkdir {
             parent,
             name: name.into(),

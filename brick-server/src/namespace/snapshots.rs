@@ -564,7 +564,7 @@ pub fn usage<R: MetaRead>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{create_op, vol};
+    use super::super::tests::{create_op, mkdir, vol};
     use super::super::{chunk_references, released, MemMeta};
     use super::*;
     use mortar_proto::wire::{MetaOp, Query, RefCursor};
@@ -1039,16 +1039,7 @@ mod tests {
     #[test]
     fn a_path_is_restored_and_nothing_outside_it_changes() {
         let mut m = vol();
-        let themes = attr(
-            m.run(MetaOp::Mkdir {
-                parent: ROOT_INODE,
-                name: b"themes".to_vec(),
-                perm: 0o755,
-                uid: 0,
-                gid: 0,
-            })
-            .unwrap(),
-        );
+        let themes = mkdir(&mut m, ROOT_INODE, "themes").unwrap();
         mknod(&mut m, themes.ino, "style.css").unwrap();
         write(
             &mut m,
@@ -1097,18 +1088,7 @@ mod tests {
     #[test]
     fn a_directory_moved_out_comes_back_as_a_copy() {
         let mut m = vol();
-        let mk = |m: &mut MemMeta, parent, name: &str| {
-            attr(
-                m.run(MetaOp::Mkdir {
-                    parent,
-                    name: name.into(),
-                    perm: 0o755,
-                    uid: 0,
-                    gid: 0,
-                })
-                .unwrap(),
-            )
-        };
+        let mk = |m: &mut MemMeta, parent, name: &str| mkdir(m, parent, name).unwrap();
         let a = mk(&mut m, ROOT_INODE, "a");
         let b = mk(&mut m, a.ino, "b");
         mknod(&mut m, b.ino, "f").unwrap();
@@ -1215,13 +1195,7 @@ mod tests {
     fn mkdir_path(m: &mut MemMeta, path: &str) {
         let (up, name) = path.rsplit_once('/').unwrap();
         if let Some(p) = at_path(m, up) {
-            let _ = m.run(MetaOp::Mkdir {
-                parent: p,
-                name: name.into(),
-                perm: 0o755,
-                uid: 0,
-                gid: 0,
-            });
+            let _ = mkdir(m, p, name);
         }
     }
 
