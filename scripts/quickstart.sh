@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quickstart: a local three-brick volume `www`, mounted. Installs its packages, builds, makes a
 # CA and certificates, starts three bricks on 127.0.0.1:7001-7003, creates the volume and mounts
-# it at /srv/www (root, and free) or ./mnt/www. A second run reuses everything that exists.
+# it at /srv/www (root, and free) or ./mnt/www. Prometheus metrics: bricks on :9101-9103, the
+# mount on :9104. A second run reuses everything that exists.
 #   scripts/quickstart.sh        start (or confirm it is running)
 #   scripts/quickstart.sh stop   unmount and stop the bricks (data is kept)
 set -euo pipefail
@@ -77,7 +78,7 @@ for i in 1 2 3; do
     fi
     setsid "$BIN_DIR/mortar-brick" --data "$STATE/brick$i" --listen "$IP:700$i" \
         --cert "$PKI/brick$i.pem" --key "$PKI/brick$i.key" --ca "$PKI/ca.pem" \
-        --log-file "$STATE/brick$i.log" </dev/null >>"$STATE/brick$i.log" 2>&1 &
+        --log-file "$STATE/brick$i.log" --metrics "$IP:910$i" </dev/null >>"$STATE/brick$i.log" 2>&1 &
     echo $! >"$pidfile"
     echo "started brick$i on $IP:700$i (pid $!, log $STATE/brick$i.log)"
 done
@@ -112,7 +113,7 @@ if mounted "$MNT"; then
     echo "www already mounted at $MNT"
 else
     "$BIN_DIR/mortar-mount" "$BRICKS:/www" "$MNT" \
-        -o "cert=$PKI/client.pem,key=$PKI/client.key,ca=$PKI/ca.pem,log=$STATE/mount.log"
+        -o "cert=$PKI/client.pem,key=$PKI/client.key,ca=$PKI/ca.pem,log=$STATE/mount.log,metrics=$IP:9104"
     echo "mounted www at $MNT (log $STATE/mount.log)"
 fi
 cat <<MSG
@@ -122,5 +123,6 @@ mortar quickstart is up:
   mounted at $MNT
   status:  MORTAR_CERT=$PKI/admin.pem MORTAR_KEY=$PKI/admin.key MORTAR_CA=$PKI/ca.pem \\
            $M volume status www --bricks $BRICKS
+  metrics: curl http://$IP:9101/metrics (bricks 9101-9103, the mount 9104)
   stop:    scripts/quickstart.sh stop
 MSG

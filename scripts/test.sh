@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 need_build_packages
-need_packages fuse3 attr acl libacl1-dev iproute2 iptables nginx-light wordpress rsync systemd
+need_packages fuse3 attr acl libacl1-dev iproute2 iptables nginx-light wordpress rsync systemd \
+    curl python3-prometheus-client
 need_conformance_tools
 
 echo "== build (target dir $CARGO_TARGET_DIR)"

@@ -48,6 +48,10 @@ pub struct Keys {
     /// terminal, else /var/log/mortar/brick-PORT.log.
     #[arg(long)]
     pub log_file: Option<PathBuf>,
+    /// TCP address to serve Prometheus metrics on (path /metrics), e.g. 127.0.0.1:9101.
+    /// Default: none.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A brick's settings, complete and checked.
@@ -64,6 +68,7 @@ pub struct Settings {
     pub log: String,
     /// None: standard error.
     pub log_file: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +112,7 @@ impl Keys {
             reserve: self.reserve.or(under.reserve),
             log: self.log.or(under.log),
             log_file: self.log_file.or(under.log_file),
+            metrics: self.metrics.or(under.metrics),
         }
     }
 
@@ -156,6 +162,7 @@ impl Keys {
             })?,
             log: self.log.unwrap_or_else(|| "info".into()),
             log_file,
+            metrics: self.metrics,
         })
     }
 }
@@ -172,6 +179,7 @@ key = "/etc/mortar/brick1.key"
 ca = "/etc/mortar/ca.pem"
 reserve = "1G"
 log-file = "/var/log/mortar/b1.log"
+metrics = "127.0.0.1:9101"
 "#;
 
     #[test]
@@ -189,6 +197,7 @@ log-file = "/var/log/mortar/b1.log"
         assert_eq!(s.log, "debug");
         assert_eq!(s.log_file, Some(PathBuf::from("/var/log/mortar/b1.log")));
         assert_eq!(s.snapshot_every, raft::SNAPSHOT_EVERY);
+        assert_eq!(s.metrics, Some("127.0.0.1:9101".parse().unwrap()));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod heal;
 pub mod lag;
 pub mod log_bound;
 pub mod membership;
+pub mod metrics;
 pub mod namespace;
 pub mod proposals;
 pub mod raft;

@@ -3,6 +3,7 @@ use clap::Parser;
 use mortar_brick::config::{Keys, Settings};
 use mortar_brick::lag;
 use mortar_brick::log_bound::{self, LogBound};
+use mortar_brick::metrics::BrickMetrics;
 use mortar_brick::raft::{self, LogStore, Network, StateMachine};
 use mortar_brick::server::Brick;
 use mortar_brick::space::Space;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 #[command(name = "mortar-brick", version)]
 struct Args {
     /// A TOML file of these settings, keys named as the flags (data, listen, cert, key, ca,
-    /// snapshot-every, snapshot-bytes, reserve, log, log-file), e.g.
+    /// snapshot-every, snapshot-bytes, reserve, log, log-file, metrics), e.g.
     /// /etc/mortar/brick-NAME.toml; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -92,6 +93,15 @@ async fn run(args: Settings) -> Result<()> {
     let endpoint = server_endpoint(args.listen, &identity)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let pool = Pool::new(endpoint.clone());
+    // Bound before anything starts: a taken address is an error now, not a brick without metrics.
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let volume = Arc::default();
     let hub = Arc::new(Hub::default());
     let sm = StateMachine::new(
@@ -119,7 +129,7 @@ async fn run(args: Settings) -> Result<()> {
         id,
         store,
         raft: raft.clone(),
-        pool,
+        pool: pool.clone(),
         volume,
         data_dir: args.data.clone(),
         watchers,
@@ -129,6 +139,7 @@ async fn run(args: Settings) -> Result<()> {
         space: Arc::new(Space::new(args.data.clone(), args.reserve)),
         peers_full: Default::default(),
         proposals: Default::default(),
+        metrics: BrickMetrics::new(pool.traffic().clone()),
     });
     tracing::info!(brick = id, listen = %args.listen, data = %args.data.display(), "brick serving");
     let server = tokio::spawn(brick.clone().serve(endpoint.clone()));
@@ -146,6 +157,14 @@ async fn run(args: Settings) -> Result<()> {
         campaign,
     ));
     tokio::spawn(brick.clone().watch_peer_space());
+    if let Some(listener) = metrics_listener {
+        tracing::info!(addr = %listener.local_addr()?, "serving metrics at /metrics");
+        let brick = brick.clone();
+        tokio::spawn(mortar_proto::metrics::serve(listener, move || {
+            let brick = brick.clone();
+            async move { brick.metrics.scrape(&brick).await }
+        }));
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -52,6 +52,8 @@ pub struct Brick {
     pub peers_full: std::sync::Mutex<HashMap<BrickId, (Option<String>, Instant)>>,
     /// On the leader: changes proposed and not answered yet, which a retry joins.
     pub proposals: crate::proposals::Proposals<Written>,
+    /// What `--metrics` serves.
+    pub metrics: crate::metrics::BrickMetrics,
 }
 
 /// What a proposal to the namespace log came to.
@@ -98,6 +100,7 @@ impl Brick {
                     }
                 };
                 tracing::debug!(%remote, %role, %name, "connection");
+                let _counted = brick.pool.traffic().track(&name, &conn);
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let brick = brick.clone();
                     tokio::spawn(async move { brick.serve_stream(role, send, recv).await });
@@ -117,7 +120,18 @@ impl Brick {
                 // The stream stays open for the watch's lifetime.
                 return self.watchers.clone().serve(client, send, recv).await;
             }
-            Ok(req) => self.dispatch(role, req).await,
+            Ok(req) => {
+                let (op, started) = (req.op(), Instant::now());
+                let response = self.dispatch(role, req).await;
+                self.metrics.ops.observe(op, started.elapsed());
+                match &response {
+                    Err(e) | Ok(Reply::Meta { result: Err(e), .. }) => {
+                        self.metrics.ops.failed(e.errno())
+                    }
+                    Ok(_) => {}
+                }
+                response
+            }
             Err(FrameError::Read(e)) => {
                 tracing::debug!(error = %e, "stream ended before a request");
                 return;

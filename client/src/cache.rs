@@ -5,14 +5,45 @@
 use mortar_proto::{ChunkId, FsError};
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::OnceCell;
+
+/// Lookups of a cache that found what they asked for, and those that did not (for metrics).
+#[derive(Debug, Default)]
+pub struct Tally {
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl Tally {
+    /// Count `found` as a hit or a miss and pass it on.
+    pub fn record<T>(&self, found: Option<T>) -> Option<T> {
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// (hits, misses) so far.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
+}
 
 type Fetch = Arc<OnceCell<Result<Arc<Vec<u8>>, FsError>>>;
 
 pub struct ChunkCache {
     budget: usize,
     inner: Mutex<Inner>,
+    /// A miss is a lookup that had to fetch or join a fetch in flight.
+    pub tally: Tally,
 }
 
 struct Inner {
@@ -30,6 +61,7 @@ impl ChunkCache {
                 bytes: 0,
                 inflight: HashMap::new(),
             }),
+            tally: Tally::default(),
         }
     }
 
@@ -58,7 +90,7 @@ impl ChunkCache {
     {
         let cell = {
             let mut g = self.inner.lock().expect("cache lock");
-            if let Some(hit) = g.lru.get(&id) {
+            if let Some(hit) = self.tally.record(g.lru.get(&id)) {
                 return Ok(hit.clone());
             }
             g.inflight.entry(id).or_default().clone()

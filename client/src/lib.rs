@@ -263,6 +263,19 @@ impl Volume {
     }
 
     /// Namespace requests this client has sent to bricks so far.
+    /// Bytes carried per brick by this client's connections.
+    pub fn traffic(&self) -> Arc<mortar_proto::metrics::Traffic> {
+        self.pool.traffic().clone()
+    }
+
+    /// (hits, misses) of the chunk cache and of the namespace cache.
+    pub fn cache_tallies(&self) -> [(&'static str, (u64, u64)); 2] {
+        [
+            ("chunk", self.chunks.tally.get()),
+            ("meta", self.meta_cache.tally.get()),
+        ]
+    }
+
     pub fn meta_requests(&self) -> u64 {
         self.meta_requests.load(Ordering::Relaxed)
     }

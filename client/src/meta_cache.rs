@@ -98,6 +98,8 @@ pub struct Ticket(u64);
 
 pub struct MetaCache {
     inner: Mutex<Inner>,
+    /// Attribute, inode and name lookups answered here, and those that had to ask a brick.
+    pub tally: crate::cache::Tally,
 }
 
 impl Default for MetaCache {
@@ -114,6 +116,7 @@ impl Default for MetaCache {
                 floor: 0,
                 listed: HashMap::new(),
             }),
+            tally: Default::default(),
         }
     }
 }
@@ -308,6 +311,10 @@ impl MetaCache {
     }
 
     pub fn attr(&self, ino: InodeId) -> Option<Attr> {
+        self.tally.record(self.cached_attr(ino))
+    }
+
+    fn cached_attr(&self, ino: InodeId) -> Option<Attr> {
         let mut c = self.lock();
         if !c.serving() {
             return None;
@@ -319,6 +326,10 @@ impl MetaCache {
     }
 
     pub fn inode(&self, ino: InodeId) -> Option<Inode> {
+        self.tally.record(self.cached_inode(ino))
+    }
+
+    fn cached_inode(&self, ino: InodeId) -> Option<Inode> {
         let mut c = self.lock();
         if !c.serving() {
             return None;
@@ -331,6 +342,10 @@ impl MetaCache {
 
     /// `Some(None)`: the name is known not to exist; `None`: not known here.
     pub fn name(&self, parent: InodeId, name: &[u8]) -> Option<Option<Attr>> {
+        self.tally.record(self.cached_name(parent, name))
+    }
+
+    fn cached_name(&self, parent: InodeId, name: &[u8]) -> Option<Option<Attr>> {
         let mut c = self.lock();
         if !c.serving() {
             return None;

@@ -2,6 +2,7 @@
 //! answered when it completes, so many requests are in flight at once. Errors become errnos.
 
 use crate::core::Core;
+use crate::metrics::FUSE_OPS;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
@@ -14,7 +15,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub struct MortarFs {
     core: Arc<Core>,
@@ -26,7 +27,28 @@ pub struct MortarFs {
 }
 
 fn errno(e: &FsError) -> Errno {
-    Errno::from_i32(e.errno())
+    counted(Errno::from_i32(e.errno()))
+}
+
+/// Counts a request answered on the FUSE thread (no task) when it goes out of scope.
+struct Timed(&'static str, Instant);
+
+impl Timed {
+    fn new(op: &'static str) -> Timed {
+        Timed(op, Instant::now())
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        FUSE_OPS.observe(self.0, self.1.elapsed());
+    }
+}
+
+/// Every errno the kernel is answered with passes here, for the mount's error metrics.
+fn counted(errno: Errno) -> Errno {
+    FUSE_OPS.failed(errno.code());
+    errno
 }
 
 /// The errno of an operation on an inode the kernel named by number. When the namespace no
@@ -35,7 +57,7 @@ fn errno(e: &FsError) -> Errno {
 /// the path again with a fresh lookup instead of failing the open or stat with ENOENT.
 fn node_errno(e: &FsError) -> Errno {
     match e {
-        FsError::NotFound => Errno::from_i32(libc::ESTALE),
+        FsError::NotFound => counted(Errno::from_i32(libc::ESTALE)),
         e => errno(e),
     }
 }
@@ -238,16 +260,24 @@ impl MortarFs {
     /// requests are answered from memory (the cache, a delegation) without waiting, and then
     /// the hand-over to a worker thread would cost more than the answer. What must wait
     /// continues on the runtime, which polls it again at once.
-    fn spawn<F, Fut>(&self, f: F)
+    fn spawn<F, Fut>(&self, op: &'static str, f: F)
     where
         F: FnOnce(Arc<Core>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let _in_runtime = self.rt.enter();
+        let started = Instant::now();
         let mut task = Box::pin(f(self.core.clone()));
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if std::future::Future::poll(task.as_mut(), &mut cx).is_pending() {
+        if std::future::Future::poll(task.as_mut(), &mut cx).is_ready() {
+            FUSE_OPS.observe(op, started.elapsed());
+        } else {
             self.rt.spawn(async move {
+                let task = async {
+                    task.await;
+                    FUSE_OPS.observe(op, started.elapsed());
+                };
+                tokio::pin!(task);
                 // Every wait below has a deadline; one that outlives this names its request in
                 // the log, so a hang can be found.
                 tokio::select! {
@@ -256,14 +286,11 @@ impl MortarFs {
                     () = tokio::time::sleep(SLOW_REQUEST) => {}
                 }
                 tracing::warn!(
-                    request = std::any::type_name::<F>(),
+                    request = op,
                     "a request has been waiting for {SLOW_REQUEST:?}"
                 );
                 task.await;
-                tracing::warn!(
-                    request = std::any::type_name::<F>(),
-                    "the slow request ended"
-                );
+                tracing::warn!(request = op, "the slow request ended");
             });
         }
     }
@@ -271,9 +298,9 @@ impl MortarFs {
 
 /// Answer an entry request from a task.
 macro_rules! entry_task {
-    ($self:ident, $reply:ident, |$core:ident| $body:expr) => {{
+    ($self:ident, $op:literal, $reply:ident, |$core:ident| $body:expr) => {{
         let ttl = $self.entry_ttl;
-        $self.spawn(move |$core| async move {
+        $self.spawn($op, move |$core| async move {
             match $body.await {
                 Ok(a) => $reply.entry(&ttl, &file_attr(&a), GENERATION),
                 Err(e) => $reply.error(errno(&e)),
@@ -284,8 +311,8 @@ macro_rules! entry_task {
 
 /// Answer an empty request from a task.
 macro_rules! empty_task {
-    ($self:ident, $reply:ident, |$core:ident| $body:expr) => {{
-        $self.spawn(move |$core| async move {
+    ($self:ident, $op:literal, $reply:ident, |$core:ident| $body:expr) => {{
+        $self.spawn($op, move |$core| async move {
             match $body.await {
                 Ok(()) => $reply.ok(),
                 Err(e) => $reply.error(errno(&e)),
@@ -309,12 +336,12 @@ impl Filesystem for MortarFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.as_bytes().to_vec();
-        entry_task!(self, reply, |core| core.lookup(parent.0, &name));
+        entry_task!(self, "lookup", reply, |core| core.lookup(parent.0, &name));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.attr_ttl;
-        self.spawn(move |core| async move {
+        self.spawn("getattr", move |core| async move {
             match core.getattr(ino.0).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(node_errno(&e)),
@@ -348,7 +375,7 @@ impl Filesystem for MortarFs {
             mtime: mtime.map(time_set),
         };
         let ttl = self.attr_ttl;
-        self.spawn(move |core| async move {
+        self.spawn("setattr", move |core| async move {
             match core.setattr(ino.0, size, set).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
@@ -357,7 +384,7 @@ impl Filesystem for MortarFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.spawn(move |core| async move {
+        self.spawn("readlink", move |core| async move {
             match core.readlink(ino.0).await {
                 Ok(t) => reply.data(&t),
                 Err(e) => reply.error(errno(&e)),
@@ -376,10 +403,10 @@ impl Filesystem for MortarFs {
         reply: ReplyEntry,
     ) {
         let Some(kind) = kind_of_mode(mode) else {
-            return reply.error(Errno::EINVAL);
+            return reply.error(counted(Errno::EINVAL));
         };
         let (name, perm, uid, gid) = new_node(req, name, mode, umask);
-        entry_task!(self, reply, |core| core
+        entry_task!(self, "mknod", reply, |core| core
             .mknod(parent.0, &name, kind, perm, uid, gid, rdev));
     }
 
@@ -393,18 +420,18 @@ impl Filesystem for MortarFs {
         reply: ReplyEntry,
     ) {
         let (name, perm, uid, gid) = new_node(req, name, mode, umask);
-        entry_task!(self, reply, |core| core
+        entry_task!(self, "mkdir", reply, |core| core
             .mkdir(parent.0, &name, perm, uid, gid));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        empty_task!(self, reply, |core| core.unlink(parent.0, &name));
+        empty_task!(self, "unlink", reply, |core| core.unlink(parent.0, &name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        empty_task!(self, reply, |core| core.rmdir(parent.0, &name));
+        empty_task!(self, "rmdir", reply, |core| core.rmdir(parent.0, &name));
     }
 
     fn symlink(
@@ -420,7 +447,7 @@ impl Filesystem for MortarFs {
             target.as_os_str().as_bytes().to_vec(),
         );
         let (uid, gid) = (req.uid(), req.gid());
-        entry_task!(self, reply, |core| core
+        entry_task!(self, "symlink", reply, |core| core
             .symlink(parent.0, &name, &target, uid, gid));
     }
 
@@ -436,7 +463,7 @@ impl Filesystem for MortarFs {
     ) {
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         let flags = flags.bits();
-        empty_task!(self, reply, |core| core.rename(
+        empty_task!(self, "rename", reply, |core| core.rename(
             parent.0,
             &name,
             newparent.0,
@@ -454,14 +481,18 @@ impl Filesystem for MortarFs {
         reply: ReplyEntry,
     ) {
         let newname = newname.as_bytes().to_vec();
-        entry_task!(self, reply, |core| core.link(ino.0, newparent.0, &newname));
+        entry_task!(self, "link", reply, |core| core.link(
+            ino.0,
+            newparent.0,
+            &newname
+        ));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let notifier = self.notifier.clone();
-        self.spawn(move |core| async move {
+        self.spawn("open", move |core| async move {
             match core.open(ino.0, write, truncate).await {
                 Ok(o) => {
                     if o.changed {
@@ -493,7 +524,7 @@ impl Filesystem for MortarFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(move |core| async move {
+        self.spawn("read", move |core| async move {
             match core.read(fh.0, offset, size).await {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(&e)),
@@ -517,14 +548,20 @@ impl Filesystem for MortarFs {
         // task would run. Only a full buffer goes to a task to flush.
         let n = data.len() as u32;
         match self.core.buffer_write(fh.0, offset, data) {
-            Ok(false) => reply.written(n),
-            Ok(true) => self.spawn(move |core| async move {
+            Ok(false) => {
+                let _timed = Timed::new("write");
+                reply.written(n)
+            }
+            Ok(true) => self.spawn("write", move |core| async move {
                 match core.flush(fh.0).await {
                     Ok(()) => reply.written(n),
                     Err(e) => reply.error(errno(&e)),
                 }
             }),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => {
+                let _timed = Timed::new("write");
+                reply.error(errno(&e))
+            }
         }
     }
 
@@ -536,7 +573,7 @@ impl Filesystem for MortarFs {
         _lock: LockOwner,
         reply: ReplyEmpty,
     ) {
-        empty_task!(self, reply, |core| core.flush(fh.0));
+        empty_task!(self, "flush", reply, |core| core.flush(fh.0));
     }
 
     fn release(
@@ -549,7 +586,7 @@ impl Filesystem for MortarFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        empty_task!(self, reply, |core| core.release(fh.0));
+        empty_task!(self, "release", reply, |core| core.release(fh.0));
     }
 
     fn fsync(
@@ -560,11 +597,11 @@ impl Filesystem for MortarFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty_task!(self, reply, |core| core.fsync(fh.0));
+        empty_task!(self, "fsync", reply, |core| core.fsync(fh.0));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.spawn(move |core| async move {
+        self.spawn("opendir", move |core| async move {
             match core.opendir(ino.0).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(node_errno(&e)),
@@ -580,6 +617,7 @@ impl Filesystem for MortarFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timed = Timed::new("readdir");
         let entries = match self.core.dir_entries(fh.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
@@ -604,6 +642,7 @@ impl Filesystem for MortarFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timed = Timed::new("readdirplus");
         let entries = match self.core.dir_entries(fh.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
@@ -647,6 +686,7 @@ impl Filesystem for MortarFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _timed = Timed::new("releasedir");
         self.core.releasedir(fh.0);
         reply.ok();
     }
@@ -660,11 +700,11 @@ impl Filesystem for MortarFs {
         reply: ReplyEmpty,
     ) {
         // Changes made under a delegation are held in memory until committed.
-        empty_task!(self, reply, |core| core.fsyncdir(ino.0));
+        empty_task!(self, "fsyncdir", reply, |core| core.fsyncdir(ino.0));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.spawn(move |core| async move {
+        self.spawn("statfs", move |core| async move {
             match core.statfs().await {
                 Ok(s) => {
                     let bs = s.block_size as u64;
@@ -700,19 +740,19 @@ impl Filesystem for MortarFs {
             0 => XattrMode::Any,
             libc::XATTR_CREATE => XattrMode::Create,
             libc::XATTR_REPLACE => XattrMode::Replace,
-            _ => return reply.error(Errno::EINVAL),
+            _ => return reply.error(counted(Errno::EINVAL)),
         };
         let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
-        empty_task!(self, reply, |core| core
+        empty_task!(self, "setxattr", reply, |core| core
             .setxattr(ino.0, &name, &value, mode));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name.as_bytes().to_vec();
-        self.spawn(move |core| async move {
+        self.spawn("getxattr", move |core| async move {
             match core.getxattr(ino.0, &name).await {
                 Ok(v) if size == 0 => reply.size(v.len() as u32),
-                Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+                Ok(v) if v.len() > size as usize => reply.error(counted(Errno::ERANGE)),
                 Ok(v) => reply.data(&v),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -720,7 +760,7 @@ impl Filesystem for MortarFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.spawn(move |core| async move {
+        self.spawn("listxattr", move |core| async move {
             match core.listxattr(ino.0).await {
                 Ok(names) => {
                     let mut buf = Vec::new();
@@ -731,7 +771,7 @@ impl Filesystem for MortarFs {
                     if size == 0 {
                         reply.size(buf.len() as u32)
                     } else if buf.len() > size as usize {
-                        reply.error(Errno::ERANGE)
+                        reply.error(counted(Errno::ERANGE))
                     } else {
                         reply.data(&buf)
                     }
@@ -743,13 +783,14 @@ impl Filesystem for MortarFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        empty_task!(self, reply, |core| core.removexattr(ino.0, &name));
+        empty_task!(self, "removexattr", reply, |core| core
+            .removexattr(ino.0, &name));
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Permission bits are checked by the kernel (default_permissions); here we only confirm
         // the inode exists.
-        empty_task!(self, reply, |core| async move {
+        empty_task!(self, "access", reply, |core| async move {
             core.getattr(ino.0).await.map(|_| ())
         });
     }
@@ -767,7 +808,7 @@ impl Filesystem for MortarFs {
         let (name, perm, uid, gid) = new_node(req, name, mode, umask);
         let exclusive = flags & libc::O_EXCL != 0;
         let ttl = self.entry_ttl;
-        self.spawn(move |core| async move {
+        self.spawn("create", move |core| async move {
             match core
                 .create(parent.0, &name, perm, uid, gid, exclusive)
                 .await
@@ -794,7 +835,7 @@ impl Filesystem for MortarFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        empty_task!(self, reply, |core| core
+        empty_task!(self, "fallocate", reply, |core| core
             .fallocate(fh.0, offset, length, mode));
     }
 
@@ -812,6 +853,6 @@ impl Filesystem for MortarFs {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        reply.error(Errno::ENOTTY);
+        reply.error(counted(Errno::ENOTTY));
     }
 }

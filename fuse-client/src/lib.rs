@@ -4,5 +4,6 @@
 
 pub mod core;
 pub mod fs;
+pub mod metrics;
 pub mod mount;
 pub mod options;

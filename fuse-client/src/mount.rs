@@ -28,7 +28,8 @@ pub struct Args {
     pub mountpoint: PathBuf,
     /// Comma-separated options: ro, rw, allow_other (the default), no_allow_other,
     /// default_permissions (the default), no_default_permissions, attr_timeout=S, entry_timeout=S, connect_timeout=S,
-    /// op_timeout=S (default 30), cert=P, key=P, ca=P, log=P;
+    /// op_timeout=S (default 30), cert=P, key=P, ca=P, log=P, snapshot=NAME, metrics=ADDR
+    /// (Prometheus metrics at http://ADDR/metrics);
     /// fstab options such as _netdev and defaults are accepted and ignored.
     #[arg(short = 'o', action = clap::ArgAction::Append)]
     pub options: Vec<String>,
@@ -239,6 +240,12 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
                 .map_err(|e| anyhow!("cannot mount snapshot '{name}' of volume '{}': {e}", source.volume))?;
         }
         let vol = Arc::new(vol);
+        if let Some(addr) = opts.metrics {
+            let _in_runtime = rt.enter();
+            let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).with_context(|| format!("cannot serve metrics on {addr} (option metrics=)"))?;
+            crate::metrics::serve(listener, crate::metrics::registry(vol.clone()));
+            tracing::info!(%addr, "serving metrics at /metrics");
+        }
         let core = Arc::new(Core::new(vol.clone(), opts.read_only));
         let fs = MortarFs::new(core, rt.handle().clone(), opts.attr_timeout, opts.entry_timeout);
         let notifier = fs.notifier.clone();

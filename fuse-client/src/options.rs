@@ -73,6 +73,8 @@ pub struct MountOptions {
     pub op_timeout: Duration,
     /// Mount this snapshot of the volume, read-only (`-o snapshot=NAME`, or `VOLUME@NAME`).
     pub snapshot: Option<String>,
+    /// Serve Prometheus metrics on this TCP address (`-o metrics=127.0.0.1:9102`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for MountOptions {
@@ -93,6 +95,7 @@ impl Default for MountOptions {
             connect_timeout: Duration::from_secs(20),
             op_timeout: mortar_client::DEFAULT_OP_TIMEOUT,
             snapshot: None,
+            metrics: None,
         }
     }
 }
@@ -133,6 +136,13 @@ pub fn parse_options(list: &str, opts: &mut MountOptions) -> Result<(), OptionEr
             "connect_timeout" => opts.connect_timeout = seconds(key, need()?)?,
             "op_timeout" => opts.op_timeout = seconds(key, need()?)?,
             "snapshot" => opts.snapshot = Some(need()?.to_string()),
+            "metrics" => {
+                let v = need()?;
+                let addr = v
+                    .parse()
+                    .map_err(|_| OptionError::Value(format!("{key}={v} (want IP:PORT)")))?;
+                opts.metrics = Some(addr);
+            }
             // Options mount(8), fstab and systemd pass that concern them, not us.
             "defaults" | "_netdev" | "auto" | "noauto" | "nofail" | "user" | "nouser" | "users"
             | "owner" | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev" | "atime"
@@ -193,5 +203,13 @@ mod tests {
         );
         assert!(parse_options("attr_timeout=-1", &mut o).is_err());
         assert!(parse_options("cert=", &mut o).is_err());
+        parse_options("metrics=127.0.0.1:9104", &mut o).unwrap();
+        assert_eq!(o.metrics, Some("127.0.0.1:9104".parse().unwrap()));
+        assert_eq!(
+            parse_options("metrics=localhost", &mut o),
+            Err(OptionError::Value(
+                "metrics=localhost (want IP:PORT)".into()
+            ))
+        );
     }
 }

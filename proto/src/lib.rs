@@ -7,6 +7,7 @@ pub mod digest;
 pub mod error;
 pub mod layout;
 pub mod logfile;
+pub mod metrics;
 pub mod replication;
 pub mod timing;
 pub mod tls;

@@ -215,7 +215,8 @@ pub enum Health {
 
 #[derive(Default)]
 struct PoolState {
-    conns: HashMap<String, quinn::Connection>,
+    /// Each with the guard that counts its bytes for metrics.
+    conns: HashMap<String, (quinn::Connection, crate::metrics::Tracked)>,
     /// Bricks whose last request timed out (or lagged enough to be hedged), and since when.
     suspect: HashMap<String, std::time::Instant>,
     /// Bricks whose last connect failed, with how many times in a row; each has a probe running.
@@ -234,6 +235,7 @@ struct Down {
 pub struct Pool {
     endpoint: quinn::Endpoint,
     state: Arc<Mutex<PoolState>>,
+    traffic: Arc<crate::metrics::Traffic>,
 }
 
 impl Pool {
@@ -241,7 +243,13 @@ impl Pool {
         Pool {
             endpoint,
             state: Arc::default(),
+            traffic: Arc::default(),
         }
+    }
+
+    /// Bytes carried per peer by this pool's connections (and any others counted with it).
+    pub fn traffic(&self) -> &Arc<crate::metrics::Traffic> {
+        &self.traffic
     }
 
     /// True while `addr` is marked down.
@@ -284,7 +292,7 @@ impl Pool {
     pub async fn connection(&self, addr: &str) -> Result<quinn::Connection, TransportError> {
         {
             let st = self.state.lock().expect("pool lock");
-            if let Some(c) = st.conns.get(addr) {
+            if let Some((c, _)) = st.conns.get(addr) {
                 if c.close_reason().is_none() {
                     return Ok(c.clone());
                 }
@@ -399,9 +407,14 @@ impl Pool {
             }
             Ok(Ok(c)) => c,
         };
+        let peer = match crate::tls::peer_identity(&conn) {
+            Ok((_, name)) => name,
+            Err(_) => addr.to_string(),
+        };
+        let tracked = self.traffic.track(&peer, &conn);
         let mut st = self.state.lock().expect("pool lock");
         st.down.remove(addr);
-        st.conns.insert(addr.to_string(), conn.clone());
+        st.conns.insert(addr.to_string(), (conn.clone(), tracked));
         Ok(conn)
     }
 

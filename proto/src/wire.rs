@@ -47,6 +47,28 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The operation's name in metrics and logs.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Hello => "hello",
+            Request::PutChunk(_) => "put_chunk",
+            Request::GetChunk { .. } => "get_chunk",
+            Request::Meta { .. } => "meta",
+            Request::Query(_) => "query",
+            Request::Raft(r) => match r.kind {
+                RaftKind::AppendEntries => "raft_append_entries",
+                RaftKind::Vote => "raft_vote",
+                RaftKind::InstallSnapshot => "raft_install_snapshot",
+                RaftKind::PreVote => "raft_pre_vote",
+            },
+            Request::Watch { .. } => "watch",
+            Request::Admin(_) => "admin",
+            Request::Delegate { .. } => "delegate",
+        }
+    }
+}
+
 /// Outcomes of changes the bricks remember per client, by sequence number: a change's outcome
 /// is forgotten once the same client's change `ONCE_WINDOW` numbers later is applied. Clients
 /// never have a change open (sent and unanswered, or kept to resend) that far back, so every

@@ -814,3 +814,287 @@ async fn a_brick_runs_from_its_config_file_as_its_unit_starts_it() {
         );
     }
 }
+
+/// One scrape of a metrics endpoint, checked by the prometheus_client library's parser
+/// (`scripts/check-metrics.py`): sample `NAME{labels}` → value, and `# NAME` → 0 for each
+/// family (served even while it has no samples).
+fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
+    let url = format!("http://{addr}/metrics");
+    let got = std::process::Command::new("curl")
+        .args(["-sSf", "--max-time", "20", &url])
+        .output()
+        .expect("run curl");
+    assert!(
+        got.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let mut check = std::process::Command::new("/usr/bin/python3")
+        .arg(repo().join("scripts/check-metrics.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run check-metrics.py");
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), &got.stdout).unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "{url} is not valid Prometheus text: {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    String::from_utf8(checked.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(family) => (format!("# {}", family.split(' ').next().unwrap()), 0.0),
+            None => {
+                let (k, v) = l.split_once('\t').expect("NAME\tVALUE");
+                (k.to_string(), v.parse().expect("a number"))
+            }
+        })
+        .collect()
+}
+
+/// The sum of every sample named `name` whose labels contain `labels` (e.g. `op="create"`).
+fn sum(samples: &std::collections::BTreeMap<String, f64>, name: &str, labels: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{name}{{")) && k.contains(labels))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_valid_prometheus_text_that_follows_writes_and_a_frozen_follower() {
+    let metrics_at = |i: usize, ip: &str| format!("{ip}:{}", 9101 + i);
+    let c = Cluster::start_each(
+        3,
+        |i, ip| vec!["--metrics".into(), metrics_at(i, ip)],
+        &[],
+        |_| None,
+    );
+    let ip = c.ip.clone();
+    let brick_metrics: Vec<String> = (0..3).map(|i| metrics_at(i, &ip)).collect();
+    let vol = c.create_volume("www", 1 << 20).await;
+    let mount_metrics = format!("{ip}:9200");
+    let m = c
+        .mount("www", "m", &format!("metrics={mount_metrics}"))
+        .await;
+
+    let statuses: Vec<_> = c.statuses().await.into_iter().map(Option::unwrap).collect();
+    let before: Vec<_> = brick_metrics.iter().map(|a| scrape(a)).collect();
+    let leaders: f64 = before
+        .iter()
+        .map(|s| sum(s, "mortar_brick_raft_role", "role=\"leader\""))
+        .sum();
+    assert_eq!(leaders, 1.0, "exactly one brick says it leads");
+    for (s, st) in before.iter().zip(&statuses) {
+        assert_eq!(sum(s, "mortar_brick_raft_term", ""), st.term as f64);
+        assert!(sum(s, "mortar_brick_raft_applied_index", "") > 0.0);
+    }
+    let mount_before = scrape(&mount_metrics);
+
+    // Writes through the mount move the mount's and the bricks' counters.
+    let files = 20;
+    let size = 300 * 1024;
+    // Distinct bodies: chunks are stored by content, so equal files would share one.
+    let body = |i: usize| vec![i as u8; size];
+    for i in 0..files {
+        std::fs::write(m.path.join(format!("f{i}")), body(i)).unwrap();
+    }
+    for _ in 0..2 {
+        for i in 0..files {
+            assert_eq!(
+                std::fs::read(m.path.join(format!("f{i}"))).unwrap(),
+                body(i)
+            );
+        }
+    }
+    assert!(std::fs::metadata(m.path.join("no-such-file")).is_err());
+    assert!(matches!(
+        vol.lookup(ROOT_INODE, b"not-here-either").await,
+        Err(FsError::NotFound)
+    ));
+    let after: Vec<_> = brick_metrics.iter().map(|a| scrape(a)).collect();
+    let puts = |all: &[std::collections::BTreeMap<String, f64>]| -> f64 {
+        all.iter()
+            .map(|s| sum(s, "mortar_brick_requests_total", "op=\"put_chunk\""))
+            .sum()
+    };
+    assert!(
+        puts(&after) - puts(&before) >= files as f64,
+        "put_chunk requests moved from {} to {}",
+        puts(&before),
+        puts(&after)
+    );
+    for (b, s) in after.iter().enumerate() {
+        assert!(
+            sum(s, "mortar_brick_chunks", "") >= files as f64,
+            "brick {b} counts fewer chunks than files written"
+        );
+        assert!(
+            sum(
+                s,
+                "mortar_brick_peer_received_bytes_total",
+                "peer=\"client\""
+            ) > 0.0
+        );
+        assert_eq!(
+            sum(
+                s,
+                "mortar_brick_request_duration_seconds_count",
+                "op=\"put_chunk\""
+            ),
+            sum(s, "mortar_brick_requests_total", "op=\"put_chunk\"")
+        );
+    }
+    let enoent = |all: &[std::collections::BTreeMap<String, f64>]| -> f64 {
+        all.iter()
+            .map(|s| sum(s, "mortar_brick_errors_total", "errno=\"ENOENT\""))
+            .sum()
+    };
+    assert!(
+        enoent(&after) > enoent(&before),
+        "no brick counted the failed lookup"
+    );
+    let mount_after = scrape(&mount_metrics);
+    let moved = |name: &str, labels: &str| {
+        sum(&mount_after, name, labels) - sum(&mount_before, name, labels)
+    };
+    assert!(moved("mortar_mount_requests_total", "op=\"create\"") >= files as f64);
+    assert!(moved("mortar_mount_requests_total", "op=\"write\"") >= files as f64);
+    assert!(moved("mortar_mount_errors_total", "errno=\"ENOENT\"") >= 1.0);
+    assert!(moved("mortar_mount_cache_hits_total", "cache=\"chunk\"") >= files as f64);
+    assert!(
+        moved("mortar_mount_peer_sent_bytes_total", "") >= (files * size) as f64,
+        "the mount's bytes to the bricks do not cover what it wrote"
+    );
+
+    // A frozen follower shows on the leader as entries behind, for seconds.
+    let leader = statuses
+        .iter()
+        .position(|s| s.raft_role == "leader")
+        .unwrap();
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let label = format!("follower=\"{}\"", statuses[follower].id);
+    c.bricks[follower].freeze();
+    for i in 0..30 {
+        std::fs::create_dir(m.path.join(format!("d{i}"))).unwrap();
+    }
+    let behind = wait_for(
+        "the leader's metrics to show the frozen follower",
+        DEADLINE,
+        || {
+            let s = scrape(&brick_metrics[leader]);
+            let entries = sum(&s, "mortar_brick_raft_follower_behind_entries", &label);
+            let secs = sum(&s, "mortar_brick_raft_follower_behind_seconds", &label);
+            async move { (entries > 0.0 && secs >= 1.0).then_some((entries, secs)) }
+        },
+    )
+    .await;
+    eprintln!(
+        "frozen follower: {} entries behind for {:.1} s",
+        behind.0, behind.1
+    );
+    c.bricks[follower].thaw();
+    wait_for(
+        "the thawed follower to catch up in the metrics",
+        DEADLINE,
+        || {
+            let s = scrape(&brick_metrics[leader]);
+            let entries = sum(&s, "mortar_brick_raft_follower_behind_entries", &label);
+            async move { (entries == 0.0).then_some(()) }
+        },
+    )
+    .await;
+
+    // docs/metrics.md lists every family served, and the Grafana dashboard asks only for
+    // families that exist.
+    let served: BTreeSet<String> = after
+        .iter()
+        .chain([&mount_after])
+        .flat_map(|s| s.keys().filter_map(|k| k.strip_prefix("# ")))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        served.len() > 20,
+        "only {} families: {served:?}",
+        served.len()
+    );
+    let doc = std::fs::read_to_string(repo().join("docs/metrics.md")).unwrap();
+    for family in &served {
+        let short = family
+            .strip_prefix("mortar_brick_")
+            .or_else(|| family.strip_prefix("mortar_mount_"))
+            .unwrap_or_else(|| panic!("{family} is not named mortar_brick_ or mortar_mount_"));
+        assert!(
+            doc.contains(&format!("`{short}`")),
+            "docs/metrics.md does not list {family}"
+        );
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("docs/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut asked = Vec::new();
+    fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    exprs(&dashboard, &mut asked);
+    assert!(
+        asked.len() >= 10,
+        "the dashboard has {} queries",
+        asked.len()
+    );
+    for e in &asked {
+        for word in e.split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_')) {
+            if word.starts_with("mortar_") {
+                let family = word.strip_suffix("_bucket").unwrap_or(word);
+                assert!(
+                    served.contains(family),
+                    "the dashboard asks for {family}: {e}"
+                );
+            }
+        }
+    }
+
+    // Anything but GET /metrics is refused; a taken metrics address stops a brick at once.
+    let code = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://{}/other", brick_metrics[0]))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&code.stdout), "404");
+    let b = &c.bricks[0];
+    let taken = std::process::Command::new(mortar_tests::bin("mortar-brick"))
+        .args(["--data", c.dir.path().join("spare").to_str().unwrap()])
+        .args(["--listen", &format!("{ip}:7099")])
+        .args([
+            "--cert",
+            b.cert.to_str().unwrap(),
+            "--key",
+            b.key.to_str().unwrap(),
+        ])
+        .args(["--ca", b.ca.to_str().unwrap(), "--log-file", "-"])
+        .args(["--metrics", &brick_metrics[1]])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&taken.stderr);
+    assert!(!taken.status.success());
+    assert!(
+        said.contains(&format!("cannot serve metrics on {}", brick_metrics[1])),
+        "{said}"
+    );
+}

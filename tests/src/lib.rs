@@ -269,6 +269,17 @@ impl Cluster {
         env: &[(&str, &str)],
         data: impl Fn(usize) -> Option<PathBuf>,
     ) -> Cluster {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_each(n, |_, _| extra.clone(), env, data)
+    }
+
+    /// Start `n` bricks, brick `i` with the extra arguments `extra(i, cluster's IP)`.
+    pub fn start_each(
+        n: usize,
+        extra: impl Fn(usize, &str) -> Vec<String>,
+        env: &[(&str, &str)],
+        data: impl Fn(usize) -> Option<PathBuf>,
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("mortar-test-")
             .tempdir()
@@ -286,7 +297,7 @@ impl Cluster {
                 cert,
                 key,
                 ca: certs.ca(),
-                extra_args: extra.iter().map(|s| s.to_string()).collect(),
+                extra_args: extra(i, &ip),
                 env: env
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
