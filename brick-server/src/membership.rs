@@ -123,6 +123,7 @@ mod tests {
             retired: retired.iter().map(|id| brick(*id)).collect(),
             epoch: 0,
             previous: None,
+            options: Default::default(),
         }
     }
 

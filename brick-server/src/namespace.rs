@@ -207,6 +207,8 @@ pub fn touched(writes: &BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>) -> Vec<Inva
                 let (parent, name) = key.split_at(8);
                 Some(Inval::Entry(u64_of(Some(parent.to_vec())), name.to_vec()))
             }
+            // Mounts apply options and layouts as they change.
+            Table::Sys if key == KEY_VOLUME => Some(Inval::Volume),
             _ => None,
         })
         .collect()
@@ -418,6 +420,7 @@ pub fn apply<R: MetaRead>(
         MetaOp::RestorePath { name, undo, path } => {
             snapshots::restore_path(txn, name, undo, path, now)
         }
+        MetaOp::SetOption { key, value } => volume::set_option(txn, key, value.as_deref()),
         MetaOp::Mknod {
             parent,
             name,
@@ -1147,6 +1150,7 @@ mod tests {
             retired: Vec::new(),
             epoch: 0,
             previous: None,
+            options: Default::default(),
         }))
         .unwrap();
         m
@@ -1193,6 +1197,38 @@ mod tests {
             Err(FsError::Exists),
             "a retired id never comes back"
         );
+    }
+
+    #[test]
+    fn options_are_set_checked_and_reset_and_tell_mounts() {
+        use mortar_proto::options::ATTR_TIMEOUT;
+        let mut m = vol();
+        let set = |key: &str, value: Option<&str>| MetaOp::SetOption {
+            key: key.into(),
+            value: value.map(str::to_string),
+        };
+        let before = m.data.clone();
+        for bad in [set("bogus", Some("1")), set(ATTR_TIMEOUT, Some("-1"))] {
+            assert!(matches!(m.run(bad), Err(FsError::Invalid(_))));
+        }
+        assert_eq!(m.data, before, "a refused option changes nothing");
+        let mut txn = Txn::new(&m);
+        apply(
+            &mut txn,
+            &set(ATTR_TIMEOUT, Some("5")),
+            Timestamp::default(),
+        )
+        .unwrap();
+        assert_eq!(touched(&txn.writes), vec![Inval::Volume]);
+        drop(txn);
+        m.run(set(ATTR_TIMEOUT, Some("5"))).unwrap();
+        let v = volume(&m).unwrap().unwrap();
+        assert_eq!(v.options.attr_timeout(), std::time::Duration::from_secs(5));
+        let after = m.data.clone();
+        m.run(set(ATTR_TIMEOUT, Some("5"))).unwrap();
+        assert_eq!(m.data, after, "setting the same value again writes nothing");
+        m.run(set(ATTR_TIMEOUT, None)).unwrap();
+        assert_eq!(volume(&m).unwrap().unwrap().options, Default::default());
     }
 
     #[test]

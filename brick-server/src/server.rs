@@ -210,7 +210,8 @@ impl Brick {
                     | MetaOp::CreateSnapshot { .. }
                     | MetaOp::DeleteSnapshot { .. }
                     | MetaOp::RestoreSnapshot { .. }
-                    | MetaOp::RestorePath { .. } => need(&[Role::Admin, Role::Brick])?,
+                    | MetaOp::RestorePath { .. }
+                    | MetaOp::SetOption { .. } => need(&[Role::Admin, Role::Brick])?,
                     _ => {}
                 }
                 Ok(self.meta_write(op, once).await)
@@ -585,6 +586,7 @@ impl Brick {
             | MetaOp::DrainSet { .. }
             | MetaOp::RemoveSet { .. }
             | MetaOp::SettleLayout { .. }
+            | MetaOp::SetOption { .. }
             | MetaOp::Rebalance(_) => {}
         }
     }

@@ -53,6 +53,7 @@ pub struct Volume {
     /// Told what other clients changed, after the cache dropped it (the FUSE layer passes it
     /// on to the kernel's caches).
     inval_hook: OnceLock<InvalHook>,
+    config_hook: OnceLock<ConfigHook>,
     /// Namespace requests sent to bricks (reads and changes), for tests and metrics.
     meta_requests: AtomicU64,
     /// Directories delegated to this client, and the changes made beneath them not yet
@@ -74,6 +75,9 @@ pub struct Volume {
 /// Passes what other clients changed on (to the kernel's caches); the task it returns, if
 /// any, is waited for (up to [`watch::KERNEL_INVAL_WAIT`]) before the change is acknowledged.
 pub type InvalHook = Box<dyn Fn(&[Inval]) -> Option<tokio::task::JoinHandle<()>> + Send + Sync>;
+
+/// Told each volume configuration this client reads (options, layout), after it is in place.
+pub type ConfigHook = Box<dyn Fn(&VolumeConfig) + Send + Sync>;
 
 /// What a successful create-like change tells the cache: the new name, and for an exclusive
 /// create of a regular file the whole inode (the namespace makes it empty, inline, without
@@ -164,6 +168,7 @@ impl Volume {
                 retired: Vec::new(),
                 epoch: 0,
                 previous: None,
+                options: Default::default(),
             })),
             leader: Mutex::new(None),
             next: AtomicUsize::new(0),
@@ -173,6 +178,7 @@ impl Volume {
             op_timeout: DEFAULT_OP_TIMEOUT,
             meta_cache: meta_cache::MetaCache::default(),
             inval_hook: OnceLock::new(),
+            config_hook: OnceLock::new(),
             meta_requests: AtomicU64::new(0),
             deleg: delegation::Delegations::default(),
             uploads: upload::Uploads::default(),
@@ -253,6 +259,24 @@ impl Volume {
     /// Call `hook` with what other clients changed, once this client's cache has dropped it;
     /// the leader is told the change is dropped once the hook's task ended (or after
     /// [`watch::KERNEL_INVAL_WAIT`]).
+    /// Call `hook` with every configuration read from now on, and with the current one now.
+    pub fn on_config(&self, hook: ConfigHook) {
+        hook(&self.config());
+        let _ = self.config_hook.set(hook);
+    }
+
+    /// Set volume option `key` to `value`, or back to its default (None).
+    pub async fn set_option(&self, key: &str, value: Option<&str>) -> Result<(), FsError> {
+        mortar_proto::options::check(key, value)?;
+        let op = MetaOp::SetOption {
+            key: key.to_string(),
+            value: value.map(str::to_string),
+        };
+        self.admin_op(op).await?;
+        self.refresh_config().await?;
+        Ok(())
+    }
+
     pub fn on_invalidate(&self, hook: InvalHook) {
         let _ = self.inval_hook.set(hook);
     }
@@ -320,6 +344,9 @@ impl Volume {
             other => return Err(FsError::Io(format!("unexpected answer {other:?}"))),
         };
         *self.config.write().expect("config lock") = config.clone();
+        if let Some(hook) = self.config_hook.get() {
+            hook(&config);
+        }
         Ok(config)
     }
 

@@ -33,12 +33,14 @@ enum Key {
     Listing(InodeId),
 }
 
-impl From<&Inval> for Key {
-    fn from(i: &Inval) -> Key {
+impl Key {
+    /// What this cache holds of what `i` names (nothing of the volume configuration).
+    fn of(i: &Inval) -> Option<Key> {
         match i {
-            Inval::Inode(ino) => Key::Inode(*ino),
-            Inval::Entry(parent, name) => Key::Name(*parent, name.clone()),
-            Inval::Names(dir) => Key::Listing(*dir),
+            Inval::Inode(ino) => Some(Key::Inode(*ino)),
+            Inval::Entry(parent, name) => Some(Key::Name(*parent, name.clone())),
+            Inval::Names(dir) => Some(Key::Listing(*dir)),
+            Inval::Volume => None,
         }
     }
 }
@@ -285,8 +287,8 @@ impl MetaCache {
     /// A change at `index` touched `items`: drop them.
     pub fn invalidate(&self, index: u64, items: &[Inval]) {
         let mut c = self.lock();
-        for i in items {
-            c.forget(Key::from(i), index);
+        for key in items.iter().filter_map(Key::of) {
+            c.forget(key, index);
         }
         if c.recent.len() > RECENT {
             // Summarise: nothing older than the newest invalidation may be cached any more.
@@ -467,8 +469,8 @@ impl MetaCache {
             }
             Own::Other => None,
         };
-        for i in touched {
-            c.forget(Key::from(i), stamp.index);
+        for key in touched.iter().filter_map(Key::of) {
+            c.forget(key, stamp.index);
         }
         let Some(ticket) = ticket else { return };
         let (parent, name, made) = match own {

@@ -129,6 +129,7 @@ pub async fn create_volume(
         retired: Vec::new(),
         epoch: 0,
         previous: None,
+        options: Default::default(),
     };
     call(
         pool,

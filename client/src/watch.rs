@@ -4,7 +4,7 @@
 use crate::lease::{Renewals, RENEW_EVERY};
 use crate::Volume;
 use mortar_proto::wire::{
-    read_frame, write_frame, Query, Request, WatchDown, WatchUp, WATCH_LEASE,
+    read_frame, write_frame, Inval, Query, Request, WatchDown, WatchUp, WATCH_LEASE,
 };
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -159,6 +159,14 @@ async fn keep_watch(
                         }
                     }
                     WatchDown::Invalidate { seq, index, items } => {
+                        if items.contains(&Inval::Volume) {
+                            let v = Arc::clone(v);
+                            tokio::spawn(async move {
+                                if let Err(e) = v.refresh_config().await {
+                                    tracing::warn!(error = %e, "cannot read the changed volume configuration");
+                                }
+                            });
+                        }
                         v.meta_cache.invalidate(index, &items);
                         match v.inval_hook.get().and_then(|hook| hook(&items)) {
                             Some(task) => {

@@ -14,14 +14,42 @@ use mortar_client::mortar_proto::{Attr, DirEntry, FileKind, FsError, Timestamp};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The kernel's attribute and entry timeouts, changed while mounted by `volume set` of
+/// `cache.attr-timeout` and `cache.entry-timeout` unless the mount fixed them
+/// (`attr_timeout=`, `entry_timeout=`).
+#[derive(Default)]
+pub struct Ttls {
+    attr_ns: AtomicU64,
+    entry_ns: AtomicU64,
+}
+
+impl Ttls {
+    pub fn set(&self, attr: Option<Duration>, entry: Option<Duration>) {
+        for (to, d) in [(&self.attr_ns, attr), (&self.entry_ns, entry)] {
+            if let Some(d) = d {
+                to.store(d.as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn attr(&self) -> Duration {
+        Duration::from_nanos(self.attr_ns.load(Ordering::Relaxed))
+    }
+
+    pub fn entry(&self) -> Duration {
+        Duration::from_nanos(self.entry_ns.load(Ordering::Relaxed))
+    }
+}
 
 pub struct MortarFs {
     core: Arc<Core>,
     rt: tokio::runtime::Handle,
-    attr_ttl: Duration,
-    entry_ttl: Duration,
+    /// How long the kernel may keep attributes and names (volume options, or mount options).
+    pub ttls: Arc<Ttls>,
     /// Set once the session exists; used to drop the kernel's stale caches.
     pub notifier: Arc<OnceLock<Notifier>>,
 }
@@ -180,6 +208,8 @@ pub fn kernel_invalidation(
                     // The kernel keeps no "no such name" for us (an error answer is not
                     // cached), so only the mount's own cache had anything to drop.
                     Inval::Names(_) => Ok(()),
+                    // Options reach the mount through the volume's config hook.
+                    Inval::Volume => Ok(()),
                 };
             }
         }))
@@ -241,17 +271,11 @@ fn dot_attr(ino: u64) -> Attr {
 }
 
 impl MortarFs {
-    pub fn new(
-        core: Arc<Core>,
-        rt: tokio::runtime::Handle,
-        attr_ttl: Duration,
-        entry_ttl: Duration,
-    ) -> MortarFs {
+    pub fn new(core: Arc<Core>, rt: tokio::runtime::Handle, ttls: Arc<Ttls>) -> MortarFs {
         MortarFs {
             core,
             rt,
-            attr_ttl,
-            entry_ttl,
+            ttls,
             notifier: Arc::default(),
         }
     }
@@ -299,7 +323,7 @@ impl MortarFs {
 /// Answer an entry request from a task.
 macro_rules! entry_task {
     ($self:ident, $op:literal, $reply:ident, |$core:ident| $body:expr) => {{
-        let ttl = $self.entry_ttl;
+        let ttl = $self.ttls.entry();
         $self.spawn($op, move |$core| async move {
             match $body.await {
                 Ok(a) => $reply.entry(&ttl, &file_attr(&a), GENERATION),
@@ -340,7 +364,7 @@ impl Filesystem for MortarFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let ttl = self.attr_ttl;
+        let ttl = self.ttls.attr();
         self.spawn("getattr", move |core| async move {
             match core.getattr(ino.0).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
@@ -374,7 +398,7 @@ impl Filesystem for MortarFs {
             atime: atime.map(time_set),
             mtime: mtime.map(time_set),
         };
-        let ttl = self.attr_ttl;
+        let ttl = self.ttls.attr();
         self.spawn("setattr", move |core| async move {
             match core.setattr(ino.0, size, set).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
@@ -647,7 +671,7 @@ impl Filesystem for MortarFs {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
-        let ttl = self.entry_ttl;
+        let ttl = self.ttls.entry();
         // The kernel lists "." and ".." but caches nothing for them, so any attributes do.
         let mut dot = file_attr(
             &entries
@@ -807,7 +831,7 @@ impl Filesystem for MortarFs {
     ) {
         let (name, perm, uid, gid) = new_node(req, name, mode, umask);
         let exclusive = flags & libc::O_EXCL != 0;
-        let ttl = self.entry_ttl;
+        let ttl = self.ttls.entry();
         self.spawn("create", move |core| async move {
             match core
                 .create(parent.0, &name, perm, uid, gid, exclusive)

@@ -247,7 +247,22 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
             tracing::info!(%addr, "serving metrics at /metrics");
         }
         let core = Arc::new(Core::new(vol.clone(), opts.read_only));
-        let fs = MortarFs::new(core, rt.handle().clone(), opts.attr_timeout, opts.entry_timeout);
+        let ttls = Arc::new(crate::fs::Ttls::default());
+        {
+            // The mount's own attr_timeout=/entry_timeout= win; else the volume's options, as
+            // they change.
+            let (fixed_attr, fixed_entry) = (opts.attr_timeout, opts.entry_timeout);
+            let ttls = Arc::clone(&ttls);
+            vol.on_config(Box::new(move |config| {
+                let o = &config.options;
+                let (attr, entry) = (fixed_attr.unwrap_or(o.attr_timeout()), fixed_entry.unwrap_or(o.entry_timeout()));
+                if (attr, entry) != (ttls.attr(), ttls.entry()) {
+                    tracing::info!(?attr, ?entry, "kernel attribute and entry timeouts");
+                }
+                ttls.set(Some(attr), Some(entry));
+            }));
+        }
+        let fs = MortarFs::new(core, rt.handle().clone(), ttls);
         let notifier = fs.notifier.clone();
         vol.on_invalidate(crate::fs::kernel_invalidation(notifier.clone(), rt.handle().clone()));
         {

@@ -60,8 +60,10 @@ pub struct MountOptions {
     pub read_only: bool,
     pub allow_other: bool,
     pub default_permissions: bool,
-    pub attr_timeout: Duration,
-    pub entry_timeout: Duration,
+    /// None: the volume's `cache.attr-timeout`, followed as it changes.
+    pub attr_timeout: Option<Duration>,
+    /// None: the volume's `cache.entry-timeout`.
+    pub entry_timeout: Option<Duration>,
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
@@ -86,8 +88,8 @@ impl Default for MountOptions {
             // (default_permissions), as GlusterFS's mounts do.
             allow_other: true,
             default_permissions: true,
-            attr_timeout: Duration::from_secs(1),
-            entry_timeout: Duration::from_secs(1),
+            attr_timeout: None,
+            entry_timeout: None,
             cert: PathBuf::from("/etc/mortar/client.pem"),
             key: PathBuf::from("/etc/mortar/client.key"),
             ca: PathBuf::from("/etc/mortar/ca.pem"),
@@ -127,8 +129,8 @@ pub fn parse_options(list: &str, opts: &mut MountOptions) -> Result<(), OptionEr
             "no_allow_other" => opts.allow_other = false,
             "default_permissions" => opts.default_permissions = true,
             "no_default_permissions" => opts.default_permissions = false,
-            "attr_timeout" => opts.attr_timeout = seconds(key, need()?)?,
-            "entry_timeout" => opts.entry_timeout = seconds(key, need()?)?,
+            "attr_timeout" => opts.attr_timeout = Some(seconds(key, need()?)?),
+            "entry_timeout" => opts.entry_timeout = Some(seconds(key, need()?)?),
             "cert" => opts.cert = PathBuf::from(need()?),
             "key" => opts.key = PathBuf::from(need()?),
             "ca" => opts.ca = PathBuf::from(need()?),
@@ -195,7 +197,8 @@ mod tests {
         assert!(o.allow_other && o.default_permissions);
         parse_options("no_allow_other", &mut o).unwrap();
         assert!(!o.allow_other);
-        assert_eq!(o.attr_timeout, Duration::from_millis(500));
+        assert_eq!(o.attr_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(o.entry_timeout, None);
         assert_eq!(o.cert, PathBuf::from("/c.pem"));
         assert_eq!(
             parse_options("bogus", &mut o),

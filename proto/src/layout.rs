@@ -86,6 +86,7 @@ mod tests {
             ),
             epoch: 0,
             previous: None,
+            options: Default::default(),
             created: Timestamp::default(),
             retired: Vec::new(),
         }

@@ -8,6 +8,7 @@ pub mod error;
 pub mod layout;
 pub mod logfile;
 pub mod metrics;
+pub mod options;
 pub mod replication;
 pub mod timing;
 pub mod tls;

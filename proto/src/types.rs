@@ -207,6 +207,8 @@ pub struct VolumeConfig {
     /// of the sets the previous placement hashed over. Readers look there second; heal leaves
     /// the moving chunks to the rebalance. None when no layout change is under way.
     pub previous: Option<Vec<u32>>,
+    /// Options set with `volume set` (the others are at their defaults).
+    pub options: crate::options::Options,
 }
 
 impl VolumeConfig {

@@ -308,6 +308,12 @@ pub enum MetaOp {
         undo: String,
         path: String,
     },
+    /// `volume set KEY VALUE` (Some) or `volume reset KEY` (None); checked by
+    /// [`crate::options::check`] when applied.
+    SetOption {
+        key: String,
+        value: Option<String>,
+    },
 }
 
 /// Where a reference scan goes on: live inodes first, then the inodes snapshots keep.
@@ -372,6 +378,7 @@ impl MetaOp {
                 | MetaOp::DrainSet { .. }
                 | MetaOp::RemoveSet { .. }
                 | MetaOp::SettleLayout { .. }
+                | MetaOp::SetOption { .. }
         )
     }
 }
@@ -749,6 +756,8 @@ pub enum Inval {
     /// it from memory, so "no such name" cached before the grant must go (a lookup then asks
     /// the leader, which recalls the delegation first).
     Names(InodeId),
+    /// The volume configuration (an option, the layout): read it again.
+    Volume,
 }
 
 /// Client to leader, on a watch stream.

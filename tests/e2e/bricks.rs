@@ -1,13 +1,14 @@
 //! Issue "Bricks that keep every write on three replicas": real brick processes on loopback,
 //! real QUIC with mutual TLS, real RocksDB.
 
+use mortar_tests::metrics::{scrape, sum};
 use mortar_tests::mortar_client::volume_admin;
 use mortar_tests::mortar_client::Volume;
 use mortar_tests::mortar_proto::tls::{self, Identity, Role, Validity};
 use mortar_tests::mortar_proto::wire::{self, PutChunk, Reply, Request, Response};
 use mortar_tests::mortar_proto::{ChunkId, FsError, ROOT_INODE};
 use mortar_tests::tree::{self, TreeSpec};
-use mortar_tests::{wait_for, Cluster, DEADLINE};
+use mortar_tests::{repo, wait_for, Cluster, DEADLINE};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -649,14 +650,6 @@ async fn sighup_makes_a_brick_open_its_log_file_again() {
     );
 }
 
-/// The repository's root, where `scripts/` is.
-fn repo() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 /// A process this test started, killed when dropped (even on a failed assertion).
 struct Killed(std::process::Child);
 
@@ -813,56 +806,6 @@ async fn a_brick_runs_from_its_config_file_as_its_unit_starts_it() {
             "{text}: {err}"
         );
     }
-}
-
-/// One scrape of a metrics endpoint, checked by the prometheus_client library's parser
-/// (`scripts/check-metrics.py`): sample `NAME{labels}` → value, and `# NAME` → 0 for each
-/// family (served even while it has no samples).
-fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
-    let url = format!("http://{addr}/metrics");
-    let got = std::process::Command::new("curl")
-        .args(["-sSf", "--max-time", "20", &url])
-        .output()
-        .expect("run curl");
-    assert!(
-        got.status.success(),
-        "curl {url}: {}",
-        String::from_utf8_lossy(&got.stderr)
-    );
-    let mut check = std::process::Command::new("/usr/bin/python3")
-        .arg(repo().join("scripts/check-metrics.py"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run check-metrics.py");
-    std::io::Write::write_all(&mut check.stdin.take().unwrap(), &got.stdout).unwrap();
-    let checked = check.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "{url} is not valid Prometheus text: {}",
-        String::from_utf8_lossy(&checked.stderr)
-    );
-    String::from_utf8(checked.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| match l.strip_prefix("# ") {
-            Some(family) => (format!("# {}", family.split(' ').next().unwrap()), 0.0),
-            None => {
-                let (k, v) = l.split_once('\t').expect("NAME\tVALUE");
-                (k.to_string(), v.parse().expect("a number"))
-            }
-        })
-        .collect()
-}
-
-/// The sum of every sample named `name` whose labels contain `labels` (e.g. `op="create"`).
-fn sum(samples: &std::collections::BTreeMap<String, f64>, name: &str, labels: &str) -> f64 {
-    samples
-        .iter()
-        .filter(|(k, _)| k.starts_with(&format!("{name}{{")) && k.contains(labels))
-        .map(|(_, v)| v)
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

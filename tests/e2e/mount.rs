@@ -292,3 +292,126 @@ async fn quickstart_round_trip() {
     );
     quickstart(Some("stop"));
 }
+
+/// getattr requests the mount answered while `file` was fstat'ed every 100 ms for 3 s: the
+/// kernel asks again each time its attribute timeout runs out.
+fn getattrs_while_polling(metrics: &str, file: &std::fs::File) -> f64 {
+    let count = || {
+        mortar_tests::metrics::sum(
+            &mortar_tests::metrics::scrape(metrics),
+            "mortar_mount_requests_total",
+            "op=\"getattr\"",
+        )
+    };
+    let before = count();
+    for _ in 0..30 {
+        file.metadata().unwrap();
+        // Pacing the probe, not waiting for anything.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    count() - before
+}
+
+/// Issue 23, acceptance 3: `volume set` changes what a live mount does, bad keys and values
+/// are refused naming what is valid, `volume get all` lists every key, `reset` goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_options_reach_a_live_mount_and_bad_ones_are_refused() {
+    let c = Cluster::start(3);
+    c.create_volume("www", 1 << 20).await;
+    let metrics = format!("{}:9200", c.ip);
+    let m = c.mount("www", "m", &format!("metrics={metrics}")).await;
+    let log = || std::fs::read_to_string(&m.log).unwrap_or_default();
+    std::fs::write(m.path.join("index.html"), b"hello").unwrap();
+    let file = std::fs::File::open(m.path.join("index.html")).unwrap();
+    let at_default = getattrs_while_polling(&metrics, &file);
+    assert!(
+        at_default >= 2.0,
+        "with the 1 s default the kernel asked only {at_default} times in 3 s"
+    );
+
+    let run = c.volume_cli("set", &["cache.attr-timeout", "30"]);
+    assert_eq!(run.code, 0, "{}", run.out);
+    mortar_tests::wait_for(
+        "the mount to apply the option",
+        mortar_tests::DEADLINE,
+        || {
+            let applied = log().contains("kernel attribute and entry timeouts attr=30s");
+            async move { applied.then_some(()) }
+        },
+    )
+    .await;
+    // The attributes cached before the change expire on the old timeout, and the answer the
+    // kernel then gets carries the new one.
+    let asked = |file: &std::fs::File| {
+        let before = mortar_tests::metrics::scrape(&metrics);
+        file.metadata().unwrap();
+        let after = mortar_tests::metrics::scrape(&metrics);
+        let n = |s| mortar_tests::metrics::sum(s, "mortar_mount_requests_total", "op=\"getattr\"");
+        n(&after) > n(&before)
+    };
+    mortar_tests::wait_for(
+        "the kernel to ask once more",
+        mortar_tests::DEADLINE,
+        || {
+            let asked = asked(&file);
+            async move { asked.then_some(()) }
+        },
+    )
+    .await;
+    let after_set = getattrs_while_polling(&metrics, &file);
+    assert_eq!(
+        after_set, 0.0,
+        "the kernel asked again within the 30 s timeout"
+    );
+
+    let info = c.volume_cli("info", &[]);
+    assert!(
+        info.out
+            .contains("Options Reconfigured:\ncache.attr-timeout: 30"),
+        "{}",
+        info.out
+    );
+    let get = c.volume_cli("get", &["all"]);
+    assert_eq!(get.code, 0);
+    for s in mortar_tests::mortar_proto::options::SPECS {
+        let line = get
+            .out
+            .lines()
+            .find(|l| l.starts_with(s.key))
+            .unwrap_or_else(|| panic!("volume get all does not list {}", s.key));
+        let value = c.volume_cli("get", &[s.key]);
+        let expect = if s.key == "cache.attr-timeout" {
+            "30"
+        } else {
+            s.default
+        };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(&words[1..3], &[expect, s.default], "{line}");
+        assert!(value.out.contains(line), "{}", value.out);
+    }
+
+    for (args, says) in [
+        (&["bogus", "1"][..], "no volume option \"bogus\"; the options are: cache.attr-timeout, cache.entry-timeout, heal.gc-grace"),
+        (&["cache.attr-timeout", "-5"][..], "want seconds from 0 to 86400"),
+        (&["heal.gc-grace", "soon"][..], "want whole seconds"),
+    ] {
+        let run = c.volume_cli("set", args);
+        assert_ne!(run.code, 0);
+        assert!(run.out.contains(says), "{}", run.out);
+    }
+    let run = c.volume_cli("get", &["bogus"]);
+    assert_ne!(run.code, 0);
+    assert!(run.out.contains("the options are"), "{}", run.out);
+
+    let run = c.volume_cli("reset", &["cache.attr-timeout"]);
+    assert_eq!(run.code, 0, "{}", run.out);
+    mortar_tests::wait_for(
+        "the mount to go back to the default",
+        mortar_tests::DEADLINE,
+        || {
+            let applied = log().contains("kernel attribute and entry timeouts attr=1s");
+            async move { applied.then_some(()) }
+        },
+    )
+    .await;
+}

@@ -5,6 +5,7 @@
 //! tests run in parallel without sharing ports. Processes are killed when the cluster drops,
 //! even when the test fails; on failure the tail of each brick's log is printed.
 
+pub mod metrics;
 pub mod tree;
 pub mod web;
 pub mod workload;
@@ -25,6 +26,14 @@ pub use mortar_client::mortar_proto;
 pub const DEADLINE: Duration = Duration::from_secs(120);
 
 /// Directory holding the workspace's binaries (the test executable lives in its deps/).
+/// The repository's root, where `scripts/` and `docs/` are.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
 pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("MORTAR_BIN_DIR") {
         return PathBuf::from(dir);

@@ -41,7 +41,8 @@ pub struct Options {
     pub full: bool,
     /// Scrub read rate per brick, bytes per second (0: unthrottled).
     pub scrub_rate: u64,
-    pub gc_grace_secs: u64,
+    /// None: the volume option `heal.gc-grace`.
+    pub gc_grace_secs: Option<u64>,
     /// A follower behind the metadata leader this long is a problem.
     pub max_lag_secs: u64,
 }
@@ -206,7 +207,8 @@ async fn heal_under_lease(vol: &Volume, opts: &Options, progress: &Progress) -> 
                 &set_up,
                 &referenced,
                 &released,
-                opts.gc_grace_secs,
+                opts.gc_grace_secs
+                    .unwrap_or_else(|| config.options.gc_grace_secs()),
                 &mut t,
             )
             .await?;

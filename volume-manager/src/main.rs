@@ -1,6 +1,7 @@
 //! `mortar`: the operator CLI — CA and certificates, volume create/info/status/list/heal.
 
 mod heal;
+mod options;
 mod rebalance;
 mod remove_brick;
 mod replicas;
@@ -177,6 +178,40 @@ enum VolumeCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// mortar volume set NAME KEY VALUE: set a volume option (`volume get NAME all` lists
+    /// them); running bricks and mounts apply it.
+    Set {
+        name: String,
+        #[arg(value_name = "KEY")]
+        option: String,
+        /// Checked against the option's rule (a negative number is a value, refused there).
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// mortar volume get NAME [KEY|all]: options in force, with their defaults.
+    Get {
+        name: String,
+        #[arg(value_name = "KEY", default_value = "all")]
+        option: String,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// mortar volume reset NAME KEY|all: put options back to their defaults.
+    Reset {
+        name: String,
+        #[arg(value_name = "KEY")]
+        option: String,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Show a volume's configuration.
     Info {
         name: Option<String>,
@@ -219,8 +254,9 @@ enum VolumeCommand {
         scrub_rate: u64,
         /// Unreferenced chunks are removed only after this long (seconds, or with an s/m/h/d
         /// suffix): it protects writes in flight and files still open after unlink.
-        #[arg(long, default_value = DEFAULT_GC_GRACE, value_parser = parse_duration_secs)]
-        gc_grace: u64,
+        /// Default: the volume option heal.gc-grace (one hour unless set).
+        #[arg(long, value_parser = parse_duration_secs)]
+        gc_grace: Option<u64>,
         /// A follower behind the metadata leader this long is reported as a problem.
         #[arg(long, default_value_t = replicas::MAX_LAG_SECS, value_parser = parse_duration_secs)]
         max_lag: u64,
@@ -311,9 +347,6 @@ enum VolumeCommand {
         conn: Conn,
     },
 }
-
-/// Unreferenced chunks are kept this long by default (heal's `--gc-grace`).
-const DEFAULT_GC_GRACE: &str = "1h";
 
 fn parse_create_spec(spec: &[String]) -> Result<(Replication, Vec<String>)> {
     match spec {
@@ -454,6 +487,25 @@ async fn run(cli: Cli) -> Result<()> {
                 human(config.chunk_size as u64)
             );
         }
+        Command::Volume(VolumeCommand::Set {
+            name,
+            option,
+            value,
+            seeds,
+            conn,
+        }) => options::set(&connect(&seeds, &conn, Some(&name)).await?, &option, &value).await?,
+        Command::Volume(VolumeCommand::Get {
+            name,
+            option,
+            seeds,
+            conn,
+        }) => options::get(&connect(&seeds, &conn, Some(&name)).await?, &option).await?,
+        Command::Volume(VolumeCommand::Reset {
+            name,
+            option,
+            seeds,
+            conn,
+        }) => options::reset(&connect(&seeds, &conn, Some(&name)).await?, &option).await?,
         Command::Volume(VolumeCommand::Info {
             name,
             seeds,
@@ -491,6 +543,12 @@ async fn run(cli: Cli) -> Result<()> {
                         "Leaving: the bricks marked leaving are drained by 'remove-brick … start' \
                          and taken out by 'remove-brick … commit'"
                     );
+                }
+                if !c.options.0.is_empty() {
+                    println!("Options Reconfigured:");
+                    for (k, v) in &c.options.0 {
+                        println!("{k}: {v}");
+                    }
                 }
                 println!("Bricks:");
                 let mut n = 0;
@@ -945,7 +1003,7 @@ async fn replace_brick(
     let opts = heal::Options {
         full: false,
         scrub_rate: 0,
-        gc_grace_secs: parse_duration_secs(DEFAULT_GC_GRACE).map_err(|e| anyhow!(e))?,
+        gc_grace_secs: None,
         max_lag_secs: replicas::MAX_LAG_SECS,
     };
     Ok(

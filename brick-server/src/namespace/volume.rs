@@ -202,6 +202,27 @@ pub fn rebalance<R: MetaRead>(r: &R) -> Result<Option<RebalanceState>, FsError> 
         .transpose()
 }
 
+/// Set option `key` to `value`, or back to its default (None). Checked here, as it is applied,
+/// so no path into the log can store a value the options table refuses.
+pub(super) fn set_option<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    key: &str,
+    value: Option<&str>,
+) -> Result<MetaOk, FsError> {
+    mortar_proto::options::check(key, value)?;
+    let mut config = current(txn)?;
+    let options = &mut config.options.0;
+    let before = options.get(key).cloned();
+    match value {
+        Some(v) => options.insert(key.to_string(), v.to_string()),
+        None => options.remove(key),
+    };
+    if options.get(key) != before.as_ref() {
+        txn.put(Table::Sys, KEY_VOLUME, enc(&config));
+    }
+    Ok(MetaOk::Done)
+}
+
 fn current<R: MetaRead>(txn: &Txn<'_, R>) -> Result<VolumeConfig, FsError> {
     match txn.get(Table::Sys, KEY_VOLUME)? {
         Some(b) => dec(&b),

@@ -1,0 +1,148 @@
+//! Volume options (`mortar volume set|get|reset VOLUME KEY [VALUE]`): the keys, their defaults
+//! and checks, in one table. Values are kept as the text the operator gave, in the volume
+//! configuration (replicated with the namespace); only keys set differ from their default.
+
+use crate::FsError;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// One option: its key, default, what it does, and GlusterFS's nearest counterpart.
+pub struct Spec {
+    pub key: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+    pub gluster: &'static str,
+    check: fn(&str) -> Result<(), String>,
+}
+
+pub const ATTR_TIMEOUT: &str = "cache.attr-timeout";
+pub const ENTRY_TIMEOUT: &str = "cache.entry-timeout";
+pub const GC_GRACE: &str = "heal.gc-grace";
+
+/// Every option there is.
+pub const SPECS: &[Spec] = &[
+    Spec {
+        key: ATTR_TIMEOUT,
+        default: "1",
+        help: "seconds the kernel may keep a file's attributes before asking the mount again \
+               (0 to 86400); applied by running mounts that were not given attr_timeout=",
+        gluster: "attribute-timeout (a mount option there)",
+        check: seconds,
+    },
+    Spec {
+        key: ENTRY_TIMEOUT,
+        default: "1",
+        help: "seconds the kernel may keep a name's lookup before asking the mount again \
+               (0 to 86400); applied by running mounts that were not given entry_timeout=",
+        gluster: "entry-timeout (a mount option there)",
+        check: seconds,
+    },
+    Spec {
+        key: GC_GRACE,
+        default: "3600",
+        help: "seconds a chunk no file names is kept before `volume heal` collects it, \
+               unless heal is given --gc-grace",
+        gluster: "none (GlusterFS deletes a file's data at once)",
+        check: whole_seconds,
+    },
+];
+
+fn seconds(v: &str) -> Result<(), String> {
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && (0.0..=86_400.0).contains(&s) => Ok(()),
+        _ => Err("want seconds from 0 to 86400, such as 1 or 0.5".into()),
+    }
+}
+
+fn whole_seconds(v: &str) -> Result<(), String> {
+    match v.parse::<u64>() {
+        Ok(s) if s <= 365 * 86_400 => Ok(()),
+        _ => Err("want whole seconds from 0 to 31536000".into()),
+    }
+}
+
+pub fn spec(key: &str) -> Option<&'static Spec> {
+    SPECS.iter().find(|s| s.key == key)
+}
+
+/// Refuse an unknown key (listing the valid ones) or a bad value (saying what is wanted).
+pub fn check(key: &str, value: Option<&str>) -> Result<(), FsError> {
+    let Some(spec) = spec(key) else {
+        let keys: Vec<&str> = SPECS.iter().map(|s| s.key).collect();
+        return Err(FsError::Invalid(format!(
+            "no volume option {key:?}; the options are: {}",
+            keys.join(", ")
+        )));
+    };
+    match value {
+        None => Ok(()),
+        Some(v) => (spec.check)(v).map_err(|why| FsError::Invalid(format!("{key} {v:?}: {why}"))),
+    }
+}
+
+/// The options a volume has set (key → value), with typed reads of each.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Options(pub BTreeMap<String, String>);
+
+impl Options {
+    /// The value in force: the one set, else the default.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .or_else(|| spec(key).map(|s| s.default))
+    }
+
+    fn seconds(&self, key: &str) -> Duration {
+        let v = self.get(key).expect("a key of SPECS");
+        Duration::from_secs_f64(v.parse().expect("checked when set"))
+    }
+
+    pub fn attr_timeout(&self) -> Duration {
+        self.seconds(ATTR_TIMEOUT)
+    }
+
+    pub fn entry_timeout(&self) -> Duration {
+        self.seconds(ENTRY_TIMEOUT)
+    }
+
+    pub fn gc_grace_secs(&self) -> u64 {
+        self.get(GC_GRACE)
+            .expect("a key of SPECS")
+            .parse()
+            .expect("checked when set")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_hold_until_set_and_every_default_passes_its_own_check() {
+        for s in SPECS {
+            check(s.key, Some(s.default)).unwrap();
+        }
+        let mut o = Options::default();
+        assert_eq!(o.attr_timeout(), Duration::from_secs(1));
+        assert_eq!(o.gc_grace_secs(), 3600);
+        o.0.insert(ATTR_TIMEOUT.into(), "5".into());
+        assert_eq!(o.attr_timeout(), Duration::from_secs(5));
+        assert_eq!(o.entry_timeout(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_what_is_wanted() {
+        let e = check("bogus", Some("1")).unwrap_err().to_string();
+        assert!(e.contains("no volume option \"bogus\""), "{e}");
+        for s in SPECS {
+            assert!(e.contains(s.key), "{e}");
+        }
+        for bad in ["-1", "nan", "inf", "1e9", "five", ""] {
+            let e = check(ATTR_TIMEOUT, Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("want seconds"), "{bad}: {e}");
+        }
+        assert!(check(GC_GRACE, Some("0.5")).is_err());
+        check(ATTR_TIMEOUT, None).unwrap();
+    }
+}
