@@ -124,6 +124,7 @@ mod tests {
             epoch: 0,
             previous: None,
             options: Default::default(),
+            stopped: false,
         }
     }
 

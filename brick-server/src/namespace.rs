@@ -421,6 +421,7 @@ pub fn apply<R: MetaRead>(
             snapshots::restore_path(txn, name, undo, path, now)
         }
         MetaOp::SetOption { key, value } => volume::set_option(txn, key, value.as_deref()),
+        MetaOp::SetStopped { stopped } => volume::set_stopped(txn, *stopped),
         MetaOp::Mknod {
             parent,
             name,
@@ -1151,6 +1152,7 @@ mod tests {
             epoch: 0,
             previous: None,
             options: Default::default(),
+            stopped: false,
         }))
         .unwrap();
         m
@@ -1200,7 +1202,7 @@ mod tests {
     }
 
     #[test]
-    fn options_are_set_checked_and_reset_and_tell_mounts() {
+    fn options_and_the_stopped_state_are_set_checked_and_reset_and_tell_mounts() {
         use mortar_proto::options::ATTR_TIMEOUT;
         let mut m = vol();
         let set = |key: &str, value: Option<&str>| MetaOp::SetOption {
@@ -1229,6 +1231,14 @@ mod tests {
         assert_eq!(m.data, after, "setting the same value again writes nothing");
         m.run(set(ATTR_TIMEOUT, None)).unwrap();
         assert_eq!(volume(&m).unwrap().unwrap().options, Default::default());
+
+        m.run(MetaOp::SetStopped { stopped: true }).unwrap();
+        assert!(volume(&m).unwrap().unwrap().stopped);
+        let stopped = m.data.clone();
+        m.run(MetaOp::SetStopped { stopped: true }).unwrap();
+        assert_eq!(m.data, stopped, "stopping a stopped volume writes nothing");
+        m.run(MetaOp::SetStopped { stopped: false }).unwrap();
+        assert!(!volume(&m).unwrap().unwrap().stopped);
     }
 
     #[test]

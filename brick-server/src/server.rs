@@ -150,6 +150,9 @@ impl Brick {
 
     pub async fn dispatch(&self, role: Role, req: Request) -> Response {
         let need = |wanted: &[Role]| require(role, wanted);
+        if role == Role::Client {
+            self.refuse_if_stopped(&req)?;
+        }
         match req {
             Request::Hello => Ok(Reply::Hello(BrickHello {
                 id: self.id,
@@ -211,7 +214,8 @@ impl Brick {
                     | MetaOp::DeleteSnapshot { .. }
                     | MetaOp::RestoreSnapshot { .. }
                     | MetaOp::RestorePath { .. }
-                    | MetaOp::SetOption { .. } => need(&[Role::Admin, Role::Brick])?,
+                    | MetaOp::SetOption { .. }
+                    | MetaOp::SetStopped { .. } => need(&[Role::Admin, Role::Brick])?,
                     _ => {}
                 }
                 Ok(self.meta_write(op, once).await)
@@ -234,6 +238,18 @@ impl Brick {
             Request::Watch { .. } => Err(FsError::NotPermitted(
                 "only a client certificate may watch the namespace".into(),
             )),
+        }
+    }
+
+    /// A stopped volume serves clients nothing but what lets a mount see it start again: the
+    /// hello, the volume configuration and the watch (which never reaches here).
+    fn refuse_if_stopped(&self, req: &Request) -> Result<(), FsError> {
+        match req {
+            Request::Hello | Request::Query(Query::Volume) => Ok(()),
+            _ => match self.volume() {
+                Ok(v) if v.stopped => Err(FsError::Stopped(v.name)),
+                _ => Ok(()),
+            },
         }
     }
 
@@ -573,7 +589,8 @@ impl Brick {
             // delegation is committed first; a restore changes anything.
             MetaOp::CreateSnapshot { .. }
             | MetaOp::RestoreSnapshot { .. }
-            | MetaOp::RestorePath { .. } => named.everything = true,
+            | MetaOp::RestorePath { .. }
+            | MetaOp::SetStopped { stopped: true } => named.everything = true,
             MetaOp::DeleteSnapshot { .. }
             | MetaOp::CreateVolume(_)
             | MetaOp::HealLease { .. }
@@ -587,6 +604,7 @@ impl Brick {
             | MetaOp::RemoveSet { .. }
             | MetaOp::SettleLayout { .. }
             | MetaOp::SetOption { .. }
+            | MetaOp::SetStopped { stopped: false }
             | MetaOp::Rebalance(_) => {}
         }
     }

@@ -169,6 +169,7 @@ impl Volume {
                 epoch: 0,
                 previous: None,
                 options: Default::default(),
+                stopped: false,
             })),
             leader: Mutex::new(None),
             next: AtomicUsize::new(0),
@@ -344,6 +345,11 @@ impl Volume {
             other => return Err(FsError::Io(format!("unexpected answer {other:?}"))),
         };
         *self.config.write().expect("config lock") = config.clone();
+        if config.stopped {
+            // Nothing cached may answer for a stopped volume: every request goes to the
+            // bricks, which refuse it.
+            self.meta_cache.drop_all();
+        }
         if let Some(hook) = self.config_hook.get() {
             hook(&config);
         }

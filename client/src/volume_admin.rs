@@ -130,6 +130,7 @@ pub async fn create_volume(
         epoch: 0,
         previous: None,
         options: Default::default(),
+        stopped: false,
     };
     call(
         pool,

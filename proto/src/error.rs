@@ -52,6 +52,10 @@ pub enum FsError {
     /// The snapshot named does not exist (or was deleted under a mount of it).
     #[error("no such snapshot: {0}")]
     NoSnapshot(String),
+    /// The volume was stopped by its operator (`mortar volume start NAME` resumes it); not
+    /// retried, as no brick will serve it until then.
+    #[error("volume '{0}' is stopped (mortar volume start {0})")]
+    Stopped(String),
 }
 
 impl FsError {
@@ -73,7 +77,7 @@ impl FsError {
             FsError::Conflict(_) => libc::EAGAIN,
             FsError::Busy(_) => libc::EBUSY,
             FsError::HashMismatch(_) | FsError::Io(_) => libc::EIO,
-            FsError::Unavailable(_) | FsError::NoVolume => libc::ENOTCONN,
+            FsError::Unavailable(_) | FsError::NoVolume | FsError::Stopped(_) => libc::ENOTCONN,
             FsError::FileTooBig(_) => libc::EFBIG,
             FsError::NoSnapshot(_) => libc::ESTALE,
         }

@@ -87,6 +87,7 @@ mod tests {
             epoch: 0,
             previous: None,
             options: Default::default(),
+            stopped: false,
             created: Timestamp::default(),
             retired: Vec::new(),
         }

@@ -209,6 +209,8 @@ pub struct VolumeConfig {
     pub previous: Option<Vec<u32>>,
     /// Options set with `volume set` (the others are at their defaults).
     pub options: crate::options::Options,
+    /// `volume stop`: bricks keep the data and serve no client until `volume start`.
+    pub stopped: bool,
 }
 
 impl VolumeConfig {

@@ -314,6 +314,11 @@ pub enum MetaOp {
         key: String,
         value: Option<String>,
     },
+    /// `volume stop` (true) or `volume start` (false). Stopping recalls every delegation
+    /// first, so what mounts hold is committed before they are refused.
+    SetStopped {
+        stopped: bool,
+    },
 }
 
 /// Where a reference scan goes on: live inodes first, then the inodes snapshots keep.
@@ -379,6 +384,7 @@ impl MetaOp {
                 | MetaOp::RemoveSet { .. }
                 | MetaOp::SettleLayout { .. }
                 | MetaOp::SetOption { .. }
+                | MetaOp::SetStopped { .. }
         )
     }
 }

@@ -415,3 +415,65 @@ async fn volume_options_reach_a_live_mount_and_bad_ones_are_refused() {
     )
     .await;
 }
+
+/// Issue 23, acceptance 4: `volume stop` makes a live mount's operations fail at once with
+/// ENOTCONN, the data stays, and `volume start` resumes the same mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_volume_fails_mount_operations_at_once_and_start_resumes_them() {
+    let c = Cluster::start(3);
+    c.create_volume("www", 1 << 20).await;
+    let m = c.mount("www", "m", "").await;
+    std::fs::create_dir(m.path.join("site")).unwrap();
+    std::fs::write(m.path.join("site/index.html"), b"before the stop").unwrap();
+
+    let run = c.volume_cli("stop", &[]);
+    assert_eq!(run.code, 0, "{}", run.out);
+    let stopped_at = std::time::Instant::now();
+    assert!(c.volume_cli("info", &[]).out.contains("Status: Stopped"));
+    // Each operation below reaches the mount (nothing it names is in the kernel's caches)
+    // and must fail by itself, not after the mount's 30 s operation timeout.
+    let errno_of = |what: &str, r: std::io::Result<()>, started: std::time::Instant| {
+        let took = started.elapsed();
+        eprintln!("{what} on the stopped volume: {r:?} after {took:?}");
+        assert!(
+            took < mortar_tests::mortar_client::DEFAULT_OP_TIMEOUT,
+            "{what} waited {took:?}"
+        );
+        r.err().and_then(|e| e.raw_os_error())
+    };
+    let failed = mortar_tests::wait_for("operations to fail", mortar_tests::DEADLINE, || {
+        let t = std::time::Instant::now();
+        let r = std::fs::write(m.path.join("site/new.html"), b"x");
+        let errno = errno_of("create", r, t);
+        async move { errno }
+    })
+    .await;
+    eprintln!(
+        "operations failed {:?} after the stop returned",
+        stopped_at.elapsed()
+    );
+    assert_eq!(failed, libc::ENOTCONN);
+    let t = std::time::Instant::now();
+    let r = std::fs::metadata(m.path.join("site/never-there.html")).map(|_| ());
+    assert_eq!(errno_of("lookup", r, t), Some(libc::ENOTCONN));
+    let t = std::time::Instant::now();
+    let r = std::fs::read_dir(m.path.join("site")).map(|_| ());
+    assert_eq!(errno_of("opendir", r, t), Some(libc::ENOTCONN));
+
+    let run = c.volume_cli("start", &[]);
+    assert_eq!(run.code, 0, "{}", run.out);
+    mortar_tests::wait_for("the mount to work again", mortar_tests::DEADLINE, || {
+        let ok = std::fs::write(m.path.join("site/new.html"), b"after the start").is_ok();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    assert!(is_mounted(&m.path));
+    assert_eq!(
+        std::fs::read(m.path.join("site/index.html")).unwrap(),
+        b"before the stop"
+    );
+    assert_eq!(
+        std::fs::read(m.path.join("site/new.html")).unwrap(),
+        b"after the start"
+    );
+}

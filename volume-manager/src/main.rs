@@ -178,6 +178,23 @@ enum VolumeCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// mortar volume stop NAME: mounts' operations fail with ENOTCONN (what they hold under
+    /// delegations is committed first); bricks keep the data.
+    Stop {
+        name: String,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// mortar volume start NAME: serve a stopped volume again (mounts resume, no remount).
+    Start {
+        name: String,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// mortar volume set NAME KEY VALUE: set a volume option (`volume get NAME all` lists
     /// them); running bricks and mounts apply it.
     Set {
@@ -487,6 +504,12 @@ async fn run(cli: Cli) -> Result<()> {
                 human(config.chunk_size as u64)
             );
         }
+        Command::Volume(VolumeCommand::Stop { name, seeds, conn }) => {
+            options::stop(&connect(&seeds, &conn, Some(&name)).await?, true).await?
+        }
+        Command::Volume(VolumeCommand::Start { name, seeds, conn }) => {
+            options::stop(&connect(&seeds, &conn, Some(&name)).await?, false).await?
+        }
         Command::Volume(VolumeCommand::Set {
             name,
             option,
@@ -530,6 +553,7 @@ async fn run(cli: Cli) -> Result<()> {
                     Replication::REPLICA_3.copies(),
                     c.bricks().count()
                 );
+                println!("Status: {}", if c.stopped { "Stopped" } else { "Started" });
                 println!("Chunk Size: {}", human(c.chunk_size as u64));
                 match &c.previous {
                     Some(_) => println!(

@@ -223,6 +223,19 @@ pub(super) fn set_option<R: MetaRead>(
     Ok(MetaOk::Done)
 }
 
+/// `volume stop` / `volume start`; doing it again changes nothing.
+pub(super) fn set_stopped<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    stopped: bool,
+) -> Result<MetaOk, FsError> {
+    let mut config = current(txn)?;
+    if config.stopped != stopped {
+        config.stopped = stopped;
+        txn.put(Table::Sys, KEY_VOLUME, enc(&config));
+    }
+    Ok(MetaOk::Done)
+}
+
 fn current<R: MetaRead>(txn: &Txn<'_, R>) -> Result<VolumeConfig, FsError> {
     match txn.get(Table::Sys, KEY_VOLUME)? {
         Some(b) => dec(&b),
