@@ -1,6 +1,7 @@
 //! A mortar brick: stores chunks and a replica of the volume's metadata in RocksDB, replicates
 //! chunk writes to its replica set, and runs the metadata group with openraft.
 
+pub mod access;
 pub mod background;
 pub mod chunk;
 pub mod coherence;

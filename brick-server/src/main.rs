@@ -140,6 +140,7 @@ async fn run(args: Settings) -> Result<()> {
         peers_full: Default::default(),
         proposals: Default::default(),
         metrics: BrickMetrics::new(pool.traffic().clone()),
+        live: Arc::default(),
     });
     tracing::info!(brick = id, listen = %args.listen, data = %args.data.display(), "brick serving");
     let server = tokio::spawn(brick.clone().serve(endpoint.clone()));
@@ -157,6 +158,11 @@ async fn run(args: Settings) -> Result<()> {
         campaign,
     ));
     tokio::spawn(brick.clone().watch_peer_space());
+    tokio::spawn(mortar_brick::access::run(
+        brick.live.clone(),
+        brick.volume.clone(),
+        brick.watchers.config_applied(),
+    ));
     if let Some(listener) = metrics_listener {
         tracing::info!(addr = %listener.local_addr()?, "serving metrics at /metrics");
         let brick = brick.clone();

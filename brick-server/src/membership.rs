@@ -125,6 +125,7 @@ mod tests {
             previous: None,
             options: Default::default(),
             stopped: false,
+            revoked: Vec::new(),
         }
     }
 

@@ -422,6 +422,7 @@ pub fn apply<R: MetaRead>(
         }
         MetaOp::SetOption { key, value } => volume::set_option(txn, key, value.as_deref()),
         MetaOp::SetStopped { stopped } => volume::set_stopped(txn, *stopped),
+        MetaOp::Revoke(r) => volume::revoke(txn, r),
         MetaOp::Mknod {
             parent,
             name,
@@ -1153,6 +1154,7 @@ mod tests {
             previous: None,
             options: Default::default(),
             stopped: false,
+            revoked: Vec::new(),
         }))
         .unwrap();
         m

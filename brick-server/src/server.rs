@@ -54,6 +54,8 @@ pub struct Brick {
     pub proposals: crate::proposals::Proposals<Written>,
     /// What `--metrics` serves.
     pub metrics: crate::metrics::BrickMetrics,
+    /// Accepted connections, checked again when the volume's access rules change.
+    pub live: Arc<crate::access::Live>,
 }
 
 /// What a proposal to the namespace log came to.
@@ -100,6 +102,21 @@ impl Brick {
                     }
                 };
                 tracing::debug!(%remote, %role, %name, "connection");
+                let serial = mortar_proto::tls::peer_serial(&conn);
+                // Known to the live set before the check: a configuration applied after the
+                // check is enforced on it, one applied before is seen by the check.
+                let _admitted = brick.live.admit(role, &name, serial.clone(), &conn);
+                let config = brick.volume().ok();
+                if let Some(why) =
+                    crate::access::refusal(config.as_ref(), role, &name, serial.as_deref())
+                {
+                    tracing::warn!(%remote, "refused connection: {why}");
+                    conn.close(
+                        mortar_proto::transport::ACCESS_REFUSED.into(),
+                        why.as_bytes(),
+                    );
+                    return;
+                }
                 let _counted = brick.pool.traffic().track(&name, &conn);
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let brick = brick.clone();
@@ -215,7 +232,8 @@ impl Brick {
                     | MetaOp::RestoreSnapshot { .. }
                     | MetaOp::RestorePath { .. }
                     | MetaOp::SetOption { .. }
-                    | MetaOp::SetStopped { .. } => need(&[Role::Admin, Role::Brick])?,
+                    | MetaOp::SetStopped { .. }
+                    | MetaOp::Revoke(_) => need(&[Role::Admin, Role::Brick])?,
                     _ => {}
                 }
                 Ok(self.meta_write(op, once).await)
@@ -605,6 +623,7 @@ impl Brick {
             | MetaOp::SettleLayout { .. }
             | MetaOp::SetOption { .. }
             | MetaOp::SetStopped { stopped: false }
+            | MetaOp::Revoke(_)
             | MetaOp::Rebalance(_) => {}
         }
     }

@@ -39,6 +39,18 @@ pub struct Hub {
     state: Mutex<Coherence>,
     /// Wakes everyone waiting on the state (an acknowledgement, a closed watch).
     changed: Notify,
+    /// Counts the volume configurations applied; what must follow them (access checks of live
+    /// connections) waits on it.
+    pub config_applied: ConfigApplied,
+}
+
+/// A watch channel of how many volume configurations were applied.
+pub struct ConfigApplied(pub tokio::sync::watch::Sender<u64>);
+
+impl Default for ConfigApplied {
+    fn default() -> Self {
+        ConfigApplied(tokio::sync::watch::Sender::new(0))
+    }
 }
 
 impl Hub {
@@ -179,6 +191,11 @@ fn leading_term_of(m: &RaftMetrics<u64, BasicNode>, id: BrickId) -> Option<u64> 
 }
 
 impl Watchers {
+    /// Changes each time a volume configuration is applied.
+    pub fn config_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.hub.config_applied.0.subscribe()
+    }
+
     pub fn new(id: BrickId, raft: Raft, hub: Arc<Hub>, store: Arc<Store>) -> Watchers {
         Watchers {
             id,

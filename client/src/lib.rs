@@ -170,6 +170,7 @@ impl Volume {
                 previous: None,
                 options: Default::default(),
                 stopped: false,
+                revoked: Vec::new(),
             })),
             leader: Mutex::new(None),
             next: AtomicUsize::new(0),

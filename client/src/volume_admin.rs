@@ -131,6 +131,7 @@ pub async fn create_volume(
         previous: None,
         options: Default::default(),
         stopped: false,
+        revoked: Vec::new(),
     };
     call(
         pool,

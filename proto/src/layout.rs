@@ -88,6 +88,7 @@ mod tests {
             previous: None,
             options: Default::default(),
             stopped: false,
+            revoked: Vec::new(),
             created: Timestamp::default(),
             retired: Vec::new(),
         }

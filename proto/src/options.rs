@@ -18,6 +18,7 @@ pub struct Spec {
 pub const ATTR_TIMEOUT: &str = "cache.attr-timeout";
 pub const ENTRY_TIMEOUT: &str = "cache.entry-timeout";
 pub const GC_GRACE: &str = "heal.gc-grace";
+pub const AUTH_ALLOW: &str = "auth.allow";
 
 /// Every option there is.
 pub const SPECS: &[Spec] = &[
@@ -45,7 +46,31 @@ pub const SPECS: &[Spec] = &[
         gluster: "none (GlusterFS deletes a file's data at once)",
         check: whole_seconds,
     },
+    Spec {
+        key: AUTH_ALLOW,
+        default: "*",
+        help: "client certificate names that may mount, comma-separated, or * for any; \
+               clients taken off it are disconnected",
+        gluster: "auth.allow (by address there; by certificate name here)",
+        check: names,
+    },
 ];
+
+fn names(v: &str) -> Result<(), String> {
+    let ok = |n: &str| {
+        !n.is_empty()
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    if v == "*" || v.split(',').all(ok) {
+        Ok(())
+    } else {
+        Err(
+            "want * or certificate names (letters, digits, '.', '-', '_') separated by commas"
+                .into(),
+        )
+    }
+}
 
 fn seconds(v: &str) -> Result<(), String> {
     match v.parse::<f64>() {
@@ -106,6 +131,14 @@ impl Options {
         self.seconds(ENTRY_TIMEOUT)
     }
 
+    /// Whether the client certificate `name` may use the volume.
+    pub fn allows(&self, name: &str) -> bool {
+        match self.get(AUTH_ALLOW).expect("a key of SPECS") {
+            "*" => true,
+            list => list.split(',').any(|n| n == name),
+        }
+    }
+
     pub fn gc_grace_secs(&self) -> u64 {
         self.get(GC_GRACE)
             .expect("a key of SPECS")
@@ -143,6 +176,13 @@ mod tests {
             assert!(e.contains("want seconds"), "{bad}: {e}");
         }
         assert!(check(GC_GRACE, Some("0.5")).is_err());
+        for bad in ["", "web1,", "a b", "*,web1"] {
+            assert!(check(AUTH_ALLOW, Some(bad)).is_err(), "{bad:?}");
+        }
+        let mut o = Options::default();
+        assert!(o.allows("anyone"));
+        o.0.insert(AUTH_ALLOW.into(), "web1,web2".into());
+        assert!(o.allows("web2") && !o.allows("web3") && !o.allows("web"));
         check(ATTR_TIMEOUT, None).unwrap();
     }
 }

@@ -200,6 +200,39 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<(Role, String), TlsErro
     role_of(leaf)
 }
 
+/// The serial number of a verified peer's certificate (see [`serial_of`]).
+pub fn peer_serial(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    serial_of(certs.first()?)
+}
+
+/// A certificate's serial number in lowercase hex, without separators: what
+/// `mortar cert revoke` records and bricks compare.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(
+        parsed
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+/// The serial number and name of the certificate in the PEM file `path`.
+pub fn file_serial(path: &Path) -> Result<(String, String), TlsError> {
+    let cert = certs_from(path)?.remove(0);
+    let bad = || TlsError::Pem {
+        path: path.to_path_buf(),
+        what: "certificate",
+    };
+    let (_, name) = role_of(&cert).map_err(|_| bad())?;
+    Ok((serial_of(&cert).ok_or_else(bad)?, name))
+}
+
 pub fn role_of(cert: &CertificateDer<'_>) -> Result<(Role, String), TlsError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|_| TlsError::NoRole)?;
     let subject = parsed.subject();

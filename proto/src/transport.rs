@@ -168,7 +168,19 @@ fn is_tls_refusal(e: &quinn::ConnectionError) -> bool {
     }
 }
 
+/// The application close code of a brick that refuses a certificate it verified: revoked, or a
+/// client not on the volume's allow list. The close's reason says which.
+pub const ACCESS_REFUSED: u32 = 0x4d41;
+
 fn conn_error(addr: &str, e: quinn::ConnectionError) -> TransportError {
+    if let quinn::ConnectionError::ApplicationClosed(c) = &e {
+        if c.error_code == quinn::VarInt::from_u32(ACCESS_REFUSED) {
+            return TransportError::Refused {
+                addr: addr.to_string(),
+                reason: String::from_utf8_lossy(&c.reason).into_owned(),
+            };
+        }
+    }
     if is_tls_refusal(&e) {
         // A local transport error means our side aborted the handshake; a close from the peer
         // means the brick refused us (under TLS 1.3 that arrives after connect, on first use).

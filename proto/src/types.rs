@@ -211,6 +211,16 @@ pub struct VolumeConfig {
     pub options: crate::options::Options,
     /// `volume stop`: bricks keep the data and serve no client until `volume start`.
     pub stopped: bool,
+    /// Certificates refused by every brick (`mortar cert revoke`), by serial number.
+    pub revoked: Vec<Revoked>,
+}
+
+/// A revoked certificate: its serial number (lowercase hex, as [`crate::tls::serial_of`]
+/// gives it) and, for people reading the list, its name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    pub serial: String,
+    pub name: String,
 }
 
 impl VolumeConfig {

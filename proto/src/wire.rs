@@ -319,6 +319,9 @@ pub enum MetaOp {
     SetStopped {
         stopped: bool,
     },
+    /// `mortar cert revoke`: every brick refuses this certificate from now on, and closes its
+    /// live connections.
+    Revoke(crate::Revoked),
 }
 
 /// Where a reference scan goes on: live inodes first, then the inodes snapshots keep.
@@ -385,6 +388,7 @@ impl MetaOp {
                 | MetaOp::SettleLayout { .. }
                 | MetaOp::SetOption { .. }
                 | MetaOp::SetStopped { .. }
+                | MetaOp::Revoke(_)
         )
     }
 }

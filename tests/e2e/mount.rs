@@ -477,3 +477,115 @@ async fn a_stopped_volume_fails_mount_operations_at_once_and_start_resumes_them(
         b"after the start"
     );
 }
+
+/// `-o` options that make a mount use the client certificate `name` of the cluster's CA.
+fn client_cert_options(c: &Cluster, name: &str) -> String {
+    let (cert, key) = c.certs.issue(Role::Client, name);
+    format!("cert={},key={}", cert.display(), key.display())
+}
+
+/// Issue 23, acceptance 5: a client not on `auth.allow` is refused at mount with one line and
+/// disconnected when taken off it; a revoked certificate is refused at connect and its live
+/// connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allow_list_and_revocation_refuse_new_and_close_live_connections() {
+    let c = Cluster::start(3);
+    c.create_volume("www", 1 << 20).await;
+    let m1 = c.mount("www", "m1", "").await; // certificate "client"
+    let run = c.volume_cli("set", &["auth.allow", "client,web1"]);
+    assert_eq!(run.code, 0, "{}", run.out);
+    std::fs::write(m1.path.join("a.html"), b"allowed").unwrap();
+
+    let mnt = c.dir.path().join("refused");
+    std::fs::create_dir(&mnt).unwrap();
+    let web2 = format!(
+        "{},{}",
+        c.mount_options("refused"),
+        client_cert_options(&c, "web2")
+    );
+    let out = run_mount(&[&c.source("www"), mnt.to_str().unwrap(), "-o", &web2]);
+    assert_refused(
+        &out,
+        "client 'web2' is not on the allow list (auth.allow) of volume www",
+        &mnt,
+    );
+
+    let m2 = c.mount("www", "m2", &client_cert_options(&c, "web1")).await;
+    assert_eq!(std::fs::read(m2.path.join("a.html")).unwrap(), b"allowed");
+    // Taken off the list: its open connections are closed and what it asks is refused.
+    let run = c.volume_cli("set", &["auth.allow", "client"]);
+    assert_eq!(run.code, 0, "{}", run.out);
+    let off_at = std::time::Instant::now();
+    let refused = |path: std::path::PathBuf| {
+        mortar_tests::wait_for(
+            "the mount to be refused",
+            mortar_tests::DEADLINE,
+            move || {
+                let r = std::fs::write(&path, b"x");
+                let errno = r.err().and_then(|e| e.raw_os_error());
+                async move { errno }
+            },
+        )
+    };
+    let errno = refused(m2.path.join("new-web1.html")).await;
+    eprintln!(
+        "web1 refused {:?} after it left the allow list",
+        off_at.elapsed()
+    );
+    assert_eq!(errno, libc::EPERM);
+    assert!(
+        (0..3).any(|i| c.log_contains(
+            i,
+            "closing a live connection: client 'web1' is not on the allow list"
+        )),
+        "no brick logged closing web1's connection"
+    );
+    std::fs::write(m1.path.join("b.html"), b"still allowed").unwrap();
+
+    // Revoked: m1's certificate is refused from now on, its connections closed.
+    let ca = c.certs.dir.to_str().unwrap().to_string();
+    let bricks = c.addrs().join(",");
+    let out = c.cli(&["cert", "revoke", "--ca", &ca, "client", "--bricks", &bricks]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("revoked certificate 'client' (serial "),
+        "{said}"
+    );
+    let revoked_at = std::time::Instant::now();
+    let errno = refused(m1.path.join("new-client.html")).await;
+    eprintln!(
+        "the revoked client was refused {:?} after the revocation",
+        revoked_at.elapsed()
+    );
+    assert_eq!(errno, libc::EPERM);
+    let again = format!(
+        "{},{}",
+        c.mount_options("refused"),
+        client_cert_options(&c, "client")
+    );
+    let out = run_mount(&[&c.source("www"), mnt.to_str().unwrap(), "-o", &again]);
+    assert_refused(&out, "certificate 'client' (serial ", &mnt);
+    assert_refused(&out, "is revoked for volume www", &mnt);
+    let out = c.cli(&[
+        "cert",
+        "revoke",
+        "--ca",
+        &ca,
+        "no-such-cert",
+        "--bricks",
+        &bricks,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a serial number"));
+
+    // The data written before stays, read through a mount the rules still allow.
+    let run = c.volume_cli("set", &["auth.allow", "*"]);
+    assert_eq!(run.code, 0, "{}", run.out);
+    let m3 = c.mount("www", "m3", &client_cert_options(&c, "web3")).await;
+    assert_eq!(
+        std::fs::read(m3.path.join("b.html")).unwrap(),
+        b"still allowed"
+    );
+}

@@ -140,6 +140,25 @@ enum CertCommand {
         #[arg(long, default_value_t = 825, allow_negative_numbers = true)]
         days: i64,
     },
+    /// Revoke a certificate for the volume: every brick refuses it from now on and closes its
+    /// open connections.
+    Revoke {
+        /// Directory holding the CA (ca.pem, which the bricks are checked against too) and the
+        /// certificates issued into it (NAME.pem).
+        #[arg(long)]
+        ca: PathBuf,
+        /// A certificate's name (its serial number is read from CA/NAME.pem), or a serial
+        /// number in hex.
+        certificate: String,
+        #[command(flatten)]
+        seeds: Seeds,
+        /// Admin certificate (PEM).
+        #[arg(long, env = "MORTAR_CERT", default_value = "/etc/mortar/admin.pem")]
+        cert: PathBuf,
+        /// Admin private key (PEM).
+        #[arg(long, env = "MORTAR_KEY", default_value = "/etc/mortar/admin.key")]
+        key: PathBuf,
+    },
 }
 
 /// How the CLI reaches bricks: an admin certificate and the volume CA.
@@ -379,6 +398,30 @@ fn pool(conn: &Conn) -> Result<Pool> {
     Ok(Pool::new(endpoint))
 }
 
+/// What `cert revoke` records for `certificate`: the serial of CA/NAME.pem, or a serial given.
+fn revocation(ca: &std::path::Path, certificate: &str) -> Result<mortar_proto::Revoked> {
+    let file = ca.join(format!("{certificate}.pem"));
+    if file.exists() {
+        let (serial, name) = tls::file_serial(&file)?;
+        return Ok(mortar_proto::Revoked { serial, name });
+    }
+    let serial: String = certificate
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!(
+            "{certificate}: no certificate {} and not a serial number (hex digits)",
+            file.display()
+        );
+    }
+    Ok(mortar_proto::Revoked {
+        serial,
+        name: String::new(),
+    })
+}
+
 async fn connect(seeds: &Seeds, conn: &Conn, name: Option<&str>) -> Result<Volume> {
     let p = pool(conn)?;
     let name = match name {
@@ -479,6 +522,29 @@ async fn run(cli: Cli) -> Result<()> {
                 "issued {role} certificate '{name}': {} and {}",
                 cert.display(),
                 key.display()
+            );
+        }
+        Command::Cert(CertCommand::Revoke {
+            ca,
+            certificate,
+            seeds,
+            cert,
+            key,
+        }) => {
+            let revoked = revocation(&ca, &certificate)?;
+            let conn = Conn {
+                cert,
+                key,
+                ca: tls::ca_cert_path(&ca),
+            };
+            let vol = connect(&seeds, &conn, None).await?;
+            let name = vol.config().name.clone();
+            vol.admin_op(mortar_proto::wire::MetaOp::Revoke(revoked.clone()))
+                .await
+                .map_err(|e| anyhow!("cannot revoke {certificate}: {e}"))?;
+            println!(
+                "revoked certificate '{}' (serial {}) for volume {name}",
+                revoked.name, revoked.serial
             );
         }
         Command::Volume(VolumeCommand::Create {

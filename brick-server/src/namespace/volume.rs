@@ -236,6 +236,25 @@ pub(super) fn set_stopped<R: MetaRead>(
     Ok(MetaOk::Done)
 }
 
+/// `mortar cert revoke`; revoking again changes nothing.
+pub(super) fn revoke<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    r: &mortar_proto::Revoked,
+) -> Result<MetaOk, FsError> {
+    if r.serial.is_empty() || !r.serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(FsError::Invalid(format!(
+            "{:?} is not a certificate serial number",
+            r.serial
+        )));
+    }
+    let mut config = current(txn)?;
+    if !config.revoked.iter().any(|k| k.serial == r.serial) {
+        config.revoked.push(r.clone());
+        txn.put(Table::Sys, KEY_VOLUME, enc(&config));
+    }
+    Ok(MetaOk::Done)
+}
+
 fn current<R: MetaRead>(txn: &Txn<'_, R>) -> Result<VolumeConfig, FsError> {
     match txn.get(Table::Sys, KEY_VOLUME)? {
         Some(b) => dec(&b),

@@ -162,6 +162,7 @@ impl StateMachine {
     fn refresh_volume(&self) -> StorageResult<()> {
         let v = namespace::volume(&DbMeta(&self.store)).map_err(read_err)?;
         *self.volume.write().expect("volume lock") = v;
+        self.hub.config_applied.0.send_modify(|n| *n += 1);
         Ok(())
     }
 
