@@ -15,35 +15,35 @@ cd "$(dirname "$0")/.."
 
 bricks() {
     need_build_packages
-    cargo build --workspace --bins
+    cargo build --release --workspace --bins
     "$BIN_DIR/bench-bricks" "${1:-200}"
 }
 
 heal() {
     need_build_packages
-    cargo build --workspace --bins
+    cargo build --release --workspace --bins
     "$BIN_DIR/bench-heal" "${1:-5000}" "${2:-1000}"
 }
 
 rebalance() {
     need_build_packages
-    cargo build --workspace --bins
+    cargo build --release --workspace --bins
     MORTAR_BIN_DIR="$BIN_DIR" "$BIN_DIR/bench-rebalance" "${1:-512}"
 }
 
 snapshot() {
     need_build_packages
     need_packages fuse3
-    cargo build --workspace --bins
+    cargo build --release --workspace --bins
     MORTAR_BIN_DIR="$BIN_DIR" "$BIN_DIR/bench-snapshot" "${1:-100000}"
 }
 
 model() {
     need_build_packages
     need_packages fuse3
-    cargo build --workspace --bins
+    cargo build --release --workspace --bins
     MORTAR_BIN_DIR="$BIN_DIR" MORTAR_MODEL_CASES="${1:-20000}" \
-        cargo test --workspace --test model -- --nocapture
+        cargo test --release --workspace --test model -- --nocapture
 }
 
 now() { date +%s.%N; }
@@ -52,7 +52,7 @@ timed() { local t0; t0=$(now); "$@" >/dev/null; echo "$(now) - $t0" | bc -l; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-create_delete() { # DIR: create 5,000 4 KiB files, then delete them
+create_files() { # DIR: create 5,000 4 KiB files in DIR/cd
     python3 - "$1" <<'PY'
 import os, sys
 d = os.path.join(sys.argv[1], "cd")
@@ -61,10 +61,32 @@ buf = os.urandom(4096)
 for i in range(5000):
     with open(os.path.join(d, f"f{i}"), "wb") as f:
         f.write(buf)
+PY
+}
+
+delete_files() { # DIR: delete the 5,000 files create_files made, one unlink each
+    python3 - "$1" <<'PY'
+import os, sys
+d = os.path.join(sys.argv[1], "cd")
 for i in range(5000):
     os.unlink(os.path.join(d, f"f{i}"))
 os.rmdir(d)
 PY
+}
+
+# fio random 4 KiB reads of FILE for 10 s by JOBS synchronous readers (JOBS=16: queue depth
+# 16); prints IOPS.
+random_reads() {
+    fio --name=rr --filename="$1" --rw=randread --bs=4k --ioengine=psync --numjobs="$2" \
+        --group_reporting --time_based --runtime=10 --size=256M --output-format=json 2>/dev/null |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["read"]["iops"])'
+}
+
+# A deploy's update: every tenth file of SRC changed (a line appended), in a copy at DST.
+changed_tree() {
+    rm -rf "$2"
+    cp -a "$1" "$2"
+    find "$2" -type f | awk 'NR % 10 == 0' | while IFS= read -r f; do echo "// deploy 2" >>"$f"; done
 }
 
 # cp -a SRC into DIR. With "durable", also fsyncdir the copy, so the time counts until every
@@ -109,20 +131,35 @@ docroot() {
         exit 2
     fi
     need_build_packages
-    need_packages fuse3 wordpress nginx-light wrk bc curl python3
+    need_packages fuse3 wordpress nginx-light wrk bc curl python3 fio rsync
     local work=/var/tmp/mortar-bench
-    if [ -f "$work/qs/mountpoint" ]; then
-        MORTAR_QUICKSTART_DIR="$work/qs" bash scripts/quickstart.sh stop >/dev/null || true
+    local qs="$work/qs"
+    if [ -f "$qs/mountpoint" ]; then
+        MORTAR_QUICKSTART_DIR="$qs" bash scripts/quickstart.sh stop >/dev/null || true
     fi
     rm -rf "$work"
     mkdir -p "$work/local" "$work/mnt"
-    MORTAR_QUICKSTART_DIR="$work/qs" MORTAR_QUICKSTART_IP=127.88.0.1 MORTAR_QUICKSTART_MNT="$work/mnt" \
-        bash scripts/quickstart.sh >/dev/null
-    # shellcheck disable=SC2064 # expand $work now: it is local to this function
-    trap "MORTAR_QUICKSTART_DIR='$work/qs' bash scripts/quickstart.sh stop >/dev/null" EXIT
+    quickstart() {
+        MORTAR_QUICKSTART_DIR="$qs" MORTAR_QUICKSTART_IP=127.88.0.1 MORTAR_QUICKSTART_MNT="$work/mnt" \
+            bash scripts/quickstart.sh >/dev/null
+    }
+    quickstart
+    # shellcheck disable=SC2064 # expand $qs now: it is local to this function
+    trap "MORTAR_QUICKSTART_DIR='$qs' bash scripts/quickstart.sh stop >/dev/null" EXIT
+    # Cold: the kernel's caches dropped and, for mortar, the client remounted (its own caches
+    # gone); the bricks keep running.
+    cold() {
+        if [ "$1" = mnt ]; then
+            umount "$work/mnt"
+            quickstart
+        fi
+        drop_caches
+    }
     local src=/usr/share/wordpress files
     files=$(find "$src" -type f | wc -l)
     head -c $((1024 * 1024 * 1024)) /dev/urandom >"$work/big.src"
+    tar -C /usr/share -cf "$work/wordpress.tar" wordpress
+    changed_tree "$src" "$work/wordpress-v2"
 
     declare -A T
     # One copy swings by ±15% from run to run on a shared 2-core machine, on both sides: copy
@@ -146,38 +183,62 @@ docroot() {
     done
     for where in local mnt; do
         local d="$work/$where"
+        mkdir "$d/untar"
         drop_caches
+        T[$where.untar]=$(timed tar -C "$d/untar" -xf "$work/wordpress.tar")
+        cold $where
         T[$where.stat_cold]=$(timed find "$d/wordpress" -printf '%s %T@\n')
         T[$where.stat_warm]=$(timed find "$d/wordpress" -printf '%s %T@\n')
+        cold $where
+        T[$where.read_cold]=$(timed bash -c "find '$d/wordpress' -type f -print0 | xargs -0 cat")
+        T[$where.read_warm]=$(timed bash -c "find '$d/wordpress' -type f -print0 | xargs -0 cat")
+        T[$where.create]=$(timed create_files "$d")
+        T[$where.delete]=$(timed delete_files "$d")
+        T[$where.rmrf]=$(timed rm -rf "$d/untar")
         drop_caches
-        T[$where.read]=$(timed bash -c "find '$d/wordpress' -type f -print0 | xargs -0 cat")
-        T[$where.create_delete]=$(timed create_delete "$d")
+        T[$where.rsync_new]=$(timed rsync -a "$src/" "$d/deploy/")
+        T[$where.rsync_update]=$(timed rsync -a "$work/wordpress-v2/" "$d/deploy/")
         drop_caches
         T[$where.write_1g]=$(timed dd if="$work/big.src" of="$d/big" bs=1M conv=fsync status=none)
-        drop_caches
+        cold $where
         T[$where.read_1g]=$(timed dd if="$d/big" of=/dev/null bs=1M status=none)
-        rm -f "$d/big"
+        head -c $((256 * 1024 * 1024)) "$work/big.src" >"$d/random"
+        sync
+        cold $where
+        T[$where.rr1]=$(random_reads "$d/random" 1)
+        cold $where
+        T[$where.rr16]=$(random_reads "$d/random" 16)
+        rm -f "$d/big" "$d/random"
     done
     read -r l_rps l_p99 < <(serve_and_load "$work/local" 127.88.0.1:18181 "$work/ngx-local.conf")
     read -r m_rps m_p99 < <(serve_and_load "$work/mnt" 127.88.0.1:18182 "$work/ngx-mnt.conf")
 
-    echo "mortar vs local directory, $(date -u +%F), $(nproc) cores; three bricks and the client on this machine"
-    printf '%-34s %14s %14s %10s\n' "workload" "local" "mortar" "mortar/local"
+    echo "mortar vs local directory, $(date -u +%F), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg) at the end;"
+    echo "three bricks and the client on this machine; the release build ($BIN_DIR)"
+    printf '%-40s %14s %14s %10s\n' "workload" "local" "mortar" "mortar/local"
     row() { # name unit local_value mortar_value higher_is_better
         local ratio
         if [ "$5" = 1 ]; then ratio=$(echo "$4 / $3" | bc -l); else ratio=$(echo "$3 / $4" | bc -l); fi
-        printf '%-34s %14s %14s %9.1f%%\n' "$1 ($2)" "$(printf '%.1f' "$3")" "$(printf '%.1f' "$4")" "$(echo "$ratio * 100" | bc -l)"
+        printf '%-40s %14s %14s %10.2f\n' "$1 ($2)" "$(printf '%.1f' "$3")" "$(printf '%.1f' "$4")" "$ratio"
     }
     rate() { echo "$1 / $2" | bc -l; }
-    row "cp -a wordpress ($files files)*" "files/s" "$(rate "$files" "${T[local.copy]}")" "$(rate "$files" "${T[mnt.copy]}")" 1
+    row "untar wordpress ($files files)" "files/s" "$(rate "$files" "${T[local.untar]}")" "$(rate "$files" "${T[mnt.untar]}")" 1
+    row "cp -a wordpress*" "files/s" "$(rate "$files" "${T[local.copy]}")" "$(rate "$files" "${T[mnt.copy]}")" 1
     row "stat every entry, cold" "entries/s" "$(rate "$files" "${T[local.stat_cold]}")" "$(rate "$files" "${T[mnt.stat_cold]}")" 1
     row "stat every entry, warm" "entries/s" "$(rate "$files" "${T[local.stat_warm]}")" "$(rate "$files" "${T[mnt.stat_warm]}")" 1
-    row "read every file, cold" "files/s" "$(rate "$files" "${T[local.read]}")" "$(rate "$files" "${T[mnt.read]}")" 1
-    row "create+delete 5,000 4 KiB files" "files/s" "$(rate 5000 "${T[local.create_delete]}")" "$(rate 5000 "${T[mnt.create_delete]}")" 1
-    row "1 GiB sequential write + fsync" "MiB/s" "$(rate 1024 "${T[local.write_1g]}")" "$(rate 1024 "${T[mnt.write_1g]}")" 1
-    row "1 GiB sequential read, cold" "MiB/s" "$(rate 1024 "${T[local.read_1g]}")" "$(rate 1024 "${T[mnt.read_1g]}")" 1
+    row "read every file, cold" "files/s" "$(rate "$files" "${T[local.read_cold]}")" "$(rate "$files" "${T[mnt.read_cold]}")" 1
+    row "read every file, warm" "files/s" "$(rate "$files" "${T[local.read_warm]}")" "$(rate "$files" "${T[mnt.read_warm]}")" 1
     row "nginx static file" "requests/s" "$l_rps" "$m_rps" 1
     row "nginx static file p99" "ms" "$(to_ms "$l_p99")" "$(to_ms "$m_p99")" 0
+    row "create 5,000 4 KiB files" "files/s" "$(rate 5000 "${T[local.create]}")" "$(rate 5000 "${T[mnt.create]}")" 1
+    row "delete 5,000 small files" "files/s" "$(rate 5000 "${T[local.delete]}")" "$(rate 5000 "${T[mnt.delete]}")" 1
+    row "rm -rf of the tree" "files/s" "$(rate "$files" "${T[local.rmrf]}")" "$(rate "$files" "${T[mnt.rmrf]}")" 1
+    row "rsync -a deploy, new tree" "files/s" "$(rate "$files" "${T[local.rsync_new]}")" "$(rate "$files" "${T[mnt.rsync_new]}")" 1
+    row "rsync -a deploy, 10% changed" "files/s" "$(rate "$files" "${T[local.rsync_update]}")" "$(rate "$files" "${T[mnt.rsync_update]}")" 1
+    row "1 GiB sequential write + fsync" "MiB/s" "$(rate 1024 "${T[local.write_1g]}")" "$(rate 1024 "${T[mnt.write_1g]}")" 1
+    row "1 GiB sequential read, cold" "MiB/s" "$(rate 1024 "${T[local.read_1g]}")" "$(rate 1024 "${T[mnt.read_1g]}")" 1
+    row "random 4 KiB read QD1, cold" "IOPS" "${T[local.rr1]}" "${T[mnt.rr1]}" 1
+    row "random 4 KiB read QD16, cold" "IOPS" "${T[local.rr16]}" "${T[mnt.rr16]}" 1
     echo "* median of $copies copies on each side, taken in turn; mortar's copy time includes an fsyncdir of the copy"
     echo "  (every file on a quorum), the local one is not synced. Seconds per copy:"
     echo "  local: ${T[local.copies]}"

@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_build_packages
 need_packages fuse3 iptables nginx-light wrk curl
-cargo build --workspace --bins
+cargo build --release --workspace --bins
 "$BIN_DIR/failover-drill" "${1:-60}"

@@ -4,7 +4,7 @@
 # One persistent target directory outside the clone, so RocksDB (C++) is compiled once per
 # machine and reused by tests, quickstart and benchmarks alike.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/mortar-target}"
-BIN_DIR="$CARGO_TARGET_DIR/debug"
+BIN_DIR="$CARGO_TARGET_DIR/release"
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

@@ -60,7 +60,7 @@ fi
 need_build_packages
 need_packages fuse3
 echo "== building (target dir $CARGO_TARGET_DIR)"
-cargo build --workspace --bins
+cargo build --release --workspace --bins
 M="$BIN_DIR/mortar"
 mkdir -p "$STATE"
 

@@ -11,17 +11,17 @@ need_packages fuse3 attr acl libacl1-dev iproute2 iptables nginx-light wordpress
 need_conformance_tools
 
 echo "== build (target dir $CARGO_TARGET_DIR)"
-cargo build --workspace --bins
+cargo build --release --workspace --bins
 echo "== format and lints"
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --release --workspace --all-targets -- -D warnings
 echo "== tests"
 log=$(mktemp)
 summary=$(mktemp)
 trap 'rm -f "$log" "$summary"' EXIT
 set +e
 MORTAR_BIN_DIR="$BIN_DIR" MORTAR_TOOLS_DIR="$TOOLS_DIR/bin" MORTAR_CONFORMANCE_SUMMARY="$summary" \
-    cargo test --workspace "$@" 2>&1 | tee "$log"
+    cargo test --release --workspace "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo "== conformance (tests/e2e/conformance.rs; exclusions and reasons in tests/conformance/)"

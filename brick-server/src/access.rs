@@ -127,18 +127,7 @@ mod tests {
 
     #[test]
     fn revoked_certificates_and_clients_off_the_allow_list_are_refused() {
-        let mut v = VolumeConfig {
-            name: "www".into(),
-            chunk_size: 1 << 20,
-            replica_sets: Vec::new(),
-            created: Default::default(),
-            retired: Vec::new(),
-            epoch: 0,
-            previous: None,
-            options: Default::default(),
-            stopped: false,
-            revoked: Vec::new(),
-        };
+        let mut v = VolumeConfig::new("www", 1 << 20, Vec::new(), Default::default());
         assert_eq!(refusal(None, Role::Client, "web1", Some("01")), None);
         assert_eq!(refusal(Some(&v), Role::Client, "web1", Some("01")), None);
         v.options.0.insert(AUTH_ALLOW.into(), "web1".into());

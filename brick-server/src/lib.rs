@@ -15,6 +15,7 @@ pub mod namespace;
 pub mod proposals;
 pub mod raft;
 pub mod reconfigure;
+pub mod release;
 pub mod server;
 pub mod snapshot;
 pub mod space;

@@ -87,6 +87,11 @@ async fn run(args: Settings) -> Result<()> {
     );
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("cannot create data directory {}", args.data.display()))?;
+    if let Some(volume) = mortar_brick::release::erase_if_released(&args.data)
+        .with_context(|| format!("cannot erase the released brick's {}", args.data.display()))?
+    {
+        tracing::warn!(%volume, data = %args.data.display(), "erased the data of deleted volume; this brick is free for a new one");
+    }
     let store = Arc::new(Store::open(&args.data).context("cannot open the brick store")?);
     let id = store.brick_id().context("cannot read the brick id")?;
 
@@ -141,6 +146,7 @@ async fn run(args: Settings) -> Result<()> {
         proposals: Default::default(),
         metrics: BrickMetrics::new(pool.traffic().clone()),
         live: Arc::default(),
+        released: Default::default(),
     });
     tracing::info!(brick = id, listen = %args.listen, data = %args.data.display(), "brick serving");
     let server = tokio::spawn(brick.clone().serve(endpoint.clone()));
@@ -174,6 +180,7 @@ async fn run(args: Settings) -> Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
+        _ = brick.released.notified() => tracing::info!("released from the deleted volume: shutting down"),
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
     }

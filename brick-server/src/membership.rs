@@ -116,16 +116,13 @@ mod tests {
 
     fn config(ids: &[BrickId], retired: &[BrickId]) -> VolumeConfig {
         VolumeConfig {
-            name: "www".into(),
-            chunk_size: 1 << 20,
-            replica_sets: ReplicaSet::numbered(vec![ids.iter().map(|id| brick(*id)).collect()]),
-            created: Timestamp::default(),
             retired: retired.iter().map(|id| brick(*id)).collect(),
-            epoch: 0,
-            previous: None,
-            options: Default::default(),
-            stopped: false,
-            revoked: Vec::new(),
+            ..VolumeConfig::new(
+                "www",
+                1 << 20,
+                ReplicaSet::numbered(vec![ids.iter().map(|id| brick(*id)).collect()]),
+                Timestamp::default(),
+            )
         }
     }
 

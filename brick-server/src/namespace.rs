@@ -1141,21 +1141,15 @@ mod tests {
 
     pub(in crate::namespace) fn vol() -> MemMeta {
         let mut m = MemMeta::default();
-        m.run(MetaOp::CreateVolume(VolumeConfig {
-            name: "t".into(),
-            chunk_size: 1 << 20,
-            replica_sets: ReplicaSet::numbered(vec![vec![BrickRef {
+        m.run(MetaOp::CreateVolume(VolumeConfig::new(
+            "t",
+            1 << 20,
+            ReplicaSet::numbered(vec![vec![BrickRef {
                 id: 1,
                 addr: "a:1".into(),
             }]]),
-            created: Timestamp::default(),
-            retired: Vec::new(),
-            epoch: 0,
-            previous: None,
-            options: Default::default(),
-            stopped: false,
-            revoked: Vec::new(),
-        }))
+            Timestamp::default(),
+        )))
         .unwrap();
         m
     }

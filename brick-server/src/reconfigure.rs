@@ -5,7 +5,7 @@
 use crate::membership::{self, Seats, Step};
 use crate::server::Brick;
 use mortar_proto::replication::Replication;
-use mortar_proto::wire::{AdminRequest, BrickHello, MetaOp, Replaced, Reply, Request};
+use mortar_proto::wire::{BrickHello, MetaOp, Replaced, Reply, Request};
 use mortar_proto::{BrickId, BrickRef, FsError, VolumeConfig};
 use openraft::{BasicNode, ChangeMembers};
 use std::time::{Duration, Instant};
@@ -19,48 +19,13 @@ const LEADER_WAIT: Duration = Duration::from_secs(10);
 const MAX_STEPS: usize = 6;
 
 impl Brick {
-    /// Forward an admin's change to the metadata `leader` (only it changes the membership),
-    /// under this brick's certificate; `pick` takes the reply it should give.
-    pub(crate) async fn ask_leader<T>(
-        &self,
-        leader: &BrickRef,
-        req: AdminRequest,
-        timeout: Duration,
-        pick: impl FnOnce(Reply) -> Option<T>,
-    ) -> Result<T, FsError> {
-        match self
-            .pool
-            .call(&leader.addr, &Request::Admin(req), timeout)
-            .await
-        {
-            Ok(Ok(reply)) => {
-                let what = format!("{reply:?}");
-                pick(reply).ok_or_else(|| FsError::Io(format!("unexpected reply {what}")))
-            }
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(FsError::Unavailable(format!(
-                "the metadata leader {} did not answer: {e}",
-                leader.addr
-            ))),
-        }
-    }
-
     /// Replace the volume's brick at address `old` by the brick at `new`, or finish a
-    /// replacement an earlier run left half-done. Only the leader acts; others forward.
+    /// replacement an earlier run left half-done. Only the leader acts; others answer NotLeader.
     pub async fn replace_brick(&self, old: &str, new: &str) -> Result<Replaced, FsError> {
         let deadline = Instant::now() + REPLACE_TIMEOUT;
         let leader = self.await_leader(Instant::now() + LEADER_WAIT).await?;
         if leader.id != self.id {
-            let req = AdminRequest::ReplaceBrick {
-                old: old.into(),
-                new: new.into(),
-            };
-            return self
-                .ask_leader(&leader, req, REPLACE_TIMEOUT, |r| match r {
-                    Reply::Replaced(r) => Some(r),
-                    _ => None,
-                })
-                .await;
+            return Err(FsError::NotLeader(leader.addr));
         }
         // The configuration read below is then the committed one.
         self.confirm_leading().await?;
@@ -171,15 +136,7 @@ impl Brick {
         let deadline = Instant::now() + REPLACE_TIMEOUT;
         let leader = self.await_leader(Instant::now() + LEADER_WAIT).await?;
         if leader.id != self.id {
-            let req = AdminRequest::AddBrick {
-                bricks: addrs.to_vec(),
-            };
-            return self
-                .ask_leader(&leader, req, REPLACE_TIMEOUT, |r| match r {
-                    Reply::Volume(v) => Some(v),
-                    _ => None,
-                })
-                .await;
+            return Err(FsError::NotLeader(leader.addr));
         }
         self.confirm_leading().await?;
         let config = self.volume()?;
@@ -253,16 +210,7 @@ impl Brick {
     ) -> Result<VolumeConfig, FsError> {
         let leader = self.await_leader(Instant::now() + LEADER_WAIT).await?;
         if leader.id != self.id {
-            let req = AdminRequest::RemoveBrick {
-                bricks: addrs.to_vec(),
-                commit,
-            };
-            return self
-                .ask_leader(&leader, req, REPLACE_TIMEOUT, |r| match r {
-                    Reply::Volume(v) => Some(v),
-                    _ => None,
-                })
-                .await;
+            return Err(FsError::NotLeader(leader.addr));
         }
         self.confirm_leading().await?;
         let config = self.volume()?;

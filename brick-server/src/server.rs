@@ -12,7 +12,7 @@ use mortar_proto::tls::{peer_identity, Role};
 use mortar_proto::transport::{Health, Pool};
 use mortar_proto::wire::{
     read_frame, write_frame, AdminRequest, BrickHello, BrickStatus, FrameError, MetaOk, MetaOp,
-    OpId, PeerHealth, Query, Reply, Request, Response, Stamp,
+    OpId, PeerHealth, Query, Reply, Request, Response, Sender, Stamp,
 };
 use mortar_proto::{
     layout, BrickId, BrickRef, ChunkId, FsError, InodeId, StatFs, Timestamp, VolumeConfig, NAME_MAX,
@@ -56,6 +56,8 @@ pub struct Brick {
     pub metrics: crate::metrics::BrickMetrics,
     /// Accepted connections, checked again when the volume's access rules change.
     pub live: Arc<crate::access::Live>,
+    /// Told once this brick was released from its deleted volume and has answered: it stops.
+    pub released: tokio::sync::Notify,
 }
 
 /// What a proposal to the namespace log came to.
@@ -132,12 +134,14 @@ impl Brick {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
+        let mut releasing = false;
         let response = match read_frame::<Request>(&mut recv).await {
             Ok(Request::Watch { client }) if role == Role::Client => {
                 // The stream stays open for the watch's lifetime.
                 return self.watchers.clone().serve(client, send, recv).await;
             }
             Ok(req) => {
+                releasing = matches!(req, Request::Admin(AdminRequest::ReleaseVolume { .. }));
                 let (op, started) = (req.op(), Instant::now());
                 let response = self.dispatch(role, req).await;
                 self.metrics.ops.observe(op, started.elapsed());
@@ -163,6 +167,11 @@ impl Brick {
             tracing::debug!(error = %e, "could not send response");
         }
         let _ = send.finish();
+        if releasing && response.is_ok() {
+            // Stop only once the operator's tool has its answer (or gave up on it).
+            let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+            self.released.notify_one();
+        }
     }
 
     pub async fn dispatch(&self, role: Role, req: Request) -> Response {
@@ -203,38 +212,15 @@ impl Brick {
                 Ok(Reply::Chunk(data))
             }
             Request::Meta { op, once } => {
-                match op {
-                    MetaOp::CreateVolume(_) => need(&[Role::Brick])?,
-                    MetaOp::Delegated { .. } | MetaOp::Undelegated { .. } => {
+                match op.sender() {
+                    Sender::Anyone => {}
+                    Sender::Admin => need(&[Role::Admin])?,
+                    Sender::Leader => {
                         return Err(FsError::NotPermitted(
-                            "delegations are recorded by the metadata leader itself".into(),
-                        ))
-                    }
-                    MetaOp::ReplaceBrick { .. }
-                    | MetaOp::AddSets(_)
-                    | MetaOp::DrainSet { .. }
-                    | MetaOp::RemoveSet { .. } => {
-                        return Err(FsError::NotPermitted(
-                            "bricks are replaced, added and removed through the admin requests"
+                            "delegations and bricks are recorded by the metadata leader itself"
                                 .into(),
                         ))
                     }
-                    MetaOp::SettleLayout { .. } | MetaOp::Rebalance(_) => {
-                        need(&[Role::Admin, Role::Brick])?
-                    }
-                    // A follower forwards an admin's change under its own brick certificate,
-                    // having checked the admin's: accept both (a brick may commit anything
-                    // through Raft anyway).
-                    MetaOp::HealLease { .. }
-                    | MetaOp::ForgetReleased(_)
-                    | MetaOp::CreateSnapshot { .. }
-                    | MetaOp::DeleteSnapshot { .. }
-                    | MetaOp::RestoreSnapshot { .. }
-                    | MetaOp::RestorePath { .. }
-                    | MetaOp::SetOption { .. }
-                    | MetaOp::SetStopped { .. }
-                    | MetaOp::Revoke(_) => need(&[Role::Admin, Role::Brick])?,
-                    _ => {}
                 }
                 Ok(self.meta_write(op, once).await)
             }
@@ -368,6 +354,10 @@ impl Brick {
                 Ok(l) => l,
                 Err(e) => return Reply::meta(Err(e), None),
             };
+            if leader.id != self.id && op.sender() != Sender::Anyone {
+                // An operator's change goes to the leader under the operator's certificate.
+                return Reply::meta(Err(FsError::NotLeader(leader.addr.clone())), Some(leader));
+            }
             if leader.id != self.id {
                 let req = Request::Meta {
                     op: op.clone(),
@@ -675,8 +665,7 @@ impl Brick {
         match req {
             AdminRequest::Status => Ok(Reply::Status(self.status().await?)),
             AdminRequest::InitVolume(config) => {
-                // The first brick forwards it to the leader under its brick certificate.
-                need(&[Role::Admin, Role::Brick])?;
+                need(&[Role::Admin])?;
                 self.init_volume(config).await
             }
             AdminRequest::ListChunks { after, limit } => {
@@ -791,17 +780,17 @@ impl Brick {
                 })
                 .await
             }
+            // Membership changes: a follower answers NotLeader, and the tool asks the leader.
             AdminRequest::ReplaceBrick { old, new } => {
-                // A follower forwards an admin's request under its brick certificate.
-                need(&[Role::Admin, Role::Brick])?;
+                need(&[Role::Admin])?;
                 Ok(Reply::Replaced(self.replace_brick(&old, &new).await?))
             }
             AdminRequest::AddBrick { bricks } => {
-                need(&[Role::Admin, Role::Brick])?;
+                need(&[Role::Admin])?;
                 Ok(Reply::Volume(self.add_brick(&bricks).await?))
             }
             AdminRequest::RemoveBrick { bricks, commit } => {
-                need(&[Role::Admin, Role::Brick])?;
+                need(&[Role::Admin])?;
                 Ok(Reply::Volume(self.remove_brick(&bricks, commit).await?))
             }
             AdminRequest::DropStrays { ids, epoch } => {
@@ -832,6 +821,24 @@ impl Brick {
                 Ok(Reply::SpaceState {
                     full: self.local_space_refusal(0).err().map(|e| e.to_string()),
                 })
+            }
+            AdminRequest::ReleaseVolume { name } => {
+                need(&[Role::Admin])?;
+                let v = self.volume()?;
+                if v.name != name {
+                    return Err(FsError::Invalid(format!(
+                        "this brick is in volume {}, not {name}",
+                        v.name
+                    )));
+                }
+                if !v.stopped {
+                    return Err(FsError::Busy(format!(
+                        "{name} is started: stop it first (mortar volume stop {name})"
+                    )));
+                }
+                crate::release::mark(&self.data_dir, &name)?;
+                tracing::warn!(volume = %name, "released from the deleted volume: stopping; the data directory is erased at the next start");
+                Ok(Reply::Done)
             }
             AdminRequest::ReclaimSpace => {
                 need(&[Role::Admin])?;
@@ -1055,8 +1062,7 @@ impl Brick {
         // configuration as the voters do, and never votes. Only the leader adds them.
         let leader = self.await_leader(Instant::now() + INIT_TIMEOUT).await?;
         if leader.id != self.id {
-            let req = AdminRequest::InitVolume(config);
-            return self.ask_leader(&leader, req, INIT_TIMEOUT, Some).await;
+            return Err(FsError::NotLeader(leader.addr));
         }
         let current = self
             .raft

@@ -160,18 +160,12 @@ impl Volume {
         let mut partial = Volume {
             pool,
             seeds: seeds.to_vec(),
-            config: RwLock::new(Arc::new(VolumeConfig {
-                name: String::new(),
-                chunk_size: mortar_proto::DEFAULT_CHUNK_SIZE,
-                replica_sets: Vec::new(),
-                created: Default::default(),
-                retired: Vec::new(),
-                epoch: 0,
-                previous: None,
-                options: Default::default(),
-                stopped: false,
-                revoked: Vec::new(),
-            })),
+            config: RwLock::new(Arc::new(VolumeConfig::new(
+                "",
+                mortar_proto::DEFAULT_CHUNK_SIZE,
+                Vec::new(),
+                Default::default(),
+            ))),
             leader: Mutex::new(None),
             next: AtomicUsize::new(0),
             chunks: cache::ChunkCache::new(CHUNK_CACHE_BYTES),
@@ -442,6 +436,9 @@ impl Volume {
                     }
                     match result {
                         Err(FsError::Unavailable(e)) => last_err = FsError::Unavailable(e),
+                        // An operator's change sent to a follower: the leader it named (now
+                        // known) is asked next.
+                        Err(e @ FsError::NotLeader(_)) => last_err = e,
                         Err(e @ FsError::ReadOnly(_)) => {
                             // Another brick may still be in the majority: ask the others (the
                             // top of the loop gives EROFS once none is left to ask).

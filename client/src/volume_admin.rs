@@ -121,23 +121,19 @@ pub async fn create_volume(
             addr: addr.clone(),
         });
     }
-    let config = VolumeConfig {
-        name: name.to_string(),
+    let config = VolumeConfig::new(
+        name,
         chunk_size,
-        replica_sets: ReplicaSet::numbered(replication.sets(&all)?),
-        created: Timestamp::now(),
-        retired: Vec::new(),
-        epoch: 0,
-        previous: None,
-        options: Default::default(),
-        stopped: false,
-        revoked: Vec::new(),
-    };
-    call(
+        ReplicaSet::numbered(replication.sets(&all)?),
+        Timestamp::now(),
+    );
+    // The first brick starts the metadata group; whichever brick it elects records the volume.
+    ask(
         pool,
         &bricks[0],
-        &Request::Admin(AdminRequest::InitVolume(config.clone())),
+        AdminRequest::InitVolume(config.clone()),
         INIT_TIMEOUT,
+        |r| matches!(r, Reply::Done).then_some(()),
     )
     .await?;
     Ok(config)
@@ -157,11 +153,30 @@ async fn ask<T>(
         .next()
         .unwrap_or_default()
         .to_string();
-    pick(call(pool, addr, &Request::Admin(req), timeout).await?).ok_or_else(|| AdminError::Brick {
-        addr: addr.into(),
+    // Changes to the volume are the metadata leader's to make: a follower names it.
+    let mut addr = addr.to_string();
+    let mut hops = 0;
+    let reply = loop {
+        match call(pool, &addr, &Request::Admin(req.clone()), timeout).await {
+            Err(AdminError::Brick {
+                err: FsError::NotLeader(leader),
+                ..
+            }) if hops < MAX_LEADER_HOPS => {
+                hops += 1;
+                addr = leader;
+            }
+            other => break other?,
+        }
+    };
+    pick(reply).ok_or_else(|| AdminError::Brick {
+        addr,
         err: FsError::Io(format!("unexpected reply to {what}")),
     })
 }
+
+/// How many times one admin request follows a "not the leader" answer (an election may move
+/// the leadership while it travels).
+const MAX_LEADER_HOPS: usize = 3;
 
 /// Listings and heal steps may scan or copy a lot; they get a long deadline.
 const LONG: Duration = Duration::from_secs(120);
@@ -403,6 +418,18 @@ pub async fn list_released(pool: &Pool, addr: &str) -> Result<Vec<(ChunkId, u64)
         _ => None,
     };
     all_pages(pool, addr, request, page, |(c, _): &(ChunkId, u64)| *c).await
+}
+
+/// `volume delete`: release the brick at `addr` from the stopped volume `name`.
+pub async fn release_volume(pool: &Pool, addr: &str, name: &str) -> Result<(), AdminError> {
+    let req = AdminRequest::ReleaseVolume {
+        name: name.to_string(),
+    };
+    ask(pool, addr, req, HELLO_TIMEOUT, |r| match r {
+        Reply::Done => Some(()),
+        _ => None,
+    })
+    .await
 }
 
 /// Ask `addr` to give collected chunks' space back; (disk bytes before, after).

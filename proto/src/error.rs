@@ -56,6 +56,11 @@ pub enum FsError {
     /// retried, as no brick will serve it until then.
     #[error("volume '{0}' is stopped (mortar volume start {0})")]
     Stopped(String),
+    /// A change only an operator may make, sent to a brick that is not the metadata leader:
+    /// the operator's tool asks the leader at this address itself (bricks never carry an
+    /// operator's change under their own certificate).
+    #[error("not the metadata leader: ask the leader at {0}")]
+    NotLeader(String),
 }
 
 impl FsError {
@@ -78,6 +83,7 @@ impl FsError {
             FsError::Busy(_) => libc::EBUSY,
             FsError::HashMismatch(_) | FsError::Io(_) => libc::EIO,
             FsError::Unavailable(_) | FsError::NoVolume | FsError::Stopped(_) => libc::ENOTCONN,
+            FsError::NotLeader(_) => libc::EAGAIN,
             FsError::FileTooBig(_) => libc::EFBIG,
             FsError::NoSnapshot(_) => libc::ESTALE,
         }

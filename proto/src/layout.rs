@@ -76,22 +76,16 @@ mod tests {
     use crate::BrickId;
 
     fn volume(sets: u64) -> VolumeConfig {
-        VolumeConfig {
-            name: "v".into(),
-            chunk_size: 1 << 20,
-            replica_sets: ReplicaSet::numbered(
+        VolumeConfig::new(
+            "v",
+            1 << 20,
+            ReplicaSet::numbered(
                 (0..sets)
                     .map(|s| (0..3).map(|i| brick(s * 10 + i)).collect())
                     .collect(),
             ),
-            epoch: 0,
-            previous: None,
-            options: Default::default(),
-            stopped: false,
-            revoked: Vec::new(),
-            created: Timestamp::default(),
-            retired: Vec::new(),
-        }
+            Timestamp::default(),
+        )
     }
 
     fn brick(id: BrickId) -> BrickRef {

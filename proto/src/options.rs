@@ -19,6 +19,7 @@ pub const ATTR_TIMEOUT: &str = "cache.attr-timeout";
 pub const ENTRY_TIMEOUT: &str = "cache.entry-timeout";
 pub const GC_GRACE: &str = "heal.gc-grace";
 pub const AUTH_ALLOW: &str = "auth.allow";
+pub const SCRUB_RATE: &str = "heal.scrub-rate";
 
 /// Every option there is.
 pub const SPECS: &[Spec] = &[
@@ -47,6 +48,14 @@ pub const SPECS: &[Spec] = &[
         check: whole_seconds,
     },
     Spec {
+        key: SCRUB_RATE,
+        default: "64M",
+        help: "bytes per second each brick reads while `volume heal --full` scrubs it (a \
+               K/M/G suffix; 0 for no limit), unless heal is given --scrub-rate",
+        gluster: "none (bitrot's scrub-throttle lazy/normal/aggressive is the nearest)",
+        check: byte_rate,
+    },
+    Spec {
         key: AUTH_ALLOW,
         default: "*",
         help: "client certificate names that may mount, comma-separated, or * for any; \
@@ -70,6 +79,36 @@ fn names(v: &str) -> Result<(), String> {
                 .into(),
         )
     }
+}
+
+/// A whole number with an optional unit from `units` (a letter, either case), scaled by it.
+pub fn parse_scaled(s: &str, units: &[(char, u64)]) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, scale) = match s.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let scale = units
+                .iter()
+                .find(|(u, _)| u.eq_ignore_ascii_case(&c))
+                .map(|(_, n)| *n)
+                .ok_or_else(|| format!("unknown unit '{c}' in '{s}'"))?;
+            (&s[..s.len() - 1], scale)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number with an optional unit"))?;
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// Bytes, with an optional K, M or G (binary) suffix.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    parse_scaled(s, &[('K', 1 << 10), ('M', 1 << 20), ('G', 1 << 30)])
+}
+
+fn byte_rate(v: &str) -> Result<(), String> {
+    parse_bytes(v).map(|_| ())
 }
 
 fn seconds(v: &str) -> Result<(), String> {
@@ -139,6 +178,11 @@ impl Options {
         }
     }
 
+    /// Scrub read rate per brick, bytes per second (0: no limit).
+    pub fn scrub_rate(&self) -> u64 {
+        parse_bytes(self.get(SCRUB_RATE).expect("a key of SPECS")).expect("checked when set")
+    }
+
     pub fn gc_grace_secs(&self) -> u64 {
         self.get(GC_GRACE)
             .expect("a key of SPECS")
@@ -159,6 +203,10 @@ mod tests {
         let mut o = Options::default();
         assert_eq!(o.attr_timeout(), Duration::from_secs(1));
         assert_eq!(o.gc_grace_secs(), 3600);
+        assert_eq!(o.scrub_rate(), 64 << 20);
+        o.0.insert(SCRUB_RATE.into(), "0".into());
+        assert_eq!(o.scrub_rate(), 0);
+        assert!(check(SCRUB_RATE, Some("5X")).is_err());
         o.0.insert(ATTR_TIMEOUT.into(), "5".into());
         assert_eq!(o.attr_timeout(), Duration::from_secs(5));
         assert_eq!(o.entry_timeout(), Duration::from_secs(1));

@@ -224,6 +224,28 @@ pub struct Revoked {
 }
 
 impl VolumeConfig {
+    /// A new volume of `replica_sets`, created at `created`: layout epoch 0 and settled,
+    /// options at their defaults, started, nothing retired or revoked.
+    pub fn new(
+        name: &str,
+        chunk_size: u32,
+        replica_sets: Vec<ReplicaSet>,
+        created: Timestamp,
+    ) -> VolumeConfig {
+        VolumeConfig {
+            name: name.to_string(),
+            chunk_size,
+            replica_sets,
+            created,
+            retired: Vec::new(),
+            epoch: 0,
+            previous: None,
+            options: Default::default(),
+            stopped: false,
+            revoked: Vec::new(),
+        }
+    }
+
     pub fn bricks(&self) -> impl Iterator<Item = &BrickRef> {
         self.replica_sets.iter().flat_map(|s| &s.bricks)
     }

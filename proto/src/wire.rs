@@ -374,7 +374,62 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), FsError> {
 
 pub const SNAPSHOT_NAME_MAX: usize = 64;
 
+/// Who may send a [`MetaOp`] in a request, and through whom.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sender {
+    /// Namespace changes: any certificate; a follower forwards a client's to the leader.
+    Anyone,
+    /// Changes to the volume itself (its configuration, snapshots, heal and rebalance
+    /// records): admin certificates only, sent to the leader directly. A follower answers
+    /// [`crate::FsError::NotLeader`] instead of forwarding, so no brick certificate ever
+    /// carries one and a stolen brick certificate cannot change the volume by request.
+    Admin,
+    /// Entries the metadata leader writes itself while it carries out an admin request
+    /// (membership, delegations): refused in any request.
+    Leader,
+}
+
 impl MetaOp {
+    /// Who may send this change (checked by every brick on every request).
+    pub fn sender(&self) -> Sender {
+        match self {
+            MetaOp::CreateVolume(_)
+            | MetaOp::HealLease { .. }
+            | MetaOp::ForgetReleased(_)
+            | MetaOp::CreateSnapshot { .. }
+            | MetaOp::DeleteSnapshot { .. }
+            | MetaOp::RestoreSnapshot { .. }
+            | MetaOp::RestorePath { .. }
+            | MetaOp::SetOption { .. }
+            | MetaOp::SetStopped { .. }
+            | MetaOp::Revoke(_)
+            | MetaOp::SettleLayout { .. }
+            | MetaOp::Rebalance(_) => Sender::Admin,
+            MetaOp::Delegated { .. }
+            | MetaOp::Undelegated { .. }
+            | MetaOp::ReplaceBrick { .. }
+            | MetaOp::AddSets(_)
+            | MetaOp::DrainSet { .. }
+            | MetaOp::RemoveSet { .. } => Sender::Leader,
+            MetaOp::Mknod { .. }
+            | MetaOp::Mkdir { .. }
+            | MetaOp::Symlink { .. }
+            | MetaOp::Link { .. }
+            | MetaOp::Unlink { .. }
+            | MetaOp::Rmdir { .. }
+            | MetaOp::Rename { .. }
+            | MetaOp::SetAttr { .. }
+            | MetaOp::SetXattr { .. }
+            | MetaOp::RemoveXattr { .. }
+            | MetaOp::SetContent { .. }
+            | MetaOp::Batch(_)
+            | MetaOp::ReserveInodes { .. }
+            | MetaOp::Local { .. }
+            | MetaOp::SetInode { .. }
+            | MetaOp::PatchContent { .. } => Sender::Anyone,
+        }
+    }
+
     /// Whether applying it changes the volume configuration (bricks, sets, layout): a brick
     /// then reloads the configuration it places chunks and checks peers by.
     pub fn changes_volume_config(&self) -> bool {
@@ -645,6 +700,11 @@ pub enum AdminRequest {
     RemoveBrick {
         bricks: Vec<String>,
         commit: bool,
+    },
+    /// `volume delete`: this brick of the stopped volume `name` leaves it. It answers, stops,
+    /// and erases its data directory when it next starts, empty and free for a new volume.
+    ReleaseVolume {
+        name: String,
     },
 }
 

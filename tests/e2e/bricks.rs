@@ -1041,3 +1041,374 @@ async fn metrics_are_valid_prometheus_text_that_follows_writes_and_a_frozen_foll
         "{said}"
     );
 }
+
+/// Issue 23, acceptance 4 (delete): refused while the volume is started or unconfirmed; a
+/// stopped volume's bricks are released, stop, start empty, and take a new volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_delete_is_refused_while_started_and_frees_the_bricks_of_a_stopped_volume() {
+    let mut c = Cluster::start(3);
+    c.create_volume("www", 1 << 20).await;
+    {
+        let m = c.mount("www", "m", "").await;
+        std::fs::write(m.path.join("old.html"), b"the old volume").unwrap();
+    }
+    let run = c.volume_cli("delete", &["--yes"]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.out
+            .contains("www is started: stop it first (mortar volume stop www)"),
+        "{}",
+        run.out
+    );
+    assert_eq!(c.volume_cli("stop", &[]).code, 0);
+    // The CLI's standard input is empty here: no "y", so nothing happens.
+    let run = c.volume_cli("delete", &[]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.out.contains("not confirmed; nothing changed"),
+        "{}",
+        run.out
+    );
+    for b in &mut c.bricks {
+        assert!(b.is_running(), "brick {} stopped without a delete", b.index);
+    }
+    assert!(c.volume_cli("info", &[]).out.contains("Status: Stopped"));
+
+    let run = c.volume_cli("delete", &["--yes"]);
+    assert_eq!(run.code, 0, "{}", run.out);
+    assert!(
+        run.out.contains("volume delete: www: success"),
+        "{}",
+        run.out
+    );
+    for i in 0..c.bricks.len() {
+        let status = wait_for("the released brick to stop", DEADLINE, || {
+            let status = c.bricks[i].exited();
+            async move { status }
+        })
+        .await;
+        assert!(status.success(), "brick {i} ended with {status}");
+        c.bricks[i].start();
+    }
+    wait_for("the bricks to erase their data", DEADLINE, || {
+        let erased = (0..3).all(|i| c.log_contains(i, "erased the data of deleted volume"));
+        async move { erased.then_some(()) }
+    })
+    .await;
+
+    let vol = c.create_volume("www2", 1 << 20).await;
+    let root = vol.readdir_all(ROOT_INODE).await.unwrap();
+    assert!(
+        root.iter().all(|e| e.name != b"old.html"),
+        "the new volume holds the old one's file"
+    );
+    let m = c.mount("www2", "m2", "").await;
+    std::fs::write(m.path.join("new.html"), b"the new volume").unwrap();
+    assert!(!m.path.join("old.html").exists());
+}
+
+/// Issue 23, acceptance 5 (brick certificates): a brick's certificate can neither create nor
+/// change a volume, through the CLI or by a request sent straight to the leader or to a
+/// follower; an admin's change sent to a follower reaches the leader by the follower's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brick_certificate_cannot_create_or_change_a_volume() {
+    use mortar_tests::mortar_proto::wire::{AdminRequest, MetaOp};
+    let mut c = Cluster::start(3);
+    let vol = c.create_volume("www", 1 << 20).await;
+    let spares: Vec<String> = (0..3)
+        .map(|_| {
+            let i = c.add_brick();
+            c.bricks[i].addr.clone()
+        })
+        .collect();
+    let members = c.addrs()[..3].join(",");
+    let as_brick = |args: &[&str]| {
+        let out = c
+            .cli_command(args)
+            .env("MORTAR_CERT", &c.bricks[0].cert)
+            .env("MORTAR_KEY", &c.bricks[0].key)
+            .output()
+            .expect("run mortar");
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        eprintln!("$ mortar {} (brick certificate)\n{said}", args.join(" "));
+        assert!(!out.status.success(), "a brick certificate did: {args:?}");
+        assert!(
+            said.contains("a brick certificate may not do this"),
+            "{said}"
+        );
+    };
+    let mut create = vec!["volume", "create", "other", "replica", "3"];
+    create.extend(spares.iter().map(String::as_str));
+    as_brick(&create);
+    as_brick(&[
+        "volume",
+        "set",
+        "www",
+        "cache.attr-timeout",
+        "5",
+        "--bricks",
+        &members,
+    ]);
+    as_brick(&["volume", "stop", "www", "--bricks", &members]);
+    as_brick(&["snapshot", "create", "www", "s1", "--bricks", &members]);
+
+    // The same requests sent straight to the leader and to a follower.
+    let leader = c.leader_index().await;
+    let follower = (leader + 1) % 3;
+    let brick_pool = mortar_tests::mortar_proto::transport::Pool::new(
+        mortar_tests::mortar_proto::transport::client_endpoint(
+            &c.certs.identity(Role::Brick, "brick0"),
+        )
+        .unwrap(),
+    );
+    let set = Request::Meta {
+        op: MetaOp::SetOption {
+            key: "cache.attr-timeout".into(),
+            value: Some("5".into()),
+        },
+        once: None,
+    };
+    let add = Request::Admin(AdminRequest::AddBrick {
+        bricks: spares.clone(),
+    });
+    let wait = std::time::Duration::from_secs(10);
+    for i in [leader, follower] {
+        for req in [&set, &add] {
+            let r = brick_pool.call(&c.addrs()[i], req, wait).await.unwrap();
+            assert!(
+                matches!(&r, Err(FsError::NotPermitted(m)) if m.contains("a brick certificate may not do this")),
+                "brick {i} answered a brick certificate's {req:?} with {r:?}"
+            );
+        }
+    }
+    // Nothing changed.
+    let config = vol.refresh_config().await.unwrap();
+    assert!(config.options.0.is_empty(), "{:?}", config.options);
+    assert!(!config.stopped);
+    assert_eq!(config.bricks().count(), 3);
+    for spare in &spares {
+        let h = volume_admin::hello(&c.admin_pool(), spare).await.unwrap();
+        assert_eq!(h.volume, None, "spare {spare} joined a volume");
+    }
+    assert!(!c.snapshot_cli("list", &[]).out.contains("s1"));
+
+    // An admin's change sent to a follower: the follower names the leader instead of carrying
+    // it under its own certificate, and the CLI asks the leader.
+    let r = c
+        .admin_pool()
+        .call(&c.addrs()[follower], &set, wait)
+        .await
+        .unwrap();
+    match r {
+        Ok(Reply::Meta {
+            result: Err(FsError::NotLeader(addr)),
+            ..
+        }) => assert_eq!(addr, c.addrs()[leader]),
+        other => panic!("the follower answered {other:?}"),
+    }
+    let out = c.cli(&[
+        "volume",
+        "set",
+        "www",
+        "cache.attr-timeout",
+        "5",
+        "--bricks",
+        &c.addrs()[follower],
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = vol.refresh_config().await.unwrap();
+    assert_eq!(
+        config
+            .options
+            .0
+            .get("cache.attr-timeout")
+            .map(String::as_str),
+        Some("5")
+    );
+}
+
+/// What `scripts/install.sh` puts on the machine, relative to `/`.
+const INSTALLED: &[&str] = &[
+    "usr/local/bin/mortar",
+    "usr/local/bin/mortar-brick",
+    "usr/local/bin/mortar-mount",
+    "sbin/mount.mortar",
+    "etc/systemd/system/mortar-brick@.service",
+    "etc/systemd/system/mortar-heal@.service",
+    "etc/systemd/system/mortar-heal@.timer",
+    "etc/systemd/system/mortar-snapshot@.service",
+    "etc/systemd/system/mortar-snapshot@.timer",
+    "etc/logrotate.d/mortar",
+    "usr/local/share/doc/mortar/examples/srv-www.mount",
+    "usr/local/share/mortar/installed-files",
+];
+
+/// Runs `scripts/install.sh --uninstall` when dropped, so a failed test leaves nothing behind.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(repo().join("scripts/install.sh"))
+            .arg("--uninstall")
+            .output();
+    }
+}
+
+/// Issue 23, acceptance 1: `scripts/install.sh` installs this build, the mount helper, the
+/// units and the example configuration into the machine's root; three bricks started by the
+/// installed unit's ExecStart line (as systemd would, `%i` the instance) from their
+/// /etc/mortar/brick-NAME.toml serve a volume made with the installed CLI; `mount` of an
+/// fstab line of type mortar mounts it through /sbin/mount.mortar; `--uninstall` removes
+/// every installed file and keeps the administrator's configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_then_bricks_by_their_units_and_an_fstab_mount() {
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().expect("run");
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{cmd:?}: {said}");
+        said
+    };
+    let install = || {
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(repo().join("scripts/install.sh"));
+        cmd
+    };
+    let mut c = Cluster::start(3);
+    let said = run(install().arg("--bin-dir").arg(mortar_tests::bin_dir()));
+    let _installed = Installed;
+    assert!(said.contains("installed mortar (mortar "), "{said}");
+    let root = std::path::Path::new("/");
+    for f in INSTALLED {
+        assert!(root.join(f).exists(), "/{f} was not installed: {said}");
+    }
+    for b in ["mortar", "mortar-brick", "mortar-mount"] {
+        assert_eq!(
+            std::fs::read(root.join("usr/local/bin").join(b)).unwrap(),
+            std::fs::read(mortar_tests::bin(b)).unwrap(),
+            "/usr/local/bin/{b} is not the build under test"
+        );
+    }
+    assert_eq!(
+        std::fs::read_link("/sbin/mount.mortar").unwrap(),
+        std::path::Path::new("/usr/local/bin/mortar-mount")
+    );
+    let verify = std::process::Command::new("systemd-analyze")
+        .args([
+            "verify",
+            "mortar-brick@b1.service",
+            "mortar-heal@www.timer",
+            "mortar-snapshot@www.timer",
+        ])
+        .output()
+        .expect("systemd-analyze");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // Each brick as systemd starts mortar-brick@NAME: the installed unit's ExecStart line with
+    // %i replaced, reading /etc/mortar/brick-NAME.toml.
+    let unit = std::fs::read_to_string("/etc/systemd/system/mortar-brick@.service").unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line")
+        .to_string();
+    let mut started = Vec::new();
+    let mut configs = Vec::new();
+    for i in 0..3 {
+        c.bricks[i].stop();
+        let b = &c.bricks[i];
+        let name = format!("test{}-{i}", std::process::id());
+        let conf = std::path::PathBuf::from(format!("/etc/mortar/brick-{name}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "data = {:?}\nlisten = {:?}\ncert = {:?}\nkey = {:?}\nca = {:?}\nlog-file = {:?}\n",
+                b.data, b.addr, b.cert, b.key, b.ca, b.log
+            ),
+        )
+        .unwrap();
+        configs.push(conf);
+        let argv: Vec<String> = exec
+            .replace("%i", &name)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        started.push(Killed(
+            std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
+    }
+    for i in 0..3 {
+        c.wait_up(i).await;
+    }
+    let (cert, key) = c.certs.issue(Role::Admin, "admin");
+    let mut create = std::process::Command::new("/usr/local/bin/mortar");
+    create
+        .args(["volume", "create", "www", "replica", "3"])
+        .args(c.addrs())
+        .env("MORTAR_CERT", &cert)
+        .env("MORTAR_KEY", &key)
+        .env("MORTAR_CA", c.certs.ca());
+    run(&mut create);
+
+    // An fstab line, mounted by mount(8) through /sbin/mount.mortar.
+    let mnt = c.dir.path().join("www");
+    std::fs::create_dir(&mnt).unwrap();
+    let fstab = c.dir.path().join("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "{}  {}  mortar  _netdev,defaults,{}  0  0\n",
+            c.source("www"),
+            mnt.display(),
+            c.mount_options("fstab")
+        ),
+    )
+    .unwrap();
+    run(std::process::Command::new("mount")
+        .arg("-T")
+        .arg(&fstab)
+        .arg(&mnt));
+    let fstab_mount = mortar_tests::Mount::daemonised(mnt.clone(), c.dir.path().join("fstab.log"));
+    assert!(mortar_tests::is_mounted(&mnt));
+    std::fs::write(mnt.join("index.html"), b"installed").unwrap();
+    let m = c.mount("www", "check", "").await;
+    assert_eq!(
+        std::fs::read(m.path.join("index.html")).unwrap(),
+        b"installed"
+    );
+    drop(m);
+    drop(fstab_mount);
+    drop(started);
+
+    let said = run(install().arg("--uninstall"));
+    for f in INSTALLED {
+        assert!(
+            !root.join(f).exists() && root.join(f).symlink_metadata().is_err(),
+            "/{f} is left after --uninstall: {said}"
+        );
+    }
+    for conf in &configs {
+        assert!(
+            conf.exists(),
+            "--uninstall removed the administrator's {conf:?}"
+        );
+        std::fs::remove_file(conf).unwrap();
+    }
+    let _ = std::fs::remove_dir("/etc/mortar");
+}

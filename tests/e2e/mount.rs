@@ -394,6 +394,7 @@ async fn volume_options_reach_a_live_mount_and_bad_ones_are_refused() {
         (&["bogus", "1"][..], "no volume option \"bogus\"; the options are: cache.attr-timeout, cache.entry-timeout, heal.gc-grace"),
         (&["cache.attr-timeout", "-5"][..], "want seconds from 0 to 86400"),
         (&["heal.gc-grace", "soon"][..], "want whole seconds"),
+        (&["heal.scrub-rate", "fast"][..], "'fast' is not a whole number"),
     ] {
         let run = c.volume_cli("set", args);
         assert_ne!(run.code, 0);

@@ -228,6 +228,13 @@ impl BrickProc {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// The exit status, once the brick has ended by itself (it can then be started again).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().expect("wait")?;
+        self.child = None;
+        Some(status)
+    }
+
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
@@ -718,6 +725,15 @@ pub struct Mount {
 }
 
 impl Mount {
+    /// A mount made by a daemonising `mount.mortar` (no child of ours): dropping it unmounts.
+    pub fn daemonised(path: PathBuf, log: PathBuf) -> Mount {
+        Mount {
+            path,
+            log,
+            child: None,
+        }
+    }
+
     /// SIGHUP, as logrotate sends after moving the log away.
     pub fn hangup(&self) {
         if let Some(c) = &self.child {

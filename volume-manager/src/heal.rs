@@ -40,7 +40,8 @@ const META_SETTLE: Duration = Duration::from_secs(15);
 pub struct Options {
     pub full: bool,
     /// Scrub read rate per brick, bytes per second (0: unthrottled).
-    pub scrub_rate: u64,
+    /// None: the volume option heal.scrub-rate.
+    pub scrub_rate: Option<u64>,
     /// None: the volume option `heal.gc-grace`.
     pub gc_grace_secs: Option<u64>,
     /// A follower behind the metadata leader this long is a problem.
@@ -184,7 +185,10 @@ async fn heal_under_lease(vol: &Volume, opts: &Options, progress: &Progress) -> 
     }
 
     if opts.full {
-        scrub(vol, &up, opts.scrub_rate, progress, &mut t).await?;
+        let rate = opts
+            .scrub_rate
+            .unwrap_or_else(|| config.options.scrub_rate());
+        scrub(vol, &up, rate, progress, &mut t).await?;
     }
 
     // What files name and what they let go, as the current leader knows it.

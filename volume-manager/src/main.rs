@@ -1,6 +1,7 @@
 //! `mortar`: the operator CLI — CA and certificates, volume create/info/status/list/heal.
 
 mod heal;
+mod lifecycle;
 mod options;
 mod rebalance;
 mod remove_brick;
@@ -214,6 +215,18 @@ enum VolumeCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// mortar volume delete NAME: erase a stopped volume; its bricks stop and start empty,
+    /// free for a new volume. Asks first unless --yes.
+    Delete {
+        name: String,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// mortar volume set NAME KEY VALUE: set a volume option (`volume get NAME all` lists
     /// them); running bricks and mounts apply it.
     Set {
@@ -285,9 +298,9 @@ enum VolumeCommand {
         #[arg(long)]
         full: bool,
         /// Scrub read rate per brick, bytes per second with an optional K/M/G suffix; 0 for no
-        /// limit.
-        #[arg(long, default_value = "64M", value_parser = parse_bytes)]
-        scrub_rate: u64,
+        /// limit. Default: the volume option heal.scrub-rate (64M unless set).
+        #[arg(long, value_parser = parse_bytes)]
+        scrub_rate: Option<u64>,
         /// Unreferenced chunks are removed only after this long (seconds, or with an s/m/h/d
         /// suffix): it protects writes in flight and files still open after unlink.
         /// Default: the volume option heal.gc-grace (one hour unless set).
@@ -452,29 +465,7 @@ async fn first_volume_name(pool: &Pool, bricks: &[String]) -> Result<String> {
     bail!("no volume found: {}", errors.join("; "))
 }
 
-fn parse_scaled(s: &str, units: &[(char, u64)]) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, scale) = match s.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let scale = units
-                .iter()
-                .find(|(u, _)| u.eq_ignore_ascii_case(&c))
-                .map(|(_, n)| *n)
-                .ok_or_else(|| format!("unknown unit '{c}' in '{s}'"))?;
-            (&s[..s.len() - 1], scale)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a whole number with an optional unit"))?;
-    n.checked_mul(scale)
-        .ok_or_else(|| format!("'{s}' is too large"))
-}
-
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    parse_scaled(s, &[('K', 1 << 10), ('M', 1 << 20), ('G', 1 << 30)])
-}
+use mortar_proto::options::{parse_bytes, parse_scaled};
 
 fn parse_duration_secs(s: &str) -> Result<u64, String> {
     parse_scaled(s, &[('s', 1), ('m', 60), ('h', 3600), ('d', 86400)])
@@ -571,11 +562,17 @@ async fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Volume(VolumeCommand::Stop { name, seeds, conn }) => {
-            options::stop(&connect(&seeds, &conn, Some(&name)).await?, true).await?
+            lifecycle::stop(&connect(&seeds, &conn, Some(&name)).await?, true).await?
         }
         Command::Volume(VolumeCommand::Start { name, seeds, conn }) => {
-            options::stop(&connect(&seeds, &conn, Some(&name)).await?, false).await?
+            lifecycle::stop(&connect(&seeds, &conn, Some(&name)).await?, false).await?
         }
+        Command::Volume(VolumeCommand::Delete {
+            name,
+            yes,
+            seeds,
+            conn,
+        }) => lifecycle::delete(&connect(&seeds, &conn, Some(&name)).await?, yes).await?,
         Command::Volume(VolumeCommand::Set {
             name,
             option,
@@ -1092,7 +1089,7 @@ async fn replace_brick(
     }
     let opts = heal::Options {
         full: false,
-        scrub_rate: 0,
+        scrub_rate: None,
         gc_grace_secs: None,
         max_lag_secs: replicas::MAX_LAG_SECS,
     };

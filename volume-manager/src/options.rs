@@ -1,30 +1,9 @@
 //! `mortar volume set|get|reset`: volume options, kept in the replicated volume configuration
-//! and applied by bricks and mounts as they change (the table is `mortar_proto::options`); and
-//! `volume stop|start`, the volume's state kept the same way.
+//! and applied by bricks and mounts as they change (the table is `mortar_proto::options`).
 
 use anyhow::{anyhow, Result};
 use mortar_client::Volume;
 use mortar_proto::options::{self, SPECS};
-use mortar_proto::wire::MetaOp;
-
-/// `volume stop NAME` (true) or `volume start NAME` (false).
-pub async fn stop(vol: &Volume, stopped: bool) -> Result<()> {
-    let name = vol.config().name.clone();
-    let (verb, done) = if stopped {
-        ("stop", "stopped")
-    } else {
-        ("start", "started")
-    };
-    if vol.config().stopped == stopped {
-        println!("volume {verb}: {name} is already {done}");
-        return Ok(());
-    }
-    vol.admin_op(MetaOp::SetStopped { stopped })
-        .await
-        .map_err(|e| anyhow!("volume {verb} {name}: {e}"))?;
-    println!("volume {verb}: {name}: success");
-    Ok(())
-}
 
 /// `volume set NAME KEY VALUE`.
 pub async fn set(vol: &Volume, key: &str, value: &str) -> Result<()> {
