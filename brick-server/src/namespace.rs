@@ -663,10 +663,14 @@ pub fn apply<R: MetaRead>(
                 | MetaOp::SetXattr { .. }
                 | MetaOp::RemoveXattr { .. }
                 | MetaOp::SetContent { .. }
-                | MetaOp::SetInode { .. } => false,
+                | MetaOp::SetInode { .. }
+                | MetaOp::Unlink { .. }
+                | MetaOp::Rmdir { .. }
+                | MetaOp::Rename { .. } => false,
                 _ => {
                     return Err(FsError::Invalid(
-                        "only creates and file changes may be made locally".into(),
+                        "only creates, removals, renames and file changes may be made locally"
+                            .into(),
                     ))
                 }
             };
@@ -1808,7 +1812,8 @@ mod tests {
             );
             assert_eq!(lookup(&m, ROOT_INODE, name).err(), Some(FsError::NotFound));
         }
-        // Only creates name a number; only creates and file changes may be local.
+        // Only creates name a number; only creates, removals, renames and file changes may
+        // be local.
         let chmod = MetaOp::SetAttr {
             ino: first + 3,
             set: SetAttr {
@@ -1820,14 +1825,38 @@ mod tests {
             m.run(local(Some(first + 4), chmod)),
             Err(FsError::Invalid(_))
         ));
-        let unlink = MetaOp::Unlink {
+        let link = MetaOp::Link {
+            ino: first + 3,
+            new_parent: ROOT_INODE,
+            new_name: b"second".to_vec(),
+        };
+        assert!(matches!(m.run(local(None, link)), Err(FsError::Invalid(_))));
+        let rename = MetaOp::Rename {
             parent: ROOT_INODE,
             name: b"held".to_vec(),
+            new_parent: ROOT_INODE,
+            new_name: b"moved".to_vec(),
+            flags: 0,
         };
         assert!(matches!(
-            m.run(local(None, unlink)),
+            m.run(local(Some(first + 5), rename.clone())),
             Err(FsError::Invalid(_))
         ));
+        m.run(local(None, rename)).unwrap();
+        assert_eq!(lookup(&m, ROOT_INODE, "moved").unwrap().ctime, at);
+        let unlink = MetaOp::Unlink {
+            parent: ROOT_INODE,
+            name: b"moved".to_vec(),
+        };
+        m.run(local(None, unlink)).unwrap();
+        assert_eq!(
+            lookup(&m, ROOT_INODE, "moved").err(),
+            Some(FsError::NotFound)
+        );
+        assert_eq!(
+            attr(query(&m, &Query::GetAttr { ino: ROOT_INODE }).unwrap()).mtime,
+            at
+        );
         for count in [0, MAX_RESERVE + 1] {
             assert!(matches!(
                 m.run(MetaOp::ReserveInodes { count }),

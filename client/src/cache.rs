@@ -82,6 +82,12 @@ impl ChunkCache {
         }
     }
 
+    /// Whether `id` is cached or being fetched (not counted as a lookup).
+    pub fn holds(&self, id: &ChunkId) -> bool {
+        let g = self.inner.lock().expect("cache lock");
+        g.lru.contains(id) || g.inflight.contains_key(id)
+    }
+
     /// The cached chunk, or the result of `fetch` (shared with concurrent callers for `id`).
     pub async fn get_or_fetch<F, Fut>(&self, id: ChunkId, fetch: F) -> Result<Arc<Vec<u8>>, FsError>
     where

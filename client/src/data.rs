@@ -38,6 +38,9 @@ enum Put {
 
 /// Chunk transfers in flight per file operation.
 const CHUNK_PARALLELISM: usize = 4;
+/// How many chunks past a sequential reader's position are fetched ahead of it (8 MiB at the
+/// default chunk size: a few chunk fetches' latency at the rate one brick serves).
+const READ_AHEAD_CHUNKS: u64 = 8;
 /// Commits retried on version conflicts before giving up.
 const MAX_CONFLICT_RETRIES: usize = 64;
 
@@ -177,6 +180,33 @@ impl Volume {
         Result<mortar_proto::wire::Response, mortar_proto::transport::TransportError>,
     ) {
         (addr, self.pool.call(addr, req, GET_ATTEMPT_TIMEOUT).await)
+    }
+
+    /// A sequential reader of `inode` reached `from`: fetch the chunks from there on into the
+    /// cache in the background, so its next reads find them.
+    pub fn read_ahead(self: &std::sync::Arc<Self>, inode: &Inode, from: u64) {
+        let (Content::Chunks(chunks), size) = (&inode.content, inode.attr.size) else {
+            return;
+        };
+        if from >= size {
+            return;
+        }
+        let cs = self.chunk_size();
+        let first = from / cs;
+        let last = ((size - 1) / cs).min(first + READ_AHEAD_CHUNKS);
+        for i in first..=last {
+            let Some(id) = chunks.get(i).copied() else {
+                continue;
+            };
+            if !self.chunks.holds(&id) {
+                let vol = std::sync::Arc::clone(self);
+                tokio::spawn(async move {
+                    if let Err(e) = vol.chunk(&id).await {
+                        tracing::debug!(chunk = %id, error = %e, "read-ahead fetch failed");
+                    }
+                });
+            }
+        }
     }
 
     /// Read `len` bytes at `offset` of a file whose inode the caller holds.

@@ -717,6 +717,9 @@ impl Volume {
         after: Option<&[u8]>,
         limit: u32,
     ) -> Result<Vec<DirEntry>, FsError> {
+        if let Some(page) = self.readdir_local(ino, after, limit) {
+            return Ok(page);
+        }
         if self.deleg.attr(ino).is_some() {
             self.give_back(&[ino]).await?;
         }
@@ -867,6 +870,9 @@ impl Volume {
     }
 
     pub async fn unlink(&self, parent: InodeId, name: &[u8]) -> Result<(), FsError> {
+        if let Some(done) = self.remove_local(parent, name, false).await {
+            return done;
+        }
         self.give_back(&[parent]).await?;
         self.write_op(MetaOp::Unlink {
             parent,
@@ -877,6 +883,9 @@ impl Volume {
     }
 
     pub async fn rmdir(&self, parent: InodeId, name: &[u8]) -> Result<(), FsError> {
+        if let Some(done) = self.remove_local(parent, name, true).await {
+            return done;
+        }
         self.give_back(&[parent]).await?;
         self.write_op(MetaOp::Rmdir {
             parent,
@@ -895,6 +904,12 @@ impl Volume {
         new_name: &[u8],
         flags: u32,
     ) -> Result<(), FsError> {
+        if let Some(done) = self
+            .rename_local(parent, name, new_parent, new_name, flags)
+            .await
+        {
+            return done;
+        }
         self.give_back(&[parent, new_parent]).await?;
         let op = MetaOp::Rename {
             parent,

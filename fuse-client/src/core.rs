@@ -18,8 +18,9 @@ pub const FLUSH_THRESHOLD: usize = 4 * 1024 * 1024;
 
 struct FileState {
     /// The inode as of open (or our last flush): what reads through this handle see. Kept after
-    /// an unlink, so an open file stays readable until it is closed.
-    inode: Inode,
+    /// an unlink, so an open file stays readable until it is closed. Shared, so a read takes
+    /// it and lets the lock go: the kernel's readahead reads one handle in parallel.
+    inode: Arc<Inode>,
     /// Refetch `inode` before the next read (our own flush changed it).
     stale: bool,
 }
@@ -50,6 +51,8 @@ pub struct OpenFile {
     /// it: a flush in progress holds data that is neither buffered nor yet on the server, and
     /// any close of a shared descriptor (a forked child exec'ing) starts one.
     size_floor: AtomicU64,
+    /// Where the last read through this handle ended: a read starting there is sequential.
+    next_read: AtomicU64,
 }
 
 impl OpenFile {
@@ -231,7 +234,7 @@ impl Core {
                 Err(FsError::NotFound) if !self.handles_of(ino).is_empty() => {
                     for f in self.handles_of(ino) {
                         let mut st = f.state.lock().await;
-                        st.inode = self.vol.truncate_detached(&st.inode, size).await?;
+                        st.inode = Arc::new(self.vol.truncate_detached(&st.inode, size).await?);
                         f.size_floor.store(size, Ordering::Release);
                         attr = Some(Attr {
                             nlink: 0,
@@ -379,9 +382,10 @@ impl Core {
             ino,
             writable: write,
             state: tokio::sync::Mutex::new(FileState {
-                inode,
+                inode: Arc::new(inode),
                 stale: false,
             }),
+            next_read: AtomicU64::new(0),
             pending: Mutex::default(),
             size_floor: AtomicU64::new(0),
         };
@@ -440,17 +444,26 @@ impl Core {
         if f.dirty_end() > 0 {
             self.flush_file(&f, false).await?;
         }
-        let mut st = f.state.lock().await;
-        if st.stale {
-            match self.vol.inode(f.ino).await {
-                Ok(i) => st.inode = i,
-                // Unlinked while open: keep reading what we had.
-                Err(FsError::NotFound) => {}
-                Err(e) => return Err(e),
+        let inode = {
+            let mut st = f.state.lock().await;
+            if st.stale {
+                match self.vol.inode(f.ino).await {
+                    Ok(i) => st.inode = Arc::new(i),
+                    // Unlinked while open: keep reading what we had.
+                    Err(FsError::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+                st.stale = false;
             }
-            st.stale = false;
+            Arc::clone(&st.inode)
+        };
+        // A read that starts where the last one ended is a stream: fetch the chunks after it
+        // ahead of the reader.
+        let end = offset.saturating_add(size as u64);
+        if f.next_read.swap(end, Ordering::Relaxed) == offset && offset > 0 {
+            self.vol.read_ahead(&inode, end);
         }
-        self.vol.read_inode(&st.inode, offset, size as u64).await
+        self.vol.read_inode(&inode, offset, size as u64).await
     }
 
     /// Buffer a write without waiting (call in request order). Returns true when the buffer
@@ -511,7 +524,7 @@ impl Core {
             .collect();
         // Commit against our own copy of the inode: no round trip to read it first, and if
         // someone else changed the file meanwhile, the version check makes us re-read.
-        let base = (!st.stale).then(|| st.inode.clone());
+        let base = (!st.stale).then(|| Inode::clone(&st.inode));
         let mut result = self
             .vol
             .write_ranges_on(f.ino, base, &ranges, sync, &then)
@@ -523,7 +536,7 @@ impl Core {
         }
         match result {
             Ok(committed) => {
-                st.inode = committed;
+                st.inode = Arc::new(committed);
                 st.stale = false;
                 Ok(())
             }

@@ -16,10 +16,10 @@
 //! - **A change that cannot commit is remembered**: the next fsync, close or fsyncdir of the
 //!   inode (and, for a create, of its directory) fails with EIO, once.
 
-use mortar_proto::wire::{MetaOp, OpId};
+use mortar_proto::wire::{MetaOp, OpId, RENAME_NOREPLACE};
 use mortar_proto::{
-    validate_name, validate_symlink_target, Attr, BrickId, Content, FileKind, FsError, Inode,
-    InodeId, Timestamp,
+    validate_name, validate_symlink_target, Attr, BrickId, Content, DirEntry, FileKind, FsError,
+    Inode, InodeId, Timestamp,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -67,6 +67,17 @@ pub(super) struct Held {
     /// For a change of an existing inode: the version it found (a change made next to it
     /// of the same inode is folded into it, as the [`MetaOp::SetInode`] of the result).
     found: Option<u64>,
+}
+
+/// What a held change is, for the commit: a create names its inode number, and a change of
+/// one inode may be folded into the next change of the same inode.
+#[derive(Clone, Copy)]
+enum Kind {
+    Create,
+    /// A change of an existing inode, made on the version it found.
+    Change(u64),
+    /// A change of names (unlink, rmdir, rename): never folded.
+    Entry,
 }
 
 /// The batch sent last and not yet settled.
@@ -345,7 +356,7 @@ impl<T: BatchId> Holder<T> {
         if let MetaOp::Mknod { exclusive, .. } = &mut held {
             *exclusive = true;
         }
-        self.push(held, ino, now, None);
+        self.push(held, ino, now, Kind::Create);
         Ok(attr)
     }
 
@@ -389,16 +400,20 @@ impl<T: BatchId> Holder<T> {
                 self.held_bytes = self.held_bytes - *bytes + whole_bytes;
                 *bytes = whole_bytes;
             }
-            _ => self.push(op.clone(), ino, now, Some(found)),
+            _ => self.push(op.clone(), ino, now, Kind::Change(found)),
         }
         Ok(changed)
     }
 
-    fn push(&mut self, op: MetaOp, ino: InodeId, at: Timestamp, found: Option<u64>) {
+    fn push(&mut self, op: MetaOp, ino: InodeId, at: Timestamp, kind: Kind) {
         let bytes = change_bytes(&op);
+        let found = match kind {
+            Kind::Change(found) => Some(found),
+            Kind::Create | Kind::Entry => None,
+        };
         let op = MetaOp::Local {
             at,
-            ino: found.is_none().then_some(ino),
+            ino: matches!(kind, Kind::Create).then_some(ino),
             op: Box::new(op),
         };
         self.held_bytes += bytes;
@@ -410,6 +425,156 @@ impl<T: BatchId> Holder<T> {
             found,
         });
         self.next_n += 1;
+    }
+
+    /// Remove `name` from `parent` (`rmdir`: a directory, else anything but one) with the
+    /// namespace's rules, and hold the removal. None: the name's inode is not shown from
+    /// memory (committed and forgotten), so the removal goes the usual way.
+    pub(crate) fn remove(
+        &mut self,
+        parent: InodeId,
+        name: &[u8],
+        rmdir: bool,
+        now: Timestamp,
+    ) -> Option<Result<(), FsError>> {
+        if let Err(e) = validate_name(name) {
+            return Some(Err(e));
+        }
+        let entries = self.nodes.get(&parent)?.entries.as_ref()?;
+        let Some(&ino) = entries.get(name) else {
+            return Some(Err(FsError::NotFound));
+        };
+        let target = self.nodes.get(&ino)?;
+        let is_dir = target.inode.attr.kind == FileKind::Directory;
+        match (rmdir, is_dir) {
+            (true, false) => return Some(Err(FsError::NotDir)),
+            (false, true) => return Some(Err(FsError::IsDir)),
+            (true, true) if !target.entries.as_ref()?.is_empty() => {
+                return Some(Err(FsError::NotEmpty))
+            }
+            _ => {}
+        }
+        self.entries_mut(parent).remove(name);
+        self.drop_link(ino, now);
+        self.touch_dir(parent, if is_dir { -1 } else { 0 }, now);
+        let op = match rmdir {
+            true => MetaOp::Rmdir {
+                parent,
+                name: name.to_vec(),
+            },
+            false => MetaOp::Unlink {
+                parent,
+                name: name.to_vec(),
+            },
+        };
+        self.push(op, parent, now, Kind::Entry);
+        Some(Ok(()))
+    }
+
+    /// Rename with the namespace's rules, and hold it, when both directories lie beneath one
+    /// delegation and every inode it touches is shown from memory. None: it goes the usual
+    /// way (an exchange, a directory moved to another parent, which needs the namespace's
+    /// loop check, or an inode not shown from memory).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rename(
+        &mut self,
+        parent: InodeId,
+        name: &[u8],
+        new_parent: InodeId,
+        new_name: &[u8],
+        flags: u32,
+        now: Timestamp,
+    ) -> Option<Result<(), FsError>> {
+        if flags & !RENAME_NOREPLACE != 0 {
+            return None;
+        }
+        if let Err(e) = validate_name(name).and_then(|_| validate_name(new_name)) {
+            return Some(Err(e));
+        }
+        let (from, to) = (self.nodes.get(&parent)?, self.nodes.get(&new_parent)?);
+        if from.root != to.root {
+            return None;
+        }
+        let (from, to) = (from.entries.as_ref()?, to.entries.as_ref()?);
+        let Some(&src) = from.get(name) else {
+            return Some(Err(FsError::NotFound));
+        };
+        let src_is_dir = self.nodes.get(&src)?.inode.attr.kind == FileKind::Directory;
+        if src_is_dir && parent != new_parent {
+            return None;
+        }
+        let dst = to.get(new_name).copied();
+        let mut dst_is_dir = false;
+        if let Some(dst) = dst {
+            if flags & RENAME_NOREPLACE != 0 {
+                return Some(Err(FsError::Exists));
+            }
+            if dst == src {
+                // Two names of one inode: POSIX says do nothing.
+                return Some(Ok(()));
+            }
+            let d = self.nodes.get(&dst)?;
+            dst_is_dir = d.inode.attr.kind == FileKind::Directory;
+            match (src_is_dir, dst_is_dir) {
+                (true, false) => return Some(Err(FsError::NotDir)),
+                (false, true) => return Some(Err(FsError::IsDir)),
+                (true, true) if !d.entries.as_ref()?.is_empty() => {
+                    return Some(Err(FsError::NotEmpty))
+                }
+                _ => {}
+            }
+        }
+        if let Some(dst) = dst {
+            self.drop_link(dst, now);
+            if dst_is_dir {
+                self.touch_dir(new_parent, -1, now);
+            }
+        }
+        self.entries_mut(parent).remove(name);
+        self.entries_mut(new_parent).insert(new_name.to_vec(), src);
+        if let Some(n) = self.nodes.get_mut(&src) {
+            n.inode.attr.ctime = now;
+        }
+        self.touch_dir(parent, 0, now);
+        self.touch_dir(new_parent, 0, now);
+        let op = MetaOp::Rename {
+            parent,
+            name: name.to_vec(),
+            new_parent,
+            new_name: new_name.to_vec(),
+            flags,
+        };
+        self.push(op, new_parent, now, Kind::Entry);
+        Some(Ok(()))
+    }
+
+    /// The entries of `dir`, a directory shown from memory (checked by the caller).
+    fn entries_mut(&mut self, dir: InodeId) -> &mut HashMap<Vec<u8>, InodeId> {
+        self.nodes
+            .get_mut(&dir)
+            .and_then(|n| n.entries.as_mut())
+            .expect("a directory shown from memory")
+    }
+
+    fn touch_dir(&mut self, dir: InodeId, nlink_delta: i32, now: Timestamp) {
+        if let Some(n) = self.nodes.get_mut(&dir) {
+            n.inode.attr.touch_dir(nlink_delta, now);
+        }
+    }
+
+    /// One name of `ino` went: a directory, or a file's last link, is gone (as the
+    /// namespace's `drop_link` does).
+    fn drop_link(&mut self, ino: InodeId, now: Timestamp) {
+        let Some(n) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        if n.entries.is_some() || n.inode.attr.nlink <= 1 {
+            let gone = self.nodes.remove(&ino).expect("present");
+            self.node_bytes -= content_bytes(&gone.inode.content);
+        } else {
+            n.inode.attr.nlink -= 1;
+            n.inode.attr.ctime = now;
+        }
     }
 
     /// Too much is held: the change just made waits for a commit.
@@ -450,6 +615,24 @@ impl<T: BatchId> Holder<T> {
 
     pub(crate) fn inode(&self, ino: InodeId) -> Option<Inode> {
         self.nodes.get(&ino).map(|n| n.inode.clone())
+    }
+
+    /// Every entry of the directory `dir` with its attributes, sorted by name, when all of
+    /// them are shown from memory (None: list it the usual way).
+    pub(crate) fn listing(&self, dir: InodeId) -> Option<Vec<DirEntry>> {
+        let entries = self.nodes.get(&dir)?.entries.as_ref()?;
+        let mut list = entries
+            .iter()
+            .map(|(name, ino)| {
+                let attr = self.nodes.get(ino)?.inode.attr.clone();
+                Some(DirEntry {
+                    name: name.clone(),
+                    attr,
+                })
+            })
+            .collect::<Option<Vec<DirEntry>>>()?;
+        list.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        Some(list)
     }
 
     pub(crate) fn name(&self, parent: InodeId, name: &[u8]) -> Name {

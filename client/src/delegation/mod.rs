@@ -1,7 +1,8 @@
 //! Directory delegations, the client's side. A directory this client made is, at its first
 //! create, delegated to it by the metadata leader ([`Request::Delegate`]): from then on this
-//! client alone changes what lies beneath it. Creates, chmod/chown/utimens, xattr changes and
-//! file contents beneath it are answered from memory at once and committed in the background,
+//! client alone changes what lies beneath it. Creates, unlinks, renames within it,
+//! chmod/chown/utimens, xattr changes and file contents beneath it are answered from memory
+//! at once and committed in the background,
 //! many per Raft entry, as [`MetaOp::Local`] changes in the order they were made. The leader
 //! recalls the delegation before it answers any other client's request that names the
 //! directory; this client then commits everything it holds and gives it back, so other
@@ -19,7 +20,7 @@ use holder::{Answer, Holder, Settled};
 use crate::once::Ticket;
 use crate::Volume;
 use mortar_proto::wire::{MetaOk, MetaOp, OpId, Request, Stamp};
-use mortar_proto::{Attr, BrickId, FsError, Inode, InodeId, Timestamp};
+use mortar_proto::{Attr, BrickId, DirEntry, FsError, Inode, InodeId, Timestamp};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -227,6 +228,43 @@ impl Volume {
         Some(result)
     }
 
+    /// An unlink or rmdir answered from memory, when `parent` lies beneath a live delegation
+    /// and the name's inode is shown from memory (None: make it as usual).
+    pub(crate) async fn remove_local(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        rmdir: bool,
+    ) -> Option<Result<(), FsError>> {
+        let result = {
+            let mut st = self.deleg.lock();
+            self.usable(&mut st, parent)?;
+            st.remove(parent, name, rmdir, Timestamp::now())?
+        };
+        self.after_hold().await;
+        Some(result)
+    }
+
+    /// A rename answered from memory, when both directories lie beneath one live delegation
+    /// (None: make it as usual).
+    pub(crate) async fn rename_local(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        new_parent: InodeId,
+        new_name: &[u8],
+        flags: u32,
+    ) -> Option<Result<(), FsError>> {
+        let result = {
+            let mut st = self.deleg.lock();
+            self.usable(&mut st, parent)?;
+            self.usable(&mut st, new_parent)?;
+            st.rename(parent, name, new_parent, new_name, flags, Timestamp::now())?
+        };
+        self.after_hold().await;
+        Some(result)
+    }
+
     /// Wake the committer, and wait for it when too much is held.
     async fn after_hold(&self) {
         let full = self.deleg.lock().full();
@@ -236,6 +274,21 @@ impl Volume {
                 tracing::warn!(error = %e, "changes made under a delegation are not committed yet");
             }
         }
+    }
+
+    /// A page of the directory `ino` (sorted by name, after `after`) from memory, when it lies
+    /// beneath a live delegation and all its entries are shown from memory.
+    pub(crate) fn readdir_local(
+        &self,
+        ino: InodeId,
+        after: Option<&[u8]>,
+        limit: u32,
+    ) -> Option<Vec<DirEntry>> {
+        let mut st = self.deleg.lock();
+        self.usable(&mut st, ino)?;
+        let all = st.listing(ino)?;
+        let from = after.map_or(0, |a| all.partition_point(|e| e.name.as_slice() <= a));
+        Some(all.into_iter().skip(from).take(limit as usize).collect())
     }
 
     /// The inode whole when it lies beneath a live delegation (its changes are made here).

@@ -2,9 +2,9 @@
 //! forgotten when, when a recall may be answered, and how a change that could not commit is
 //! reported; then random interleavings against a model of the leader.
 use super::*;
-use mortar_proto::wire::SetAttr;
+use mortar_proto::wire::{SetAttr, RENAME_EXCHANGE};
 use proptest::prelude::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 const ROOT: InodeId = 50;
 const EPOCH: (BrickId, u64) = (1, 1);
@@ -272,6 +272,148 @@ fn a_refused_batch_goes_one_by_one_and_each_refused_change_fails_its_file_and_di
     assert_eq!(h.take_lost(100), None, "a was committed");
 }
 
+fn mkdir(h: &mut Holder<u64>, parent: InodeId, name: &str, ino: InodeId) {
+    let op = MetaOp::Mkdir {
+        parent,
+        name: name.as_bytes().to_vec(),
+        perm: 0o755,
+        uid: 0,
+        gid: 0,
+    };
+    h.create(ROOT, &op, ino, Timestamp::now()).unwrap();
+}
+
+/// The change held last, inside its `Local`, and the inode number it names (creates only).
+fn last_held(h: &Holder<u64>) -> (&MetaOp, Option<InodeId>) {
+    match &h.held.back().expect("a held change").op {
+        MetaOp::Local { op, ino, .. } => (op, *ino),
+        other => panic!("held as {other:?}"),
+    }
+}
+
+#[test]
+fn unlinks_and_rmdirs_are_answered_and_held_with_the_namespace_rules() {
+    let mut h = holding(&[ROOT]);
+    create(&mut h, ROOT, "a", 100).unwrap();
+    mkdir(&mut h, ROOT, "d", 101);
+    create(&mut h, 101, "inner", 102).unwrap();
+    let nlink = h.attr(ROOT).unwrap().nlink;
+    let later = Timestamp {
+        secs: Timestamp::now().secs + 100,
+        nanos: 0,
+    };
+
+    assert_eq!(
+        h.remove(ROOT, b"a", true, later),
+        Some(Err(FsError::NotDir))
+    );
+    assert_eq!(
+        h.remove(ROOT, b"d", false, later),
+        Some(Err(FsError::IsDir))
+    );
+    assert_eq!(
+        h.remove(ROOT, b"d", true, later),
+        Some(Err(FsError::NotEmpty))
+    );
+    assert_eq!(
+        h.remove(ROOT, b"zz", false, later),
+        Some(Err(FsError::NotFound))
+    );
+    assert_eq!(h.held.len(), 3, "a refused removal holds nothing");
+
+    assert_eq!(h.remove(ROOT, b"a", false, later), Some(Ok(())));
+    assert!(matches!(h.name(ROOT, b"a"), Name::Absent));
+    assert_eq!(h.attr(100), None, "the file's last link went with it");
+    let dir = h.attr(ROOT).unwrap();
+    assert_eq!((dir.mtime, dir.ctime, dir.nlink), (later, later, nlink));
+    let (op, ino) = last_held(&h);
+    assert!(matches!(op, MetaOp::Unlink { parent: ROOT, .. }) && ino.is_none());
+
+    assert_eq!(h.remove(101, b"inner", false, later), Some(Ok(())));
+    assert_eq!(h.remove(ROOT, b"d", true, later), Some(Ok(())));
+    assert_eq!(
+        h.attr(ROOT).unwrap().nlink,
+        nlink - 1,
+        "rmdir drops the '..' link"
+    );
+    assert_eq!(h.listing(ROOT), Some(Vec::new()));
+    assert_eq!(h.held.len(), 6);
+}
+
+#[test]
+fn renames_within_a_delegation_replace_and_refuse_as_the_namespace_does() {
+    let mut h = holding(&[ROOT, ROOT + 1]);
+    create(&mut h, ROOT, ".a.tmp", 100).unwrap();
+    create(&mut h, ROOT, "a", 101).unwrap();
+    mkdir(&mut h, ROOT, "d", 102);
+    let now = Timestamp::now();
+    // rsync's last step: the temporary file takes the place of the old one.
+    assert_eq!(h.rename(ROOT, b".a.tmp", ROOT, b"a", 0, now), Some(Ok(())));
+    match h.name(ROOT, b"a") {
+        Name::Found(a) => assert_eq!(a.ino, 100),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(h.name(ROOT, b".a.tmp"), Name::Absent));
+    assert_eq!(h.attr(101), None, "the replaced file is gone");
+    let names: Vec<Vec<u8>> = h
+        .listing(ROOT)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec![b"a".to_vec(), b"d".to_vec()]);
+
+    let held = h.held.len();
+    assert_eq!(
+        h.rename(ROOT, b"d", ROOT, b"a", 0, now),
+        Some(Err(FsError::NotDir))
+    );
+    assert_eq!(
+        h.rename(ROOT, b"a", ROOT, b"d", 0, now),
+        Some(Err(FsError::IsDir))
+    );
+    assert_eq!(
+        h.rename(ROOT, b"a", ROOT, b"d", RENAME_NOREPLACE, now),
+        Some(Err(FsError::Exists))
+    );
+    assert_eq!(h.rename(ROOT, b"a", ROOT, b"a", 0, now), Some(Ok(())));
+    assert_eq!(
+        h.held.len(),
+        held,
+        "refusals and a rename onto itself hold nothing"
+    );
+    // Left to the namespace: exchanges, a directory moving to another parent (its loop
+    // check), and renames across delegations.
+    assert_eq!(h.rename(ROOT, b"a", ROOT, b"d", RENAME_EXCHANGE, now), None);
+    assert_eq!(h.rename(ROOT, b"d", 102, b"x", 0, now), None);
+    assert_eq!(h.rename(ROOT, b"a", ROOT + 1, b"a", 0, now), None);
+
+    // A change right after a rename is not folded into it.
+    h.change(100, &chmod_op(100, 0o600), now).unwrap();
+    assert_eq!(h.held.len(), held + 1);
+    assert!(h.held.iter().any(
+        |c| matches!(&c.op, MetaOp::Local { op, .. } if matches!(**op, MetaOp::Rename { .. }))
+    ));
+}
+
+#[test]
+fn a_listing_is_answered_from_memory_only_when_every_entry_is_shown() {
+    let mut h = holding(&[ROOT]);
+    create(&mut h, ROOT, "b", 100).unwrap();
+    create(&mut h, ROOT, "a", 101).unwrap();
+    let names: Vec<Vec<u8>> = h
+        .listing(ROOT)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec![b"a".to_vec(), b"b".to_vec()]);
+    // Committed and forgotten (as when memory is short): its attributes are elsewhere.
+    h.nodes.remove(&100);
+    assert_eq!(h.listing(ROOT), None);
+    assert_eq!(h.remove(ROOT, b"b", false, Timestamp::now()), None);
+}
+
 // ---- random interleavings against a model of the leader ----
 
 #[derive(Clone, Debug)]
@@ -284,6 +426,10 @@ enum Step {
         root: usize,
         name: u8,
         perm: u32,
+    },
+    Unlink {
+        root: usize,
+        name: u8,
     },
     Recall {
         root: usize,
@@ -317,6 +463,7 @@ fn step() -> impl Strategy<Value = Step> {
         4 => (0..2usize, 0..6u8).prop_map(|(root, name)| Step::Create { root, name }),
         3 => (0..2usize, 0..6u8, 0o600..0o700u32)
             .prop_map(|(root, name, perm)| Step::Chmod { root, name, perm }),
+        2 => (0..2usize, 0..6u8).prop_map(|(root, name)| Step::Unlink { root, name }),
         1 => (0..2usize).prop_map(|root| Step::Recall { root }),
         4 => Just(Step::Send),
         1 => Just(Step::Answer(Outcome::Committed)),
@@ -334,17 +481,20 @@ fn step() -> impl Strategy<Value = Step> {
 struct Leader {
     applied: HashSet<u64>,
     names: HashMap<(InodeId, Vec<u8>), InodeId>,
+    /// Where each create the holder sent made its inode (for an unlink in the same batch).
+    made_as: HashMap<InodeId, (InodeId, Vec<u8>)>,
     perms: HashMap<InodeId, u32>,
 }
 
 impl Leader {
-    /// The inode a change concerns, and whether it is a create.
+    /// The inode a change concerns (an unlink: its directory), and whether it is a create.
     fn target(op: &MetaOp) -> (InodeId, bool) {
         let MetaOp::Local { ino, op, .. } = op else {
             panic!("not a held change: {op:?}")
         };
         match (&**op, ino) {
             (_, Some(i)) => (*i, true),
+            (MetaOp::Unlink { parent, .. }, None) => (*parent, false),
             (MetaOp::SetAttr { ino, .. }, None) => (*ino, false),
             (MetaOp::SetInode { inode, .. }, None) => (inode.attr.ino, false),
             other => panic!("unexpected held change {other:?}"),
@@ -359,8 +509,29 @@ impl Leader {
 
     /// Whether the leader takes `op` after the creates of `made` earlier in its batch.
     fn takes_after(&self, op: &MetaOp, lost: &HashSet<InodeId>, made: &HashSet<InodeId>) -> bool {
+        if let MetaOp::Local { op, .. } = op {
+            if let MetaOp::Unlink { parent, name } = &**op {
+                // The name is there unless its create was lost (or was made earlier in this
+                // batch, which is then applied before it).
+                return match self.names.get(&(*parent, name.clone())) {
+                    Some(_) => true,
+                    None => made
+                        .iter()
+                        .any(|i| self.made_as.get(i) == Some(&(*parent, name.clone()))),
+                };
+            }
+        }
         let (ino, create) = Self::target(op);
-        if create || self.perms.contains_key(&ino) || made.contains(&ino) {
+        if create {
+            // Exclusive: refused when the name is taken (an unlink of it was lost). Names
+            // freed earlier in the same batch are not counted: the batch is then refused
+            // whole and goes one by one, which the model allows.
+            return !self
+                .made_as
+                .get(&ino)
+                .is_some_and(|n| self.names.contains_key(n));
+        }
+        if self.perms.contains_key(&ino) || made.contains(&ino) {
             return true;
         }
         assert!(lost.contains(&ino), "a change of {ino} before its create");
@@ -386,6 +557,13 @@ impl Leader {
             (MetaOp::SetInode { inode, .. }, None) => {
                 self.perms.insert(inode.attr.ino, inode.attr.perm & 0o7777);
             }
+            (MetaOp::Unlink { parent, name }, None) => {
+                let ino = self
+                    .names
+                    .remove(&(*parent, name.clone()))
+                    .expect("an unlink of a name the leader has");
+                self.perms.remove(&ino);
+            }
             other => panic!("unexpected held change {other:?}"),
         }
     }
@@ -398,6 +576,9 @@ struct Model {
     roots: [InodeId; 2],
     /// Files shown, by (root, name): inode and the permission shown last.
     shown: BTreeMap<(usize, u8), (InodeId, u32)>,
+    /// Names shown unlinked since (and not made again): they must stay gone, unless the
+    /// unlink could not commit (reported as lost).
+    gone: BTreeSet<(usize, u8)>,
     /// Inodes with a change refused one by one: their loss must be reported.
     lost: HashSet<InodeId>,
     next_ino: InodeId,
@@ -417,6 +598,7 @@ impl Model {
             leader: Leader::default(),
             roots,
             shown: BTreeMap::new(),
+            gone: BTreeSet::new(),
             lost: HashSet::new(),
             next_ino: 1000,
             next_id: 1,
@@ -460,6 +642,10 @@ impl Model {
                     match self.holder.create(r, &op, ino, now) {
                         Ok(_) => {
                             assert!(self.shown.insert((*root, *name), (ino, 0o644)).is_none());
+                            self.gone.remove(&(*root, *name));
+                            self.leader
+                                .made_as
+                                .insert(ino, (r, Self::name(*name).into_bytes()));
                         }
                         Err(FsError::Exists) => {
                             assert!(self.shown.contains_key(&(*root, *name)))
@@ -473,6 +659,22 @@ impl Model {
                     if self.holder.usable(ino, true).is_some() {
                         self.holder.change(ino, &chmod_op(ino, *perm), now).unwrap();
                         self.shown.insert((*root, *name), (ino, *perm));
+                    }
+                }
+            }
+            Step::Unlink { root, name } => {
+                let r = self.roots[*root];
+                if self.shown.contains_key(&(*root, *name)) && self.holder.usable(r, true).is_some()
+                {
+                    let n = Self::name(*name).into_bytes();
+                    match self.holder.remove(r, &n, false, now) {
+                        Some(Ok(())) => {
+                            self.shown.remove(&(*root, *name));
+                            self.gone.insert((*root, *name));
+                        }
+                        // Committed and forgotten: it goes the usual way (not modelled).
+                        None => {}
+                        Some(Err(e)) => panic!("{e:?}"),
                     }
                 }
             }
@@ -511,13 +713,16 @@ impl Model {
                     return;
                 };
                 let mut made = HashSet::new();
-                let whole = ops.iter().all(|op| {
-                    let (ino, create) = Leader::target(op);
-                    if create {
-                        made.insert(ino);
-                    }
-                    self.leader.takes_after(op, &self.lost, &made)
-                });
+                // A batch applied before is answered from the once table, not applied again.
+                let again = self.leader.applied.contains(&id);
+                let whole = again
+                    || ops.iter().all(|op| {
+                        let (ino, create) = Leader::target(op);
+                        if create {
+                            made.insert(ino);
+                        }
+                        self.leader.takes_after(op, &self.lost, &made)
+                    });
                 let answer = match outcome {
                     Outcome::Unavailable => Answer::Retry,
                     // Sent again after it was applied: the once table answers as before.
@@ -549,6 +754,7 @@ impl Model {
                 for (i, op) in singles.iter().enumerate() {
                     if mask & (1 << (i % 16)) != 0 || !self.leader.takes(op, &self.lost) {
                         self.lost.insert(Leader::target(op).0);
+                        self.not_gone(op);
                         results.push(Err(FsError::Exists));
                     } else {
                         self.leader.apply(op);
@@ -571,8 +777,33 @@ impl Model {
         self.check_no_window();
     }
 
-    /// Every file shown and not lost is answered by the holder or found at the leader.
+    /// A refused unlink: its name may still be at the leader (the loss is reported).
+    fn not_gone(&mut self, op: &MetaOp) {
+        let MetaOp::Local { op, .. } = op else { return };
+        let MetaOp::Unlink { parent, name } = &**op else {
+            return;
+        };
+        let root = self.roots.iter().position(|r| r == parent).expect("a root");
+        let n: u8 = std::str::from_utf8(&name[1..]).unwrap().parse().unwrap();
+        self.gone.remove(&(root, n));
+    }
+
+    /// Every file shown and not lost is answered by the holder or found at the leader, and
+    /// no name shown unlinked is.
     fn check_no_window(&self) {
+        for (root, name) in &self.gone {
+            let r = self.roots[*root];
+            let n = Self::name(*name).into_bytes();
+            match self.holder.name(r, &n) {
+                Name::Absent => {}
+                Name::Elsewhere => assert_eq!(
+                    self.leader.names.get(&(r, n)),
+                    None,
+                    "an unlinked name came back"
+                ),
+                other => panic!("an unlinked name is answered {other:?}"),
+            }
+        }
         for ((root, name), (ino, _)) in &self.shown {
             if self.lost.contains(ino) {
                 continue;
@@ -616,6 +847,14 @@ impl Model {
             let key = (self.roots[*root], Self::name(*name).into_bytes());
             assert_eq!(self.leader.names.get(&key), Some(ino));
             assert_eq!(self.leader.perms.get(ino), Some(perm), "{key:?}");
+        }
+        for (root, name) in &self.gone {
+            let key = (self.roots[*root], Self::name(*name).into_bytes());
+            assert_eq!(
+                self.leader.names.get(&key),
+                None,
+                "unlinked, yet at the leader"
+            );
         }
     }
 }
