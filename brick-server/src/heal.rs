@@ -7,7 +7,7 @@ use crate::space::Space;
 use crate::store::Store;
 use mortar_proto::transport::Pool;
 use mortar_proto::wire::{Reply, Request};
-use mortar_proto::{BrickId, ChunkId, FsError};
+use mortar_proto::{range, BrickId, ChunkId, FsError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,36 @@ pub fn read_verified(store: &Store, self_id: BrickId, id: &ChunkId) -> Result<Ve
     tracing::error!(chunk = %id.to_hex(), "stored chunk fails verification; removing this copy");
     store.quarantine(self_id, id)?;
     Err(FsError::HashMismatch(id.to_hex()))
+}
+
+/// `len` bytes at `offset` of a chunk this brick holds, as [`Reply::Range`]: the covering
+/// groups and every group's value. The whole chunk is checked against its id on the way (one
+/// hashing pass makes both), and a copy that fails is set aside as in [`read_verified`].
+pub fn read_range(
+    store: &Store,
+    self_id: BrickId,
+    id: &ChunkId,
+    offset: u64,
+    len: u64,
+) -> Result<Reply, FsError> {
+    let data = store.get_chunk(id)?.ok_or(FsError::NotFound)?;
+    let (values, made) = range::group_values(&data);
+    if made != *id {
+        tracing::error!(chunk = %id.to_hex(), "stored chunk fails verification; removing this copy");
+        store.quarantine(self_id, id)?;
+        return Err(FsError::HashMismatch(id.to_hex()));
+    }
+    let chunk_len = data.len() as u64;
+    let r = match values.is_empty() {
+        true => 0..chunk_len,
+        false => range::covering(offset, len, chunk_len),
+    };
+    Ok(Reply::Range {
+        chunk_len,
+        start: r.start,
+        values,
+        data: data[r.start as usize..r.end as usize].to_vec(),
+    })
 }
 
 /// Copy each chunk this brick lacks from the first source whose copy verifies, a few at a

@@ -205,6 +205,10 @@ impl Brick {
                     Ok(Reply::ChunkStored { copies: 1 })
                 }
             }
+            Request::GetRange { id, offset, len } => {
+                let (store, me) = (Arc::clone(&self.store), self.id);
+                crate::store::blocking(move || heal::read_range(&store, me, &id, offset, len)).await
+            }
             Request::GetChunk { id } => {
                 let (store, me) = (Arc::clone(&self.store), self.id);
                 let data =

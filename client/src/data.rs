@@ -9,8 +9,8 @@ use crate::{expect_attr, Volume};
 use futures::stream::FuturesUnordered;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use mortar_proto::chunk_map::{check_size, end_of};
-use mortar_proto::layout;
 use mortar_proto::wire::{MetaOk, MetaOp, PutChunk, Reply, Request};
+use mortar_proto::{layout, range};
 use mortar_proto::{
     Attr, ChunkId, ChunkMap, Content, FsError, Inode, InodeId, Timestamp, VolumeConfig, INLINE_MAX,
 };
@@ -35,6 +35,18 @@ enum Put {
     /// On a quorum before the write goes on; `sync` also syncs the bricks' WALs.
     Stored { sync: bool },
 }
+
+/// How a read is made: part of a stream (whole chunks, cached, read ahead) or a random access
+/// (small reads fetch only what they cover).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Stream,
+    Random,
+}
+
+/// A random read up to this long of a chunk not at hand fetches its covering groups only;
+/// longer ones fetch the chunk.
+const RANGE_MAX: u64 = 256 * 1024;
 
 /// Chunk transfers in flight per file operation.
 const CHUNK_PARALLELISM: usize = 4;
@@ -94,6 +106,11 @@ impl Volume {
         }
     }
 
+    /// Whether chunk `id` is cached, being fetched, or waiting to be uploaded from here.
+    fn at_hand(&self, id: &ChunkId) -> bool {
+        self.chunks.holds(id) || self.uploads.pending(id).is_some()
+    }
+
     /// A chunk from the cache, or fetched (once, however many ask) and cached.
     pub async fn chunk(&self, id: &ChunkId) -> Result<std::sync::Arc<Vec<u8>>, FsError> {
         if let Some(data) = self.uploads.pending(id) {
@@ -108,15 +125,58 @@ impl Volume {
     /// copy wins. When no brick has it, the layout may have changed since this client read it:
     /// it reads the configuration again and, if the layout moved, asks once more.
     pub async fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, FsError> {
+        self.fetch_verified(id, &Request::GetChunk { id: *id }, |reply| match reply {
+            Reply::Chunk(data) if id.matches(&data) => Ok(data),
+            Reply::Chunk(_) => Err(FsError::HashMismatch(id.to_hex())),
+            other => Err(FsError::Io(format!("unexpected reply {other:?}"))),
+        })
+        .await
+    }
+
+    /// `len` bytes at `offset` of a chunk (fewer at its end), without fetching the whole
+    /// chunk: the covering groups, verified against the chunk's id (see
+    /// [`mortar_proto::range`]), from any replica as [`Volume::get_chunk`] asks them.
+    pub async fn get_range(&self, id: &ChunkId, offset: u64, len: u64) -> Result<Vec<u8>, FsError> {
+        let req = Request::GetRange {
+            id: *id,
+            offset,
+            len,
+        };
+        self.fetch_verified(id, &req, |reply| match reply {
+            Reply::Range {
+                chunk_len,
+                start,
+                values,
+                data,
+            } => {
+                let want = offset..offset.saturating_add(len);
+                range::verify(id, want, chunk_len, &values, start, &data)?;
+                let from = (offset.max(start) - start) as usize;
+                let to = (offset.saturating_add(len).min(chunk_len).max(start) - start) as usize;
+                Ok(data.get(from..to.max(from)).unwrap_or(&[]).to_vec())
+            }
+            other => Err(FsError::Io(format!("unexpected reply {other:?}"))),
+        })
+        .await
+    }
+
+    /// Ask the replicas of chunk `id` with `req` until `accept` takes an answer, refreshing
+    /// the layout once when none has the chunk.
+    async fn fetch_verified<T>(
+        &self,
+        id: &ChunkId,
+        req: &Request,
+        accept: impl Fn(Reply) -> Result<T, FsError>,
+    ) -> Result<T, FsError> {
         let config = self.config();
-        let first = self.get_chunk_in(&config, id).await;
+        let first = self.ask_replicas(&config, id, req, &accept).await;
         let retry = matches!(first, Err(FsError::NotFound | FsError::HashMismatch(_)))
             && self
                 .refresh_config()
                 .await
                 .is_ok_and(|c| c.epoch != config.epoch);
         let outcome = if retry {
-            self.get_chunk_in(&self.config(), id).await
+            self.ask_replicas(&self.config(), id, req, &accept).await
         } else {
             first
         };
@@ -128,7 +188,13 @@ impl Volume {
         })
     }
 
-    async fn get_chunk_in(&self, config: &VolumeConfig, id: &ChunkId) -> Result<Vec<u8>, FsError> {
+    async fn ask_replicas<T>(
+        &self,
+        config: &VolumeConfig,
+        id: &ChunkId,
+        req: &Request,
+        accept: &impl Fn(Reply) -> Result<T, FsError>,
+    ) -> Result<T, FsError> {
         let mut order = self.by_health(
             layout::replica_set(config, id)
                 .iter()
@@ -138,32 +204,33 @@ impl Volume {
             let bricks = config.replica_sets[before].bricks.iter();
             order.extend(self.by_health(bricks.map(|b| b.addr.as_str())));
         }
-        let req = Request::GetChunk { id: *id };
         let mut pending = FuturesUnordered::new();
         let mut next = order.iter();
         let mut last = FsError::Io(format!("chunk {id} unavailable on every replica"));
         loop {
             if pending.is_empty() {
                 match next.next() {
-                    Some(addr) => pending.push(self.ask_chunk(addr, &req)),
+                    Some(addr) => pending.push(self.ask_chunk(addr, req)),
                     None => break,
                 }
             }
             let hedge = tokio::time::sleep(HEDGE_DELAY);
             tokio::select! {
                 Some((addr, r)) = futures::StreamExt::next(&mut pending) => match r {
-                    Ok(Ok(Reply::Chunk(data))) if id.matches(&data) => return Ok(data),
-                    Ok(Ok(Reply::Chunk(_))) => {
-                        tracing::error!(chunk = %id, brick = addr, "corrupt chunk copy; reading another replica");
-                        last = FsError::HashMismatch(id.to_hex());
-                    }
-                    Ok(Ok(other)) => last = FsError::Io(format!("unexpected reply {other:?}")),
+                    Ok(Ok(reply)) => match accept(reply) {
+                        Ok(v) => return Ok(v),
+                        Err(e @ FsError::HashMismatch(_)) => {
+                            tracing::error!(chunk = %id, brick = addr, "corrupt chunk copy; reading another replica");
+                            last = e;
+                        }
+                        Err(e) => last = e,
+                    },
                     Ok(Err(e)) => last = e,
                     Err(e) => last = e.into(),
                 },
                 _ = hedge => {
                     if let Some(addr) = next.next() {
-                        pending.push(self.ask_chunk(addr, &req));
+                        pending.push(self.ask_chunk(addr, req));
                     }
                 }
             }
@@ -209,12 +276,25 @@ impl Volume {
         }
     }
 
-    /// Read `len` bytes at `offset` of a file whose inode the caller holds.
+    /// Read `len` bytes at `offset` of a file whose inode the caller holds, as part of a
+    /// stream: whole chunks are fetched and cached.
     pub async fn read_inode(
         &self,
         inode: &Inode,
         offset: u64,
         len: u64,
+    ) -> Result<Vec<u8>, FsError> {
+        self.read_inode_as(inode, offset, len, Access::Stream).await
+    }
+
+    /// Read `len` bytes at `offset` of a file whose inode the caller holds. For a random
+    /// access, a small read of a chunk not at hand fetches only the groups it covers.
+    pub async fn read_inode_as(
+        &self,
+        inode: &Inode,
+        offset: u64,
+        len: u64,
+        access: Access,
     ) -> Result<Vec<u8>, FsError> {
         let size = inode.attr.size;
         if offset >= size || len == 0 {
@@ -239,13 +319,26 @@ impl Volume {
                         let lo = (i * cs).max(offset);
                         let hi = ((i + 1) * cs).min(end);
                         let mut piece = vec![0u8; (hi - lo) as usize];
-                        if let Some(id) = chunks.get(i) {
-                            let data = self.chunk(id).await?;
-                            let from = (lo - i * cs) as usize;
-                            if from < data.len() {
-                                let n = (data.len() - from).min(piece.len());
-                                piece[..n].copy_from_slice(&data[from..from + n]);
+                        let from = lo - i * cs;
+                        match chunks.get(i) {
+                            Some(id)
+                                if access == Access::Random
+                                    && hi - lo <= RANGE_MAX
+                                    && !self.at_hand(id) =>
+                            {
+                                let got = self.get_range(id, from, hi - lo).await?;
+                                let n = got.len().min(piece.len());
+                                piece[..n].copy_from_slice(&got[..n]);
                             }
+                            Some(id) => {
+                                let data = self.chunk(id).await?;
+                                let from = from as usize;
+                                if from < data.len() {
+                                    let n = (data.len() - from).min(piece.len());
+                                    piece[..n].copy_from_slice(&data[from..from + n]);
+                                }
+                            }
+                            None => {}
                         }
                         Ok::<_, FsError>(piece)
                     })

@@ -14,7 +14,7 @@ mod once;
 mod upload;
 use meta_cache::Own;
 mod watch;
-pub use data::apply_to_inode;
+pub use data::{apply_to_inode, Access};
 pub mod volume_admin;
 
 use futures::stream::{FuturesUnordered, StreamExt};

@@ -8,7 +8,7 @@ use mortar_client::mortar_proto::wire::{MetaOp, SetAttr, TimeSet, XattrMode};
 use mortar_client::mortar_proto::{
     Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs, Timestamp,
 };
-use mortar_client::Volume;
+use mortar_client::{Access, Volume};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,12 @@ struct FileState {
     inode: Arc<Inode>,
     /// Refetch `inode` before the next read (our own flush changed it).
     stale: bool,
+}
+
+/// An open directory: its listing, read at the first readdir.
+struct DirHandle {
+    ino: InodeId,
+    entries: tokio::sync::OnceCell<Arc<Vec<DirEntry>>>,
 }
 
 /// Writes not yet flushed, in the order the kernel sent them.
@@ -73,7 +79,7 @@ pub struct Core {
     pub vol: Arc<Volume>,
     pub read_only: bool,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
-    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     /// (version, size) of each inode as last reported to the kernel.
     seen: Mutex<HashMap<InodeId, (u64, u64)>>,
@@ -459,11 +465,19 @@ impl Core {
         };
         // A read that starts where the last one ended is a stream: fetch the chunks after it
         // ahead of the reader.
+        // A read that starts the file or where the last one ended is a stream: whole chunks,
+        // and those after it fetched ahead of the reader. Others are random accesses.
         let end = offset.saturating_add(size as u64);
-        if f.next_read.swap(end, Ordering::Relaxed) == offset && offset > 0 {
+        let access = match f.next_read.swap(end, Ordering::Relaxed) == offset {
+            true => Access::Stream,
+            false => Access::Random,
+        };
+        if access == Access::Stream && offset > 0 {
             self.vol.read_ahead(&inode, end);
         }
-        self.vol.read_inode(&inode, offset, size as u64).await
+        self.vol
+            .read_inode_as(&inode, offset, size as u64, access)
+            .await
     }
 
     /// Buffer a write without waiting (call in request order). Returns true when the buffer
@@ -607,28 +621,43 @@ impl Core {
         Ok(())
     }
 
-    /// Take a snapshot of a directory; offsets index into it, so they stay stable however the
-    /// directory changes while it is being read.
-    pub async fn opendir(&self, ino: InodeId) -> Result<u64, FsError> {
-        let entries = self.vol.readdir_all(ino).await?;
-        for e in &entries {
-            self.present(e.attr.clone());
-        }
+    /// Open a directory. Its listing is read at the first readdir, not here: the kernel keeps
+    /// listings it has read (the directory is opened with FOPEN_CACHE_DIR) and then asks for
+    /// none, so an open that only walks a cached directory costs no round trip to a brick.
+    pub fn opendir(&self, ino: InodeId) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handle = DirHandle {
+            ino,
+            entries: tokio::sync::OnceCell::new(),
+        };
         self.dirs
             .lock()
             .expect("dirs lock")
-            .insert(fh, Arc::new(entries));
-        Ok(fh)
+            .insert(fh, Arc::new(handle));
+        fh
     }
 
-    pub fn dir_entries(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>, FsError> {
-        self.dirs
+    /// The snapshot of the directory open as `fh`, taken at its first read; offsets index
+    /// into it, so they stay stable however the directory changes while it is being read.
+    pub async fn dir_entries(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>, FsError> {
+        let handle = self
+            .dirs
             .lock()
             .expect("dirs lock")
             .get(&fh)
             .cloned()
-            .ok_or_else(|| FsError::Invalid(format!("unknown directory handle {fh}")))
+            .ok_or_else(|| FsError::Invalid(format!("unknown directory handle {fh}")))?;
+        handle
+            .entries
+            .get_or_try_init(|| async {
+                let entries = self.vol.readdir_all(handle.ino).await?;
+                for e in &entries {
+                    self.present(e.attr.clone());
+                }
+                Ok(Arc::new(entries))
+            })
+            .await
+            .cloned()
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -216,6 +216,44 @@ pub fn kernel_invalidation(
     })
 }
 
+/// Answer a readdirplus from the directory snapshot `entries`, from `offset` on.
+fn answer_readdirplus(
+    ino: INodeNo,
+    entries: &[DirEntry],
+    offset: u64,
+    ttl: Duration,
+    mut reply: ReplyDirectoryPlus,
+) {
+    // The kernel lists "." and ".." but caches nothing for them, so any attributes do.
+    let mut dot = file_attr(
+        &entries
+            .first()
+            .map(|e| e.attr.clone())
+            .unwrap_or_else(|| dot_attr(ino.0)),
+    );
+    dot.ino = ino;
+    dot.kind = FileType::Directory;
+    walk_dir(entries, offset, |next, name, entry| match entry {
+        Some(e) => reply.add(
+            INodeNo(e.attr.ino),
+            next,
+            OsStr::from_bytes(name),
+            &ttl,
+            &file_attr(&e.attr),
+            GENERATION,
+        ),
+        None => reply.add(
+            ino,
+            next,
+            OsStr::from_bytes(name),
+            &Duration::ZERO,
+            &dot,
+            GENERATION,
+        ),
+    });
+    reply.ok();
+}
+
 /// What creating an entry needs from a request: the name, the permission bits the umask
 /// leaves, and the caller's uid and gid as the new owner.
 fn new_node(req: &Request, name: &OsStr, mode: u32, umask: u32) -> (Vec<u8>, u32, u32, u32) {
@@ -352,8 +390,12 @@ impl Filesystem for MortarFs {
         let _ = config.set_max_background(64);
         // Listing a directory fills the kernel's entry and attribute caches in one pass, so
         // the stat calls that follow (ls -l, find, PHP) need no round trips.
+        // AUTO_INVAL_DATA: when attributes time out, a changed mtime drops the cached pages
+        // and the cached listing of a directory, so neither outlives a cached stat.
         let _ = config.add_capabilities(
-            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+            fuser::InitFlags::FUSE_DO_READDIRPLUS
+                | fuser::InitFlags::FUSE_READDIRPLUS_AUTO
+                | fuser::InitFlags::FUSE_AUTO_INVAL_DATA,
         );
         Ok(())
     }
@@ -625,12 +667,16 @@ impl Filesystem for MortarFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.spawn("opendir", move |core| async move {
-            match core.opendir(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(node_errno(&e)),
-            }
-        });
+        let _timed = Timed::new("opendir");
+        // The kernel keeps what it read of the listing across opens: it drops it when the
+        // directory changes through this mount, when the leader's invalidation of the
+        // directory arrives, and when the directory's mtime is found changed once its
+        // attributes time out (FUSE_AUTO_INVAL_DATA) — the same bound as a cached stat.
+        let fh = self.core.opendir(ino.0);
+        reply.opened(
+            FileHandle(fh),
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+        );
     }
 
     fn readdir(
@@ -641,21 +687,22 @@ impl Filesystem for MortarFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _timed = Timed::new("readdir");
-        let entries = match self.core.dir_entries(fh.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        walk_dir(&entries, offset, |next, name, entry| match entry {
-            Some(e) => reply.add(
-                INodeNo(e.attr.ino),
-                next,
-                file_type(e.attr.kind),
-                OsStr::from_bytes(name),
-            ),
-            None => reply.add(ino, next, FileType::Directory, OsStr::from_bytes(name)),
+        self.spawn("readdir", move |core| async move {
+            let entries = match core.dir_entries(fh.0).await {
+                Ok(e) => e,
+                Err(e) => return reply.error(node_errno(&e)),
+            };
+            walk_dir(&entries, offset, |next, name, entry| match entry {
+                Some(e) => reply.add(
+                    INodeNo(e.attr.ino),
+                    next,
+                    file_type(e.attr.kind),
+                    OsStr::from_bytes(name),
+                ),
+                None => reply.add(ino, next, FileType::Directory, OsStr::from_bytes(name)),
+            });
+            reply.ok();
         });
-        reply.ok();
     }
 
     fn readdirplus(
@@ -664,42 +711,15 @@ impl Filesystem for MortarFs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
-        let _timed = Timed::new("readdirplus");
-        let entries = match self.core.dir_entries(fh.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno(&e)),
-        };
         let ttl = self.ttls.entry();
-        // The kernel lists "." and ".." but caches nothing for them, so any attributes do.
-        let mut dot = file_attr(
-            &entries
-                .first()
-                .map(|e| e.attr.clone())
-                .unwrap_or_else(|| dot_attr(ino.0)),
-        );
-        dot.ino = ino;
-        dot.kind = FileType::Directory;
-        walk_dir(&entries, offset, |next, name, entry| match entry {
-            Some(e) => reply.add(
-                INodeNo(e.attr.ino),
-                next,
-                OsStr::from_bytes(name),
-                &ttl,
-                &file_attr(&e.attr),
-                GENERATION,
-            ),
-            None => reply.add(
-                ino,
-                next,
-                OsStr::from_bytes(name),
-                &Duration::ZERO,
-                &dot,
-                GENERATION,
-            ),
+        self.spawn("readdirplus", move |core| async move {
+            match core.dir_entries(fh.0).await {
+                Ok(entries) => answer_readdirplus(ino, &entries, offset, ttl, reply),
+                Err(e) => reply.error(node_errno(&e)),
+            }
         });
-        reply.ok();
     }
 
     fn releasedir(

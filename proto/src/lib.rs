@@ -9,6 +9,7 @@ pub mod layout;
 pub mod logfile;
 pub mod metrics;
 pub mod options;
+pub mod range;
 pub mod replication;
 pub mod timing;
 pub mod tls;

@@ -108,7 +108,9 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 fn byte_rate(v: &str) -> Result<(), String> {
-    parse_bytes(v).map(|_| ())
+    parse_bytes(v).map(|_| ()).map_err(|e| {
+        format!("{e}; want bytes per second with an optional K, M or G, such as 64M (0: no limit)")
+    })
 }
 
 fn seconds(v: &str) -> Result<(), String> {

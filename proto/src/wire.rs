@@ -45,6 +45,13 @@ pub enum Request {
         client: u128,
         dir: InodeId,
     },
+    /// `len` bytes at `offset` of a chunk, with what proves them (see [`crate::range`]):
+    /// answered with [`Reply::Range`].
+    GetRange {
+        id: ChunkId,
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl Request {
@@ -65,6 +72,7 @@ impl Request {
             Request::Watch { .. } => "watch",
             Request::Admin(_) => "admin",
             Request::Delegate { .. } => "delegate",
+            Request::GetRange { .. } => "get_range",
         }
     }
 }
@@ -936,6 +944,16 @@ pub enum Reply {
     },
     Replaced(Replaced),
     Volume(VolumeConfig),
+    /// A range of a chunk of `chunk_len` bytes: the whole groups from byte `start` that cover
+    /// it, and the chaining value of every group of the chunk (none for a one-group chunk,
+    /// which comes whole).
+    Range {
+        chunk_len: u64,
+        start: u64,
+        values: Vec<[u8; 32]>,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
 
 /// What a brick answers on a stream: a reply, or an error that carries an errno.
