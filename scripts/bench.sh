@@ -155,6 +155,10 @@ docroot() {
         fi
         drop_caches
     }
+    # After a step that changed the tree, commit what the mount still holds (an fsyncdir
+    # commits everything held under delegations), untimed: each timed step then starts with
+    # no earlier step's commits competing for the CPU. The local side gets a sync too.
+    settle() { sync "$work/$1"; }
     local src=/usr/share/wordpress files
     files=$(find "$src" -type f | wc -l)
     head -c $((1024 * 1024 * 1024)) /dev/urandom >"$work/big.src"
@@ -173,6 +177,7 @@ docroot() {
             mkdir -p "$work/$where/copy$i"
             drop_caches
             T[$where.copies]+="$(timed copy_in "$src" "$work/$where/copy$i" $durable) "
+            settle $where
         done
     done
     for where in local mnt; do
@@ -186,6 +191,7 @@ docroot() {
         mkdir "$d/untar"
         drop_caches
         T[$where.untar]=$(timed tar -C "$d/untar" -xf "$work/wordpress.tar")
+        settle $where
         cold $where
         T[$where.stat_cold]=$(timed find "$d/wordpress" -printf '%s %T@\n')
         T[$where.stat_warm]=$(timed find "$d/wordpress" -printf '%s %T@\n')
@@ -193,11 +199,16 @@ docroot() {
         T[$where.read_cold]=$(timed bash -c "find '$d/wordpress' -type f -print0 | xargs -0 cat")
         T[$where.read_warm]=$(timed bash -c "find '$d/wordpress' -type f -print0 | xargs -0 cat")
         T[$where.create]=$(timed create_files "$d")
+        settle $where
         T[$where.delete]=$(timed delete_files "$d")
+        settle $where
         T[$where.rmrf]=$(timed rm -rf "$d/untar")
+        settle $where
         drop_caches
         T[$where.rsync_new]=$(timed rsync -a "$src/" "$d/deploy/")
+        settle $where
         T[$where.rsync_update]=$(timed rsync -a "$work/wordpress-v2/" "$d/deploy/")
+        settle $where
         drop_caches
         T[$where.write_1g]=$(timed dd if="$work/big.src" of="$d/big" bs=1M conv=fsync status=none)
         cold $where

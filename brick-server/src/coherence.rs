@@ -437,9 +437,10 @@ impl Coherence {
         }
     }
 
-    /// Delegate the empty directory `dir` to `client`'s watch. `empty_in` reads the applied
-    /// namespace (the directory's parent when it is an empty directory); it is asked while no
-    /// request naming `dir` is being answered, so nothing lands in it unseen by the holder.
+    /// Delegate the directory `dir` to `client`'s watch. `empty_in` reads the applied
+    /// namespace (the directory's parent when it can be delegated: empty, or listed whole to
+    /// the holder); it is asked while no request naming `dir` is being answered, so nothing
+    /// lands in it unseen by the holder.
     pub fn delegate(
         &mut self,
         client: u128,
@@ -473,7 +474,7 @@ impl Coherence {
             return busy("its last holder may still be changing it");
         }
         let Some(parent) = empty_in()? else {
-            return busy("not an empty directory");
+            return busy("not a directory it can be given with (empty, or small enough)");
         };
         self.delegations.insert(
             dir,

@@ -983,6 +983,33 @@ pub fn empty_dir_parent<R: MetaRead>(r: &R, ino: InodeId) -> Result<Option<Inode
     Ok((ino != ROOT_INODE && txn.is_empty_dir(ino)?).then_some(s.parent))
 }
 
+/// A directory other than the root holding at most `max` entries: its parent and its entries
+/// (a delegation with its listing); None for a larger one or the root.
+pub fn listed_dir<R: MetaRead>(
+    r: &R,
+    ino: InodeId,
+    max: usize,
+) -> Result<Option<(InodeId, Vec<DirEntry>)>, FsError> {
+    let txn = Txn::new(r);
+    let s = txn.dir(ino)?;
+    if ino == ROOT_INODE {
+        return Ok(None);
+    }
+    let rows = r.scan(Table::Dentries, &ino.to_be_bytes(), None, max + 1)?;
+    if rows.len() > max {
+        return Ok(None);
+    }
+    let mut entries = Vec::with_capacity(rows.len());
+    for (k, v) in rows {
+        let child = txn.stored(u64_of(Some(v)))?;
+        entries.push(DirEntry {
+            name: k[8..].to_vec(),
+            attr: child.inode.attr,
+        });
+    }
+    Ok(Some((s.parent, entries)))
+}
+
 /// Chunks named by up to `limit` live inodes after `after`; at their end, where the kept rows
 /// start.
 fn live_references<R: MetaRead>(

@@ -12,7 +12,7 @@ use mortar_proto::tls::{peer_identity, Role};
 use mortar_proto::transport::{Health, Pool};
 use mortar_proto::wire::{
     read_frame, write_frame, AdminRequest, BrickHello, BrickStatus, FrameError, MetaOk, MetaOp,
-    OpId, PeerHealth, Query, Reply, Request, Response, Sender, Stamp,
+    OpId, PeerHealth, Query, Reply, Request, Response, Sender, Stamp, LISTED_MAX,
 };
 use mortar_proto::{
     layout, BrickId, BrickRef, ChunkId, FsError, InodeId, StatFs, Timestamp, VolumeConfig, NAME_MAX,
@@ -241,7 +241,11 @@ impl Brick {
             Request::Delegate { client, dir } => {
                 // A follower forwards a client's request under its brick certificate.
                 need(&[Role::Client, Role::Brick])?;
-                Ok(self.delegate(client, dir).await)
+                Ok(self.delegate(client, dir, false).await)
+            }
+            Request::DelegateListed { client, dir } => {
+                need(&[Role::Client, Role::Brick])?;
+                Ok(self.delegate(client, dir, true).await)
             }
             Request::Watch { .. } => Err(FsError::NotPermitted(
                 "only a client certificate may watch the namespace".into(),
@@ -500,16 +504,19 @@ impl Brick {
         }
     }
 
-    /// Grant `client` a delegation of the empty directory `dir`, on the leader.
-    async fn delegate(&self, client: u128, dir: InodeId) -> Reply {
+    /// Grant `client` a delegation of the empty directory `dir` on the leader or, `listed`,
+    /// of a directory of at most [`LISTED_MAX`] entries, answered with them.
+    async fn delegate(&self, client: u128, dir: InodeId, listed: bool) -> Reply {
         let leader = match self.await_leader(Instant::now() + META_TIMEOUT).await {
             Ok(l) => l,
             Err(e) => return Reply::meta(Err(e), None),
         };
         if leader.id != self.id {
-            return self
-                .forward(&leader, &Request::Delegate { client, dir })
-                .await;
+            let req = match listed {
+                true => Request::DelegateListed { client, dir },
+                false => Request::Delegate { client, dir },
+            };
+            return self.forward(&leader, &req).await;
         }
         let Some(stamp) = self.watchers.stamp() else {
             return Reply::meta(
@@ -525,26 +532,47 @@ impl Brick {
         if let Err(e) = self.space_refusal(0) {
             return Reply::meta(Err(e), Some(leader));
         }
+        // Read while no request naming the directory is being answered, so the holder's
+        // starting point is exactly what the namespace has.
+        let mut entries = None;
         let granted = self
             .watchers
-            .delegate(client, dir, || {
-                namespace::empty_dir_parent(&DbMeta(&self.store), dir)
+            .delegate(client, dir, || match listed {
+                false => namespace::empty_dir_parent(&DbMeta(&self.store), dir),
+                true => Ok(
+                    namespace::listed_dir(&DbMeta(&self.store), dir, LISTED_MAX)?.map(
+                        |(parent, found)| {
+                            entries = Some(found);
+                            parent
+                        },
+                    ),
+                ),
             })
             .await;
         if granted.is_ok() {
             // Other clients may have cached "no such name" in the directory; the holder will
-            // make names there that no change announces until it commits them.
+            // make names there that no change announces until it commits them. Names it may
+            // remove or rename (a listed directory's) leave other clients' kernels too, so
+            // their next look at any of them reaches this leader, which recalls first.
+            let mut inval = vec![mortar_proto::wire::Inval::Names(dir)];
+            if let Some(entries) = &entries {
+                inval.extend(
+                    entries
+                        .iter()
+                        .map(|e| mortar_proto::wire::Inval::Entry(dir, e.name.clone())),
+                );
+            }
             self.watchers
-                .announce(
-                    Some(client),
-                    stamp.index,
-                    &[mortar_proto::wire::Inval::Names(dir)],
-                )
+                .announce(Some(client), stamp.index, &inval)
                 .await;
         }
         // The directory as the holder starts from (nothing else changes it from now on).
         let result = granted
-            .and_then(|()| namespace::query(&DbMeta(&self.store), &Query::GetInode { ino: dir }));
+            .and_then(|()| namespace::query(&DbMeta(&self.store), &Query::GetInode { ino: dir }))
+            .map(|ok| match (ok, entries) {
+                (MetaOk::Inode(dir), Some(entries)) => MetaOk::Delegated { dir, entries },
+                (ok, _) => ok,
+            });
         Reply::Meta {
             result,
             leader: Some(leader),

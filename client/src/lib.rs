@@ -367,7 +367,10 @@ impl Volume {
                     query: Box::new(q),
                 })
             }
-            (Some(name), Request::Meta { .. } | Request::Delegate { .. }) => {
+            (
+                Some(name),
+                Request::Meta { .. } | Request::Delegate { .. } | Request::DelegateListed { .. },
+            ) => {
                 return Answer {
                     result: Err(FsError::ReadOnly(format!("snapshot '{name}' is read-only"))),
                     stamp: None,

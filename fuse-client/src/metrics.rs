@@ -71,6 +71,12 @@ impl Collector for VolumeCounters {
             None,
             MetricType::Counter,
         )?)?;
+        ConstCounter::new(self.0.delegated_changes()).encode(enc.encode_descriptor(
+            "delegated_changes",
+            "Namespace changes made from memory under directory delegations, committed in batches",
+            None,
+            MetricType::Counter,
+        )?)?;
         Ok(())
     }
 }

@@ -52,7 +52,19 @@ pub enum Request {
         offset: u64,
         len: u64,
     },
+    /// As [`Request::Delegate`], for a directory that need not be empty (at most
+    /// [`LISTED_MAX`] entries): answered with [`MetaOk::Delegated`], the directory and its
+    /// entries. The delegation covers the directory's names: until it is recalled, the client
+    /// alone makes, removes and renames names in it; the inodes they name may still be changed
+    /// by others through requests that name them alone.
+    DelegateListed {
+        client: u128,
+        dir: InodeId,
+    },
 }
+
+/// Entries a directory may have to be delegated with its listing.
+pub const LISTED_MAX: usize = 4096;
 
 impl Request {
     /// The operation's name in metrics and logs.
@@ -73,6 +85,7 @@ impl Request {
             Request::Admin(_) => "admin",
             Request::Delegate { .. } => "delegate",
             Request::GetRange { .. } => "get_range",
+            Request::DelegateListed { .. } => "delegate",
         }
     }
 }
@@ -577,6 +590,11 @@ pub enum MetaOk {
     Rebalance(Option<RebalanceState>),
     Snapshot(SnapshotInfo),
     Snapshots(Vec<SnapshotInfo>),
+    /// A [`Request::DelegateListed`] grant: the directory and every entry in it.
+    Delegated {
+        dir: Inode,
+        entries: Vec<DirEntry>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

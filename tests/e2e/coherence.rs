@@ -934,3 +934,126 @@ async fn create_behind_the_holders_back(c: &Cluster, holder: u128, dir: InodeId,
         other => panic!("the hook's create: {other:?}"),
     }
 }
+
+/// Issue 22, delegations of existing directories: replacing files the rsync way and `rm -rf`
+/// in a tree another mount made are done from memory under delegations of the existing
+/// directories (the writer's batches carry them), and a second mount that had looked at every
+/// name sees each replacement and removal as soon as the writer's call returned: its kernel
+/// dropped the names at the grant, so its next look reaches the leader, which recalls first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_in_existing_directories_are_delegated_and_seen_at_once_elsewhere() {
+    use mortar_tests::metrics::{scrape, sum};
+    let c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let metrics = format!("{}:9200", c.ip);
+    // a commits what it holds only when recalled or synced, so nothing but the grant's
+    // invalidations and the recall can show b its changes.
+    let a = c
+        .mount_with_env(
+            "www",
+            "a",
+            &format!("metrics={metrics}"),
+            &[("MORTAR_TEST_HOLD_COMMITS", "1")],
+        )
+        .await;
+    // b's kernel keeps names and attributes for 30 s: only an invalidation can drop them.
+    let b = c
+        .mount("www", "b", "entry_timeout=30,attr_timeout=30")
+        .await;
+    let (dirs, files) = (3, 40);
+    let path = |m: &Mount, d: usize, f: usize| m.path.join(format!("t/d{d}/f{f}"));
+    std::fs::create_dir(b.path.join("t")).unwrap();
+    for d in 0..dirs {
+        std::fs::create_dir(b.path.join(format!("t/d{d}"))).unwrap();
+        for f in 0..files {
+            std::fs::write(path(&b, d, f), format!("v1 {d} {f}")).unwrap();
+        }
+    }
+    std::fs::File::open(b.path.join("t"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    // Both mounts look at every name, so their kernels hold them.
+    for d in 0..dirs {
+        for f in 0..files {
+            let want = format!("v1 {d} {f}");
+            assert_eq!(std::fs::read_to_string(path(&a, d, f)).unwrap(), want);
+            assert_eq!(std::fs::read_to_string(path(&b, d, f)).unwrap(), want);
+        }
+    }
+    let delegated = || {
+        sum(
+            &scrape(&metrics),
+            "mortar_mount_delegated_changes_total",
+            "",
+        )
+    };
+    // rsync's way: a new file under a temporary name, renamed over the old one.
+    let replace = |d: usize, f: usize| {
+        let tmp = a.path.join(format!("t/d{d}/.f{f}.tmp"));
+        std::fs::write(&tmp, format!("v2 {d} {f}")).unwrap();
+        std::fs::rename(&tmp, path(&a, d, f)).unwrap();
+    };
+
+    // d0 alone, then b reads it whole.
+    let before = delegated();
+    for f in 0..files {
+        replace(0, f);
+    }
+    std::fs::File::open(a.path.join("t/d0"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let made = delegated() - before;
+    assert!(
+        made >= files as f64,
+        "only {made} changes of {} made from memory",
+        2 * files
+    );
+    for f in 0..files {
+        assert_eq!(
+            std::fs::read_to_string(path(&b, 0, f)).unwrap(),
+            format!("v2 0 {f}")
+        );
+    }
+    // d1, the grant's own work: a makes a first name there (the usual way); b then looks
+    // at d1 and f1 afresh, so its kernel holds both as current; a's next name change gets
+    // it d1 with its listing, and a replaces f1 from memory. b's read of f1 must find the
+    // new file: only the grant's invalidation of every listed name makes its kernel ask.
+    // (b's read recalls the delegation, and a then changes d1 the usual way.)
+    let before = delegated();
+    std::fs::write(a.path.join("t/d1/warm"), b"w").unwrap();
+    std::fs::metadata(b.path.join("t/d1")).unwrap();
+    assert_eq!(std::fs::read_to_string(path(&b, 1, 1)).unwrap(), "v1 1 1");
+    replace(1, 1);
+    assert_eq!(
+        std::fs::read_to_string(path(&b, 1, 1)).unwrap(),
+        "v2 1 1",
+        "b read the old d1/f1 after a replaced it under the delegation"
+    );
+    for f in 0..files {
+        replace(1, f);
+        assert_eq!(
+            std::fs::read_to_string(path(&b, 1, f)).unwrap(),
+            format!("v2 1 {f}"),
+            "b read the old d1/f{f} after a replaced it"
+        );
+    }
+    std::fs::File::open(a.path.join("t/d1"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    assert!(delegated() > before, "no change in d1 was made from memory");
+    // rm -rf by a; b finds nothing left at once.
+    let out = std::process::Command::new("rm")
+        .arg("-rf")
+        .arg(a.path.join("t"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for d in 0..dirs {
+        assert!(!path(&b, d, 0).exists(), "b still sees t/d{d}/f0");
+    }
+    assert!(!b.path.join("t").exists());
+    assert!(std::fs::read_dir(&b.path).unwrap().next().is_none());
+}

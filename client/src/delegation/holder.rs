@@ -36,6 +36,11 @@ const NODE_BYTES: usize = 128 * 1024 * 1024;
 const MADE_MAX: usize = 4096;
 /// Inodes remembered as having lost a change, until an fsync, close or fsyncdir reports it.
 const LOST_MAX: usize = 65536;
+/// A second change of names in a directory within this long asks for its delegation (one
+/// change alone is cheaper made the usual way than after a grant's round trip).
+const ASK_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+/// A directory recalled is not asked for again this soon: another client is using it.
+const RECALL_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What names a batch to the leader's once table: [`crate::once::Ticket`], a number in tests.
 pub(crate) trait BatchId {
@@ -48,13 +53,17 @@ impl BatchId for crate::once::Ticket {
     }
 }
 
-/// An inode made or changed under a delegation, as this client shows it.
+/// An inode made or changed under a delegation, as this client shows it; or, not `whole`,
+/// one named in a directory delegated with its listing, of which only the name and kind are
+/// this client's to show (others may change its attributes).
 struct Node {
     inode: Inode,
     /// The delegated directory it lies beneath.
     root: InodeId,
-    /// A directory's entries: every one of them was made here.
+    /// A directory's entries, all known here (None for anything else, and for a directory
+    /// known only by name).
     entries: Option<HashMap<Vec<u8>, InodeId>>,
+    whole: bool,
 }
 
 /// A change held for commit, with the inode it concerns.
@@ -149,6 +158,10 @@ pub(crate) struct Holder<T> {
     node_bytes: usize,
     /// Inodes with a change this client showed and could not commit, and what it was.
     lost: HashMap<InodeId, String>,
+    /// Directories not shown from memory in which this client changed a name, and when.
+    busy: HashMap<InodeId, std::time::Instant>,
+    /// Directories recalled, and when.
+    recalled: HashMap<InodeId, std::time::Instant>,
 }
 
 impl<T> Default for Holder<T> {
@@ -167,6 +180,8 @@ impl<T> Default for Holder<T> {
             made: HashSet::new(),
             node_bytes: 0,
             lost: HashMap::new(),
+            busy: HashMap::new(),
+            recalled: HashMap::new(),
         }
     }
 }
@@ -230,8 +245,68 @@ impl<T: BatchId> Holder<T> {
                 inode,
                 root: dir,
                 entries: Some(HashMap::new()),
+                whole: true,
             },
         );
+        true
+    }
+
+    /// Whether to ask for a delegation of `dir` with its listing now: this client changes
+    /// names in it for the second time within [`ASK_WINDOW`], it is not shown from memory
+    /// (what is held there would be missing from the listing), and it was not recalled
+    /// within [`RECALL_BACKOFF`] (another client is using it).
+    pub(crate) fn ask_listed(&mut self, dir: InodeId, now: std::time::Instant) -> bool {
+        if self.nodes.get(&dir).is_some_and(|n| n.whole) {
+            return false;
+        }
+        if self
+            .recalled
+            .get(&dir)
+            .is_some_and(|t| now < *t + RECALL_BACKOFF)
+        {
+            return false;
+        }
+        if self.busy.len() >= MADE_MAX {
+            self.busy.clear();
+        }
+        match self.busy.insert(dir, now) {
+            Some(before) if now < before + ASK_WINDOW => {
+                self.busy.remove(&dir);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The leader of `epoch` delegated `dir` (found as `inode`) with its `entries`. The names
+    /// are this client's to change from now on; the inodes they name are shown by name and
+    /// kind only (kept whole when already shown whole here). Returns whether it is taken.
+    pub(crate) fn granted_listed(
+        &mut self,
+        dir: InodeId,
+        inode: Inode,
+        entries: Vec<DirEntry>,
+        epoch: (BrickId, u64),
+        leased: bool,
+    ) -> bool {
+        if !self.granted(dir, inode, epoch, leased) {
+            return false;
+        }
+        let mut names = HashMap::with_capacity(entries.len());
+        for e in entries {
+            names.insert(e.name, e.attr.ino);
+            self.nodes.entry(e.attr.ino).or_insert_with(|| Node {
+                inode: Inode {
+                    attr: e.attr,
+                    content: Content::None,
+                    xattrs: Vec::new(),
+                },
+                root: dir,
+                entries: None,
+                whole: false,
+            });
+        }
+        self.entries_mut(dir).clone_from(&names);
         true
     }
 
@@ -247,6 +322,7 @@ impl<T: BatchId> Holder<T> {
         let root = self
             .nodes
             .get(&ino)
+            .filter(|n| n.whole)
             .map(|n| n.root)
             .filter(|r| self.roots.contains(r))?;
         if leased {
@@ -277,7 +353,17 @@ impl<T: BatchId> Holder<T> {
 
     /// The leader recalls `dir` through watch `watch`, as its message `seq`. Answered at once
     /// when nothing is held; else once what is held now is settled.
-    pub(crate) fn recall(&mut self, dir: InodeId, watch: u64, seq: u64) -> Settled {
+    pub(crate) fn recall(
+        &mut self,
+        dir: InodeId,
+        watch: u64,
+        seq: u64,
+        now: std::time::Instant,
+    ) -> Settled {
+        if self.recalled.len() >= MADE_MAX {
+            self.recalled.clear();
+        }
+        self.recalled.insert(dir, now);
         self.give_back(dir);
         self.recalls.push(Recall {
             watch,
@@ -349,6 +435,7 @@ impl<T: BatchId> Holder<T> {
                 inode,
                 root,
                 entries: (kind == FileKind::Directory).then(HashMap::new),
+                whole: true,
             },
         );
         // The name is free here, so the create is exclusive (as the namespace requires of it).
@@ -372,6 +459,7 @@ impl<T: BatchId> Holder<T> {
         let node = self
             .nodes
             .get_mut(&ino)
+            .filter(|n| n.whole)
             .ok_or_else(|| FsError::Invalid(format!("inode {ino} is not delegated")))?;
         let mut changed = node.inode.clone();
         changed.apply_change(op, now)?;
@@ -568,9 +656,11 @@ impl<T: BatchId> Holder<T> {
         let Some(n) = self.nodes.get_mut(&ino) else {
             return;
         };
-        if n.entries.is_some() || n.inode.attr.nlink <= 1 {
+        // A node known by name only tells nothing of its other links: it just goes.
+        if !n.whole || n.entries.is_some() || n.inode.attr.nlink <= 1 {
             let gone = self.nodes.remove(&ino).expect("present");
             self.node_bytes -= content_bytes(&gone.inode.content);
+            self.roots.remove(&ino);
         } else {
             n.inode.attr.nlink -= 1;
             n.inode.attr.ctime = now;
@@ -610,11 +700,15 @@ impl<T: BatchId> Holder<T> {
     // ---- what is shown from memory ----
 
     pub(crate) fn attr(&self, ino: InodeId) -> Option<Attr> {
-        self.nodes.get(&ino).map(|n| n.inode.attr.clone())
+        self.whole(ino).map(|n| n.inode.attr.clone())
     }
 
     pub(crate) fn inode(&self, ino: InodeId) -> Option<Inode> {
-        self.nodes.get(&ino).map(|n| n.inode.clone())
+        self.whole(ino).map(|n| n.inode.clone())
+    }
+
+    fn whole(&self, ino: InodeId) -> Option<&Node> {
+        self.nodes.get(&ino).filter(|n| n.whole)
     }
 
     /// Every entry of the directory `dir` with its attributes, sorted by name, when all of
@@ -624,7 +718,7 @@ impl<T: BatchId> Holder<T> {
         let mut list = entries
             .iter()
             .map(|(name, ino)| {
-                let attr = self.nodes.get(ino)?.inode.attr.clone();
+                let attr = self.whole(*ino)?.inode.attr.clone();
                 Some(DirEntry {
                     name: name.clone(),
                     attr,
@@ -641,7 +735,7 @@ impl<T: BatchId> Holder<T> {
         };
         match entries.get(name) {
             None => Name::Absent,
-            Some(ino) => match self.nodes.get(ino) {
+            Some(ino) => match self.whole(*ino) {
                 Some(n) => Name::Found(n.inode.attr.clone()),
                 None => Name::Committed(*ino),
             },

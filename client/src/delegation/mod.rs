@@ -161,6 +161,45 @@ impl Volume {
         tracing::debug!(dir, "directory delegated to this client");
     }
 
+    /// A change of names in `dir`, which no live delegation here covers: when this client
+    /// keeps changing names there ([`Holder::ask_listed`]), ask for a delegation of it with
+    /// its listing. Returns whether `dir` is now delegated.
+    async fn maybe_delegate_listed(&self, dir: InodeId) -> bool {
+        if !self.meta_cache.serving()
+            || !self.deleg.lock().ask_listed(dir, std::time::Instant::now())
+        {
+            return false;
+        }
+        let a = self
+            .meta(Request::DelegateListed {
+                client: self.client_id,
+                dir,
+            })
+            .await;
+        let (
+            Ok(MetaOk::Delegated {
+                dir: inode,
+                entries,
+            }),
+            Some(Stamp { leader, term, .. }),
+        ) = (a.result, a.stamp)
+        else {
+            return false;
+        };
+        let leased = self.leased_under(Some((leader, term)));
+        if !self
+            .deleg
+            .lock()
+            .granted_listed(dir, inode, entries, (leader, term), leased)
+        {
+            return false;
+        }
+        // Names changed in it from now on reach the cache only once committed.
+        self.meta_cache.forget_listings(&HashSet::from([dir]));
+        tracing::debug!(dir, "directory delegated to this client with its listing");
+        true
+    }
+
     /// An inode number for a create under a delegation.
     async fn spare_ino(&self) -> Result<InodeId, FsError> {
         loop {
@@ -189,11 +228,12 @@ impl Volume {
             _ => return None,
         };
         self.maybe_delegate(parent).await;
-        let live = {
-            let mut st = self.deleg.lock();
-            self.usable(&mut st, parent).is_some()
+        let live = |v: &Self| {
+            let mut st = v.deleg.lock();
+            v.usable(&mut st, parent).is_some()
         };
-        if !live {
+        let delegated = live(self) || (self.maybe_delegate_listed(parent).await && live(self));
+        if !delegated {
             return None;
         }
         let ino = match self.spare_ino().await {
@@ -236,10 +276,15 @@ impl Volume {
         name: &[u8],
         rmdir: bool,
     ) -> Option<Result<(), FsError>> {
-        let result = {
-            let mut st = self.deleg.lock();
-            self.usable(&mut st, parent)?;
-            st.remove(parent, name, rmdir, Timestamp::now())?
+        let try_local = |v: &Self| {
+            let mut st = v.deleg.lock();
+            v.usable(&mut st, parent)?;
+            st.remove(parent, name, rmdir, Timestamp::now())
+        };
+        let result = match try_local(self) {
+            Some(r) => r,
+            None if self.maybe_delegate_listed(parent).await => try_local(self)?,
+            None => return None,
         };
         self.after_hold().await;
         Some(result)
@@ -255,11 +300,19 @@ impl Volume {
         new_name: &[u8],
         flags: u32,
     ) -> Option<Result<(), FsError>> {
-        let result = {
-            let mut st = self.deleg.lock();
-            self.usable(&mut st, parent)?;
-            self.usable(&mut st, new_parent)?;
-            st.rename(parent, name, new_parent, new_name, flags, Timestamp::now())?
+        let try_local = |v: &Self| {
+            let mut st = v.deleg.lock();
+            v.usable(&mut st, parent)?;
+            v.usable(&mut st, new_parent)?;
+            st.rename(parent, name, new_parent, new_name, flags, Timestamp::now())
+        };
+        let result = match try_local(self) {
+            Some(r) => r,
+            // A rename within one directory: ask for it when it keeps changing.
+            None if parent == new_parent && self.maybe_delegate_listed(parent).await => {
+                try_local(self)?
+            }
+            None => return None,
         };
         self.after_hold().await;
         Some(result)
@@ -318,7 +371,10 @@ impl Volume {
     /// The leader recalls the delegation of `dir` (its message `seq` on watch `watch`): it is
     /// acknowledged once what is held now is committed, by whichever commit gets there.
     pub(crate) fn recalled(&self, dir: InodeId, watch: u64, seq: u64) {
-        let settled = self.deleg.lock().recall(dir, watch, seq);
+        let settled = self
+            .deleg
+            .lock()
+            .recall(dir, watch, seq, std::time::Instant::now());
         tracing::debug!(
             dir,
             at_once = !settled.acks.is_empty(),

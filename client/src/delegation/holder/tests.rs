@@ -197,7 +197,7 @@ fn a_recall_is_answered_only_once_what_was_held_is_committed() {
     let mut h = holding(&[ROOT]);
     create(&mut h, ROOT, "a", 100).unwrap();
     assert_eq!(
-        h.recall(ROOT, 1, 9),
+        h.recall(ROOT, 1, 9, std::time::Instant::now()),
         Settled::default(),
         "a is not committed"
     );
@@ -215,7 +215,7 @@ fn a_recall_is_answered_only_once_what_was_held_is_committed() {
 #[test]
 fn a_recall_with_nothing_held_is_answered_at_once() {
     let mut h = holding(&[ROOT]);
-    let settled = h.recall(ROOT, 1, 3);
+    let settled = h.recall(ROOT, 1, 3, std::time::Instant::now());
     assert_eq!(settled.acks, vec![(1, 3)]);
     assert_eq!(settled.forget, HashSet::from([ROOT]));
 }
@@ -225,7 +225,10 @@ fn changes_made_after_a_recall_do_not_hold_it_back() {
     let other = ROOT + 1;
     let mut h = holding(&[ROOT, other]);
     create(&mut h, ROOT, "a", 100).unwrap();
-    assert!(h.recall(ROOT, 1, 4).acks.is_empty());
+    assert!(h
+        .recall(ROOT, 1, 4, std::time::Instant::now())
+        .acks
+        .is_empty());
     send(&mut h, 1).unwrap();
     create(&mut h, other, "b", 101).unwrap();
     let (settled, _) = h.batch_answered(Answer::Committed);
@@ -241,7 +244,10 @@ fn changes_made_after_a_recall_do_not_hold_it_back() {
 fn a_recall_from_an_ended_watch_is_not_answered() {
     let mut h = holding(&[ROOT]);
     create(&mut h, ROOT, "a", 100).unwrap();
-    assert!(h.recall(ROOT, 1, 4).acks.is_empty());
+    assert!(h
+        .recall(ROOT, 1, 4, std::time::Instant::now())
+        .acks
+        .is_empty());
     assert!(h.lease_lost().forget.is_empty(), "a is still held");
     send(&mut h, 1).unwrap();
     let (settled, _) = h.batch_answered(Answer::Committed);
@@ -253,7 +259,10 @@ fn a_refused_batch_goes_one_by_one_and_each_refused_change_fails_its_file_and_di
     let mut h = holding(&[ROOT]);
     create(&mut h, ROOT, "a", 100).unwrap();
     create(&mut h, ROOT, "b", 101).unwrap();
-    assert!(h.recall(ROOT, 1, 5).acks.is_empty());
+    assert!(h
+        .recall(ROOT, 1, 5, std::time::Instant::now())
+        .acks
+        .is_empty());
     send(&mut h, 1).unwrap();
     let (settled, singles) = h.batch_answered(Answer::Refused);
     assert_eq!(singles.len(), 2);
@@ -695,7 +704,12 @@ impl Model {
                     .map(|(_, v)| *v)
                     .collect();
                 self.recalls.insert((self.watch, seq), beneath);
-                let s = self.holder.recall(self.roots[*root], self.watch, seq);
+                let s = self.holder.recall(
+                    self.roots[*root],
+                    self.watch,
+                    seq,
+                    std::time::Instant::now(),
+                );
                 self.settle(s);
             }
             Step::Send => {
