@@ -907,13 +907,6 @@ impl Volume {
         new_name: &[u8],
         flags: u32,
     ) -> Result<(), FsError> {
-        if let Some(done) = self
-            .rename_local(parent, name, new_parent, new_name, flags)
-            .await
-        {
-            return done;
-        }
-        self.give_back(&[parent, new_parent]).await?;
         let op = MetaOp::Rename {
             parent,
             name: name.to_vec(),
@@ -921,6 +914,10 @@ impl Volume {
             new_name: new_name.to_vec(),
             flags,
         };
+        if let Some(done) = self.rename_local(&op).await {
+            return done;
+        }
+        self.give_back(&[parent, new_parent]).await?;
         self.write_op(op).await.map(|_| ())
     }
 

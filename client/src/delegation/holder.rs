@@ -19,7 +19,7 @@
 use mortar_proto::wire::{MetaOp, OpId, RENAME_NOREPLACE};
 use mortar_proto::{
     validate_name, validate_symlink_target, Attr, BrickId, Content, DirEntry, FileKind, FsError,
-    Inode, InodeId, Timestamp,
+    Inode, InodeId, Timestamp, ROOT_INODE,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -53,9 +53,8 @@ impl BatchId for crate::once::Ticket {
     }
 }
 
-/// An inode made or changed under a delegation, as this client shows it; or, not `whole`,
-/// one named in a directory delegated with its listing, of which only the name and kind are
-/// this client's to show (others may change its attributes).
+/// An inode made or changed under a delegation, as this client shows it; or one named in a
+/// directory delegated with its listing, which others may still change by inode.
 struct Node {
     inode: Inode,
     /// The delegated directory it lies beneath.
@@ -63,7 +62,19 @@ struct Node {
     /// A directory's entries, all known here (None for anything else, and for a directory
     /// known only by name).
     entries: Option<HashMap<Vec<u8>, InodeId>>,
-    whole: bool,
+    known: Known,
+}
+
+/// How much of a node this client answers for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Known {
+    /// All of it: made (or changed) here beneath a live delegation.
+    Whole,
+    /// Its name and kind: its attributes and content come from the cache or the leader.
+    Named,
+    /// Named, and renamed or unlinked here by a change not committed yet: its attributes as
+    /// that change left them (link count, ctime) are shown from here until it is.
+    Shown,
 }
 
 /// A change held for commit, with the inode it concerns.
@@ -160,7 +171,7 @@ pub(crate) struct Holder<T> {
     lost: HashMap<InodeId, String>,
     /// Directories not shown from memory in which this client changed a name, and when.
     busy: HashMap<InodeId, std::time::Instant>,
-    /// Directories recalled, and when.
+    /// Directories recalled or refused, and when.
     recalled: HashMap<InodeId, std::time::Instant>,
 }
 
@@ -245,7 +256,7 @@ impl<T: BatchId> Holder<T> {
                 inode,
                 root: dir,
                 entries: Some(HashMap::new()),
-                whole: true,
+                known: Known::Whole,
             },
         );
         true
@@ -253,10 +264,11 @@ impl<T: BatchId> Holder<T> {
 
     /// Whether to ask for a delegation of `dir` with its listing now: this client changes
     /// names in it for the second time within [`ASK_WINDOW`], it is not shown from memory
-    /// (what is held there would be missing from the listing), and it was not recalled
-    /// within [`RECALL_BACKOFF`] (another client is using it).
+    /// (what is held there would be missing from the listing), and it was not recalled or
+    /// refused within [`RECALL_BACKOFF`] (another client is using it). The volume's root is
+    /// never delegated.
     pub(crate) fn ask_listed(&mut self, dir: InodeId, now: std::time::Instant) -> bool {
-        if self.nodes.get(&dir).is_some_and(|n| n.whole) {
+        if dir == ROOT_INODE || self.whole(dir).is_some() {
             return false;
         }
         if self
@@ -276,6 +288,18 @@ impl<T: BatchId> Holder<T> {
             }
             _ => false,
         }
+    }
+
+    /// The leader refused `dir` (with its listing): not asked for again this soon.
+    pub(crate) fn refused(&mut self, dir: InodeId, now: std::time::Instant) {
+        self.not_now(dir, now);
+    }
+
+    fn not_now(&mut self, dir: InodeId, now: std::time::Instant) {
+        if self.recalled.len() >= MADE_MAX {
+            self.recalled.clear();
+        }
+        self.recalled.insert(dir, now);
     }
 
     /// The leader of `epoch` delegated `dir` (found as `inode`) with its `entries`. The names
@@ -303,7 +327,7 @@ impl<T: BatchId> Holder<T> {
                 },
                 root: dir,
                 entries: None,
-                whole: false,
+                known: Known::Named,
             });
         }
         self.entries_mut(dir).clone_from(&names);
@@ -322,7 +346,7 @@ impl<T: BatchId> Holder<T> {
         let root = self
             .nodes
             .get(&ino)
-            .filter(|n| n.whole)
+            .filter(|n| n.known == Known::Whole)
             .map(|n| n.root)
             .filter(|r| self.roots.contains(r))?;
         if leased {
@@ -360,10 +384,7 @@ impl<T: BatchId> Holder<T> {
         seq: u64,
         now: std::time::Instant,
     ) -> Settled {
-        if self.recalled.len() >= MADE_MAX {
-            self.recalled.clear();
-        }
-        self.recalled.insert(dir, now);
+        self.not_now(dir, now);
         self.give_back(dir);
         self.recalls.push(Recall {
             watch,
@@ -435,7 +456,7 @@ impl<T: BatchId> Holder<T> {
                 inode,
                 root,
                 entries: (kind == FileKind::Directory).then(HashMap::new),
-                whole: true,
+                known: Known::Whole,
             },
         );
         // The name is free here, so the create is exclusive (as the namespace requires of it).
@@ -459,7 +480,7 @@ impl<T: BatchId> Holder<T> {
         let node = self
             .nodes
             .get_mut(&ino)
-            .filter(|n| n.whole)
+            .filter(|n| n.known == Known::Whole)
             .ok_or_else(|| FsError::Invalid(format!("inode {ino} is not delegated")))?;
         let mut changed = node.inode.clone();
         changed.apply_change(op, now)?;
@@ -563,16 +584,18 @@ impl<T: BatchId> Holder<T> {
     /// delegation and every inode it touches is shown from memory. None: it goes the usual
     /// way (an exchange, a directory moved to another parent, which needs the namespace's
     /// loop check, or an inode not shown from memory).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn rename(
-        &mut self,
-        parent: InodeId,
-        name: &[u8],
-        new_parent: InodeId,
-        new_name: &[u8],
-        flags: u32,
-        now: Timestamp,
-    ) -> Option<Result<(), FsError>> {
+    pub(crate) fn rename(&mut self, op: &MetaOp, now: Timestamp) -> Option<Result<(), FsError>> {
+        let MetaOp::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            flags,
+        } = op
+        else {
+            return Some(Err(FsError::Invalid(format!("not a rename: {op:?}"))));
+        };
+        let (parent, new_parent, flags) = (*parent, *new_parent, *flags);
         if flags & !RENAME_NOREPLACE != 0 {
             return None;
         }
@@ -622,17 +645,13 @@ impl<T: BatchId> Holder<T> {
         self.entries_mut(new_parent).insert(new_name.to_vec(), src);
         if let Some(n) = self.nodes.get_mut(&src) {
             n.inode.attr.ctime = now;
+            if n.known == Known::Named {
+                n.known = Known::Shown;
+            }
         }
         self.touch_dir(parent, 0, now);
         self.touch_dir(new_parent, 0, now);
-        let op = MetaOp::Rename {
-            parent,
-            name: name.to_vec(),
-            new_parent,
-            new_name: new_name.to_vec(),
-            flags,
-        };
-        self.push(op, new_parent, now, Kind::Entry);
+        self.push(op.clone(), new_parent, now, Kind::Entry);
         Some(Ok(()))
     }
 
@@ -656,8 +675,14 @@ impl<T: BatchId> Holder<T> {
         let Some(n) = self.nodes.get_mut(&ino) else {
             return;
         };
-        // A node known by name only tells nothing of its other links: it just goes.
-        if !n.whole || n.entries.is_some() || n.inode.attr.nlink <= 1 {
+        // A node known by name keeps the link count and ctime this change leaves it with,
+        // shown from here until the change is committed (an open handle or another name of it
+        // may ask).
+        if n.known != Known::Whole {
+            n.inode.attr.nlink = n.inode.attr.nlink.saturating_sub(1);
+            n.inode.attr.ctime = now;
+            n.known = Known::Shown;
+        } else if n.entries.is_some() || n.inode.attr.nlink <= 1 {
             let gone = self.nodes.remove(&ino).expect("present");
             self.node_bytes -= content_bytes(&gone.inode.content);
             self.roots.remove(&ino);
@@ -700,7 +725,7 @@ impl<T: BatchId> Holder<T> {
     // ---- what is shown from memory ----
 
     pub(crate) fn attr(&self, ino: InodeId) -> Option<Attr> {
-        self.whole(ino).map(|n| n.inode.attr.clone())
+        self.shown(ino).map(|n| n.inode.attr.clone())
     }
 
     pub(crate) fn inode(&self, ino: InodeId) -> Option<Inode> {
@@ -708,7 +733,12 @@ impl<T: BatchId> Holder<T> {
     }
 
     fn whole(&self, ino: InodeId) -> Option<&Node> {
-        self.nodes.get(&ino).filter(|n| n.whole)
+        self.nodes.get(&ino).filter(|n| n.known == Known::Whole)
+    }
+
+    /// A node whose attributes this client shows.
+    fn shown(&self, ino: InodeId) -> Option<&Node> {
+        self.nodes.get(&ino).filter(|n| n.known != Known::Named)
     }
 
     /// Every entry of the directory `dir` with its attributes, sorted by name, when all of
@@ -718,7 +748,7 @@ impl<T: BatchId> Holder<T> {
         let mut list = entries
             .iter()
             .map(|(name, ino)| {
-                let attr = self.whole(*ino)?.inode.attr.clone();
+                let attr = self.shown(*ino)?.inode.attr.clone();
                 Some(DirEntry {
                     name: name.clone(),
                     attr,
@@ -735,7 +765,7 @@ impl<T: BatchId> Holder<T> {
         };
         match entries.get(name) {
             None => Name::Absent,
-            Some(ino) => match self.whole(*ino) {
+            Some(ino) => match self.shown(*ino) {
                 Some(n) => Name::Found(n.inode.attr.clone()),
                 None => Name::Committed(*ino),
             },
@@ -880,6 +910,17 @@ impl<T: BatchId> Holder<T> {
     /// forgotten: the cache must not answer for their names from what it knew before the
     /// delegation (nothing told it of the names made beneath).
     fn forget_committed(&mut self) -> HashSet<InodeId> {
+        if self.held.is_empty() && self.sent.is_none() {
+            // Every change is committed: what the leader answers for a named node is current
+            // again, and one unlinked here is gone there.
+            self.nodes
+                .retain(|_, n| n.known != Known::Shown || n.inode.attr.nlink > 0);
+            for n in self.nodes.values_mut() {
+                if n.known == Known::Shown {
+                    n.known = Known::Named;
+                }
+            }
+        }
         let held: HashSet<InodeId> = self
             .held
             .iter()

@@ -184,6 +184,7 @@ impl Volume {
             Some(Stamp { leader, term, .. }),
         ) = (a.result, a.stamp)
         else {
+            self.deleg.lock().refused(dir, std::time::Instant::now());
             return false;
         };
         let leased = self.leased_under(Some((leader, term)));
@@ -292,19 +293,18 @@ impl Volume {
 
     /// A rename answered from memory, when both directories lie beneath one live delegation
     /// (None: make it as usual).
-    pub(crate) async fn rename_local(
-        &self,
-        parent: InodeId,
-        name: &[u8],
-        new_parent: InodeId,
-        new_name: &[u8],
-        flags: u32,
-    ) -> Option<Result<(), FsError>> {
+    pub(crate) async fn rename_local(&self, op: &MetaOp) -> Option<Result<(), FsError>> {
+        let MetaOp::Rename {
+            parent, new_parent, ..
+        } = *op
+        else {
+            return None;
+        };
         let try_local = |v: &Self| {
             let mut st = v.deleg.lock();
             v.usable(&mut st, parent)?;
             v.usable(&mut st, new_parent)?;
-            st.rename(parent, name, new_parent, new_name, flags, Timestamp::now())
+            st.rename(op, Timestamp::now())
         };
         let result = match try_local(self) {
             Some(r) => r,

@@ -5,6 +5,7 @@ use super::*;
 use mortar_proto::wire::{SetAttr, RENAME_EXCHANGE};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 const ROOT: InodeId = 50;
 const EPOCH: (BrickId, u64) = (1, 1);
@@ -281,6 +282,16 @@ fn a_refused_batch_goes_one_by_one_and_each_refused_change_fails_its_file_and_di
     assert_eq!(h.take_lost(100), None, "a was committed");
 }
 
+fn ren(parent: InodeId, name: &[u8], new_parent: InodeId, new_name: &[u8], flags: u32) -> MetaOp {
+    MetaOp::Rename {
+        parent,
+        name: name.to_vec(),
+        new_parent,
+        new_name: new_name.to_vec(),
+        flags,
+    }
+}
+
 fn mkdir(h: &mut Holder<u64>, parent: InodeId, name: &str, ino: InodeId) {
     let op = MetaOp::Mkdir {
         parent,
@@ -312,22 +323,17 @@ fn unlinks_and_rmdirs_are_answered_and_held_with_the_namespace_rules() {
         nanos: 0,
     };
 
-    assert_eq!(
-        h.remove(ROOT, b"a", true, later),
-        Some(Err(FsError::NotDir))
-    );
-    assert_eq!(
-        h.remove(ROOT, b"d", false, later),
-        Some(Err(FsError::IsDir))
-    );
-    assert_eq!(
-        h.remove(ROOT, b"d", true, later),
-        Some(Err(FsError::NotEmpty))
-    );
-    assert_eq!(
-        h.remove(ROOT, b"zz", false, later),
-        Some(Err(FsError::NotFound))
-    );
+    for (name, rmdir, refused) in [
+        ("a", true, FsError::NotDir),
+        ("d", false, FsError::IsDir),
+        ("d", true, FsError::NotEmpty),
+        ("zz", false, FsError::NotFound),
+    ] {
+        assert_eq!(
+            h.remove(ROOT, name.as_bytes(), rmdir, later),
+            Some(Err(refused))
+        );
+    }
     assert_eq!(h.held.len(), 3, "a refused removal holds nothing");
 
     assert_eq!(h.remove(ROOT, b"a", false, later), Some(Ok(())));
@@ -357,7 +363,10 @@ fn renames_within_a_delegation_replace_and_refuse_as_the_namespace_does() {
     mkdir(&mut h, ROOT, "d", 102);
     let now = Timestamp::now();
     // rsync's last step: the temporary file takes the place of the old one.
-    assert_eq!(h.rename(ROOT, b".a.tmp", ROOT, b"a", 0, now), Some(Ok(())));
+    assert_eq!(
+        h.rename(&ren(ROOT, b".a.tmp", ROOT, b"a", 0), now),
+        Some(Ok(()))
+    );
     match h.name(ROOT, b"a") {
         Name::Found(a) => assert_eq!(a.ino, 100),
         other => panic!("{other:?}"),
@@ -374,18 +383,18 @@ fn renames_within_a_delegation_replace_and_refuse_as_the_namespace_does() {
 
     let held = h.held.len();
     assert_eq!(
-        h.rename(ROOT, b"d", ROOT, b"a", 0, now),
+        h.rename(&ren(ROOT, b"d", ROOT, b"a", 0), now),
         Some(Err(FsError::NotDir))
     );
     assert_eq!(
-        h.rename(ROOT, b"a", ROOT, b"d", 0, now),
+        h.rename(&ren(ROOT, b"a", ROOT, b"d", 0), now),
         Some(Err(FsError::IsDir))
     );
     assert_eq!(
-        h.rename(ROOT, b"a", ROOT, b"d", RENAME_NOREPLACE, now),
+        h.rename(&ren(ROOT, b"a", ROOT, b"d", RENAME_NOREPLACE), now),
         Some(Err(FsError::Exists))
     );
-    assert_eq!(h.rename(ROOT, b"a", ROOT, b"a", 0, now), Some(Ok(())));
+    assert_eq!(h.rename(&ren(ROOT, b"a", ROOT, b"a", 0), now), Some(Ok(())));
     assert_eq!(
         h.held.len(),
         held,
@@ -393,9 +402,12 @@ fn renames_within_a_delegation_replace_and_refuse_as_the_namespace_does() {
     );
     // Left to the namespace: exchanges, a directory moving to another parent (its loop
     // check), and renames across delegations.
-    assert_eq!(h.rename(ROOT, b"a", ROOT, b"d", RENAME_EXCHANGE, now), None);
-    assert_eq!(h.rename(ROOT, b"d", 102, b"x", 0, now), None);
-    assert_eq!(h.rename(ROOT, b"a", ROOT + 1, b"a", 0, now), None);
+    assert_eq!(
+        h.rename(&ren(ROOT, b"a", ROOT, b"d", RENAME_EXCHANGE), now),
+        None
+    );
+    assert_eq!(h.rename(&ren(ROOT, b"d", 102, b"x", 0), now), None);
+    assert_eq!(h.rename(&ren(ROOT, b"a", ROOT + 1, b"a", 0), now), None);
 
     // A change right after a rename is not folded into it.
     h.change(100, &chmod_op(100, 0o600), now).unwrap();
@@ -888,4 +900,118 @@ proptest! {
         }
         m.drain();
     }
+}
+
+#[test]
+fn a_listed_delegation_is_asked_for_at_the_second_change_and_not_after_a_refusal_or_recall() {
+    let mut h = holding(&[ROOT]);
+    let t0 = std::time::Instant::now();
+    let (dir, other) = (70, 71);
+    assert!(!h.ask_listed(dir, t0), "one change is made the usual way");
+    assert!(h.ask_listed(dir, t0 + Duration::from_millis(200)));
+    // A change after the window starts counting again.
+    assert!(!h.ask_listed(other, t0));
+    assert!(!h.ask_listed(other, t0 + Duration::from_secs(2)));
+    assert!(h.ask_listed(other, t0 + Duration::from_millis(2100)));
+    // Never the volume's root, nor a directory already shown from memory.
+    for at in [0, 10] {
+        assert!(!h.ask_listed(ROOT_INODE, t0 + Duration::from_millis(at)));
+        assert!(!h.ask_listed(ROOT, t0 + Duration::from_millis(at)));
+    }
+    // Refused, or recalled: not again for a while.
+    h.refused(dir, t0);
+    assert!(!h.ask_listed(dir, t0 + Duration::from_millis(300)));
+    assert!(!h.ask_listed(dir, t0 + Duration::from_millis(400)));
+    assert!(!h.ask_listed(dir, t0 + RECALL_BACKOFF + Duration::from_millis(1)));
+    assert!(h.ask_listed(dir, t0 + RECALL_BACKOFF + Duration::from_millis(2)));
+    h.recall(ROOT, 1, 1, t0);
+    assert_eq!(
+        h.attr(ROOT),
+        None,
+        "given back with nothing held, so forgotten"
+    );
+    assert!(!h.ask_listed(ROOT, t0 + Duration::from_millis(1)));
+    assert!(!h.ask_listed(ROOT, t0 + Duration::from_millis(2)));
+}
+
+#[test]
+fn a_listed_grant_shows_names_but_not_the_attributes_of_what_it_did_not_make() {
+    let mut h = holding(&[]);
+    let dir = 80;
+    let entry = |name: &str, ino: InodeId, kind: FileKind| DirEntry {
+        name: name.as_bytes().to_vec(),
+        attr: Attr::new(ino, kind, 0o644, 0, 0, Timestamp::now()),
+    };
+    let entries = vec![
+        entry("old", 81, FileKind::Regular),
+        entry("sub", 82, FileKind::Directory),
+    ];
+    assert!(h.granted_listed(dir, dir_inode(dir), entries, EPOCH, true));
+    assert!(matches!(h.name(dir, b"old"), Name::Committed(81)));
+    assert!(matches!(h.name(dir, b"new"), Name::Absent));
+    assert_eq!(
+        h.attr(81),
+        None,
+        "others may change it: its attributes are asked for"
+    );
+    assert_eq!(h.listing(dir), None);
+    assert_eq!(h.usable(81, true), None);
+    assert!(h
+        .change(81, &chmod_op(81, 0o600), Timestamp::now())
+        .is_err());
+    assert_eq!(create(&mut h, dir, "old", 90), Err(FsError::Exists));
+    // rsync's replace, and an unlink of a name it did not make.
+    create(&mut h, dir, ".old.tmp", 91).unwrap();
+    let now = Timestamp::now();
+    assert_eq!(
+        h.rename(&ren(dir, b".old.tmp", dir, b"old", 0), now),
+        Some(Ok(()))
+    );
+    assert!(matches!(h.name(dir, b"old"), Name::Found(a) if a.ino == 91));
+    assert_eq!(h.remove(dir, b"old", false, now), Some(Ok(())));
+    // A directory known by name only: its emptiness is not known here.
+    assert_eq!(h.remove(dir, b"sub", true, now), None);
+    // Renamed here: its new ctime is shown from here until the rename is committed.
+    let later = Timestamp {
+        secs: now.secs + 50,
+        nanos: 0,
+    };
+    assert_eq!(
+        h.rename(&ren(dir, b"sub", dir, b"sub2", 0), later),
+        Some(Ok(()))
+    );
+    assert_eq!(h.attr(82).map(|a| a.ctime), Some(later));
+    assert!(matches!(h.name(dir, b"sub2"), Name::Found(a) if a.ino == 82));
+    // Everything committed: the leader answers for it again.
+    while send(&mut h, 1).is_some() {
+        h.batch_answered(Answer::Committed);
+    }
+    assert_eq!(h.attr(82), None);
+    assert!(matches!(h.name(dir, b"sub2"), Name::Committed(82)));
+}
+
+#[test]
+fn unlinking_one_name_of_a_file_the_listing_named_shows_its_link_count_until_committed() {
+    let mut h = holding(&[]);
+    let dir = 80;
+    let mut attr = Attr::new(81, FileKind::Regular, 0o644, 0, 0, Timestamp::now());
+    attr.nlink = 2;
+    let entries = ["a", "b"].map(|n| DirEntry {
+        name: n.as_bytes().to_vec(),
+        attr: attr.clone(),
+    });
+    assert!(h.granted_listed(dir, dir_inode(dir), entries.to_vec(), EPOCH, true));
+    let now = Timestamp::now();
+    assert_eq!(h.remove(dir, b"a", false, now), Some(Ok(())));
+    assert!(matches!(h.name(dir, b"b"), Name::Found(a) if a.nlink == 1 && a.ctime == now));
+    assert_eq!(h.remove(dir, b"b", false, now), Some(Ok(())));
+    assert_eq!(
+        h.attr(81).map(|a| a.nlink),
+        Some(0),
+        "an open handle sees no links"
+    );
+    while send(&mut h, 1).is_some() {
+        h.batch_answered(Answer::Committed);
+    }
+    assert_eq!(h.attr(81), None, "gone at the leader too");
 }
