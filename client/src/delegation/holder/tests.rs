@@ -70,6 +70,15 @@ fn send(h: &mut Holder<u64>, id: u64) -> Option<(u64, usize)> {
     h.next_batch(fresh).map(|(once, ops)| (once.seq, ops.len()))
 }
 
+/// The names `dir`'s listing from memory shows, in its order.
+fn listed_names(h: &Holder<u64>, dir: InodeId) -> Vec<Vec<u8>> {
+    h.listing(dir)
+        .expect("a listing from memory")
+        .into_iter()
+        .map(|e| e.name)
+        .collect()
+}
+
 #[test]
 fn creates_are_held_exclusive_and_a_taken_name_is_refused_from_memory() {
     let mut h = holding(&[ROOT]);
@@ -373,13 +382,7 @@ fn renames_within_a_delegation_replace_and_refuse_as_the_namespace_does() {
     }
     assert!(matches!(h.name(ROOT, b".a.tmp"), Name::Absent));
     assert_eq!(h.attr(101), None, "the replaced file is gone");
-    let names: Vec<Vec<u8>> = h
-        .listing(ROOT)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
-    assert_eq!(names, vec![b"a".to_vec(), b"d".to_vec()]);
+    assert_eq!(listed_names(&h, ROOT), vec![b"a".to_vec(), b"d".to_vec()]);
 
     let held = h.held.len();
     assert_eq!(
@@ -422,13 +425,7 @@ fn a_listing_is_answered_from_memory_only_when_every_entry_is_shown() {
     let mut h = holding(&[ROOT]);
     create(&mut h, ROOT, "b", 100).unwrap();
     create(&mut h, ROOT, "a", 101).unwrap();
-    let names: Vec<Vec<u8>> = h
-        .listing(ROOT)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
-    assert_eq!(names, vec![b"a".to_vec(), b"b".to_vec()]);
+    assert_eq!(listed_names(&h, ROOT), vec![b"a".to_vec(), b"b".to_vec()]);
     // Committed and forgotten (as when memory is short): its attributes are elsewhere.
     h.nodes.remove(&100);
     assert_eq!(h.listing(ROOT), None);
