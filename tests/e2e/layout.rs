@@ -301,6 +301,86 @@ async fn a_replaced_brick_that_comes_back_is_refused() {
         .expect("the volume still takes changes");
 }
 
+/// `replace-brick --revoke CERT` revokes the old brick's certificate once the replacement is
+/// committed: the old brick, started again, is refused at connect whatever it asks. A bad
+/// certificate argument is refused before anything changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_bricks_certificate_is_revoked_with_the_replacement() {
+    let mut c = Cluster::start(3);
+    let vol = c.create_volume("www", CHUNK).await;
+    vol.mkdir(ROOT_INODE, b"d", 0o755, 0, 0).await.unwrap();
+    let victim = (c.leader_index().await + 1) % 3;
+    c.bricks[victim].kill();
+    let new = c.add_brick();
+    c.wait_up(new).await;
+    let (old, fresh) = (c.bricks[victim].addr.clone(), c.bricks[new].addr.clone());
+
+    let before = info_json(&c);
+    let r = c.volume_cli(
+        "replace-brick",
+        &[&old, &fresh, "commit", "--revoke", "no-such.pem"],
+    );
+    assert_eq!(r.code, 2, "{}", r.out);
+    assert!(
+        r.out
+            .contains("not a certificate file and not a serial number"),
+        "{}",
+        r.out
+    );
+    assert_eq!(
+        info_json(&c),
+        before,
+        "a refused replace-brick changes nothing"
+    );
+
+    let cert = c.bricks[victim].cert.display().to_string();
+    let r = c.volume_cli(
+        "replace-brick",
+        &[&old, &fresh, "commit", "--revoke", &cert],
+    );
+    assert_eq!(r.code, 0, "{}", r.out);
+    let name = format!("brick{victim}");
+    assert!(
+        r.out.contains(&format!(
+            "revoked the old brick's certificate '{name}' (serial "
+        )),
+        "{}",
+        r.out
+    );
+
+    // The old brick comes back: every brick refuses its certificate at connect.
+    c.bricks[victim].start();
+    let members: Vec<String> = (0..c.bricks.len())
+        .filter(|i| *i != victim)
+        .map(|i| c.bricks[i].addr.clone())
+        .collect();
+    for addr in &members {
+        let out = c
+            .cli_command(&["volume", "info", "www", "--bricks", addr])
+            .env("MORTAR_CERT", &c.bricks[victim].cert)
+            .env("MORTAR_KEY", &c.bricks[victim].key)
+            .output()
+            .expect("run mortar");
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{addr} let the old brick in: {said}");
+        assert!(
+            said.contains(&format!("the brick certificate '{name}'"))
+                && said.contains("is revoked for volume www"),
+            "{addr}: {said}"
+        );
+    }
+    // A run again changes nothing and still exits 0.
+    let r = c.volume_cli(
+        "replace-brick",
+        &[&old, &fresh, "commit", "--revoke", &cert],
+    );
+    assert_eq!(r.code, 0, "{}", r.out);
+    vol.mkdir(ROOT_INODE, b"e", 0o755, 0, 0)
+        .await
+        .expect("the volume still takes changes");
+}
+
 /// `volume CMD www ARGS` is refused (non-zero exit, no panic) with a message containing `says`,
 /// and the volume's info is still `before`.
 fn assert_refused(c: &Cluster, cmd: &str, args: &[&str], says: &str, before: &serde_json::Value) {

@@ -317,8 +317,8 @@ enum VolumeCommand {
     /// mortar volume replace-brick NAME OLD NEW commit: put the empty brick NEW (HOST:PORT) in
     /// the place of the volume's brick OLD (dead or retiring), then heal so NEW holds every
     /// chunk of its replica set. Run it again after any failure: it finishes what is left.
-    /// Exit status: 0 replaced and healed, 1 replaced but something is left to heal (listed),
-    /// 2 not replaced.
+    /// Exit status: 0 replaced and healed, 1 replaced but something is left to heal (listed)
+    /// or the certificate to revoke is not revoked yet, 2 not replaced.
     ReplaceBrick {
         name: String,
         /// The brick to replace, as the volume names it (see `volume info`).
@@ -328,6 +328,10 @@ enum VolumeCommand {
         /// `commit`: carry the replacement out (as GlusterFS spells it).
         #[arg(value_name = "commit", value_parser = ["commit"])]
         action: String,
+        /// The old brick's certificate (a PEM file, or its serial number): revoked once the
+        /// replacement is committed, so the old brick is refused wherever it connects.
+        #[arg(long, value_name = "CERT")]
+        revoke: Option<String>,
         #[command(flatten)]
         seeds: Seeds,
         #[command(flatten)]
@@ -411,11 +415,23 @@ fn pool(conn: &Conn) -> Result<Pool> {
     Ok(Pool::new(endpoint))
 }
 
-/// What `cert revoke` records for `certificate`: the serial of CA/NAME.pem, or a serial given.
+/// What `cert revoke` records for `certificate`: the serial of CA/NAME.pem, or as
+/// [`certificate_revocation`] reads it.
 fn revocation(ca: &std::path::Path, certificate: &str) -> Result<mortar_proto::Revoked> {
     let file = ca.join(format!("{certificate}.pem"));
     if file.exists() {
         let (serial, name) = tls::file_serial(&file)?;
+        return Ok(mortar_proto::Revoked { serial, name });
+    }
+    certificate_revocation(certificate)
+        .with_context(|| format!("no certificate {} either", file.display()))
+}
+
+/// A revocation of `certificate`: a PEM file's serial, or a serial number given.
+fn certificate_revocation(certificate: &str) -> Result<mortar_proto::Revoked> {
+    let file = std::path::Path::new(certificate);
+    if file.is_file() {
+        let (serial, name) = tls::file_serial(file)?;
         return Ok(mortar_proto::Revoked { serial, name });
     }
     let serial: String = certificate
@@ -424,10 +440,7 @@ fn revocation(ca: &std::path::Path, certificate: &str) -> Result<mortar_proto::R
         .collect::<String>()
         .to_ascii_lowercase();
     if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!(
-            "{certificate}: no certificate {} and not a serial number (hex digits)",
-            file.display()
-        );
+        bail!("{certificate}: not a certificate file and not a serial number (hex digits)");
     }
     Ok(mortar_proto::Revoked {
         serial,
@@ -784,10 +797,19 @@ async fn run(cli: Cli) -> Result<()> {
             old,
             new,
             action: _,
+            revoke,
             seeds,
             conn,
         }) => {
-            let code = match replace_brick(&name, &old, &new, &seeds, &conn).await {
+            // Checked before anything changes.
+            let revoke = match revoke.as_deref().map(certificate_revocation).transpose() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("mortar: replace-brick {name}: {e:#}");
+                    std::process::exit(2);
+                }
+            };
+            let code = match replace_brick(&name, &old, &new, revoke, &seeds, &conn).await {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("mortar: replace-brick {name}: {e:#}");
@@ -1042,6 +1064,7 @@ async fn replace_brick(
     name: &str,
     old: &str,
     new: &str,
+    revoke: Option<mortar_proto::Revoked>,
     seeds: &Seeds,
     conn: &Conn,
 ) -> Result<i32> {
@@ -1068,6 +1091,23 @@ async fn replace_brick(
             "replace-brick {name}: {} (id {}) is already in the volume; nothing to change",
             done.new.addr, done.new.id
         ),
+    }
+    // The old brick is out of the volume now: its certificate goes too (again on a rerun).
+    if let Some(r) = revoke {
+        if let Err(e) = vol
+            .admin_op(mortar_proto::wire::MetaOp::Revoke(r.clone()))
+            .await
+        {
+            eprintln!(
+                "mortar: replace-brick {name}: replaced, but the old brick's certificate (serial {}) is not revoked: {e}; run it again",
+                r.serial
+            );
+            return Ok(1);
+        }
+        println!(
+            "replace-brick {name}: revoked the old brick's certificate '{}' (serial {})",
+            r.name, r.serial
+        );
     }
     // Heal with the configuration that names the new brick, once the leader reports on the
     // new brick's replication (it samples every quarter second; heal checks every follower).
