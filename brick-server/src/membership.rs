@@ -1,4 +1,4 @@
-//! Replacing a brick, as a pure plan: from the volume configuration and the metadata group's
+//! Replacing a brick and moving the metadata group's votes off a draining set, as pure plans: from the volume configuration and the metadata group's
 //! membership as they are now, the one next step. The leader takes it, reads both again and
 //! asks for the next, so a run interrupted anywhere (CLI, leader or any brick killed) is
 //! finished by the next run, which finds the state where the last one left it.
@@ -53,6 +53,8 @@ pub enum PlanError {
     Retired(BrickId),
     #[error("a brick cannot replace itself")]
     Same,
+    #[error("no replica set stays in the volume to hold the metadata group's votes")]
+    NoSetForVotes,
 }
 
 /// The next step of replacing `old` by `new`.
@@ -100,6 +102,46 @@ pub fn next_step(
         return Ok(Step::RemoveLearner);
     }
     Ok(Step::Done)
+}
+
+/// Moving the metadata group's votes off a draining replica set, one step at a time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VoteStep {
+    /// Make every brick of the first set that stays a voter, and take the old voters out of
+    /// the group (openraft keeps a leader that is still a member leading, voter or not, so
+    /// they leave it whole and come back as learners).
+    ChangeVoters(BTreeSet<BrickId>),
+    /// Bricks the volume still names that do not follow the log: add them as learners (the
+    /// draining set's, after their votes moved; they serve chunks until the commit).
+    AddLearners(Vec<BrickId>),
+    Done,
+}
+
+/// The next step of giving the votes to the first set that stays while a set drains: the
+/// votes move whole, so the group keeps one set's failure domain.
+pub fn next_vote_step(config: &VolumeConfig, seats: &Seats) -> Result<VoteStep, PlanError> {
+    let leaving = |id: &BrickId| config.set_of(*id).is_some_and(|s| s.leaving);
+    if seats.voters.iter().any(leaving) {
+        let stays = config
+            .replica_sets
+            .iter()
+            .find(|s| !s.leaving)
+            .ok_or(PlanError::NoSetForVotes)?;
+        return Ok(VoteStep::ChangeVoters(
+            stays.bricks.iter().map(|b| b.id).collect(),
+        ));
+    }
+    let member = |id: &BrickId| seats.voters.contains(id) || seats.learners.contains(id);
+    let outside: Vec<BrickId> = config
+        .bricks()
+        .map(|b| b.id)
+        .filter(|id| !member(id))
+        .collect();
+    Ok(if outside.is_empty() {
+        VoteStep::Done
+    } else {
+        VoteStep::AddLearners(outside)
+    })
 }
 
 #[cfg(test)]
@@ -225,5 +267,83 @@ mod tests {
         assert_eq!(next_step(&c, &s, 3, 2), Err(PlanError::AlreadyInVolume(2)));
         assert_eq!(next_step(&c, &s, 3, 3), Err(PlanError::Same));
         assert_eq!(next_step(&c, &s, 3, 9), Err(PlanError::Retired(9)));
+    }
+
+    fn two_sets(leaving: Option<usize>) -> VolumeConfig {
+        let mut c = config(&[1, 2, 3], &[]);
+        c.replica_sets.push(ReplicaSet {
+            id: 1,
+            bricks: [5, 6, 7].map(brick).to_vec(),
+            leaving: false,
+        });
+        if let Some(i) = leaving {
+            c.replica_sets[i].leaving = true;
+        }
+        c
+    }
+
+    /// Drive the vote move as the leader does, applying each step to the model state.
+    fn move_votes(config: &VolumeConfig, seats: &mut Seats) -> Vec<VoteStep> {
+        let mut taken = Vec::new();
+        loop {
+            let step = next_vote_step(config, seats).expect("plan");
+            match &step {
+                VoteStep::ChangeVoters(v) => {
+                    seats.learners.retain(|id| !v.contains(id));
+                    seats.voters = v.clone();
+                }
+                VoteStep::AddLearners(ids) => seats.learners.extend(ids),
+                VoteStep::Done => return taken,
+            }
+            taken.push(step);
+        }
+    }
+
+    #[test]
+    fn the_votes_move_whole_to_the_first_set_that_stays() {
+        let mut s = seats(&[1, 2, 3], &[5, 6, 7]);
+        assert_eq!(move_votes(&two_sets(None), &mut s), vec![]);
+        assert_eq!(
+            move_votes(&two_sets(Some(1)), &mut s),
+            vec![],
+            "draining a set without votes moves nothing"
+        );
+        assert_eq!(
+            move_votes(&two_sets(Some(0)), &mut s),
+            vec![
+                VoteStep::ChangeVoters([5, 6, 7].into()),
+                VoteStep::AddLearners(vec![1, 2, 3])
+            ]
+        );
+        assert_eq!(s, seats(&[5, 6, 7], &[1, 2, 3]));
+    }
+
+    #[test]
+    fn a_vote_move_stopped_anywhere_is_finished_by_the_next_run() {
+        let c = two_sets(Some(0));
+        let done = seats(&[5, 6, 7], &[1, 2, 3]);
+        for (mut s, first) in [
+            // A joint configuration left by a crash: the same change finishes it.
+            (
+                seats(&[1, 2, 3, 5, 6, 7], &[]),
+                VoteStep::ChangeVoters([5, 6, 7].into()),
+            ),
+            // The voters moved; the old ones are not back as learners yet.
+            (seats(&[5, 6, 7], &[]), VoteStep::AddLearners(vec![1, 2, 3])),
+            (seats(&[5, 6, 7], &[1]), VoteStep::AddLearners(vec![2, 3])),
+            (done.clone(), VoteStep::Done),
+        ] {
+            assert_eq!(next_vote_step(&c, &s), Ok(first));
+            move_votes(&c, &mut s);
+            assert_eq!(s, done);
+        }
+    }
+
+    #[test]
+    fn the_votes_stay_when_no_set_would_be_left_to_hold_them() {
+        let mut c = two_sets(Some(0));
+        c.replica_sets[1].leaving = true;
+        let s = seats(&[1, 2, 3], &[5, 6, 7]);
+        assert_eq!(next_vote_step(&c, &s), Err(PlanError::NoSetForVotes));
     }
 }

@@ -2,7 +2,7 @@
 //! pure plan in [`crate::membership`] — hello to the new bricks, openraft's membership calls,
 //! the wait for learners to catch up, and the configuration change through the log.
 
-use crate::membership::{self, Seats, Step};
+use crate::membership::{self, Seats, Step, VoteStep};
 use crate::server::Brick;
 use mortar_proto::replication::Replication;
 use mortar_proto::wire::{BrickHello, MetaOp, Replaced, Reply, Request};
@@ -200,8 +200,9 @@ impl Brick {
 
     /// `remove-brick`: start draining the replica set made of exactly the bricks at `addrs`
     /// (`commit` false), or take the drained set out of the volume (`commit` true): the
-    /// configuration change, then its bricks leave the metadata log. The set holding the
-    /// metadata group's votes is refused. Running either again after a crash finishes it;
+    /// configuration change, then its bricks leave the metadata log. When the set holds the
+    /// metadata group's votes, `start` gives them to the first set that stays, after the
+    /// drain is recorded; `commit` is refused until they moved. Running either again after a crash finishes it;
     /// after success it changes nothing.
     pub async fn remove_brick(
         &self,
@@ -242,19 +243,23 @@ impl Brick {
             )));
         };
         let set = &config.replica_sets[i];
-        let voters = self.seats().voters;
-        if set.bricks.iter().any(|b| voters.contains(&b.id)) {
-            return Err(FsError::Invalid(format!(
-                "replica set {} holds the metadata group's votes and cannot be removed",
-                set.id
-            )));
-        }
+        let votes_here = {
+            let voters = self.seats().voters;
+            set.bricks.iter().any(|b| voters.contains(&b.id))
+        };
         let op = match (commit, set.leaving) {
-            (false, true) => return Ok(config),
-            (false, false) => MetaOp::DrainSet { set: set.id },
+            (false, true) => None,
+            (false, false) => Some(MetaOp::DrainSet { set: set.id }),
             (true, false) => {
                 return Err(FsError::Invalid(format!(
                     "remove-brick of replica set {} was not started: run remove-brick start first",
+                    set.id
+                )))
+            }
+            (true, true) if votes_here => {
+                return Err(FsError::Busy(format!(
+                    "replica set {} still holds the metadata group's votes: run remove-brick \
+                     start again to move them",
                     set.id
                 )))
             }
@@ -265,19 +270,80 @@ impl Brick {
                     set.id
                 )))
             }
-            (true, true) => MetaOp::RemoveSet { set: set.id },
+            (true, true) => Some(MetaOp::RemoveSet { set: set.id }),
         };
-        match self.meta_write(op, None).await {
-            Reply::Meta { result: Ok(_), .. } => {}
-            Reply::Meta { result: Err(e), .. } => return Err(e),
-            other => return Err(FsError::Io(format!("unexpected reply {other:?}"))),
+        if let Some(op) = op {
+            match self.meta_write(op, None).await {
+                Reply::Meta { result: Ok(_), .. } => {}
+                Reply::Meta { result: Err(e), .. } => return Err(e),
+                other => return Err(FsError::Io(format!("unexpected reply {other:?}"))),
+            }
+            if !commit {
+                crash_hook("drain started");
+            }
+        }
+        if !commit {
+            // The set left the placement first, so a crash between the two leaves a draining
+            // set whose next `start` moves the votes.
+            self.move_votes_off_leaving_sets().await?;
+            return self.volume();
         }
         let config = self.volume()?;
-        if commit {
-            crash_hook("set removed");
-            self.remove_learners(&config, addrs).await?;
-        }
+        crash_hook("set removed");
+        self.remove_learners(&config, addrs).await?;
         Ok(config)
+    }
+
+    /// Give the metadata group's votes to the first set that stays when a voter is on a
+    /// leaving set ([`membership::next_vote_step`]). openraft goes through a joint
+    /// configuration, so the old and the new voters both keep a majority throughout. A leader
+    /// that gave up its vote steps down once the change is committed and sends the request
+    /// on to the new voters, whose leader adds the old bricks back as learners (they serve
+    /// chunks until the commit).
+    async fn move_votes_off_leaving_sets(&self) -> Result<(), FsError> {
+        for _ in 0..MAX_STEPS {
+            let config = self.volume()?;
+            let step = membership::next_vote_step(&config, &self.seats())
+                .map_err(|e| FsError::Invalid(e.to_string()))?;
+            tracing::info!(?step, "remove-brick: moving the metadata group's votes");
+            match step {
+                VoteStep::Done => return Ok(()),
+                VoteStep::ChangeVoters(voters) => {
+                    let next = voters.iter().find_map(|id| config.brick(*id)).cloned();
+                    self.raft
+                        .change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
+                        .await
+                        .map_err(|e| {
+                            FsError::Unavailable(format!(
+                                "the metadata group's votes did not move: {e}; run \
+                                 remove-brick start again"
+                            ))
+                        })?;
+                    crash_hook("votes moved");
+                    if let Some(next) = next {
+                        return Err(FsError::NotLeader(next.addr));
+                    }
+                }
+                VoteStep::AddLearners(ids) => {
+                    for id in ids {
+                        let Some(b) = config.brick(id) else { continue };
+                        self.raft
+                            .add_learner(id, BasicNode::new(&b.addr), false)
+                            .await
+                            .map_err(|e| {
+                                FsError::Unavailable(format!(
+                                    "brick {} does not follow the metadata log again: {e}; \
+                                     run remove-brick start again",
+                                    b.addr
+                                ))
+                            })?;
+                    }
+                }
+            }
+        }
+        Err(FsError::Io(format!(
+            "the metadata group's votes did not settle after {MAX_STEPS} steps"
+        )))
     }
 
     /// The retired bricks at `addrs` that still follow the metadata log leave it.

@@ -17,8 +17,8 @@ pub const fn majority(n: usize) -> usize {
     n / 2 + 1
 }
 
-/// How a volume keeps its data: `copies` bricks per replica set; the first set is also the
-/// metadata group's voters.
+/// How a volume keeps its data: `copies` bricks per replica set; one set's bricks (the first,
+/// until `remove-brick` of it moves them) are also the metadata group's voters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Replication {
     copies: usize,

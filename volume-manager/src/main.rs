@@ -373,8 +373,9 @@ enum VolumeCommand {
     /// of the volume. `start` drains it (its chunks move to the other sets, like a rebalance:
     /// foreground, resumable, `--rate`); `status` shows what is left; `commit` takes the
     /// drained set out and retires its bricks, refused until every chunk files reference is
-    /// on every brick of its set elsewhere. The set holding the metadata group's votes cannot
-    /// be removed. Exit status of `start`: 0 drained, 1 stopped, 2 failed (run it again).
+    /// on every brick of its set elsewhere. When the set holds the metadata group's votes,
+    /// `start` first gives them to the first set that stays. Exit status of `start`: 0
+    /// drained, 1 stopped, 2 failed (run it again).
     RemoveBrick {
         name: String,
         /// The bricks of one replica set (HOST:PORT), then start, status or commit.
