@@ -17,6 +17,8 @@ const SMALL: usize = 2000;
 const SMALL_SIZE: usize = 6 * 1024;
 /// How long the reader's rate is measured before the rebalance.
 const BASELINE: Duration = Duration::from_secs(10);
+/// How long the reader runs before its rate is measured.
+const SETTLE: Duration = Duration::from_secs(20);
 
 fn body(name: &str, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
@@ -94,8 +96,11 @@ async fn main() {
         Arc::new(AtomicU64::new(0)),
     );
     let task = start_reader(reader, small, stop.clone(), reads.clone());
+    // The bricks flush and compact what was just written; the reader's rate is taken after.
+    tokio::time::sleep(SETTLE).await;
+    let settled = reads.load(Ordering::Relaxed);
     tokio::time::sleep(BASELINE).await;
-    let before = reads.load(Ordering::Relaxed) as f64 / BASELINE.as_secs_f64();
+    let before = (reads.load(Ordering::Relaxed) - settled) as f64 / BASELINE.as_secs_f64();
 
     let new: Vec<usize> = (0..3).map(|_| c.add_brick()).collect();
     let pool = c.admin_pool();
