@@ -396,7 +396,8 @@ fn assert_refused(c: &Cluster, cmd: &str, args: &[&str], says: &str, before: &se
     assert_eq!(&info_json(c), before, "a refused {cmd} changes nothing");
 }
 
-/// Wrong requests are refused with a message that says why, and change nothing.
+/// Wrong replace-brick requests, and removing the only replica set, are refused with a
+/// message that says why, and change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_replacements_are_refused_and_change_nothing() {
     let mut c = Cluster::start(3);
@@ -426,6 +427,15 @@ async fn wrong_replacements_are_refused_and_change_nothing() {
     }
     let status = volume_admin::status(&c.admin_pool(), &a[3]).await.unwrap();
     assert_eq!(status.raft_role, "none", "the spare brick was not added");
+    // The volume's only replica set cannot be removed.
+    let only = [a[0].as_str(), a[1].as_str(), a[2].as_str(), "start"];
+    assert_refused(
+        &c,
+        "remove-brick",
+        &only,
+        "last replica set cannot be removed",
+        &before,
+    );
 }
 
 /// Wrong add-brick requests are refused with a message that says why, before any brick joins
