@@ -1,14 +1,17 @@
-//! Replacing a brick and moving the metadata group's votes off a draining set, as pure plans: from the volume configuration and the metadata group's
-//! membership as they are now, the one next step. The leader takes it, reads both again and
-//! asks for the next, so a run interrupted anywhere (CLI, leader or any brick killed) is
-//! finished by the next run, which finds the state where the last one left it.
+//! Replacing a brick, removing a replica set and moving the metadata group's votes off it, as
+//! pure plans: from the volume configuration and the metadata group's membership as they are
+//! now, the one next step. The leader takes it, reads both again and asks for the next, so a
+//! run interrupted anywhere (CLI, leader or any brick killed) is finished by the next run,
+//! which finds the state where the last one left it.
 //!
 //! The order is: the new brick joins as a learner and catches up; the voters change (openraft
 //! goes through a joint configuration, so old and new voter sets both keep a majority); only
 //! then does the volume configuration name the new brick. A configuration that names a brick
-//! therefore never points clients at one that lacks the log.
+//! therefore never points clients at one that lacks the log. Removing a set records its drain
+//! first, then moves the votes off it if it holds them ([`next_vote_step`]).
 
-use mortar_proto::{BrickId, VolumeConfig};
+use mortar_proto::wire::MetaOp;
+use mortar_proto::{BrickId, FsError, VolumeConfig};
 use std::collections::BTreeSet;
 
 /// The metadata group's members as Raft has them (in a joint configuration, the union).
@@ -142,6 +145,39 @@ pub fn next_vote_step(config: &VolumeConfig, seats: &Seats) -> Result<VoteStep, 
     } else {
         VoteStep::AddLearners(outside)
     })
+}
+
+/// The change `remove-brick start` (`commit` false) or `commit` proposes for the replica set
+/// at index `set`, if any, as the configuration and the group stand; a refusal says what to
+/// run. `start` on a set already leaving proposes nothing (it goes on with the vote move and
+/// the drain); `commit` needs the drain started, the votes moved and the layout settled.
+pub fn removal(
+    config: &VolumeConfig,
+    seats: &Seats,
+    set: usize,
+    commit: bool,
+) -> Result<Option<MetaOp>, FsError> {
+    let s = &config.replica_sets[set];
+    let votes_here = s.bricks.iter().any(|b| seats.voters.contains(&b.id));
+    match (commit, s.leaving) {
+        (false, true) => Ok(None),
+        (false, false) => Ok(Some(MetaOp::DrainSet { set: s.id })),
+        (true, false) => Err(FsError::Invalid(format!(
+            "remove-brick of replica set {} was not started: run remove-brick start first",
+            s.id
+        ))),
+        (true, true) if votes_here => Err(FsError::Busy(format!(
+            "replica set {} still holds the metadata group's votes: run remove-brick start \
+             again to move them",
+            s.id
+        ))),
+        (true, true) if config.previous.is_some() => Err(FsError::Busy(format!(
+            "the drain of replica set {} has not finished: run remove-brick start again to \
+             finish it",
+            s.id
+        ))),
+        (true, true) => Ok(Some(MetaOp::RemoveSet { set: s.id })),
+    }
 }
 
 #[cfg(test)]
@@ -345,5 +381,45 @@ mod tests {
         c.replica_sets[1].leaving = true;
         let s = seats(&[1, 2, 3], &[5, 6, 7]);
         assert_eq!(next_vote_step(&c, &s), Err(PlanError::NoSetForVotes));
+    }
+
+    #[test]
+    fn commit_waits_for_the_start_the_votes_and_the_drain() {
+        let voting = seats(&[1, 2, 3], &[5, 6, 7]);
+        let moved = seats(&[5, 6, 7], &[1, 2, 3]);
+        let says = |r: Result<Option<MetaOp>, FsError>, what: &str| match r {
+            Err(e) => assert!(e.to_string().contains(what), "{e}"),
+            Ok(op) => panic!("{op:?} where '{what}' was due"),
+        };
+        let c = two_sets(None);
+        assert_eq!(
+            removal(&c, &voting, 0, false),
+            Ok(Some(MetaOp::DrainSet { set: 0 }))
+        );
+        says(removal(&c, &voting, 0, true), "was not started");
+        let mut draining = two_sets(Some(0));
+        draining.previous = Some(vec![0, 1]);
+        assert_eq!(removal(&draining, &voting, 0, false), Ok(None));
+        says(
+            removal(&draining, &voting, 0, true),
+            "still holds the metadata group's votes",
+        );
+        says(removal(&draining, &moved, 0, true), "has not finished");
+        draining.previous = None;
+        assert_eq!(
+            removal(&draining, &moved, 0, true),
+            Ok(Some(MetaOp::RemoveSet { set: 0 }))
+        );
+        // A set without votes is not held back by them.
+        let mut second = two_sets(Some(1));
+        assert_eq!(
+            removal(&second, &voting, 1, true),
+            Ok(Some(MetaOp::RemoveSet { set: 1 }))
+        );
+        second.replica_sets[1].leaving = false;
+        assert_eq!(
+            removal(&second, &voting, 1, false),
+            Ok(Some(MetaOp::DrainSet { set: 1 }))
+        );
     }
 }

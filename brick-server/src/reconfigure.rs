@@ -242,36 +242,7 @@ impl Brick {
                 sets.join("; ")
             )));
         };
-        let set = &config.replica_sets[i];
-        let votes_here = {
-            let voters = self.seats().voters;
-            set.bricks.iter().any(|b| voters.contains(&b.id))
-        };
-        let op = match (commit, set.leaving) {
-            (false, true) => None,
-            (false, false) => Some(MetaOp::DrainSet { set: set.id }),
-            (true, false) => {
-                return Err(FsError::Invalid(format!(
-                    "remove-brick of replica set {} was not started: run remove-brick start first",
-                    set.id
-                )))
-            }
-            (true, true) if votes_here => {
-                return Err(FsError::Busy(format!(
-                    "replica set {} still holds the metadata group's votes: run remove-brick \
-                     start again to move them",
-                    set.id
-                )))
-            }
-            (true, true) if config.previous.is_some() => {
-                return Err(FsError::Busy(format!(
-                    "the drain of replica set {} has not finished: run remove-brick start \
-                     again to finish it",
-                    set.id
-                )))
-            }
-            (true, true) => Some(MetaOp::RemoveSet { set: set.id }),
-        };
+        let op = membership::removal(&config, &self.seats(), i, commit)?;
         if let Some(op) = op {
             match self.meta_write(op, None).await {
                 Reply::Meta { result: Ok(_), .. } => {}
