@@ -6,7 +6,7 @@ use mortar_tests::mortar_client::Volume;
 use mortar_tests::mortar_proto::{layout, ChunkId, ROOT_INODE};
 use mortar_tests::tree::{self, TreeSpec};
 use mortar_tests::workload::Writer;
-use mortar_tests::{wait_for, Cluster, Run, DEADLINE};
+use mortar_tests::{wait_for, Cluster, Mount, Run, DEADLINE};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -71,6 +71,26 @@ fn differing(files: &[(PathBuf, Vec<u8>)], written: &Path, read: &Path) -> Vec<S
         })
         .map(|(p, _)| p.display().to_string())
         .collect()
+}
+
+/// Wait until brick `i` was killed by the `MORTAR_TEST_CRASH_AFTER` hook (its log says so),
+/// then start it again.
+async fn restart_after_the_hook(c: &mut Cluster, i: usize) {
+    let died = std::time::Instant::now() + DEADLINE;
+    while c.bricks[i].is_running() {
+        assert!(std::time::Instant::now() < died, "brick {i} did not die");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        c.log_contains(
+            i,
+            "test hook: killing this brick after a replace-brick step"
+        ),
+        "brick {i} died where the hook put it"
+    );
+    c.bricks[i].kill();
+    c.bricks[i].start();
+    c.wait_up(i).await;
 }
 
 fn replace(c: &Cluster, old: &str, new: &str) -> Run {
@@ -230,22 +250,8 @@ async fn a_replacement_cut_short_by_the_leaders_death_is_finished_by_the_next_ru
 
     let r = replace(&c, &c.bricks[victim].addr, &c.bricks[new].addr);
     assert_eq!(r.code, 2, "the run dies with the leader: {}", r.out);
-    let died = std::time::Instant::now() + DEADLINE;
-    while c.bricks[leader].is_running() {
-        assert!(std::time::Instant::now() < died, "the leader did not die");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(
-        c.log_contains(
-            leader,
-            "test hook: killing this brick after a replace-brick step"
-        ),
-        "the leader died where the hook put it"
-    );
     // The restarted brick would die at the same step again; it is not asked to take it.
-    c.bricks[leader].kill();
-    c.bricks[leader].start();
-    c.wait_up(leader).await;
+    restart_after_the_hook(&mut c, leader).await;
 
     let r = replace(&c, &c.bricks[victim].addr, &c.bricks[new].addr);
     assert_eq!(r.code, 0, "the second run finishes: {}", r.out);
@@ -625,6 +631,44 @@ impl Verifier {
     }
 }
 
+/// A writer in `m`/app and a reader verifying `files` in a loop through a mount of its own
+/// (so its reads reach the bricks rather than the writer's caches), once the writer runs.
+async fn writer_and_reader(
+    c: &Cluster,
+    m: &Mount,
+    files: &[(PathBuf, Vec<u8>)],
+) -> (Writer, Verifier, Mount) {
+    let w = Writer::start(&m.path.join("app"));
+    let rm = c.mount("www", "reader", "").await;
+    let through_reader: Vec<(PathBuf, Vec<u8>)> = files
+        .iter()
+        .map(|(p, b)| (rm.path.join(p.strip_prefix(&m.path).unwrap()), b.clone()))
+        .collect();
+    let reader = Verifier::start(through_reader);
+    w.progresses("the writer to start").await;
+    (w, reader, rm)
+}
+
+/// Stop the writer and the verifying reader: no write failed, every file was read at least
+/// once and no read failed or differed. The writer's log, for the acknowledged-writes check.
+fn finish_cleanly(w: Writer, reader: Verifier, files: usize) -> mortar_tests::workload::Log {
+    let log = w.finish();
+    let (reads, bad) = reader.finish();
+    let failed: Vec<&String> = log.ops.iter().filter_map(|o| o.error.as_ref()).collect();
+    assert!(failed.is_empty(), "writer operations failed: {failed:?}");
+    assert!(
+        reads >= files as u64,
+        "the reader read everything at least once"
+    );
+    assert!(
+        bad.is_empty(),
+        "{} of {reads} reads failed: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    log
+}
+
 /// add-brick and rebalance of a volume holding a WordPress-sized tree and larger files, while
 /// a writer writes and a reader verifies every file in a loop: nothing fails, nothing differs,
 /// each chunk ends on exactly the three bricks its placement names, and about half moved.
@@ -661,16 +705,7 @@ async fn add_brick_and_rebalance_under_a_writer_and_a_verifying_reader() {
     );
     let before: BTreeSet<ChunkId> = c.chunks_per_brick().await.into_iter().flatten().collect();
 
-    let w = Writer::start(&m.path.join("app"));
-    // The reader has its own mount, so its reads reach the bricks rather than the writer's
-    // caches.
-    let rm = c.mount("www", "reader", "").await;
-    let through_reader: Vec<(PathBuf, Vec<u8>)> = files
-        .iter()
-        .map(|(p, b)| (rm.path.join(p.strip_prefix(&m.path).unwrap()), b.clone()))
-        .collect();
-    let reader = Verifier::start(through_reader);
-    w.progresses("the writer to start").await;
+    let (w, reader, _rm) = writer_and_reader(&c, &m, &files).await;
     let new: Vec<usize> = (0..3).map(|_| c.add_brick()).collect();
     for i in &new {
         c.wait_up(*i).await;
@@ -687,20 +722,7 @@ async fn add_brick_and_rebalance_under_a_writer_and_a_verifying_reader() {
     assert!(r.out.contains("status: completed"), "{}", r.out);
     w.progresses("the writer to go on after the rebalance")
         .await;
-    let log = w.finish();
-    let (reads, bad) = reader.finish();
-    let failed: Vec<&String> = log.ops.iter().filter_map(|o| o.error.as_ref()).collect();
-    assert!(failed.is_empty(), "writer operations failed: {failed:?}");
-    assert!(
-        reads >= files.len() as u64,
-        "the reader read everything at least once"
-    );
-    assert!(
-        bad.is_empty(),
-        "{} of {reads} reads failed: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(5)]
-    );
+    let log = finish_cleanly(w, reader, files.len());
 
     let config = vol.refresh_config().await.unwrap();
     assert_eq!(
@@ -984,14 +1006,32 @@ async fn a_rebalance_outlives_a_killed_source_target_and_leader() {
     assert!(differing(&files, &m.path, &fresh.path).is_empty());
 }
 
-/// `remove-brick` of the second replica set of a 2 x 3 volume while a writer writes and a
-/// reader verifies every file: wrong requests are refused and change nothing; `commit` is
-/// refused while the drain runs and after the draining process was killed (SIGKILL) part way;
-/// `start` again finishes the drain, `commit` takes the set out, and with its bricks stopped
-/// every file and every acknowledged write reads back through a fresh mount.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remove_brick_drains_a_set_and_commit_waits_for_the_drain() {
-    let mut c = Cluster::start(6);
+/// The bricks the metadata leader replicates its log to, as its status shows them.
+async fn followed_by_leader(c: &Cluster) -> Option<BTreeSet<u64>> {
+    let leader = c.leader_index().await;
+    let s = volume_admin::status(&c.admin_pool(), &c.bricks[leader].addr)
+        .await
+        .ok()?;
+    Some(s.replicas.iter().map(|r| r.id).collect())
+}
+
+/// Every file and every write the writer had acknowledged reads back through a new mount.
+async fn read_back_fresh(
+    c: &Cluster,
+    files: &[(PathBuf, Vec<u8>)],
+    m: &Mount,
+    log: &mortar_tests::workload::Log,
+) {
+    let fresh = c.mount("www", "fresh", "").await;
+    let wrong = differing(files, &m.path, &fresh.path);
+    assert!(wrong.is_empty(), "files differ: {wrong:?}");
+    let lost = log.lost_through(&m.path, &fresh.path);
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+}
+
+/// A 2 x 3 volume made of the six bricks of `c` (once each answers), mounted at `mnt`, with 40
+/// files of several 64 KiB chunks each written and synced.
+async fn two_sets_with_files(c: &Cluster) -> (Volume, Mount, Vec<(PathBuf, Vec<u8>)>) {
     let admin = c.admin_pool();
     for addr in c.addrs() {
         wait_for("a brick to answer", DEADLINE, || {
@@ -1003,6 +1043,18 @@ async fn remove_brick_drains_a_set_and_commit_waits_for_the_drain() {
     let vol = c.create_volume("www", 64 * 1024).await;
     let m = c.mount("www", "mnt", "").await;
     let files = write_files(&m.path.join("big"), "big", 40);
+    (vol, m, files)
+}
+
+/// `remove-brick` of the second replica set of a 2 x 3 volume while a writer writes and a
+/// reader verifies every file: wrong requests are refused and change nothing; `commit` is
+/// refused while the drain runs and after the draining process was killed (SIGKILL) part way;
+/// `start` again finishes the drain, `commit` takes the set out, and with its bricks stopped
+/// every file and every acknowledged write reads back through a fresh mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_brick_drains_a_set_and_commit_waits_for_the_drain() {
+    let mut c = Cluster::start(6);
+    let (vol, m, files) = two_sets_with_files(&c).await;
     let a = c.addrs();
     let second: Vec<&str> = a[3..6].iter().map(String::as_str).collect();
     let on_second: BTreeSet<ChunkId> = chunks_of(&c, &a[3]).await;
@@ -1042,14 +1094,7 @@ async fn remove_brick_drains_a_set_and_commit_waits_for_the_drain() {
             &args.iter().map(String::as_str).collect::<Vec<_>>(),
         )
     };
-    let w = Writer::start(&m.path.join("app"));
-    let rm = c.mount("www", "reader", "").await;
-    let through_reader: Vec<(PathBuf, Vec<u8>)> = files
-        .iter()
-        .map(|(p, b)| (rm.path.join(p.strip_prefix(&m.path).unwrap()), b.clone()))
-        .collect();
-    let reader = Verifier::start(through_reader);
-    w.progresses("the writer to start").await;
+    let (w, reader, _rm) = writer_and_reader(&c, &m, &files).await;
 
     // A slow drain, killed part way; commit is refused meanwhile and after.
     let seeds = a.join(",");
@@ -1109,20 +1154,7 @@ async fn remove_brick_drains_a_set_and_commit_waits_for_the_drain() {
     assert_eq!(r.code, 0, "{}", r.out);
 
     w.progresses("the writer to go on after the commit").await;
-    let log = w.finish();
-    let (reads, bad) = reader.finish();
-    let failed: Vec<&String> = log.ops.iter().filter_map(|o| o.error.as_ref()).collect();
-    assert!(failed.is_empty(), "writer operations failed: {failed:?}");
-    assert!(
-        reads >= files.len() as u64,
-        "the reader read everything once"
-    );
-    assert!(
-        bad.is_empty(),
-        "{} of {reads} reads failed: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(5)]
-    );
+    let log = finish_cleanly(w, reader, files.len());
 
     let config = vol.refresh_config().await.unwrap();
     assert_eq!(config.replica_sets.len(), 1);
@@ -1132,18 +1164,9 @@ async fn remove_brick_drains_a_set_and_commit_waits_for_the_drain() {
     wait_for(
         "the removed bricks to leave the metadata log",
         DEADLINE,
-        || {
-            let (c, gone) = (&c, gone.clone());
-            async move {
-                let leader = c.leader_index().await;
-                let s = volume_admin::status(&c.admin_pool(), &c.bricks[leader].addr)
-                    .await
-                    .ok()?;
-                s.replicas
-                    .iter()
-                    .all(|r| !gone.contains(&r.id))
-                    .then_some(())
-            }
+        || async {
+            let followed = followed_by_leader(&c).await?;
+            gone.iter().all(|id| !followed.contains(id)).then_some(())
         },
     )
     .await;
@@ -1155,11 +1178,7 @@ async fn remove_brick_drains_a_set_and_commit_waits_for_the_drain() {
     for i in 3..6 {
         c.bricks[i].kill();
     }
-    let fresh = c.mount("www", "fresh", "").await;
-    let wrong = differing(&files, &m.path, &fresh.path);
-    assert!(wrong.is_empty(), "files differ: {wrong:?}");
-    let lost = log.lost_through(&m.path, &fresh.path);
-    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    read_back_fresh(&c, &files, &m, &log).await;
     assert_eq!(c.volume_cli("heal", &["info"]).code, 0);
 }
 
@@ -1177,17 +1196,7 @@ async fn remove_brick_of_the_metadata_set_moves_its_votes_first() {
         &[("MORTAR_TEST_CRASH_AFTER", "drain started")],
         |_| None,
     );
-    let admin = c.admin_pool();
-    for addr in c.addrs() {
-        wait_for("a brick to answer", DEADLINE, || {
-            let (admin, addr) = (admin.clone(), addr.clone());
-            async move { volume_admin::hello(&admin, &addr).await.ok() }
-        })
-        .await;
-    }
-    let vol = c.create_volume("www", 64 * 1024).await;
-    let m = c.mount("www", "mnt", "").await;
-    let files = write_files(&m.path.join("big"), "big", 40);
+    let (vol, m, files) = two_sets_with_files(&c).await;
     let a = c.addrs();
     let first: Vec<String> = a[0..3].to_vec();
     let remove = |c: &Cluster, action: &str| {
@@ -1195,34 +1204,13 @@ async fn remove_brick_of_the_metadata_set_moves_its_votes_first() {
         args.push(action);
         c.volume_cli("remove-brick", &args)
     };
-    let w = Writer::start(&m.path.join("app"));
-    let rm = c.mount("www", "reader", "").await;
-    let through_reader: Vec<(PathBuf, Vec<u8>)> = files
-        .iter()
-        .map(|(p, b)| (rm.path.join(p.strip_prefix(&m.path).unwrap()), b.clone()))
-        .collect();
-    let reader = Verifier::start(through_reader);
-    w.progresses("the writer to start").await;
+    let (w, reader, _rm) = writer_and_reader(&c, &m, &files).await;
 
     let leader = c.leader_index().await;
     assert!(leader < 3, "the first set holds the votes");
     let r = remove(&c, "start");
     assert_ne!(r.code, 0, "the run dies with the leader: {}", r.out);
-    let died = std::time::Instant::now() + DEADLINE;
-    while c.bricks[leader].is_running() {
-        assert!(std::time::Instant::now() < died, "the leader did not die");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(
-        c.log_contains(
-            leader,
-            "test hook: killing this brick after a replace-brick step"
-        ),
-        "the leader died right after recording the drain"
-    );
-    c.bricks[leader].kill();
-    c.bricks[leader].start();
-    c.wait_up(leader).await;
+    restart_after_the_hook(&mut c, leader).await;
     // The CLI asked another brick after the leader died, which may have moved the votes
     // already; either way the drain did not finish (a source brick was down), so commit is
     // refused and says what to run.
@@ -1266,22 +1254,17 @@ async fn remove_brick_of_the_metadata_set_moves_its_votes_first() {
     // The first set's bricks still follow the log (they serve chunks until the commit).
     let mut first_ids = Vec::new();
     for addr in &first {
-        first_ids.push(volume_admin::hello(&admin, addr).await.unwrap().id);
+        first_ids.push(volume_admin::hello(&c.admin_pool(), addr).await.unwrap().id);
     }
     wait_for(
         "the new leader to replicate to the first set",
         DEADLINE,
-        || {
-            let (c, ids) = (&c, first_ids.clone());
-            async move {
-                let leader = c.leader_index().await;
-                let s = volume_admin::status(&c.admin_pool(), &c.bricks[leader].addr)
-                    .await
-                    .ok()?;
-                ids.iter()
-                    .all(|id| s.replicas.iter().any(|r| r.id == *id))
-                    .then_some(())
-            }
+        || async {
+            let followed = followed_by_leader(&c).await?;
+            first_ids
+                .iter()
+                .all(|id| followed.contains(id))
+                .then_some(())
         },
     )
     .await;
@@ -1290,20 +1273,7 @@ async fn remove_brick_of_the_metadata_set_moves_its_votes_first() {
     assert!(r.out.contains("1 x 3 = 3"), "{}", r.out);
 
     w.progresses("the writer to go on after the commit").await;
-    let log = w.finish();
-    let (reads, bad) = reader.finish();
-    let failed: Vec<&String> = log.ops.iter().filter_map(|o| o.error.as_ref()).collect();
-    assert!(failed.is_empty(), "writer operations failed: {failed:?}");
-    assert!(
-        reads >= files.len() as u64,
-        "the reader read everything once"
-    );
-    assert!(
-        bad.is_empty(),
-        "{} of {reads} reads failed: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(5)]
-    );
+    let log = finish_cleanly(w, reader, files.len());
     let config = vol.refresh_config().await.unwrap();
     let retired: Vec<&String> = config.retired.iter().map(|b| &b.addr).collect();
     assert_eq!(
@@ -1314,11 +1284,7 @@ async fn remove_brick_of_the_metadata_set_moves_its_votes_first() {
     for i in 0..3 {
         c.bricks[i].kill();
     }
-    let fresh = c.mount("www", "fresh", "").await;
-    let wrong = differing(&files, &m.path, &fresh.path);
-    assert!(wrong.is_empty(), "files differ: {wrong:?}");
-    let lost = log.lost_through(&m.path, &fresh.path);
-    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    read_back_fresh(&c, &files, &m, &log).await;
     let r = c.volume_cli("heal", &[]);
     assert_eq!(r.code, 0, "heal on the remaining set: {}", r.out);
 }
