@@ -659,22 +659,31 @@ impl Volume {
         }
     }
 
-    /// Cache the entries of `dir` (a small one completely) and its small files whole. Errors
-    /// leave the cache as it was: the lookup that asked goes on by name.
-    async fn list_whole(&self, dir: InodeId) {
-        let Some(ticket) = self.meta_cache.ticket() else {
-            return;
-        };
+    /// Cache the entries of `dir` (a small one completely) and its small files whole, and
+    /// return the entries when the answer held them all. Errors leave the cache as it was: the
+    /// lookup or listing that asked goes on without it.
+    async fn list_whole(&self, dir: InodeId) -> Option<Vec<DirEntry>> {
+        let ticket = self.meta_cache.ticket()?;
         let a = self
             .meta(Request::Query(Query::ListWhole {
                 dir,
                 limit: LIST_WHOLE_ENTRIES,
             }))
             .await;
-        if let Ok(MetaOk::Listed { entries, complete }) = &a.result {
-            self.meta_cache
-                .put_listing(ticket, a.stamp, dir, entries, *complete);
-        }
+        let Ok(MetaOk::Listed { entries, complete }) = a.result else {
+            return None;
+        };
+        self.meta_cache
+            .put_listing(ticket, a.stamp, dir, &entries, complete);
+        complete.then(|| {
+            entries
+                .into_iter()
+                .map(|e| DirEntry {
+                    name: e.name,
+                    attr: e.attr,
+                })
+                .collect()
+        })
     }
 
     pub async fn getattr(&self, ino: InodeId) -> Result<Attr, FsError> {
@@ -740,6 +749,14 @@ impl Volume {
     }
 
     pub async fn readdir_all(&self, ino: InodeId) -> Result<Vec<DirEntry>, FsError> {
+        // A first listing of a directory not held here brings its small files whole too, as a
+        // first lookup does: a reader walking a docroot (find | xargs cat, a deploy check)
+        // then opens and reads each file from memory instead of asking for it.
+        if self.deleg.attr(ino).is_none() && self.meta_cache.should_list(ino) {
+            if let Some(all) = self.list_whole(ino).await {
+                return Ok(all);
+            }
+        }
         let mut all: Vec<DirEntry> = Vec::new();
         loop {
             let after = all.last().map(|e| e.name.clone());
