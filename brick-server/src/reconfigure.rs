@@ -202,8 +202,8 @@ impl Brick {
     /// (`commit` false), or take the drained set out of the volume (`commit` true): the
     /// configuration change, then its bricks leave the metadata log. When the set holds the
     /// metadata group's votes, `start` gives them to the first set that stays, after the
-    /// drain is recorded; `commit` is refused until they moved. Running either again after a crash finishes it;
-    /// after success it changes nothing.
+    /// drain is recorded; `commit` is refused until they moved. Running either again after a
+    /// crash finishes it; after success it changes nothing.
     pub async fn remove_brick(
         &self,
         addrs: &[String],

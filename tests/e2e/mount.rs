@@ -684,3 +684,58 @@ async fn random_reads_fetch_verified_ranges_and_skip_rotten_copies() {
     )
     .await;
 }
+
+/// Issue 22: a fresh mount's first listing of a directory brings its small files whole. The
+/// kernel keeps the names a listing gave it (readdirplus), so the opens that follow reach the
+/// mount without a lookup first: before, each of them fetched its inode from the bricks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_brings_small_files_so_reading_them_asks_nothing_more() {
+    use mortar_tests::metrics::{scrape, sum};
+    let c = Cluster::start(3);
+    c.create_volume("www", 1 << 20).await;
+    let w = c.mount("www", "writer", "").await;
+    let (dirs, files) = (4, 30);
+    let body = |d: usize, f: usize| format!("{d}/{f} ").repeat(100);
+    for d in 0..dirs {
+        std::fs::create_dir(w.path.join(format!("d{d}"))).unwrap();
+        for f in 0..files {
+            std::fs::write(w.path.join(format!("d{d}/f{f}")), body(d, f)).unwrap();
+        }
+        std::fs::File::open(w.path.join(format!("d{d}")))
+            .unwrap()
+            .sync_all()
+            .unwrap();
+    }
+    let metrics = format!("{}:9200", c.ip);
+    let r = c
+        .mount("www", "reader", &format!("metrics={metrics}"))
+        .await;
+    let count = |name: &str, labels: &str| sum(&scrape(&metrics), name, labels);
+    // Listings come whole only under the watch's lease: wait until the mount answers a
+    // lookup from memory (the kernel keeps no "no such name", so each probe reaches it).
+    let mut probe = 0;
+    mortar_tests::wait_for("the reader to hold a lease", mortar_tests::DEADLINE, || {
+        probe += 1;
+        let hits = count("mortar_mount_cache_hits_total", "cache=\"meta\"");
+        assert!(std::fs::metadata(r.path.join(format!("probe{probe}"))).is_err());
+        let now = count("mortar_mount_cache_hits_total", "cache=\"meta\"");
+        async move { (now > hits).then_some(()) }
+    })
+    .await;
+    let mut asked = 0.0;
+    for d in 0..dirs {
+        let dir = r.path.join(format!("d{d}"));
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), files);
+        let before = count("mortar_mount_namespace_requests_total", "");
+        for f in 0..files {
+            let got = std::fs::read_to_string(dir.join(format!("f{f}"))).unwrap();
+            assert_eq!(got, body(d, f));
+        }
+        asked += count("mortar_mount_namespace_requests_total", "") - before;
+    }
+    assert!(
+        asked < dirs as f64,
+        "reading {} listed files asked the bricks {asked} times",
+        dirs * files
+    );
+}
