@@ -11,8 +11,9 @@ use mortar_proto::wire::{
 };
 use mortar_proto::wire::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use mortar_proto::{
-    validate_name, validate_symlink_target, ChunkId, Content, DirEntry, FileKind, FsError, Inode,
-    InodeId, Timestamp, VolumeConfig, ROOT_INODE,
+    is_root, root_of, validate_name, validate_symlink_target, volume_of, ChunkId, Content,
+    DirEntry, FileKind, FsError, Inode, InodeId, Timestamp, VolumeConfig, VolumeNo,
+    INO_IN_VOLUME_MAX,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -50,6 +51,7 @@ struct Stored {
     parent: InodeId,
 }
 
+mod clones;
 pub mod snapshots;
 mod volume;
 pub use volume::rebalance;
@@ -69,6 +71,32 @@ const PREFIX_DELEGATED: &[u8] = b"deleg/";
 const PREFIX_ONCE: &[u8] = b"once/";
 /// Most inode numbers one ReserveInodes hands out.
 pub const MAX_RESERVE: u32 = 1 << 16;
+
+/// Where `volume`'s next inode number is kept: `next_ino` for the volume the bricks were made
+/// with (as before clones existed), `next_ino/<volume>` for a clone.
+fn next_ino_key(volume: VolumeNo) -> Vec<u8> {
+    match volume {
+        0 => KEY_NEXT_INO.to_vec(),
+        v => [KEY_NEXT_INO, b"/", &v.to_be_bytes()].concat(),
+    }
+}
+
+/// A clone's inode count (`inode_count` counts every volume's).
+fn inode_count_key(volume: VolumeNo) -> Vec<u8> {
+    [KEY_INODE_COUNT, b"/", &volume.to_be_bytes()].concat()
+}
+
+/// The inodes of `volume`.
+fn inodes_of<R: MetaRead>(txn: &Txn<'_, R>, volume: VolumeNo) -> Result<u64, FsError> {
+    if volume != 0 {
+        return Ok(u64_of(txn.get(Table::Sys, &inode_count_key(volume))?));
+    }
+    let mut count = u64_of(txn.get(Table::Sys, KEY_INODE_COUNT)?);
+    for c in clones::list(txn.base)? {
+        count = count.saturating_sub(u64_of(txn.get(Table::Sys, &inode_count_key(c.volume))?));
+    }
+    Ok(count)
+}
 
 fn once_key(id: &OpId) -> Vec<u8> {
     let mut k = PREFIX_ONCE.to_vec();
@@ -316,30 +344,57 @@ impl<'a, R: MetaRead> Txn<'a, R> {
             after = page.last().map(|(k, _)| k.clone());
         }
     }
-    fn new_ino(&mut self) -> Result<InodeId, FsError> {
-        let next = u64_of(self.get(Table::Sys, KEY_NEXT_INO)?).max(ROOT_INODE + 1);
+    /// The next inode number `volume` hands out.
+    fn next_ino(&self, volume: VolumeNo) -> Result<InodeId, FsError> {
+        Ok(u64_of(self.get(Table::Sys, &next_ino_key(volume))?).max(root_of(volume) + 1))
+    }
+    /// Hand out `count` inode numbers of `volume` from the next one.
+    fn take_inos(&mut self, volume: VolumeNo, count: u64) -> Result<InodeId, FsError> {
+        let first = self.next_ino(volume)?;
+        if (first & INO_IN_VOLUME_MAX) + count > INO_IN_VOLUME_MAX {
+            return Err(FsError::NoSpace(
+                "the volume has used every inode number".into(),
+            ));
+        }
+        self.put(
+            Table::Sys,
+            &next_ino_key(volume),
+            (first + count).to_be_bytes().to_vec(),
+        );
+        Ok(first)
+    }
+    fn new_ino(&mut self, volume: VolumeNo) -> Result<InodeId, FsError> {
         let ino = match self.chosen.take() {
-            // Only a number handed out by ReserveInodes and not in use.
+            // Only a number of this volume handed out by ReserveInodes and not in use.
             Some(ino) => {
-                if ino <= ROOT_INODE || ino >= next || self.stored(ino).is_ok() {
+                if volume_of(ino) != volume
+                    || is_root(ino)
+                    || ino >= self.next_ino(volume)?
+                    || self.stored(ino).is_ok()
+                {
                     return Err(FsError::Invalid(format!(
                         "inode number {ino} was not reserved or is in use"
                     )));
                 }
                 ino
             }
-            None => {
-                self.put(Table::Sys, KEY_NEXT_INO, (next + 1).to_be_bytes().to_vec());
-                next
-            }
+            None => self.take_inos(volume, 1)?,
         };
-        let count = u64_of(self.get(Table::Sys, KEY_INODE_COUNT)?);
-        self.put(
-            Table::Sys,
-            KEY_INODE_COUNT,
-            (count + 1).to_be_bytes().to_vec(),
-        );
+        self.add_inodes(volume, 1)?;
         Ok(ino)
+    }
+    /// Count `delta` more inodes in `volume`: the bricks' count (statfs) and, for a clone,
+    /// its own.
+    fn add_inodes(&mut self, volume: VolumeNo, delta: i64) -> Result<(), FsError> {
+        let mut keys = vec![KEY_INODE_COUNT.to_vec()];
+        if volume != 0 {
+            keys.push(inode_count_key(volume));
+        }
+        for key in keys {
+            let count = u64_of(self.get(Table::Sys, &key)?).saturating_add_signed(delta);
+            self.put(Table::Sys, &key, count.to_be_bytes().to_vec());
+        }
+        Ok(())
     }
     /// Record when chunks of `old` that `new` no longer names were let go.
     fn release(&mut self, old: &Content, new: Option<&Content>, now: Timestamp) {
@@ -357,12 +412,7 @@ impl<'a, R: MetaRead> Txn<'a, R> {
         if dir || s.inode.attr.nlink <= 1 {
             self.release(&s.inode.content, None, now);
             self.delete(Table::Inodes, &ino_key(s.inode.attr.ino));
-            let count = u64_of(self.get(Table::Sys, KEY_INODE_COUNT)?);
-            self.put(
-                Table::Sys,
-                KEY_INODE_COUNT,
-                count.saturating_sub(1).to_be_bytes().to_vec(),
-            );
+            self.add_inodes(volume_of(s.inode.attr.ino), -1)?;
         } else {
             s.inode.attr.nlink -= 1;
             s.inode.attr.ctime = now;
@@ -390,7 +440,13 @@ fn make_entry<R: MetaRead>(
     op: &MetaOp,
     now: Timestamp,
 ) -> Result<MetaOk, FsError> {
-    let ino = txn.new_ino()?;
+    let parent = match op {
+        MetaOp::Mknod { parent, .. }
+        | MetaOp::Mkdir { parent, .. }
+        | MetaOp::Symlink { parent, .. } => *parent,
+        _ => return Err(FsError::Invalid("not a create".into())),
+    };
+    let ino = txn.new_ino(volume_of(parent))?;
     let (parent, name, inode) =
         Inode::created_by(op, ino, now).ok_or_else(|| FsError::Invalid("not a create".into()))?;
     let attr = inode.attr.clone();
@@ -420,6 +476,7 @@ pub fn apply<R: MetaRead>(
         MetaOp::RestorePath { name, undo, path } => {
             snapshots::restore_path(txn, name, undo, path, now)
         }
+        MetaOp::CloneSnapshot { snapshot, name } => clones::create(txn, snapshot, name, now),
         MetaOp::SetOption { key, value } => volume::set_option(txn, key, value.as_deref()),
         MetaOp::SetStopped { stopped } => volume::set_stopped(txn, *stopped),
         MetaOp::Revoke(r) => volume::revoke(txn, r),
@@ -471,6 +528,7 @@ pub fn apply<R: MetaRead>(
                 return Err(FsError::NotPermitted("hard links to directories".into()));
             }
             txn.dir(*new_parent)?;
+            same_volume(*ino, *new_parent)?;
             if txn.child(*new_parent, new_name)?.is_some() {
                 return Err(FsError::Exists);
             }
@@ -632,19 +690,12 @@ pub fn apply<R: MetaRead>(
             }
             Ok(MetaOk::Batch(results))
         }
-        MetaOp::ReserveInodes { count } => {
-            if !(1..=MAX_RESERVE).contains(count) {
-                return Err(FsError::Invalid(format!(
-                    "reserve between 1 and {MAX_RESERVE} inode numbers, not {count}"
-                )));
+        MetaOp::ReserveInodes { count } => reserve_inodes(txn, 0, *count),
+        MetaOp::ReserveInodesIn { volume, count } => {
+            if *volume != 0 {
+                clones::by_number(txn.base, *volume)?;
             }
-            let first = u64_of(txn.get(Table::Sys, KEY_NEXT_INO)?).max(ROOT_INODE + 1);
-            let next = first + *count as u64;
-            txn.put(Table::Sys, KEY_NEXT_INO, next.to_be_bytes().to_vec());
-            Ok(MetaOk::Inodes {
-                first,
-                count: *count,
-            })
+            reserve_inodes(txn, *volume, *count)
         }
         MetaOp::Local { at, ino, op } => {
             let create = match **op {
@@ -777,6 +828,7 @@ fn rename<R: MetaRead>(
     }
     txn.dir(parent)?;
     txn.dir(new_parent)?;
+    same_volume(parent, new_parent)?;
     let src_ino = txn.child(parent, name)?.ok_or(FsError::NotFound)?;
     let src = txn.stored(src_ino)?;
     let dst_ino = txn.child(new_parent, new_name)?;
@@ -789,7 +841,7 @@ fn rename<R: MetaRead>(
             if cur == moving {
                 return Ok(true);
             }
-            if cur == ROOT_INODE {
+            if is_root(cur) {
                 return Ok(false);
             }
             cur = txn.stored(cur)?.parent;
@@ -879,10 +931,36 @@ fn rename<R: MetaRead>(
     Ok(MetaOk::Done)
 }
 
+fn reserve_inodes<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    volume: VolumeNo,
+    count: u32,
+) -> Result<MetaOk, FsError> {
+    if !(1..=MAX_RESERVE).contains(&count) {
+        return Err(FsError::Invalid(format!(
+            "reserve between 1 and {MAX_RESERVE} inode numbers, not {count}"
+        )));
+    }
+    let first = txn.take_inos(volume, u64::from(count))?;
+    Ok(MetaOk::Inodes { first, count })
+}
+
+/// Renames and links stay within one volume: a clone shares its origin's bricks, not its tree.
+fn same_volume(a: InodeId, b: InodeId) -> Result<(), FsError> {
+    if volume_of(a) == volume_of(b) {
+        Ok(())
+    } else {
+        Err(FsError::CrossDevice(
+            "a volume and its clone are separate trees".into(),
+        ))
+    }
+}
+
 /// Answer a read from committed state.
 pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
     match q {
         Query::Snapshots => Ok(MetaOk::Snapshots(snapshots::list(r)?)),
+        Query::Clones => Ok(MetaOk::Clones(clones::list(r)?)),
         Query::InSnapshot { name, query } if query.reads_files() => {
             read(&snapshots::SnapView::open(r, name)?, query)
         }
@@ -960,7 +1038,7 @@ fn read<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
         Query::Volume => Ok(MetaOk::Volume(txn.volume()?)),
         Query::Rebalance => Ok(MetaOk::Rebalance(volume::rebalance(r)?)),
         Query::StatFs => Err(FsError::Invalid("statfs is answered by the brick".into())),
-        Query::Snapshots | Query::InSnapshot { .. } => Err(FsError::Invalid(
+        Query::Snapshots | Query::InSnapshot { .. } | Query::Clones => Err(FsError::Invalid(
             "only file and directory reads are answered from a snapshot".into(),
         )),
     }
@@ -980,7 +1058,7 @@ pub fn child_ino<R: MetaRead>(
 pub fn empty_dir_parent<R: MetaRead>(r: &R, ino: InodeId) -> Result<Option<InodeId>, FsError> {
     let txn = Txn::new(r);
     let s = txn.dir(ino)?;
-    Ok((ino != ROOT_INODE && txn.is_empty_dir(ino)?).then_some(s.parent))
+    Ok((!is_root(ino) && txn.is_empty_dir(ino)?).then_some(s.parent))
 }
 
 /// A directory other than the root holding at most `max` entries: its parent and its entries
@@ -992,7 +1070,7 @@ pub fn listed_dir<R: MetaRead>(
 ) -> Result<Option<(InodeId, Vec<DirEntry>)>, FsError> {
     let txn = Txn::new(r);
     let s = txn.dir(ino)?;
-    if ino == ROOT_INODE {
+    if is_root(ino) {
         return Ok(None);
     }
     let rows = r.scan(Table::Dentries, &ino.to_be_bytes(), None, max + 1)?;
@@ -1168,7 +1246,7 @@ mod tests {
     use super::*;
     use mortar_proto::attrs::{acl_mode, ACL_ACCESS, ACL_GROUP_OBJ, ACL_OTHER, ACL_USER_OBJ};
     use mortar_proto::wire::{SetAttr, TimeSet, XattrMode};
-    use mortar_proto::{Attr, BrickRef, ReplicaSet, INLINE_MAX};
+    use mortar_proto::{Attr, BrickRef, ReplicaSet, INLINE_MAX, ROOT_INODE};
 
     pub(in crate::namespace) fn vol() -> MemMeta {
         let mut m = MemMeta::default();

@@ -636,6 +636,9 @@ impl Brick {
             | MetaOp::HealLease { .. }
             | MetaOp::ForgetReleased(_)
             | MetaOp::ReserveInodes { .. }
+            | MetaOp::ReserveInodesIn { .. }
+            // A clone reads a snapshot (never changed) and writes a new volume's rows.
+            | MetaOp::CloneSnapshot { .. }
             | MetaOp::Delegated { .. }
             | MetaOp::Undelegated { .. }
             | MetaOp::ReplaceBrick { .. }
@@ -676,6 +679,7 @@ impl Brick {
             | Query::Volume
             | Query::Rebalance
             | Query::Snapshots
+            | Query::Clones
             | Query::InSnapshot { .. } => {}
         }
         named

@@ -23,10 +23,11 @@ use mortar_proto::transport::{client_endpoint, Pool};
 use mortar_proto::transport::{Health, TransportError};
 use mortar_proto::wire::Response;
 use mortar_proto::wire::{
-    Inval, MetaOk, MetaOp, OpId, Query, Reply, Request, SetAttr, Stamp, XattrMode,
+    CloneInfo, Inval, MetaOk, MetaOp, OpId, Query, Reply, Request, SetAttr, Stamp, XattrMode,
 };
 use mortar_proto::{
-    Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs, VolumeConfig,
+    root_of, Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs, VolumeConfig,
+    VolumeNo,
 };
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -70,6 +71,9 @@ pub struct Volume {
     said_bye: Arc<tokio::sync::Notify>,
     /// Files and directories are read from this snapshot, and nothing can be changed.
     snapshot: Option<String>,
+    /// The clone this client works in (its root and inode numbers), when it is not the volume
+    /// the bricks were made with.
+    clone: Option<CloneInfo>,
 }
 
 /// Passes what other clients changed on (to the kernel's caches); the task it returns, if
@@ -182,16 +186,29 @@ impl Volume {
             leader_moved: tokio::sync::Notify::new(),
             said_bye: Arc::default(),
             snapshot: None,
+            clone: None,
         };
         let config = match partial.meta(Request::Query(Query::Volume)).await.result? {
             MetaOk::Volume(v) => v,
             other => return Err(FsError::Io(format!("unexpected answer {other:?}"))),
         };
         if config.name != volume {
-            return Err(FsError::Invalid(format!(
-                "volume '{volume}' not found; these bricks serve volume '{}'",
-                config.name
-            )));
+            let clones = partial.clones().await?;
+            let names: Vec<&str> = std::iter::once(config.name.as_str())
+                .chain(clones.iter().map(|c| c.name.as_str()))
+                .collect();
+            partial.clone = Some(
+                clones
+                    .iter()
+                    .find(|c| c.name == volume)
+                    .cloned()
+                    .ok_or_else(|| {
+                        FsError::Invalid(format!(
+                            "volume '{volume}' not found; these bricks serve {}",
+                            names.join(", ")
+                        ))
+                    })?,
+            );
         }
         // Later requests may go to any brick of the volume, not only the seeds.
         for b in config.bricks() {
@@ -213,7 +230,39 @@ impl Volume {
     /// Read files and directories from snapshot `name` from now on; every change is refused
     /// with EROFS.
     pub fn set_snapshot(&mut self, name: &str) {
-        self.snapshot = Some(name.to_string());
+        self.snapshot = Some(self.snapshot_name(name));
+    }
+
+    /// How the namespace names this volume's snapshot `name`: a clone's are `CLONE@NAME`.
+    pub fn snapshot_name(&self, name: &str) -> String {
+        match &self.clone {
+            Some(c) => format!("{}@{name}", c.name),
+            None => name.to_string(),
+        }
+    }
+
+    /// The clone this client works in, if it is one.
+    pub fn clone_info(&self) -> Option<&CloneInfo> {
+        self.clone.as_ref()
+    }
+
+    /// The volume's number among the volumes its bricks serve (0: the one they were made
+    /// with).
+    pub fn number(&self) -> VolumeNo {
+        self.clone.as_ref().map_or(0, |c| c.volume)
+    }
+
+    /// The volume's root directory.
+    pub fn root(&self) -> InodeId {
+        root_of(self.number())
+    }
+
+    /// The name this client was connected with.
+    pub fn name(&self) -> String {
+        match &self.clone {
+            Some(c) => c.name.clone(),
+            None => self.config().name.clone(),
+        }
     }
 
     /// The snapshot this client reads, if any.
@@ -540,6 +589,14 @@ impl Volume {
     /// A namespace change as the operator tools send it (heal lease, release records).
     pub async fn admin_op(&self, op: MetaOp) -> Result<MetaOk, FsError> {
         self.write_op(op).await
+    }
+
+    /// The clones its bricks serve besides the volume they were made with.
+    pub async fn clones(&self) -> Result<Vec<CloneInfo>, FsError> {
+        match self.meta(Request::Query(Query::Clones)).await.result? {
+            MetaOk::Clones(c) => Ok(c),
+            other => Err(FsError::Io(format!("unexpected answer {other:?}"))),
+        }
     }
 
     /// The volume's rebalance progress, as last recorded.

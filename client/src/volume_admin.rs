@@ -68,12 +68,7 @@ pub async fn hello(pool: &Pool, addr: &str) -> Result<BrickHello, AdminError> {
 }
 
 pub fn validate_volume_name(name: &str) -> Result<(), AdminError> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if !mortar_proto::valid_volume_name(name) {
         return Err(AdminError::BadName(name.to_string()));
     }
     Ok(())

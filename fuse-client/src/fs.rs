@@ -10,7 +10,9 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use mortar_client::mortar_proto::wire::{Inval, SetAttr, TimeSet, XattrMode};
-use mortar_client::mortar_proto::{Attr, DirEntry, FileKind, FsError, Timestamp};
+use mortar_client::mortar_proto::{
+    Attr, DirEntry, FileKind, FsError, InodeId, Timestamp, ROOT_INODE,
+};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -45,8 +47,48 @@ impl Ttls {
     }
 }
 
+/// Kernel inode numbers and the volume's: the kernel's root is 1 (FUSE_ROOT_ID), a clone's
+/// root has its volume's number (`mortar_proto::root_of`); every other inode has the same
+/// number on both sides.
+#[derive(Clone, Copy, Debug)]
+pub struct Inos {
+    root: InodeId,
+}
+
+impl Inos {
+    pub fn new(root: InodeId) -> Inos {
+        Inos { root }
+    }
+
+    /// The volume's number for a kernel inode number.
+    fn ours(self, ino: INodeNo) -> INodeNo {
+        if ino.0 == ROOT_INODE {
+            INodeNo(self.root)
+        } else {
+            ino
+        }
+    }
+
+    /// The kernel's number for one of the volume's.
+    fn kernel(self, ino: InodeId) -> INodeNo {
+        if ino == self.root {
+            INodeNo(ROOT_INODE)
+        } else {
+            INodeNo(ino)
+        }
+    }
+
+    fn attr(self, a: &Attr) -> FileAttr {
+        FileAttr {
+            ino: self.kernel(a.ino),
+            ..file_attr(a)
+        }
+    }
+}
+
 pub struct MortarFs {
     core: Arc<Core>,
+    inos: Inos,
     rt: tokio::runtime::Handle,
     /// How long the kernel may keep attributes and names (volume options, or mount options).
     pub ttls: Arc<Ttls>,
@@ -148,7 +190,7 @@ fn kind_of_mode(mode: u32) -> Option<FileKind> {
     }
 }
 
-pub fn file_attr(a: &Attr) -> FileAttr {
+fn file_attr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
@@ -194,6 +236,7 @@ const _: () = assert!(SLOW_REQUEST.as_secs() > mortar_client::DEFAULT_OP_TIMEOUT
 pub fn kernel_invalidation(
     notifier: Arc<OnceLock<Notifier>>,
     rt: tokio::runtime::Handle,
+    inos: Inos,
 ) -> mortar_client::InvalHook {
     Box::new(move |items: &[Inval]| {
         let n = notifier.get().cloned()?;
@@ -201,9 +244,9 @@ pub fn kernel_invalidation(
         Some(rt.spawn_blocking(move || {
             for item in items {
                 let _ = match item {
-                    Inval::Inode(ino) => n.inval_inode(INodeNo(ino), 0, 0),
+                    Inval::Inode(ino) => n.inval_inode(inos.kernel(ino), 0, 0),
                     Inval::Entry(parent, name) => {
-                        n.inval_entry(INodeNo(parent), OsStr::from_bytes(&name))
+                        n.inval_entry(inos.kernel(parent), OsStr::from_bytes(&name))
                     }
                     // The kernel keeps no "no such name" for us (an error answer is not
                     // cached), so only the mount's own cache had anything to drop.
@@ -219,6 +262,7 @@ pub fn kernel_invalidation(
 /// Answer a readdirplus from the directory snapshot `entries`, from `offset` on.
 fn answer_readdirplus(
     ino: INodeNo,
+    inos: Inos,
     entries: &[DirEntry],
     offset: u64,
     ttl: Duration,
@@ -235,11 +279,11 @@ fn answer_readdirplus(
     dot.kind = FileType::Directory;
     walk_dir(entries, offset, |next, name, entry| match entry {
         Some(e) => reply.add(
-            INodeNo(e.attr.ino),
+            inos.kernel(e.attr.ino),
             next,
             OsStr::from_bytes(name),
             &ttl,
-            &file_attr(&e.attr),
+            &inos.attr(&e.attr),
             GENERATION,
         ),
         None => reply.add(
@@ -309,9 +353,15 @@ fn dot_attr(ino: u64) -> Attr {
 }
 
 impl MortarFs {
-    pub fn new(core: Arc<Core>, rt: tokio::runtime::Handle, ttls: Arc<Ttls>) -> MortarFs {
+    pub fn new(
+        core: Arc<Core>,
+        inos: Inos,
+        rt: tokio::runtime::Handle,
+        ttls: Arc<Ttls>,
+    ) -> MortarFs {
         MortarFs {
             core,
+            inos,
             rt,
             ttls,
             notifier: Arc::default(),
@@ -362,9 +412,10 @@ impl MortarFs {
 macro_rules! entry_task {
     ($self:ident, $op:literal, $reply:ident, |$core:ident| $body:expr) => {{
         let ttl = $self.ttls.entry();
+        let inos = $self.inos;
         $self.spawn($op, move |$core| async move {
             match $body.await {
-                Ok(a) => $reply.entry(&ttl, &file_attr(&a), GENERATION),
+                Ok(a) => $reply.entry(&ttl, &inos.attr(&a), GENERATION),
                 Err(e) => $reply.error(errno(&e)),
             }
         });
@@ -401,15 +452,18 @@ impl Filesystem for MortarFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let parent = self.inos.ours(parent);
         let name = name.as_bytes().to_vec();
         entry_task!(self, "lookup", reply, |core| core.lookup(parent.0, &name));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ino = self.inos.ours(ino);
+        let inos = self.inos;
         let ttl = self.ttls.attr();
         self.spawn("getattr", move |core| async move {
             match core.getattr(ino.0).await {
-                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Ok(a) => reply.attr(&ttl, &inos.attr(&a)),
                 Err(e) => reply.error(node_errno(&e)),
             }
         });
@@ -433,6 +487,8 @@ impl Filesystem for MortarFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let ino = self.inos.ours(ino);
+        let inos = self.inos;
         let set = SetAttr {
             perm: mode.map(|m| m & 0o7777),
             uid,
@@ -443,13 +499,14 @@ impl Filesystem for MortarFs {
         let ttl = self.ttls.attr();
         self.spawn("setattr", move |core| async move {
             match core.setattr(ino.0, size, set).await {
-                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Ok(a) => reply.attr(&ttl, &inos.attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let ino = self.inos.ours(ino);
         self.spawn("readlink", move |core| async move {
             match core.readlink(ino.0).await {
                 Ok(t) => reply.data(&t),
@@ -468,6 +525,7 @@ impl Filesystem for MortarFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let parent = self.inos.ours(parent);
         let Some(kind) = kind_of_mode(mode) else {
             return reply.error(counted(Errno::EINVAL));
         };
@@ -485,17 +543,20 @@ impl Filesystem for MortarFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let parent = self.inos.ours(parent);
         let (name, perm, uid, gid) = new_node(req, name, mode, umask);
         entry_task!(self, "mkdir", reply, |core| core
             .mkdir(parent.0, &name, perm, uid, gid));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let parent = self.inos.ours(parent);
         let name = name.as_bytes().to_vec();
         empty_task!(self, "unlink", reply, |core| core.unlink(parent.0, &name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let parent = self.inos.ours(parent);
         let name = name.as_bytes().to_vec();
         empty_task!(self, "rmdir", reply, |core| core.rmdir(parent.0, &name));
     }
@@ -508,6 +569,7 @@ impl Filesystem for MortarFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let parent = self.inos.ours(parent);
         let (name, target) = (
             link_name.as_bytes().to_vec(),
             target.as_os_str().as_bytes().to_vec(),
@@ -527,6 +589,8 @@ impl Filesystem for MortarFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let parent = self.inos.ours(parent);
+        let newparent = self.inos.ours(newparent);
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         let flags = flags.bits();
         empty_task!(self, "rename", reply, |core| core.rename(
@@ -546,6 +610,8 @@ impl Filesystem for MortarFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let ino = self.inos.ours(ino);
+        let newparent = self.inos.ours(newparent);
         let newname = newname.as_bytes().to_vec();
         entry_task!(self, "link", reply, |core| core.link(
             ino.0,
@@ -555,6 +621,7 @@ impl Filesystem for MortarFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let ino = self.inos.ours(ino);
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let notifier = self.notifier.clone();
@@ -667,6 +734,7 @@ impl Filesystem for MortarFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let ino = self.inos.ours(ino);
         let _timed = Timed::new("opendir");
         // The kernel keeps what it read of the listing across opens: it drops it when the
         // directory changes through this mount, when the leader's invalidation of the
@@ -687,6 +755,7 @@ impl Filesystem for MortarFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let inos = self.inos;
         self.spawn("readdir", move |core| async move {
             let entries = match core.dir_entries(fh.0).await {
                 Ok(e) => e,
@@ -694,7 +763,7 @@ impl Filesystem for MortarFs {
             };
             walk_dir(&entries, offset, |next, name, entry| match entry {
                 Some(e) => reply.add(
-                    INodeNo(e.attr.ino),
+                    inos.kernel(e.attr.ino),
                     next,
                     file_type(e.attr.kind),
                     OsStr::from_bytes(name),
@@ -713,10 +782,11 @@ impl Filesystem for MortarFs {
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
+        let inos = self.inos;
         let ttl = self.ttls.entry();
         self.spawn("readdirplus", move |core| async move {
             match core.dir_entries(fh.0).await {
-                Ok(entries) => answer_readdirplus(ino, &entries, offset, ttl, reply),
+                Ok(entries) => answer_readdirplus(ino, inos, &entries, offset, ttl, reply),
                 Err(e) => reply.error(node_errno(&e)),
             }
         });
@@ -743,6 +813,7 @@ impl Filesystem for MortarFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let ino = self.inos.ours(ino);
         // Changes made under a delegation are held in memory until committed.
         empty_task!(self, "fsyncdir", reply, |core| core.fsyncdir(ino.0));
     }
@@ -780,6 +851,7 @@ impl Filesystem for MortarFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let ino = self.inos.ours(ino);
         let mode = match flags {
             0 => XattrMode::Any,
             libc::XATTR_CREATE => XattrMode::Create,
@@ -792,6 +864,7 @@ impl Filesystem for MortarFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let ino = self.inos.ours(ino);
         let name = name.as_bytes().to_vec();
         self.spawn("getxattr", move |core| async move {
             match core.getxattr(ino.0, &name).await {
@@ -804,6 +877,7 @@ impl Filesystem for MortarFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let ino = self.inos.ours(ino);
         self.spawn("listxattr", move |core| async move {
             match core.listxattr(ino.0).await {
                 Ok(names) => {
@@ -826,12 +900,14 @@ impl Filesystem for MortarFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let ino = self.inos.ours(ino);
         let name = name.as_bytes().to_vec();
         empty_task!(self, "removexattr", reply, |core| core
             .removexattr(ino.0, &name));
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let ino = self.inos.ours(ino);
         // Permission bits are checked by the kernel (default_permissions); here we only confirm
         // the inode exists.
         empty_task!(self, "access", reply, |core| async move {
@@ -849,6 +925,8 @@ impl Filesystem for MortarFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let parent = self.inos.ours(parent);
+        let inos = self.inos;
         let (name, perm, uid, gid) = new_node(req, name, mode, umask);
         let exclusive = flags & libc::O_EXCL != 0;
         let ttl = self.ttls.entry();
@@ -859,7 +937,7 @@ impl Filesystem for MortarFs {
             {
                 Ok((a, o)) => reply.created(
                     &ttl,
-                    &file_attr(&a),
+                    &inos.attr(&a),
                     GENERATION,
                     FileHandle(o.fh),
                     open_flags(o.keep_cache, true),

@@ -236,7 +236,7 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
         vol.set_op_timeout(opts.op_timeout);
         if let Some(name) = &opts.snapshot {
             vol.set_snapshot(name);
-            rt.block_on(vol.getattr(mortar_client::mortar_proto::ROOT_INODE))
+            rt.block_on(vol.getattr(vol.root()))
                 .map_err(|e| anyhow!("cannot mount snapshot '{name}' of volume '{}': {e}", source.volume))?;
         }
         let vol = Arc::new(vol);
@@ -262,9 +262,10 @@ fn serve(args: &Args, source: Source, opts: MountOptions, notify: bool) -> Resul
                 ttls.set(Some(attr), Some(entry));
             }));
         }
-        let fs = MortarFs::new(core, rt.handle().clone(), ttls);
+        let inos = crate::fs::Inos::new(vol.root());
+        let fs = MortarFs::new(core, inos, rt.handle().clone(), ttls);
         let notifier = fs.notifier.clone();
-        vol.on_invalidate(crate::fs::kernel_invalidation(notifier.clone(), rt.handle().clone()));
+        vol.on_invalidate(crate::fs::kernel_invalidation(notifier.clone(), rt.handle().clone(), inos));
         {
             let _in_runtime = rt.enter();
             vol.start_watch();

@@ -61,6 +61,9 @@ pub enum FsError {
     /// operator's change under their own certificate).
     #[error("not the metadata leader: ask the leader at {0}")]
     NotLeader(String),
+    /// A rename or link between two volumes (a volume and its clone share bricks, not trees).
+    #[error("cross-device link: {0}")]
+    CrossDevice(String),
 }
 
 impl FsError {
@@ -86,6 +89,7 @@ impl FsError {
             FsError::NotLeader(_) => libc::EAGAIN,
             FsError::FileTooBig(_) => libc::EFBIG,
             FsError::NoSnapshot(_) => libc::ESTALE,
+            FsError::CrossDevice(_) => libc::EXDEV,
         }
     }
 }

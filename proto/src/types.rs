@@ -7,6 +7,42 @@ use std::fmt;
 pub type InodeId = u64;
 pub const ROOT_INODE: InodeId = 1;
 
+/// Which volume of a brick group an inode belongs to: 0 for the volume the bricks were
+/// created with, n for its n-th clone (`mortar snapshot clone`). It is the inode number's top
+/// 16 bits, so numbers never collide across volumes and caches, invalidations, delegations
+/// and garbage collection need not know about clones.
+pub type VolumeNo = u16;
+const VOLUME_SHIFT: u32 = 48;
+/// Largest inode number within one volume.
+pub const INO_IN_VOLUME_MAX: u64 = (1 << VOLUME_SHIFT) - 1;
+
+pub fn volume_of(ino: InodeId) -> VolumeNo {
+    (ino >> VOLUME_SHIFT) as VolumeNo
+}
+
+/// Inode number `n` of volume `volume` (`n` at most [`INO_IN_VOLUME_MAX`]).
+pub fn ino_in(volume: VolumeNo, n: u64) -> InodeId {
+    (u64::from(volume) << VOLUME_SHIFT) | (n & INO_IN_VOLUME_MAX)
+}
+
+/// The root directory of `volume`.
+pub fn root_of(volume: VolumeNo) -> InodeId {
+    ino_in(volume, ROOT_INODE)
+}
+
+pub fn is_root(ino: InodeId) -> bool {
+    ino == root_of(volume_of(ino))
+}
+
+/// Volume names (and so clone names): 1-64 letters, digits, '-' or '_'.
+pub fn valid_volume_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// Raft node id of a brick; random, chosen once when the brick's data directory is created.
 pub type BrickId = u64;
 

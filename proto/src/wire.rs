@@ -343,6 +343,39 @@ pub enum MetaOp {
     /// `mortar cert revoke`: every brick refuses this certificate from now on, and closes its
     /// live connections.
     Revoke(crate::Revoked),
+    /// Admin: make volume `name`, a writable copy of snapshot `snapshot`'s tree sharing its
+    /// chunks (`mortar snapshot clone`), answered with [`MetaOk::Clone`].
+    CloneSnapshot {
+        snapshot: String,
+        name: String,
+    },
+    /// [`MetaOp::ReserveInodes`] for a mount of a clone: numbers of `volume`.
+    ReserveInodesIn {
+        volume: crate::VolumeNo,
+        count: u32,
+    },
+}
+
+/// A clone's record: volume number `volume` (its inodes carry it), copied from snapshot
+/// `snapshot` by the change at log index `index`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneInfo {
+    pub name: String,
+    pub volume: crate::VolumeNo,
+    pub snapshot: String,
+    pub index: u64,
+    pub created: Timestamp,
+    pub files: u64,
+}
+
+/// A snapshot of clone `volume` is named `volume@name` in the namespace (a snapshot of the
+/// volume the bricks were made with, by its name alone): the clone named, if any, and the
+/// name as operators gave it.
+pub fn split_snapshot_name(full: &str) -> (Option<&str>, &str) {
+    match full.split_once('@') {
+        Some((volume, name)) => (Some(volume), name),
+        None => (None, full),
+    }
 }
 
 /// Where a reference scan goes on: live inodes first, then the inodes snapshots keep.
@@ -425,6 +458,7 @@ impl MetaOp {
             | MetaOp::SetStopped { .. }
             | MetaOp::Revoke(_)
             | MetaOp::SettleLayout { .. }
+            | MetaOp::CloneSnapshot { .. }
             | MetaOp::Rebalance(_) => Sender::Admin,
             MetaOp::Delegated { .. }
             | MetaOp::Undelegated { .. }
@@ -445,6 +479,7 @@ impl MetaOp {
             | MetaOp::SetContent { .. }
             | MetaOp::Batch(_)
             | MetaOp::ReserveInodes { .. }
+            | MetaOp::ReserveInodesIn { .. }
             | MetaOp::Local { .. }
             | MetaOp::SetInode { .. }
             | MetaOp::PatchContent { .. } => Sender::Anyone,
@@ -535,6 +570,8 @@ pub enum Query {
         name: String,
         query: Box<Query>,
     },
+    /// Every clone of the volume, answered with [`MetaOk::Clones`].
+    Clones,
 }
 
 impl Query {
@@ -595,6 +632,8 @@ pub enum MetaOk {
         dir: Inode,
         entries: Vec<DirEntry>,
     },
+    Clone(CloneInfo),
+    Clones(Vec<CloneInfo>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -93,6 +93,18 @@ enum SnapshotCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// mortar snapshot clone VOLUME NAME NEW: make volume NEW, a writable copy of snapshot
+    /// NAME's tree served by the same bricks and sharing its chunks (nothing is copied but the
+    /// namespace). Mount it as HOST:/NEW; it has its own snapshots.
+    Clone {
+        volume: String,
+        name: String,
+        new: String,
+        #[command(flatten)]
+        seeds: Seeds,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Make the live volume equal to snapshot NAME, in one change, while it stays mounted.
     /// The state before is kept as snapshot --undo (default undo-YYYYMMDDTHHMMSSZ), so the
     /// restore can itself be undone. With --path, only the tree at that path (absolute, in
@@ -449,7 +461,23 @@ fn certificate_revocation(certificate: &str) -> Result<mortar_proto::Revoked> {
     })
 }
 
+/// The volume `name` for a command that changes its bricks or configuration, which a clone
+/// shares with the volume it was made from: a clone is refused.
 async fn connect(seeds: &Seeds, conn: &Conn, name: Option<&str>) -> Result<Volume> {
+    let vol = connect_any(seeds, conn, name).await?;
+    if let Some(clone) = vol.clone_info() {
+        let origin = vol.config().name.clone();
+        bail!(
+            "'{}' is a clone of volume '{origin}' and shares its bricks and configuration: run \
+             this command on '{origin}'",
+            clone.name
+        );
+    }
+    Ok(vol)
+}
+
+/// The volume `name`, a clone included (its snapshots, its information).
+async fn connect_any(seeds: &Seeds, conn: &Conn, name: Option<&str>) -> Result<Volume> {
     let p = pool(conn)?;
     let name = match name {
         Some(n) => n.to_string(),
@@ -612,12 +640,31 @@ async fn run(cli: Cli) -> Result<()> {
             conn,
             json,
         }) => {
-            let vol = connect(&seeds, &conn, name.as_deref()).await?;
+            let vol = connect_any(&seeds, &conn, name.as_deref()).await?;
             let c = vol.config();
+            let clones = vol
+                .clones()
+                .await
+                .map_err(|e| anyhow!("cannot read the volume's clones: {e}"))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&*c)?);
+                let mut v = serde_json::to_value(&*c)?;
+                v["clones"] = serde_json::to_value(&clones)?;
+                if let Some(clone) = vol.clone_info() {
+                    v["clone"] = serde_json::to_value(clone)?;
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("Volume Name: {}", c.name);
+                println!("Volume Name: {}", vol.name());
+                if let Some(clone) = vol.clone_info() {
+                    println!(
+                        "Clone Of: {} (snapshot '{}', made {} at log index {}; shares its \
+                         bricks and chunks)",
+                        c.name,
+                        mortar_proto::wire::split_snapshot_name(&clone.snapshot).1,
+                        snapshot::when(clone.created),
+                        clone.index
+                    );
+                }
                 let kind = if c.replica_sets.len() > 1 {
                     "Distributed-Replicate"
                 } else {
@@ -658,6 +705,15 @@ async fn run(cli: Cli) -> Result<()> {
                     for b in &set.bricks {
                         n += 1;
                         println!("Brick{n}: {} (id {}{leaving})", b.addr, b.id);
+                    }
+                }
+                if vol.clone_info().is_none() && !clones.is_empty() {
+                    println!("Clones:");
+                    for clone in &clones {
+                        println!(
+                            "{} (from snapshot '{}', {} files)",
+                            clone.name, clone.snapshot, clone.files
+                        );
                     }
                 }
             }
@@ -984,7 +1040,7 @@ async fn run_snapshot(cmd: SnapshotCommand) -> Result<()> {
         } => {
             let name = name.unwrap_or_else(|| snapshot::timed_name(&series));
             mortar_proto::wire::validate_snapshot_name(&name)?;
-            let vol = connect(&seeds, &conn, Some(&volume)).await?;
+            let vol = connect_any(&seeds, &conn, Some(&volume)).await?;
             let info = snapshot::create(&vol, &name, keep).await?;
             println!(
                 "snapshot create {volume} {}: taken at log index {}, {} files",
@@ -997,7 +1053,7 @@ async fn run_snapshot(cmd: SnapshotCommand) -> Result<()> {
             seeds,
             conn,
         } => {
-            let vol = connect(&seeds, &conn, Some(&volume)).await?;
+            let vol = connect_any(&seeds, &conn, Some(&volume)).await?;
             let all = snapshot::usage(&vol, None).await?;
             if json {
                 let v: Vec<_> = all.iter().map(snapshot::usage_json).collect();
@@ -1016,7 +1072,7 @@ async fn run_snapshot(cmd: SnapshotCommand) -> Result<()> {
             seeds,
             conn,
         } => {
-            let vol = connect(&seeds, &conn, Some(&volume)).await?;
+            let vol = connect_any(&seeds, &conn, Some(&volume)).await?;
             let u = snapshot::usage(&vol, Some(&name)).await?.remove(0);
             if json {
                 println!(
@@ -1034,9 +1090,24 @@ async fn run_snapshot(cmd: SnapshotCommand) -> Result<()> {
             seeds,
             conn,
         } => {
-            let vol = connect(&seeds, &conn, Some(&volume)).await?;
+            let vol = connect_any(&seeds, &conn, Some(&volume)).await?;
             snapshot::delete(&vol, &name).await?;
             println!("snapshot delete {volume} {name}: deleted");
+        }
+        SnapshotCommand::Clone {
+            volume,
+            name,
+            new,
+            seeds,
+            conn,
+        } => {
+            let vol = connect_any(&seeds, &conn, Some(&volume)).await?;
+            let made = snapshot::clone(&vol, &name, &new).await?;
+            println!(
+                "snapshot clone {volume} {name} {new}: volume '{new}' made from {} files, \
+                 sharing the chunks (mount it as HOST:/{new})",
+                made.files
+            );
         }
         SnapshotCommand::Restore {
             volume,
@@ -1047,7 +1118,7 @@ async fn run_snapshot(cmd: SnapshotCommand) -> Result<()> {
             conn,
         } => {
             let undo = undo.unwrap_or_else(|| snapshot::timed_name("undo"));
-            let vol = connect(&seeds, &conn, Some(&volume)).await?;
+            let vol = connect_any(&seeds, &conn, Some(&volume)).await?;
             let kept = snapshot::restore(&vol, &name, &undo, path.as_deref()).await?;
             let what = path.map_or_else(String::new, |p| format!(" {p}"));
             println!(

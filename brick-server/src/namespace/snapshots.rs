@@ -19,9 +19,13 @@
 //! Entry names hold no NUL, so the 0 ends the name and a key's rows sort together, by
 //! generation, in the order of the keys themselves.
 
-use super::{dec, enc, released_key, u64_of, MetaRead, Rows, Stored, Table, Txn, KEY_INODE_COUNT};
-use mortar_proto::wire::{validate_snapshot_name, MetaOk, SnapshotInfo, SnapshotUsage};
-use mortar_proto::{ChunkId, Content, FileKind, FsError, Timestamp};
+use super::{
+    clones, dec, enc, inodes_of, released_key, u64_of, MetaRead, Rows, Stored, Table, Txn,
+};
+use mortar_proto::wire::{
+    split_snapshot_name, validate_snapshot_name, MetaOk, SnapshotInfo, SnapshotUsage,
+};
+use mortar_proto::{ChunkId, Content, FileKind, FsError, Timestamp, VolumeNo};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 mod subtree;
@@ -38,6 +42,34 @@ const TAG_INODE: u8 = 0;
 const TAG_ENTRY: u8 = 1;
 /// Rows read at a time; tiny in unit tests, so their namespaces span many pages.
 const PAGE: usize = if cfg!(test) { 3 } else { 1024 };
+
+/// The volume a snapshot's name says it is of: `CLONE@NAME` a clone's, a plain name the
+/// volume the bricks were made with. Both parts are checked.
+pub(super) fn volume_of_name<R: MetaRead>(r: &R, full: &str) -> Result<VolumeNo, FsError> {
+    let (clone, name) = split_snapshot_name(full);
+    validate_snapshot_name(name)?;
+    match clone {
+        None => Ok(0),
+        Some(c) => Ok(clones::find(r, c)?.volume),
+    }
+}
+
+/// The volume a restore of `name` changes; its undo snapshot must be of the same one.
+fn restored_volume<R: MetaRead>(r: &R, name: &str, undo: &str) -> Result<VolumeNo, FsError> {
+    let volume = volume_of_name(r, name)?;
+    if volume_of_name(r, undo)? != volume {
+        return Err(FsError::Invalid(format!(
+            "the undo snapshot '{undo}' must be of the volume '{name}' is of"
+        )));
+    }
+    Ok(volume)
+}
+
+/// The volume an inode or entry key belongs to (both start with an inode number).
+fn key_volume(key: &[u8]) -> VolumeNo {
+    key.first_chunk::<2>()
+        .map_or(0, |b| VolumeNo::from_be_bytes(*b))
+}
 
 fn snap_key(name: &str) -> Vec<u8> {
     [PREFIX_SNAP, name.as_bytes()].concat()
@@ -149,6 +181,11 @@ pub struct SnapView<'a, R: MetaRead> {
 }
 
 impl<'a, R: MetaRead> SnapView<'a, R> {
+    /// The namespace as snapshot generation `gen` holds it.
+    pub(super) fn at(base: &'a R, gen: u64) -> Self {
+        SnapView { base, gen }
+    }
+
     pub fn open(base: &'a R, name: &str) -> Result<Self, FsError> {
         let info = find(base, name)?;
         Ok(SnapView {
@@ -250,7 +287,7 @@ fn record<R: MetaRead>(
     name: &str,
     now: Timestamp,
 ) -> Result<SnapshotInfo, FsError> {
-    validate_snapshot_name(name)?;
+    volume_of_name(txn.base, name)?;
     if txn.get(Table::Sys, &snap_key(name))?.is_some() {
         return Err(FsError::Exists);
     }
@@ -260,7 +297,7 @@ fn record<R: MetaRead>(
         gen,
         index: txn.index,
         created: now,
-        files: u64_of(txn.get(Table::Sys, KEY_INODE_COUNT)?),
+        files: inodes_of(txn, volume_of_name(txn.base, name)?)?,
     };
     txn.put(Table::Sys, &snap_key(name), enc(&info));
     txn.put(Table::Sys, KEY_NEXT_GEN, (gen + 1).to_be_bytes().to_vec());
@@ -387,17 +424,19 @@ pub(super) fn restore<R: MetaRead>(
     now: Timestamp,
 ) -> Result<MetaOk, FsError> {
     let target = find(txn.base, name)?;
+    let volume = restored_volume(txn.base, name, undo)?;
     let undo = record(txn, undo, now)?;
-    // Every key changed since the target was taken has a row kept at a generation ≥ its own.
+    // Every key changed since the target was taken has a row kept at a generation ≥ its own;
+    // only the restored volume's change (its clones or origin are other trees).
     let mut changed: BTreeSet<(Table, Vec<u8>)> = BTreeSet::new();
     each_row(txn.base, Table::Snap, &[], |k, _| {
         let (table, key, gen) = parse_kept(&k)?;
-        if gen >= target.gen {
+        if gen >= target.gen && key_volume(&key) == volume {
             changed.insert((table, key));
         }
         Ok(())
     })?;
-    let mut count = u64_of(txn.get(Table::Sys, KEY_INODE_COUNT)?) as i64;
+    let mut count = 0i64;
     for (table, key) in changed {
         let then = read_at(txn.base, table, &key, target.gen)?;
         let now_row = txn.base.get(table, &key)?;
@@ -444,11 +483,7 @@ pub(super) fn restore<R: MetaRead>(
             },
         }
     }
-    txn.put(
-        Table::Sys,
-        KEY_INODE_COUNT,
-        (count.max(0) as u64).to_be_bytes().to_vec(),
-    );
+    txn.add_inodes(volume, count)?;
     Ok(MetaOk::Snapshot(undo))
 }
 
@@ -488,16 +523,26 @@ fn chunk_bytes(s: &Stored, chunk_size: u64) -> Vec<(ChunkId, u64)> {
     }
 }
 
-/// Every inode of a namespace view, page by page.
-fn each_inode<R: MetaRead>(r: &R, mut f: impl FnMut(Stored)) -> Result<(), FsError> {
-    each_row(r, Table::Inodes, &[], |_, v| {
-        f(dec(&v)?);
-        Ok(())
-    })
+/// Every inode of a namespace view (of one volume's, when given), page by page.
+fn each_inode<R: MetaRead>(
+    r: &R,
+    volume: Option<VolumeNo>,
+    mut f: impl FnMut(Stored),
+) -> Result<(), FsError> {
+    let prefix = volume.map(VolumeNo::to_be_bytes);
+    each_row(
+        r,
+        Table::Inodes,
+        prefix.as_ref().map_or(&[][..], |p| &p[..]),
+        |_, v| {
+            f(dec(&v)?);
+            Ok(())
+        },
+    )
 }
 
 /// Every row of `table` under `prefix`, in key order, a page at a time.
-fn each_row<R: MetaRead>(
+pub(super) fn each_row<R: MetaRead>(
     r: &R,
     table: Table,
     prefix: &[u8],
@@ -530,7 +575,7 @@ pub fn usage<R: MetaRead>(
     };
     let mut live: HashSet<ChunkId> = HashSet::new();
     if !infos.is_empty() {
-        each_inode(r, |s| live.extend(chunks_of(&s.inode.content)))?;
+        each_inode(r, None, |s| live.extend(chunks_of(&s.inode.content)))?;
     }
     infos
         .into_iter()
@@ -541,7 +586,8 @@ pub fn usage<R: MetaRead>(
             };
             let (mut files, mut bytes) = (0u64, 0u64);
             let mut only: BTreeMap<ChunkId, u64> = BTreeMap::new();
-            each_inode(&view, |s| {
+            let volume = volume_of_name(r, &info.name)?;
+            each_inode(&view, Some(volume), |s| {
                 files += 1;
                 if s.inode.attr.kind == FileKind::Regular {
                     bytes += s.inode.attr.size;

@@ -255,7 +255,7 @@ pub(super) fn revoke<R: MetaRead>(
     Ok(MetaOk::Done)
 }
 
-fn current<R: MetaRead>(txn: &Txn<'_, R>) -> Result<VolumeConfig, FsError> {
+pub(super) fn current<R: MetaRead>(txn: &Txn<'_, R>) -> Result<VolumeConfig, FsError> {
     match txn.get(Table::Sys, KEY_VOLUME)? {
         Some(b) => dec(&b),
         None => Err(FsError::NoVolume),

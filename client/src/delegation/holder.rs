@@ -19,7 +19,7 @@
 use mortar_proto::wire::{MetaOp, OpId, RENAME_NOREPLACE};
 use mortar_proto::{
     validate_name, validate_symlink_target, Attr, BrickId, Content, DirEntry, FileKind, FsError,
-    Inode, InodeId, Timestamp, ROOT_INODE,
+    Inode, InodeId, Timestamp,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -268,7 +268,7 @@ impl<T: BatchId> Holder<T> {
     /// refused within [`RECALL_BACKOFF`] (another client is using it). The volume's root is
     /// never delegated.
     pub(crate) fn ask_listed(&mut self, dir: InodeId, now: std::time::Instant) -> bool {
-        if dir == ROOT_INODE || self.whole(dir).is_some() {
+        if mortar_proto::is_root(dir) || self.whole(dir).is_some() {
             return false;
         }
         if self

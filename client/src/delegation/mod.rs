@@ -208,10 +208,14 @@ impl Volume {
                 return Ok(ino);
             }
             let ticket = self.seqs.ticket().await;
-            match self
-                .write_op_as(MetaOp::ReserveInodes { count: RESERVE }, ticket.id())
-                .await?
-            {
+            let op = match self.number() {
+                0 => MetaOp::ReserveInodes { count: RESERVE },
+                volume => MetaOp::ReserveInodesIn {
+                    volume,
+                    count: RESERVE,
+                },
+            };
+            match self.write_op_as(op, ticket.id()).await? {
                 MetaOk::Inodes { first, count } => {
                     self.deleg.lock().add_spare(first, first + count as u64);
                 }

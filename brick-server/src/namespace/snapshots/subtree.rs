@@ -15,11 +15,12 @@
 
 use super::super::{
     dec, dentry_key, enc, ino_key, released_key, u64_of, MetaRead, Stored, Table, Txn,
-    KEY_INODE_COUNT,
 };
-use super::{chunks_of, each_row, find, record, SnapView};
+use super::{chunks_of, each_row, find, record, restored_volume, SnapView};
 use mortar_proto::wire::MetaOk;
-use mortar_proto::{validate_name, ChunkId, FileKind, FsError, InodeId, Timestamp, ROOT_INODE};
+use mortar_proto::{
+    root_of, validate_name, volume_of, ChunkId, FileKind, FsError, InodeId, Timestamp,
+};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
 /// The components of an absolute path below the root.
@@ -57,9 +58,9 @@ fn stored<R: MetaRead>(r: &R, ino: InodeId) -> Result<Option<Stored>, FsError> {
         .transpose()
 }
 
-/// The directory at `parts` below the root, if there is one.
-fn walk<R: MetaRead>(r: &R, parts: &[&[u8]]) -> Result<Option<InodeId>, FsError> {
-    let mut at = ROOT_INODE;
+/// The directory at `parts` below `root`, if there is one.
+fn walk<R: MetaRead>(r: &R, root: InodeId, parts: &[&[u8]]) -> Result<Option<InodeId>, FsError> {
+    let mut at = root;
     for p in parts {
         match child(r, at, p)? {
             Some(c) if stored(r, c)?.is_some_and(|s| s.inode.attr.kind == FileKind::Directory) => {
@@ -110,16 +111,6 @@ impl Tree {
     }
 }
 
-fn add_count<R: MetaRead>(txn: &mut Txn<'_, R>, delta: i64) -> Result<(), FsError> {
-    let count = u64_of(txn.get(Table::Sys, KEY_INODE_COUNT)?) as i64;
-    txn.put(
-        Table::Sys,
-        KEY_INODE_COUNT,
-        ((count + delta).max(0) as u64).to_be_bytes().to_vec(),
-    );
-    Ok(())
-}
-
 /// Make the tree at `path` snapshot `name`'s tree there, after recording the namespace as
 /// snapshot `undo`.
 pub(in crate::namespace) fn restore_path<R: MetaRead>(
@@ -130,18 +121,19 @@ pub(in crate::namespace) fn restore_path<R: MetaRead>(
     now: Timestamp,
 ) -> Result<MetaOk, FsError> {
     let target = find(txn.base, name)?;
+    let root = root_of(restored_volume(txn.base, name, undo)?);
     let parts = components(path)?;
     let (leaf, above) = parts.split_last().expect("at least one component");
     let snap = SnapView {
         base: txn.base,
         gen: target.gen,
     };
-    let then_top = walk(&snap, above)?
+    let then_top = walk(&snap, root, above)?
         .map(|d| child(&snap, d, leaf))
         .transpose()?
         .flatten()
         .ok_or_else(|| FsError::Invalid(format!("'{path}' is not in snapshot '{name}'")))?;
-    let parent = walk(txn.base, above)?.ok_or_else(|| {
+    let parent = walk(txn.base, root, above)?.ok_or_else(|| {
         FsError::Invalid(format!(
             "the directory holding '{path}' does not exist now: restore it (or its parent) first"
         ))
@@ -164,7 +156,11 @@ pub(in crate::namespace) fn restore_path<R: MetaRead>(
             None => stored(txn.base, ino)?.is_some(),
         };
         // `new_ino` counts the inode it hands out.
-        let n = if linked_outside { txn.new_ino()? } else { ino };
+        let n = if linked_outside {
+            txn.new_ino(mortar_proto::volume_of(ino))?
+        } else {
+            ino
+        };
         number.insert(ino, n);
     }
     let restored: HashSet<InodeId> = number.values().copied().collect();
@@ -188,7 +184,7 @@ pub(in crate::namespace) fn restore_path<R: MetaRead>(
                 txn.put(Table::Sys, &released_key(&id), enc(&now));
             }
             txn.delete(Table::Inodes, &ino_key(ino));
-            add_count(txn, -1)?;
+            txn.add_inodes(volume_of(root), -1)?;
         }
     }
     for (&old, s) in &then.inodes {
@@ -215,7 +211,7 @@ pub(in crate::namespace) fn restore_path<R: MetaRead>(
                     }
                 }
             }
-            None if n == old => add_count(txn, 1)?,
+            None if n == old => txn.add_inodes(volume_of(root), 1)?,
             None => {}
         }
         txn.put(Table::Inodes, &ino_key(n), enc(&s));

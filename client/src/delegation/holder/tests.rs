@@ -910,9 +910,10 @@ fn a_listed_delegation_is_asked_for_at_the_second_change_and_not_after_a_refusal
     assert!(!h.ask_listed(other, t0));
     assert!(!h.ask_listed(other, t0 + Duration::from_secs(2)));
     assert!(h.ask_listed(other, t0 + Duration::from_millis(2100)));
-    // Never the volume's root, nor a directory already shown from memory.
+    // Never the volume's root (nor a clone's), nor a directory already shown from memory.
     for at in [0, 10] {
-        assert!(!h.ask_listed(ROOT_INODE, t0 + Duration::from_millis(at)));
+        assert!(!h.ask_listed(mortar_proto::ROOT_INODE, t0 + Duration::from_millis(at)));
+        assert!(!h.ask_listed(mortar_proto::root_of(2), t0 + Duration::from_millis(at)));
         assert!(!h.ask_listed(ROOT, t0 + Duration::from_millis(at)));
     }
     // Refused, or recalled: not again for a while.
