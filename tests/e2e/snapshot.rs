@@ -733,3 +733,208 @@ async fn killed_during(kill: Kill, op: &str, args: &[&str]) {
 fn commit_held(dir: &Path) {
     std::fs::File::open(dir).unwrap().sync_all().unwrap();
 }
+
+/// `snapshot clone`: a writable volume made from a snapshot, on the same bricks, sharing the
+/// chunks. It shows the snapshot's tree, takes writes without touching the volume it came
+/// from (nor is touched by that volume's restores), keeps what it names through garbage
+/// collection, and has snapshots of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_is_a_writable_copy_that_shares_the_chunks() {
+    let src = Path::new(WORDPRESS);
+    assert!(
+        src.exists(),
+        "the wordpress package is missing: scripts/test.sh installs it"
+    );
+    let c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let a = c.mount("www", "a", "").await;
+    rsync(src, &a.path, false);
+    let big = random_bytes(3 << 20, 21);
+    std::fs::write(a.path.join("big.bin"), &big).unwrap();
+    std::fs::File::open(a.path.join("big.bin"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let v1 = manifest(&a.path).unwrap();
+    assert!(v1.len() > 2_500, "only {} entries deployed", v1.len());
+    ok(&c.snapshot_cli("create", &["before"]));
+    // The live volume moves on: a file changed, the large one deleted, one added.
+    std::fs::write(a.path.join("index.php"), b"<?php /* v2 */").unwrap();
+    std::fs::remove_file(a.path.join("big.bin")).unwrap();
+    std::fs::write(a.path.join("new.php"), b"<?php /* new */").unwrap();
+    let v2 = manifest(&a.path).unwrap();
+    let chunks_before = c.chunks_per_brick().await;
+
+    let taken = Instant::now();
+    let run = c.snapshot_cli("clone", &["before", "www-staging"]);
+    eprintln!("snapshot clone took {:?}", taken.elapsed());
+    ok(&run);
+    // The manifest holds the root as ".".
+    assert!(
+        run.out.contains(&format!(
+            "volume 'www-staging' made from {} files",
+            v1.len()
+        )),
+        "{}",
+        run.out
+    );
+    assert_eq!(
+        c.chunks_per_brick().await,
+        chunks_before,
+        "a clone copies no chunk"
+    );
+    let s = c.mount("www-staging", "s", "").await;
+    let shown = manifest(&s.path).unwrap();
+    assert!(
+        shown == v1,
+        "the clone is not the snapshot's tree: {:?}",
+        manifest_diff(&shown, &v1, 5)
+    );
+    assert!(std::fs::read(s.path.join("big.bin")).unwrap() == big);
+
+    // Writes to the clone stay in the clone, and a second mount of it sees them.
+    std::fs::write(s.path.join("index.php"), b"<?php /* staging */").unwrap();
+    std::fs::create_dir(s.path.join("staging-only")).unwrap();
+    std::fs::write(s.path.join("staging-only/x.php"), b"<?php /* x */").unwrap();
+    std::fs::remove_file(s.path.join("wp-login.php")).unwrap();
+    let staged = manifest(&s.path).unwrap();
+    let s2 = c.mount("www-staging", "s2", "").await;
+    until_all_show(
+        std::slice::from_ref(&s2.path),
+        &staged,
+        "the clone's writes",
+    )
+    .await;
+    assert_eq!(manifest(&a.path).unwrap(), v2, "the origin changed");
+    // Moving a file between the two mounts is a copy, as between filesystems.
+    let err = std::fs::rename(s.path.join("staging-only/x.php"), a.path.join("x.php"));
+    assert_eq!(errno_of(err), Some(libc::EXDEV));
+
+    // The origin's restore leaves the clone as it is; the clone's own snapshots are its own.
+    ok(&c.snapshot_cli("restore", &["before", "--undo", "u1"]));
+    until_all_show(std::slice::from_ref(&a.path), &v1, "www restored").await;
+    assert_eq!(manifest(&s.path).unwrap(), staged, "the clone changed");
+    let run = c.group_cli("snapshot", "create", "www-staging", &["s1"]);
+    ok(&run);
+    assert!(
+        run.out.contains(&format!("{} files", staged.len())),
+        "{}",
+        run.out
+    );
+    let listed = |volume: &str| -> Vec<String> {
+        let run = c.group_cli("snapshot", "list", volume, &["--json"]);
+        ok(&run);
+        let v: serde_json::Value =
+            serde_json::from_str(&run.out[..run.out.rfind(']').unwrap() + 1]).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(listed("www"), ["before", "u1"]);
+    assert_eq!(listed("www-staging"), ["s1"]);
+    std::fs::write(s.path.join("index.php"), b"<?php /* later */").unwrap();
+    {
+        let snap = c.mount("www-staging@s1", "s1", "").await;
+        assert_eq!(manifest(&snap.path).unwrap(), staged);
+    }
+    ok(&c.group_cli(
+        "snapshot",
+        "restore",
+        "www-staging",
+        &["s1", "--undo", "u2"],
+    ));
+    until_all_show(
+        &[s.path.clone(), s2.path.clone()],
+        &staged,
+        "www-staging restored",
+    )
+    .await;
+    assert_eq!(manifest(&a.path).unwrap(), v1, "the origin changed");
+
+    // The origin's snapshots go and heal collects with no grace: what the clone names stays.
+    ok(&c.snapshot_cli("delete", &["before"]));
+    ok(&c.snapshot_cli("delete", &["u1"]));
+    std::fs::remove_file(a.path.join("big.bin")).unwrap();
+    let run = c.volume_cli("heal", &["--gc-grace", "0"]);
+    ok(&run);
+    assert!(run.out.contains("replicas agree"), "{}", run.out);
+    let held = chunk_ids(&big);
+    for (i, chunks) in c.chunks_per_brick().await.iter().enumerate() {
+        assert!(
+            held.iter().all(|id| chunks.contains(id)),
+            "brick {i} lost a chunk the clone names"
+        );
+    }
+    let fresh = c.mount("www-staging", "fresh", "").await;
+    assert!(std::fs::read(fresh.path.join("big.bin")).unwrap() == big);
+
+    // `volume info` tells them apart; a command that changes the shared bricks is refused
+    // on the clone.
+    let run = c.volume_cli("info", &[]);
+    ok(&run);
+    assert!(run.out.contains("Clones:\nwww-staging"), "{}", run.out);
+    let run = c.group_cli("volume", "info", "www-staging", &[]);
+    ok(&run);
+    assert!(
+        run.out.contains("Volume Name: www-staging") && run.out.contains("Clone Of: www"),
+        "{}",
+        run.out
+    );
+    let run = c.group_cli("volume", "stop", "www-staging", &[]);
+    assert_ne!(run.code, 0, "{}", run.out);
+    assert!(
+        run.out.contains("is a clone of volume 'www'"),
+        "{}",
+        run.out
+    );
+    assert_eq!(manifest(&fresh.path).unwrap(), staged);
+}
+
+/// Acceptance 5 for clones: onto an existing volume name, an invalid one, from a missing
+/// snapshot: a clear message, a non-zero exit, and nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_clones_are_refused_clearly_and_change_nothing() {
+    let c = Cluster::start(3);
+    c.create_volume("www", CHUNK).await;
+    let m = c.mount("www", "m", "").await;
+    std::fs::write(m.path.join("index.php"), b"<?php echo 1;").unwrap();
+    ok(&c.snapshot_cli("create", &["a"]));
+    ok(&c.snapshot_cli("clone", &["a", "www-staging"]));
+    let info = c.volume_cli("info", &["--json"]).out;
+    for (args, says) in [
+        (
+            vec!["a", "www"],
+            "cannot clone: a volume named 'www' already exists",
+        ),
+        (
+            vec!["a", "www-staging"],
+            "a volume named 'www-staging' already exists",
+        ),
+        (vec!["a", "bad/name"], "invalid volume name 'bad/name'"),
+        (vec!["nope", "other"], "no snapshot named 'nope'"),
+        (vec!["bad/snap", "other"], "snapshot name \"bad/snap\""),
+    ] {
+        let run = c.snapshot_cli("clone", &args);
+        assert_ne!(run.code, 0, "{args:?} succeeded: {}", run.out);
+        assert!(run.out.contains(says), "{args:?}: {}", run.out);
+        assert!(!run.out.contains("panicked"), "{}", run.out);
+    }
+    assert_eq!(c.volume_cli("info", &["--json"]).out, info);
+    // A volume that is neither: mounting it fails in one line naming what the bricks serve.
+    let dir = c.dir.path().join("nope");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(bin("mortar-mount"))
+        .arg(c.source("www-nope"))
+        .arg(&dir)
+        .args(["-o", &c.mount_options("nope")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("volume 'www-nope' not found; these bricks serve www, www-staging"),
+        "{err}"
+    );
+}

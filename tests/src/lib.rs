@@ -375,18 +375,18 @@ impl Cluster {
 
     /// `mortar volume CMD www ARGS --bricks <all>` with the admin certificate, printed.
     pub fn volume_cli(&self, cmd: &str, args: &[&str]) -> Run {
-        self.group_cli("volume", cmd, args)
+        self.group_cli("volume", cmd, "www", args)
     }
 
     /// `mortar snapshot CMD www ARGS --bricks <all>` with the admin certificate, printed.
     pub fn snapshot_cli(&self, cmd: &str, args: &[&str]) -> Run {
-        self.group_cli("snapshot", cmd, args)
+        self.group_cli("snapshot", cmd, "www", args)
     }
 
-    /// `mortar GROUP CMD www ARGS --bricks <all>` with the admin certificate, printed.
-    fn group_cli(&self, group: &str, cmd: &str, args: &[&str]) -> Run {
+    /// `mortar GROUP CMD VOLUME ARGS --bricks <all>` with the admin certificate, printed.
+    pub fn group_cli(&self, group: &str, cmd: &str, volume: &str, args: &[&str]) -> Run {
         let bricks = self.addrs().join(",");
-        let mut all = vec![group, cmd, "www"];
+        let mut all = vec![group, cmd, volume];
         all.extend(args);
         all.extend(["--bricks", &bricks]);
         let o = self.cli(&all);
@@ -398,7 +398,11 @@ impl Cluster {
                 String::from_utf8_lossy(&o.stderr)
             ),
         };
-        eprintln!("$ mortar {group} {cmd} www {}\n{}", args.join(" "), run.out);
+        eprintln!(
+            "$ mortar {group} {cmd} {volume} {}\n{}",
+            args.join(" "),
+            run.out
+        );
         run
     }
 
