@@ -168,7 +168,11 @@ pub fn apply_once<R: MetaRead>(
         }
     }
     let out = apply(txn, op, now).and_then(|ok| {
-        snapshots::keep_overwritten(txn)?;
+        // A dropped clone's rows are read by no snapshot: its own go with it, and no other
+        // volume's snapshot reads its keys.
+        if !matches!(op, MetaOp::DropClone { .. }) {
+            snapshots::keep_overwritten(txn)?;
+        }
         Ok(ok)
     });
     if out.is_err() {
@@ -477,6 +481,7 @@ pub fn apply<R: MetaRead>(
             snapshots::restore_path(txn, name, undo, path, now)
         }
         MetaOp::CloneSnapshot { snapshot, name } => clones::create(txn, snapshot, name, now),
+        MetaOp::DropClone { name } => clones::drop(txn, name, now),
         MetaOp::SetOption { key, value } => volume::set_option(txn, key, value.as_deref()),
         MetaOp::SetStopped { stopped } => volume::set_stopped(txn, *stopped),
         MetaOp::Revoke(r) => volume::revoke(txn, r),

@@ -630,6 +630,7 @@ impl Brick {
             MetaOp::CreateSnapshot { .. }
             | MetaOp::RestoreSnapshot { .. }
             | MetaOp::RestorePath { .. }
+            | MetaOp::DropClone { .. }
             | MetaOp::SetStopped { stopped: true } => named.everything = true,
             MetaOp::DeleteSnapshot { .. }
             | MetaOp::CreateVolume(_)

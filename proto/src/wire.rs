@@ -354,6 +354,10 @@ pub enum MetaOp {
         volume: crate::VolumeNo,
         count: u32,
     },
+    /// Admin: erase clone `name` — its tree and its snapshots (`volume delete` of a clone).
+    DropClone {
+        name: String,
+    },
 }
 
 /// A clone's record: volume number `volume` (its inodes carry it), copied from snapshot
@@ -459,6 +463,7 @@ impl MetaOp {
             | MetaOp::Revoke(_)
             | MetaOp::SettleLayout { .. }
             | MetaOp::CloneSnapshot { .. }
+            | MetaOp::DropClone { .. }
             | MetaOp::Rebalance(_) => Sender::Admin,
             MetaOp::Delegated { .. }
             | MetaOp::Undelegated { .. }

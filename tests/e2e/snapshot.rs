@@ -857,6 +857,7 @@ async fn a_clone_is_a_writable_copy_that_shares_the_chunks() {
     ok(&c.snapshot_cli("delete", &["before"]));
     ok(&c.snapshot_cli("delete", &["u1"]));
     std::fs::remove_file(a.path.join("big.bin")).unwrap();
+    let origin = manifest(&a.path).unwrap();
     let run = c.volume_cli("heal", &["--gc-grace", "0"]);
     ok(&run);
     assert!(run.out.contains("replicas agree"), "{}", run.out);
@@ -890,6 +891,23 @@ async fn a_clone_is_a_writable_copy_that_shares_the_chunks() {
         run.out
     );
     assert_eq!(manifest(&fresh.path).unwrap(), staged);
+
+    // Deleting the clone frees what only it named; the origin is untouched and serves on.
+    drop((s, s2, fresh));
+    let run = c.group_cli("volume", "delete", "www-staging", &["--yes"]);
+    ok(&run);
+    let run = c.volume_cli("heal", &["--gc-grace", "0"]);
+    ok(&run);
+    assert!(run.out.contains("replicas agree"), "{}", run.out);
+    for (i, chunks) in c.chunks_per_brick().await.iter().enumerate() {
+        assert!(
+            held.iter().all(|id| !chunks.contains(id)),
+            "brick {i} still holds a chunk only the deleted clone named"
+        );
+    }
+    let run = c.volume_cli("info", &[]);
+    assert!(!run.out.contains("www-staging"), "{}", run.out);
+    assert_eq!(manifest(&a.path).unwrap(), origin, "the origin changed");
 }
 
 /// Acceptance 5 for clones: onto an existing volume name, an invalid one, from a missing

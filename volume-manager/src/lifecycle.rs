@@ -26,8 +26,25 @@ pub async fn stop(vol: &Volume, stopped: bool) -> Result<()> {
 }
 
 /// `volume delete NAME`: only a stopped volume whose bricks all answer; asks first unless
-/// `yes`. Each brick is released: it stops and comes up empty at its next start.
+/// `yes`. Each brick is released: it stops and comes up empty at its next start. A clone is
+/// erased from the bricks it shares, in one change, while they keep serving.
 pub async fn delete(vol: &Volume, yes: bool) -> Result<()> {
+    if let Some(clone) = vol.clone_info() {
+        let name = &clone.name;
+        if !yes
+            && !confirmed(&format!(
+                "Deleting clone {name} erases its files and snapshots (the volume it was cloned \
+             from keeps its own). Do you want to continue? (y/n) "
+            ))?
+        {
+            bail!("volume delete {name}: not confirmed; nothing changed");
+        }
+        vol.admin_op(MetaOp::DropClone { name: name.clone() })
+            .await
+            .map_err(|e| anyhow!("volume delete {name}: {e}"))?;
+        println!("volume delete: {name}: success (the next heal frees the chunks only it named)");
+        return Ok(());
+    }
     let config = vol.refresh_config().await?;
     let name = &config.name;
     if !config.stopped {
@@ -44,8 +61,16 @@ pub async fn delete(vol: &Volume, yes: bool) -> Result<()> {
                 )
             })?;
     }
+    let clones = vol
+        .clones()
+        .await
+        .map_err(|e| anyhow!("volume delete {name}: {e}"))?;
+    let and_clones = match clones.len() {
+        0 => String::new(),
+        n => format!(" and its {n} clones"),
+    };
     if !yes && !confirmed(&format!(
-        "Deleting volume {name} erases all its files and snapshots on its {} bricks. Do you want to continue? (y/n) ",
+        "Deleting volume {name} erases all its files and snapshots{and_clones} on its {} bricks. Do you want to continue? (y/n) ",
         bricks.len()
     ))? {
         bail!("volume delete {name}: not confirmed; nothing changed");

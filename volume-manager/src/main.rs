@@ -228,7 +228,8 @@ enum VolumeCommand {
         conn: Conn,
     },
     /// mortar volume delete NAME: erase a stopped volume; its bricks stop and start empty,
-    /// free for a new volume. Asks first unless --yes.
+    /// free for a new volume. A clone is erased while the bricks go on serving the rest. Asks
+    /// first unless --yes.
     Delete {
         name: String,
         /// Do not ask.
@@ -614,7 +615,7 @@ async fn run(cli: Cli) -> Result<()> {
             yes,
             seeds,
             conn,
-        }) => lifecycle::delete(&connect(&seeds, &conn, Some(&name)).await?, yes).await?,
+        }) => lifecycle::delete(&connect_any(&seeds, &conn, Some(&name)).await?, yes).await?,
         Command::Volume(VolumeCommand::Set {
             name,
             option,

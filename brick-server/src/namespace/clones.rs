@@ -14,7 +14,11 @@
 //!   volumes.
 
 use super::snapshots::{self, each_row, SnapView};
-use super::{dec, enc, next_ino_key, u64_of, volume, MetaRead, Stored, Table, Txn};
+use super::{
+    content_chunks, dec, enc, inode_count_key, inodes_of, next_ino_key, released_key, u64_of,
+    volume, MetaRead, Stored, Table, Txn,
+};
+use mortar_proto::wire::split_snapshot_name;
 use mortar_proto::wire::{CloneInfo, MetaOk};
 use mortar_proto::{ino_in, valid_volume_name, FsError, InodeId, Timestamp, VolumeNo};
 
@@ -119,6 +123,47 @@ pub(super) fn create<R: MetaRead>(
     Ok(MetaOk::Clone(info))
 }
 
+/// Erase clone `name`: its snapshots, its tree and every row kept of it, in one change. Chunks
+/// only it named are released (the next heal after the grace frees them). Its number is never
+/// given again, so a mount still holding its inode numbers can never reach another clone's.
+pub(super) fn drop<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    name: &str,
+    now: Timestamp,
+) -> Result<MetaOk, FsError> {
+    let info = find(txn.base, name)?;
+    let base = txn.base;
+    for s in snapshots::list(base)? {
+        if split_snapshot_name(&s.name).0 == Some(name) {
+            snapshots::remove(txn, &s.name, now)?;
+        }
+    }
+    snapshots::drop_kept(txn, info.volume, now)?;
+    let prefix = info.volume.to_be_bytes();
+    each_row(base, Table::Inodes, &prefix, |k, v| {
+        let s: Stored = dec(&v)?;
+        for id in content_chunks(&s.inode.content) {
+            txn.put(Table::Sys, &released_key(id), enc(&now));
+        }
+        txn.delete(Table::Inodes, &k);
+        Ok(())
+    })?;
+    each_row(base, Table::Dentries, &prefix, |k, _| {
+        txn.delete(Table::Dentries, &k);
+        Ok(())
+    })?;
+    let count = inodes_of(txn, info.volume)?;
+    txn.add_inodes(info.volume, -(count as i64))?;
+    for key in [
+        inode_count_key(info.volume),
+        next_ino_key(info.volume),
+        clone_key(name),
+    ] {
+        txn.delete(Table::Sys, &key);
+    }
+    Ok(MetaOk::Done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::{create_op, mkdir, vol};
@@ -126,6 +171,7 @@ mod tests {
     use super::*;
     use mortar_proto::wire::{MetaOp, Query};
     use mortar_proto::{root_of, volume_of, Attr, ChunkId, Content, ROOT_INODE};
+    use std::collections::BTreeMap;
 
     fn lookup(m: &MemMeta, parent: InodeId, name: &str) -> Result<Attr, FsError> {
         match query(
@@ -400,5 +446,77 @@ mod tests {
             Err(FsError::Invalid(_))
         ));
         assert_eq!(m.data, before);
+    }
+
+    #[test]
+    fn a_dropped_clone_leaves_no_row_and_releases_what_only_it_named() {
+        let (mut m, a) = deployed();
+        let untouched = m.data.clone();
+        let c = clone(&mut m, "before", "stg").unwrap();
+        let root = root_of(c.volume);
+        // The clone gets a file of its own, a snapshot, and a change kept for it.
+        let own = match run(&mut m, create_op(root, "own")) {
+            MetaOk::Attr(a) => a.ino,
+            other => panic!("{other:?}"),
+        };
+        let b = ChunkId([9; 32]);
+        set(&mut m, own, Content::Chunks([(0, b)].into_iter().collect()));
+        snapshot(&mut m, "stg@s1");
+        let index = lookup(&m, root, "index.php").unwrap().ino;
+        set(&mut m, index, Content::Inline(b"later".to_vec()));
+        run(&mut m, MetaOp::DropClone { name: "stg".into() });
+        let prefix = c.volume.to_be_bytes();
+        let left: Vec<_> = m
+            .data
+            .keys()
+            .filter(|(t, k)| match t {
+                Table::Inodes | Table::Dentries => k.starts_with(&prefix),
+                Table::Snap => k.get(1..3) == Some(&prefix[..]),
+                Table::Sys => k.starts_with(b"clone/") || k.starts_with(b"snap/stg@"),
+            })
+            .collect();
+        assert!(
+            left.is_empty(),
+            "rows of the dropped clone remain: {left:?}"
+        );
+        // The origin, its snapshot and its counts are as before the clone.
+        let sys_of = |d: &BTreeMap<(Table, Vec<u8>), Vec<u8>>| -> BTreeMap<Vec<u8>, Vec<u8>> {
+            d.iter()
+                .filter(|((t, k), _)| {
+                    // Numbers of clones and snapshots are never given twice.
+                    *t == Table::Sys
+                        && !k.starts_with(b"released/")
+                        && !matches!(&k[..], b"clone_next" | b"snap_next_gen")
+                })
+                .map(|((_, k), v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let rows_of = |d: &BTreeMap<(Table, Vec<u8>), Vec<u8>>| -> Vec<(Table, Vec<u8>)> {
+            d.keys()
+                .filter(|(t, _)| *t != Table::Sys)
+                .cloned()
+                .collect()
+        };
+        assert_eq!(rows_of(&m.data), rows_of(&untouched));
+        assert_eq!(sys_of(&m.data), sys_of(&untouched));
+        let released: Vec<ChunkId> = super::super::released(&m, None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert!(released.contains(&b), "the clone's own chunk is released");
+        assert!(released.contains(&a));
+        assert!(
+            references(&m).contains(&a) && !references(&m).contains(&b),
+            "the origin's snapshot still names its chunk; nothing names the clone's"
+        );
+        // Its name is free again; its number is not given again.
+        assert_eq!(clone(&mut m, "before", "stg").unwrap().volume, 2);
+        assert!(matches!(
+            m.run(MetaOp::DropClone {
+                name: "nope".into()
+            }),
+            Err(FsError::Invalid(_))
+        ));
     }
 }

@@ -271,6 +271,31 @@ pub fn find<R: MetaRead>(r: &R, name: &str) -> Result<SnapshotInfo, FsError> {
     }
 }
 
+/// Drop every row kept of `volume`'s keys (a clone being erased, whose snapshots are gone),
+/// releasing the chunks they name.
+pub(super) fn drop_kept<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    volume: VolumeNo,
+    now: Timestamp,
+) -> Result<(), FsError> {
+    let base = txn.base;
+    for tag in [TAG_INODE, TAG_ENTRY] {
+        let prefix = [&[tag][..], &volume.to_be_bytes()].concat();
+        each_row(base, Table::Snap, &prefix, |k, v| {
+            txn.delete(Table::Snap, &k);
+            if tag == TAG_INODE {
+                if let Some(row) = dec::<Option<Vec<u8>>>(&v)? {
+                    for id in chunks_of(&dec::<Stored>(&row)?.inode.content) {
+                        txn.put(Table::Sys, &released_key(&id), enc(&now));
+                    }
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
 /// Every snapshot, oldest first.
 pub fn list<R: MetaRead>(r: &R) -> Result<Vec<SnapshotInfo>, FsError> {
     let mut out: Vec<SnapshotInfo> = Vec::new();
@@ -346,7 +371,11 @@ pub(super) fn delete<R: MetaRead>(
 
 /// Forget a snapshot and every kept row no other snapshot reads; chunks those rows named are
 /// released (garbage collection frees them after its grace, unless something else names them).
-fn remove<R: MetaRead>(txn: &mut Txn<'_, R>, name: &str, now: Timestamp) -> Result<(), FsError> {
+pub(super) fn remove<R: MetaRead>(
+    txn: &mut Txn<'_, R>,
+    name: &str,
+    now: Timestamp,
+) -> Result<(), FsError> {
     if txn.get(Table::Sys, &snap_key(name))?.is_none() {
         return Err(FsError::NoSnapshot(name.to_string()));
     }
