@@ -2,7 +2,9 @@
 //! rest 2 KiB) in directories of 1,000, written through a FUSE mount; then `mortar snapshot
 //! create` timed through the real CLI (three times), against `cp -al` of the same tree on a
 //! local disk (the cheapest local snapshot: hard links, no data copied). Prints the bricks'
-//! disk use before and after, and after 1% of the files changed, and the time to restore.
+//! disk use before and after, and after 1% of the files changed, the time to restore, and
+//! the time to clone a snapshot into a new volume (against `cp -al` again) and the disk it
+//! takes.
 //! Usage: bench-snapshot [ENTRIES]
 
 use mortar_tests::{Cluster, Run};
@@ -147,6 +149,20 @@ async fn main() {
         c.snapshot_cli("restore", &["s0", "--undo", "undo"])
     });
     let list = timed("snapshot list", || c.snapshot_cli("list", &[]));
+    let restored = bricks_use(&c);
+    let clone = timed("snapshot clone", || {
+        c.snapshot_cli("clone", &["s1", "www-staging"])
+    });
+    let cloned = bricks_use(&c);
+    let t = Instant::now();
+    let status = Command::new("cp")
+        .arg("-al")
+        .arg(local.join("site"))
+        .arg(local.join("clone"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cp_clone = t.elapsed();
 
     let (ours, theirs) = (median(ours), median(theirs));
     println!(
@@ -167,6 +183,17 @@ async fn main() {
     println!(
         "| snapshot list (5 snapshots, with usage) | | {:.3} s | |",
         list.as_secs_f64()
+    );
+    println!(
+        "| snapshot clone into a new volume | {:.3} s | {:.3} s | {:.2} |",
+        cp_clone.as_secs_f64(),
+        clone.as_secs_f64(),
+        clone.as_secs_f64() / cp_clone.as_secs_f64()
+    );
+    println!(
+        "| bricks' disk use: before / after the clone | | {:.0} / {:.0} MiB | |",
+        mib(restored),
+        mib(cloned)
     );
     println!(
         "| bricks' disk use: before / after 3 snapshots / after 1% changed | | {:.0} / {:.0} / {:.0} MiB | |",
