@@ -580,21 +580,27 @@ async fn bad_snapshot_requests_are_refused_clearly_and_change_nothing() {
     assert_eq!(manifest(&m.path).unwrap(), tree);
 
     // Mounting a snapshot that is not there fails at mount time, in one line.
-    let dir = c.dir.path().join("nope");
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new(bin("mortar-mount"))
-        .arg(c.source("www@nope"))
-        .arg(&dir)
-        .args(["-o", &c.mount_options("nope")])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = mount_refused(&c, "www@nope");
     assert!(
         err.contains("cannot mount snapshot 'nope'") && err.contains("no such snapshot"),
         "{err}"
     );
+}
+
+/// Mount `source` where it cannot be mounted: exit 1, nothing mounted; what it said.
+fn mount_refused(c: &Cluster, source: &str) -> String {
+    let dir = c.dir.path().join("refused");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(bin("mortar-mount"))
+        .arg(c.source(source))
+        .arg(&dir)
+        .args(["-o", &c.mount_options("refused")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(!mortar_tests::is_mounted(&dir));
+    err
 }
 
 /// Retention as the timer runs it: `--keep N` deletes the oldest of the same series beyond N,
@@ -941,16 +947,7 @@ async fn bad_clones_are_refused_clearly_and_change_nothing() {
     }
     assert_eq!(c.volume_cli("info", &["--json"]).out, info);
     // A volume that is neither: mounting it fails in one line naming what the bricks serve.
-    let dir = c.dir.path().join("nope");
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new(bin("mortar-mount"))
-        .arg(c.source("www-nope"))
-        .arg(&dir)
-        .args(["-o", &c.mount_options("nope")])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = mount_refused(&c, "www-nope");
     assert!(
         err.contains("volume 'www-nope' not found; these bricks serve www, www-staging"),
         "{err}"

@@ -15,8 +15,8 @@
 
 use super::snapshots::{self, each_row, SnapView};
 use super::{
-    content_chunks, dec, enc, inode_count_key, inodes_of, next_ino_key, released_key, u64_of,
-    volume, MetaRead, Stored, Table, Txn,
+    dec, enc, inode_count_key, inodes_of, next_ino_key, u64_of, volume, MetaRead, Stored, Table,
+    Txn,
 };
 use mortar_proto::wire::split_snapshot_name;
 use mortar_proto::wire::{CloneInfo, MetaOk};
@@ -141,10 +141,7 @@ pub(super) fn drop<R: MetaRead>(
     snapshots::drop_kept(txn, info.volume, now)?;
     let prefix = info.volume.to_be_bytes();
     each_row(base, Table::Inodes, &prefix, |k, v| {
-        let s: Stored = dec(&v)?;
-        for id in content_chunks(&s.inode.content) {
-            txn.put(Table::Sys, &released_key(id), enc(&now));
-        }
+        txn.release(&dec::<Stored>(&v)?.inode.content, None, now);
         txn.delete(Table::Inodes, &k);
         Ok(())
     })?;

@@ -285,9 +285,7 @@ pub(super) fn drop_kept<R: MetaRead>(
             txn.delete(Table::Snap, &k);
             if tag == TAG_INODE {
                 if let Some(row) = dec::<Option<Vec<u8>>>(&v)? {
-                    for id in chunks_of(&dec::<Stored>(&row)?.inode.content) {
-                        txn.put(Table::Sys, &released_key(&id), enc(&now));
-                    }
+                    txn.release(&dec::<Stored>(&row)?.inode.content, None, now);
                 }
             }
             Ok(())
