@@ -92,7 +92,7 @@ fn inodes_of<R: MetaRead>(txn: &Txn<'_, R>, volume: VolumeNo) -> Result<u64, FsE
         return Ok(u64_of(txn.get(Table::Sys, &inode_count_key(volume))?));
     }
     let mut count = u64_of(txn.get(Table::Sys, KEY_INODE_COUNT)?);
-    for c in clones::list(txn.base)? {
+    for c in volume::clone_records(txn.base)? {
         count = count.saturating_sub(u64_of(txn.get(Table::Sys, &inode_count_key(c.volume))?));
     }
     Ok(count)
@@ -126,6 +126,30 @@ pub fn creates_name(op: &MetaOp) -> Option<&[u8]> {
         | MetaOp::RestoreSnapshot { undo: name, .. }
         | MetaOp::RestorePath { undo: name, .. } => Some(name.as_bytes()),
         _ => None,
+    }
+}
+
+/// Rows read at a time; tiny in unit tests, so their namespaces span many pages.
+const PAGE: usize = if cfg!(test) { 3 } else { 1024 };
+
+/// Every row of `table` under `prefix`, in key order, a page at a time.
+fn each_row<R: MetaRead>(
+    r: &R,
+    table: Table,
+    prefix: &[u8],
+    mut f: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), FsError>,
+) -> Result<(), FsError> {
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let rows = r.scan(table, prefix, after.as_deref(), PAGE)?;
+        let full = rows.len() == PAGE;
+        after = rows.last().map(|(k, _)| k.clone());
+        for (k, v) in rows {
+            f(k, v)?;
+        }
+        if !full {
+            return Ok(());
+        }
     }
 }
 
@@ -698,7 +722,7 @@ pub fn apply<R: MetaRead>(
         MetaOp::ReserveInodes { count } => reserve_inodes(txn, 0, *count),
         MetaOp::ReserveInodesIn { volume, count } => {
             if *volume != 0 {
-                clones::by_number(txn.base, *volume)?;
+                volume::clone_by_number(txn.base, *volume)?;
             }
             reserve_inodes(txn, *volume, *count)
         }
@@ -965,7 +989,7 @@ fn same_volume(a: InodeId, b: InodeId) -> Result<(), FsError> {
 pub fn query<R: MetaRead>(r: &R, q: &Query) -> Result<MetaOk, FsError> {
     match q {
         Query::Snapshots => Ok(MetaOk::Snapshots(snapshots::list(r)?)),
-        Query::Clones => Ok(MetaOk::Clones(clones::list(r)?)),
+        Query::Clones => Ok(MetaOk::Clones(volume::clone_records(r)?)),
         Query::InSnapshot { name, query } if query.reads_files() => {
             read(&snapshots::SnapView::open(r, name)?, query)
         }

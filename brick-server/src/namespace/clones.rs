@@ -13,50 +13,18 @@
 //!   `CLONE@NAME`), and restores that change only its rows. Renames and links never cross
 //!   volumes.
 
-use super::snapshots::{self, each_row, SnapView};
+use super::snapshots::{self, SnapView};
+use super::volume::{self, clone_key, clone_record};
 use super::{
-    dec, enc, inode_count_key, inodes_of, next_ino_key, u64_of, volume, MetaRead, Stored, Table,
+    dec, each_row, enc, inode_count_key, inodes_of, next_ino_key, u64_of, MetaRead, Stored, Table,
     Txn,
 };
 use mortar_proto::wire::split_snapshot_name;
 use mortar_proto::wire::{CloneInfo, MetaOk};
 use mortar_proto::{ino_in, valid_volume_name, FsError, InodeId, Timestamp, VolumeNo};
 
-/// `clone/<name>` → [`CloneInfo`].
-const PREFIX_CLONE: &[u8] = b"clone/";
 /// The number the next clone gets.
 const KEY_NEXT_VOLUME: &[u8] = b"clone_next";
-
-fn clone_key(name: &str) -> Vec<u8> {
-    [PREFIX_CLONE, name.as_bytes()].concat()
-}
-
-pub(super) fn find<R: MetaRead>(r: &R, name: &str) -> Result<CloneInfo, FsError> {
-    match r.get(Table::Sys, &clone_key(name))? {
-        Some(b) => dec(&b),
-        None => Err(FsError::Invalid(format!(
-            "there is no clone named '{name}'"
-        ))),
-    }
-}
-
-/// Every clone, oldest first.
-pub(super) fn list<R: MetaRead>(r: &R) -> Result<Vec<CloneInfo>, FsError> {
-    let mut out: Vec<CloneInfo> = Vec::new();
-    each_row(r, Table::Sys, PREFIX_CLONE, |_, v| {
-        out.push(dec(&v)?);
-        Ok(())
-    })?;
-    out.sort_by_key(|c| c.volume);
-    Ok(out)
-}
-
-pub(super) fn by_number<R: MetaRead>(r: &R, volume: VolumeNo) -> Result<CloneInfo, FsError> {
-    list(r)?
-        .into_iter()
-        .find(|c| c.volume == volume)
-        .ok_or_else(|| FsError::Invalid(format!("there is no volume number {volume}")))
-}
 
 /// Make volume `name` from snapshot `snapshot`.
 pub(super) fn create<R: MetaRead>(
@@ -131,7 +99,7 @@ pub(super) fn drop<R: MetaRead>(
     name: &str,
     now: Timestamp,
 ) -> Result<MetaOk, FsError> {
-    let info = find(txn.base, name)?;
+    let info = clone_record(txn.base, name)?;
     let base = txn.base;
     for s in snapshots::list(base)? {
         if split_snapshot_name(&s.name).0 == Some(name) {

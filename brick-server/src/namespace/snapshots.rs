@@ -20,7 +20,8 @@
 //! generation, in the order of the keys themselves.
 
 use super::{
-    clones, dec, enc, inodes_of, released_key, u64_of, MetaRead, Rows, Stored, Table, Txn,
+    dec, each_row, enc, inodes_of, released_key, u64_of, volume, MetaRead, Rows, Stored, Table,
+    Txn, PAGE,
 };
 use mortar_proto::wire::{
     split_snapshot_name, validate_snapshot_name, MetaOk, SnapshotInfo, SnapshotUsage,
@@ -40,8 +41,6 @@ const KEY_NEWEST: &[u8] = b"snap_newest";
 
 const TAG_INODE: u8 = 0;
 const TAG_ENTRY: u8 = 1;
-/// Rows read at a time; tiny in unit tests, so their namespaces span many pages.
-const PAGE: usize = if cfg!(test) { 3 } else { 1024 };
 
 /// The volume a snapshot's name says it is of: `CLONE@NAME` a clone's, a plain name the
 /// volume the bricks were made with. Both parts are checked.
@@ -50,7 +49,7 @@ pub(super) fn volume_of_name<R: MetaRead>(r: &R, full: &str) -> Result<VolumeNo,
     validate_snapshot_name(name)?;
     match clone {
         None => Ok(0),
-        Some(c) => Ok(clones::find(r, c)?.volume),
+        Some(c) => Ok(volume::clone_record(r, c)?.volume),
     }
 }
 
@@ -566,27 +565,6 @@ fn each_inode<R: MetaRead>(
             Ok(())
         },
     )
-}
-
-/// Every row of `table` under `prefix`, in key order, a page at a time.
-pub(super) fn each_row<R: MetaRead>(
-    r: &R,
-    table: Table,
-    prefix: &[u8],
-    mut f: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), FsError>,
-) -> Result<(), FsError> {
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let rows = r.scan(table, prefix, after.as_deref(), PAGE)?;
-        let full = rows.len() == PAGE;
-        after = rows.last().map(|(k, _)| k.clone());
-        for (k, v) in rows {
-            f(k, v)?;
-        }
-        if !full {
-            return Ok(());
-        }
-    }
 }
 
 /// What snapshot `name` (every snapshot, without a name) holds; the live namespace is read

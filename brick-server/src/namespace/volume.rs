@@ -1,15 +1,50 @@
 //! The volume's own rows in the namespace: its configuration (written at creation, changed by a
-//! brick replacement and by layout changes) and the rebalance's progress.
+//! brick replacement and by layout changes), the rebalance's progress, and the records of its
+//! clones (made and dropped by [`super::clones`]).
 
 use super::{
-    dec, enc, MetaRead, Stored, Table, Txn, KEY_INODE_COUNT, KEY_NEXT_INO, KEY_REBALANCE,
+    dec, each_row, enc, MetaRead, Stored, Table, Txn, KEY_INODE_COUNT, KEY_NEXT_INO, KEY_REBALANCE,
     KEY_VOLUME,
 };
-use mortar_proto::wire::{MetaOk, RebalanceState};
+use mortar_proto::wire::{CloneInfo, MetaOk, RebalanceState};
 use mortar_proto::{
     Attr, BrickId, BrickRef, Content, FileKind, FsError, Inode, ReplicaSet, Timestamp,
-    VolumeConfig, ROOT_INODE,
+    VolumeConfig, VolumeNo, ROOT_INODE,
 };
+
+/// `clone/<name>` → [`CloneInfo`].
+const PREFIX_CLONE: &[u8] = b"clone/";
+
+pub(super) fn clone_key(name: &str) -> Vec<u8> {
+    [PREFIX_CLONE, name.as_bytes()].concat()
+}
+
+pub(super) fn clone_record<R: MetaRead>(r: &R, name: &str) -> Result<CloneInfo, FsError> {
+    match r.get(Table::Sys, &clone_key(name))? {
+        Some(b) => dec(&b),
+        None => Err(FsError::Invalid(format!(
+            "there is no clone named '{name}'"
+        ))),
+    }
+}
+
+/// Every clone, oldest first.
+pub(super) fn clone_records<R: MetaRead>(r: &R) -> Result<Vec<CloneInfo>, FsError> {
+    let mut out: Vec<CloneInfo> = Vec::new();
+    each_row(r, Table::Sys, PREFIX_CLONE, |_, v| {
+        out.push(dec(&v)?);
+        Ok(())
+    })?;
+    out.sort_by_key(|c| c.volume);
+    Ok(out)
+}
+
+pub(super) fn clone_by_number<R: MetaRead>(r: &R, volume: VolumeNo) -> Result<CloneInfo, FsError> {
+    clone_records(r)?
+        .into_iter()
+        .find(|c| c.volume == volume)
+        .ok_or_else(|| FsError::Invalid(format!("there is no volume number {volume}")))
+}
 
 /// Store the configuration and the root directory of a new volume.
 pub(super) fn create<R: MetaRead>(

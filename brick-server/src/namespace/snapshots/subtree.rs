@@ -14,9 +14,9 @@
 //!   a directory's is the snapshot's, whose children all come back with it.
 
 use super::super::{
-    dec, dentry_key, enc, ino_key, released_key, u64_of, MetaRead, Stored, Table, Txn,
+    dec, dentry_key, each_row, enc, ino_key, released_key, u64_of, MetaRead, Stored, Table, Txn,
 };
-use super::{chunks_of, each_row, find, record, restored_volume, SnapView};
+use super::{chunks_of, find, record, restored_volume, SnapView};
 use mortar_proto::wire::MetaOk;
 use mortar_proto::{
     root_of, validate_name, volume_of, ChunkId, FileKind, FsError, InodeId, Timestamp,
