@@ -115,8 +115,8 @@ fn whole_bytes(inode: &Inode) -> Option<usize> {
     (inode.attr.kind == FileKind::Regular && bytes <= LOOKUP_WHOLE_MAX).then_some(bytes)
 }
 
-/// The name `op` creates, if it creates one: a file's, or a snapshot's (a restore makes its
-/// undo snapshot).
+/// The name `op` creates, if it creates one: a file's, a snapshot's (a restore makes its undo
+/// snapshot) or a clone's.
 pub fn creates_name(op: &MetaOp) -> Option<&[u8]> {
     match op {
         MetaOp::Mknod { name, .. } | MetaOp::Mkdir { name, .. } | MetaOp::Symlink { name, .. } => {
@@ -124,7 +124,8 @@ pub fn creates_name(op: &MetaOp) -> Option<&[u8]> {
         }
         MetaOp::CreateSnapshot { name, .. }
         | MetaOp::RestoreSnapshot { undo: name, .. }
-        | MetaOp::RestorePath { undo: name, .. } => Some(name.as_bytes()),
+        | MetaOp::RestorePath { undo: name, .. }
+        | MetaOp::CloneSnapshot { name, .. } => Some(name.as_bytes()),
         _ => None,
     }
 }

@@ -644,14 +644,15 @@ enum Kill {
     Applying,
 }
 
-/// Acceptance 6: the metadata leader killed while a snapshot is taken, and while one is
-/// restored, at the start and while the change is being applied: the change is made on every
-/// replica or on none (their digests agree), and the command run again succeeds.
+/// Acceptance 6: the metadata leader killed while a snapshot is taken, while one is restored
+/// and while one is cloned, at the start and while the change is being applied: the change is
+/// made on every replica or on none (their digests agree), and the command run again succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_killed_during_create_or_restore_leaves_it_everywhere_or_nowhere() {
     for kill in [Kill::AtStart, Kill::Applying] {
         killed_during(kill, "create", &["during"]).await;
         killed_during(kill, "restore", &["base", "--undo", "undo-during"]).await;
+        killed_during(kill, "clone", &["base", "www-staging"]).await;
     }
 }
 
@@ -712,7 +713,10 @@ async fn killed_during(kill: Kill, op: &str, args: &[&str]) {
         digests.iter().all(|d| *d == digests[0]),
         "{op} {kill:?}: replicas differ"
     );
-    let made = c.snapshot_cli("list", &[]).out.contains(made_name);
+    let made = match op {
+        "clone" => c.volume_cli("info", &[]).out.contains(made_name),
+        _ => c.snapshot_cli("list", &[]).out.contains(made_name),
+    };
     if out.status.success() {
         assert!(made, "{op} {kill:?} said done but made nothing");
     } else if !made {
@@ -725,13 +729,17 @@ async fn killed_during(kill: Kill, op: &str, args: &[&str]) {
         "the tree after the command",
     )
     .await;
-    // The snapshot made reads as the tree it was taken of.
-    let s = c.mount(&format!("www@{made_name}"), "s", "").await;
+    // The snapshot made reads as the tree it was taken of; the clone made, as its snapshot.
+    let (source, want) = match op {
+        "clone" => (made_name.to_string(), &v1),
+        _ => (format!("www@{made_name}"), &v2),
+    };
+    let s = c.mount(&source, "s", "").await;
     let shown = manifest(&s.path).unwrap();
     assert!(
-        shown == v2,
-        "{op} {kill:?}: the snapshot shows {:?}",
-        manifest_diff(&shown, &v2, 3)
+        shown == *want,
+        "{op} {kill:?}: {source} shows {:?}",
+        manifest_diff(&shown, want, 3)
     );
 }
 
