@@ -106,12 +106,14 @@ fn once_key(id: &OpId) -> Vec<u8> {
 }
 
 /// The bytes a whole inode adds to an answer, when it is a regular file small enough to be
-/// answered whole (inline content and xattrs up to [`LOOKUP_WHOLE_MAX`]).
+/// answered whole: inline content, or a chunked file's chunk map, plus xattrs, up to
+/// [`LOOKUP_WHOLE_MAX`]. With the map, opening a large file asks the namespace nothing more.
 fn whole_bytes(inode: &Inode) -> Option<usize> {
     let bytes = match &inode.content {
-        Content::Inline(b) => b.len() + inode.xattr_bytes(),
+        Content::Inline(b) => b.len(),
+        Content::Chunks(m) => m.wire_bytes(),
         _ => return None,
-    };
+    } + inode.xattr_bytes();
     (inode.attr.kind == FileKind::Regular && bytes <= LOOKUP_WHOLE_MAX).then_some(bytes)
 }
 
@@ -1709,6 +1711,33 @@ mod tests {
         }
         assert!(matches!(whole("dir").unwrap(), MetaOk::Attr(a) if a.kind == FileKind::Directory));
         assert_eq!(whole("missing"), Err(FsError::NotFound));
+        // A chunked file comes with its chunk map (opening it asks nothing more), unless the
+        // map is past the limit.
+        let mut chunked = |name: &str, chunks: u64| {
+            let f = create(&mut m, ROOT_INODE, name).unwrap();
+            let map = (0..chunks).map(|i| (i, ChunkId::of(&i.to_le_bytes()))).collect();
+            m.run(MetaOp::SetContent {
+                ino: f.ino,
+                expect_version: 0,
+                size: chunks << 20,
+                content: Content::Chunks(map),
+            })
+            .unwrap();
+        };
+        chunked("big", 3);
+        let huge = (LOOKUP_WHOLE_MAX / 40 + 1) as u64;
+        chunked("huge", huge);
+        let whole = |name: &str| {
+            query(
+                &m,
+                &Query::LookupWhole {
+                    parent: ROOT_INODE,
+                    name: name.into(),
+                },
+            )
+        };
+        assert!(matches!(whole("big").unwrap(), MetaOk::Inode(i) if matches!(&i.content, Content::Chunks(c) if c.len() == 3)));
+        assert!(matches!(whole("huge").unwrap(), MetaOk::Attr(a) if a.size == huge << 20));
 
         let list = |limit| {
             query(
@@ -1723,12 +1752,14 @@ mod tests {
             MetaOk::Listed { entries, complete } => {
                 assert!(complete);
                 let names: Vec<&[u8]> = entries.iter().map(|e| e.name.as_slice()).collect();
-                assert_eq!(names, vec![&b"dir"[..], b"small"]);
+                assert_eq!(names, vec![&b"big"[..], b"dir", b"huge", b"small"]);
+                assert!(entries[0].whole.is_some(), "a chunk map comes whole");
                 assert!(
-                    entries[0].whole.is_none(),
+                    entries[1].whole.is_none(),
                     "a directory is listed by attributes"
                 );
-                assert!(entries[1].whole.is_some(), "a small file comes whole");
+                assert!(entries[2].whole.is_none(), "a map past the limit does not");
+                assert!(entries[3].whole.is_some(), "a small file comes whole");
             }
             other => panic!("not a listing: {other:?}"),
         }

@@ -61,6 +61,7 @@ impl Cached {
         self.inode.as_ref().map_or(0, |i| {
             let content = match &i.content {
                 Content::Inline(b) => b.len(),
+                Content::Chunks(m) => m.wire_bytes(),
                 _ => 0,
             };
             content + i.xattr_bytes()

@@ -85,6 +85,11 @@ impl ChunkMap {
         self.0.iter().map(|(i, id)| (*i, id))
     }
 
+    /// About the bytes the map takes in a message: an index and an id per chunk.
+    pub fn wire_bytes(&self) -> usize {
+        self.0.len() * (8 + 32)
+    }
+
     pub fn ids(&self) -> impl Iterator<Item = &ChunkId> {
         self.0.iter().map(|(_, id)| id)
     }

@@ -606,7 +606,8 @@ pub struct Listed {
     pub whole: Option<Inode>,
 }
 
-/// Inline content plus xattr bytes up to which [`Query::LookupWhole`] answers the whole inode.
+/// Inline content (or a chunk map) plus xattr bytes up to which [`Query::LookupWhole`] and
+/// [`Query::ListWhole`] answer the whole inode.
 pub const LOOKUP_WHOLE_MAX: usize = 64 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
