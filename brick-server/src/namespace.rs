@@ -1696,26 +1696,30 @@ mod tests {
             gid: 0,
         })
         .unwrap();
-        let whole = |name: &str| {
+        let whole = |m: &MemMeta, name: &str| {
             query(
-                &m,
+                m,
                 &Query::LookupWhole {
                     parent: ROOT_INODE,
                     name: name.into(),
                 },
             )
         };
-        match whole("small").unwrap() {
+        match whole(&m, "small").unwrap() {
             MetaOk::Inode(i) => assert_eq!(i.content, Content::Inline(b"<?php echo 1;".to_vec())),
             other => panic!("not whole: {other:?}"),
         }
-        assert!(matches!(whole("dir").unwrap(), MetaOk::Attr(a) if a.kind == FileKind::Directory));
-        assert_eq!(whole("missing"), Err(FsError::NotFound));
+        assert!(
+            matches!(whole(&m, "dir").unwrap(), MetaOk::Attr(a) if a.kind == FileKind::Directory)
+        );
+        assert_eq!(whole(&m, "missing"), Err(FsError::NotFound));
         // A chunked file comes with its chunk map (opening it asks nothing more), unless the
         // map is past the limit.
         let mut chunked = |name: &str, chunks: u64| {
             let f = create(&mut m, ROOT_INODE, name).unwrap();
-            let map = (0..chunks).map(|i| (i, ChunkId::of(&i.to_le_bytes()))).collect();
+            let map = (0..chunks)
+                .map(|i| (i, ChunkId::of(&i.to_le_bytes())))
+                .collect();
             m.run(MetaOp::SetContent {
                 ino: f.ino,
                 expect_version: 0,
@@ -1727,17 +1731,10 @@ mod tests {
         chunked("big", 3);
         let huge = (LOOKUP_WHOLE_MAX / 40 + 1) as u64;
         chunked("huge", huge);
-        let whole = |name: &str| {
-            query(
-                &m,
-                &Query::LookupWhole {
-                    parent: ROOT_INODE,
-                    name: name.into(),
-                },
-            )
-        };
-        assert!(matches!(whole("big").unwrap(), MetaOk::Inode(i) if matches!(&i.content, Content::Chunks(c) if c.len() == 3)));
-        assert!(matches!(whole("huge").unwrap(), MetaOk::Attr(a) if a.size == huge << 20));
+        assert!(
+            matches!(whole(&m, "big").unwrap(), MetaOk::Inode(i) if matches!(&i.content, Content::Chunks(c) if c.len() == 3))
+        );
+        assert!(matches!(whole(&m, "huge").unwrap(), MetaOk::Attr(a) if a.size == huge << 20));
 
         let list = |limit| {
             query(
