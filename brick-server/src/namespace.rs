@@ -156,6 +156,20 @@ fn each_row<R: MetaRead>(
     }
 }
 
+/// Every value stored under `prefix` of the volume's own rows (snapshot and clone records),
+/// decoded, in key order.
+fn records<R: MetaRead, T: serde::de::DeserializeOwned>(
+    r: &R,
+    prefix: &[u8],
+) -> Result<Vec<T>, FsError> {
+    let mut out = Vec::new();
+    each_row(r, Table::Sys, prefix, |_, v| {
+        out.push(dec(&v)?);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// The outcome of [`apply_once`].
 pub struct Once {
     pub result: Result<MetaOk, FsError>,

@@ -20,8 +20,8 @@
 //! generation, in the order of the keys themselves.
 
 use super::{
-    dec, each_row, enc, inodes_of, released_key, u64_of, volume, MetaRead, Rows, Stored, Table,
-    Txn, PAGE,
+    dec, each_row, enc, inodes_of, records, released_key, u64_of, volume, MetaRead, Rows, Stored,
+    Table, Txn, PAGE,
 };
 use mortar_proto::wire::{
     split_snapshot_name, validate_snapshot_name, MetaOk, SnapshotInfo, SnapshotUsage,
@@ -295,11 +295,7 @@ pub(super) fn drop_kept<R: MetaRead>(
 
 /// Every snapshot, oldest first.
 pub fn list<R: MetaRead>(r: &R) -> Result<Vec<SnapshotInfo>, FsError> {
-    let mut out: Vec<SnapshotInfo> = Vec::new();
-    each_row(r, Table::Sys, PREFIX_SNAP, |_, v| {
-        out.push(dec(&v)?);
-        Ok(())
-    })?;
+    let mut out: Vec<SnapshotInfo> = records(r, PREFIX_SNAP)?;
     out.sort_by_key(|s| s.gen);
     Ok(out)
 }

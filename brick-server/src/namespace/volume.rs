@@ -3,7 +3,7 @@
 //! clones (made and dropped by [`super::clones`]).
 
 use super::{
-    dec, each_row, enc, MetaRead, Stored, Table, Txn, KEY_INODE_COUNT, KEY_NEXT_INO, KEY_REBALANCE,
+    dec, enc, records, MetaRead, Stored, Table, Txn, KEY_INODE_COUNT, KEY_NEXT_INO, KEY_REBALANCE,
     KEY_VOLUME,
 };
 use mortar_proto::wire::{CloneInfo, MetaOk, RebalanceState};
@@ -30,11 +30,7 @@ pub(super) fn clone_record<R: MetaRead>(r: &R, name: &str) -> Result<CloneInfo, 
 
 /// Every clone, oldest first.
 pub(super) fn clone_records<R: MetaRead>(r: &R) -> Result<Vec<CloneInfo>, FsError> {
-    let mut out: Vec<CloneInfo> = Vec::new();
-    each_row(r, Table::Sys, PREFIX_CLONE, |_, v| {
-        out.push(dec(&v)?);
-        Ok(())
-    })?;
+    let mut out: Vec<CloneInfo> = records(r, PREFIX_CLONE)?;
     out.sort_by_key(|c| c.volume);
     Ok(out)
 }
