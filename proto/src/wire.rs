@@ -594,8 +594,11 @@ impl Query {
     }
 }
 
-/// Whole-inode bytes one [`Query::ListWhole`] answer carries at most.
-pub const LIST_WHOLE_BYTES: usize = 1024 * 1024;
+/// Whole-inode bytes one [`Query::ListWhole`] answer carries at most: enough for a docroot's
+/// largest directories of small files (WordPress's `wp-includes` holds 2.8 MB of them), so a
+/// reader of one pays one round trip for it; a few milliseconds on the wire.
+pub const LIST_WHOLE_BYTES: usize = 4 * 1024 * 1024;
+const _: () = assert!(LIST_WHOLE_BYTES < MAX_FRAME / 2);
 
 /// One entry of a [`Query::ListWhole`] answer: its attributes, and the inode whole when small.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
