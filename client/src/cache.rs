@@ -37,7 +37,7 @@ impl Tally {
     }
 }
 
-type Fetch = Arc<OnceCell<Result<Arc<Vec<u8>>, FsError>>>;
+pub type Fetch = Arc<OnceCell<Result<Arc<Vec<u8>>, FsError>>>;
 
 pub struct ChunkCache {
     budget: usize,
@@ -65,8 +65,13 @@ impl ChunkCache {
         }
     }
 
+    #[cfg(test)]
     pub fn insert(&self, id: ChunkId, data: Arc<Vec<u8>>) {
         let mut g = self.inner.lock().expect("cache lock");
+        self.put(&mut g, id, data);
+    }
+
+    fn put(&self, g: &mut Inner, id: ChunkId, data: Arc<Vec<u8>>) {
         if data.len() > self.budget {
             return;
         }
@@ -88,6 +93,16 @@ impl ChunkCache {
         g.lru.contains(id) || g.inflight.contains_key(id)
     }
 
+    /// The fetch of `id`, now in flight, if it is neither cached nor in flight already: the
+    /// caller completes it with [`ChunkCache::fill`] (concurrent readers join it meanwhile).
+    pub fn claim(&self, id: ChunkId) -> Option<Fetch> {
+        let mut g = self.inner.lock().expect("cache lock");
+        if g.lru.contains(&id) || g.inflight.contains_key(&id) {
+            return None;
+        }
+        Some(g.inflight.entry(id).or_default().clone())
+    }
+
     /// The cached chunk, or the result of `fetch` (shared with concurrent callers for `id`).
     pub async fn get_or_fetch<F, Fut>(&self, id: ChunkId, fetch: F) -> Result<Arc<Vec<u8>>, FsError>
     where
@@ -101,17 +116,31 @@ impl ChunkCache {
             }
             g.inflight.entry(id).or_default().clone()
         };
+        self.fill(id, cell, fetch).await
+    }
+
+    /// Complete the fetch `cell` of `id` (or join it), and cache what it got.
+    pub async fn fill<F, Fut>(
+        &self,
+        id: ChunkId,
+        cell: Fetch,
+        fetch: F,
+    ) -> Result<Arc<Vec<u8>>, FsError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Vec<u8>, FsError>>,
+    {
         let result = cell
             .get_or_init(|| async { fetch().await.map(Arc::new) })
             .await
             .clone();
+        // Cached before it stops being in flight, so it is never held by neither.
         let mut g = self.inner.lock().expect("cache lock");
+        if let Ok(data) = &result {
+            self.put(&mut g, id, data.clone());
+        }
         if g.inflight.get(&id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
             g.inflight.remove(&id);
-        }
-        drop(g);
-        if let Ok(data) = &result {
-            self.insert(id, data.clone());
         }
         result
     }
@@ -145,5 +174,26 @@ mod tests {
             g.bytes,
             g.lru.len()
         );
+    }
+
+    #[tokio::test]
+    async fn a_claimed_fetch_is_claimed_once_and_readers_join_it() {
+        let cache = ChunkCache::new(1000);
+        let fetches = AtomicUsize::new(0);
+        let id = ChunkId::of(b"b");
+        let fetch = || async {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            Ok(vec![2u8; 10])
+        };
+        let cell = cache.claim(id).expect("neither cached nor in flight");
+        assert!(cache.claim(id).is_none(), "in flight from the claim on");
+        assert!(cache.holds(&id));
+        let (filled, joined) =
+            tokio::join!(cache.fill(id, cell, fetch), cache.get_or_fetch(id, fetch));
+        assert_eq!((filled.unwrap().len(), joined.unwrap().len()), (10, 10));
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        assert!(cache.claim(id).is_none(), "cached");
+        assert!(cache.inner.lock().unwrap().inflight.is_empty());
     }
 }

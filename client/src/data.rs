@@ -53,6 +53,10 @@ const CHUNK_PARALLELISM: usize = 4;
 /// How many chunks past a sequential reader's position are fetched ahead of it (8 MiB at the
 /// default chunk size: a few chunk fetches' latency at the rate one brick serves).
 const READ_AHEAD_CHUNKS: u64 = 8;
+/// Files after the one being read whose first bytes (the chunks covering
+/// `READ_AHEAD_FILE_BYTES`) are fetched ahead of a reader going through a directory.
+const READ_AHEAD_FILES: usize = 4;
+const READ_AHEAD_FILE_BYTES: u64 = 1024 * 1024;
 /// Commits retried on version conflicts before giving up.
 const MAX_CONFLICT_RETRIES: usize = 64;
 
@@ -265,13 +269,51 @@ impl Volume {
             let Some(id) = chunks.get(i).copied() else {
                 continue;
             };
-            if !self.chunks.holds(&id) {
-                let vol = std::sync::Arc::clone(self);
-                tokio::spawn(async move {
-                    if let Err(e) = vol.chunk(&id).await {
-                        tracing::debug!(chunk = %id, error = %e, "read-ahead fetch failed");
-                    }
-                });
+            self.fetch_behind(id);
+        }
+    }
+
+    /// Fetch chunk `id` into the cache in the background unless it is there or on its way;
+    /// true if a fetch started.
+    fn fetch_behind(self: &std::sync::Arc<Self>, id: ChunkId) -> bool {
+        let Some(fetch) = self.chunks.claim(id) else {
+            return false;
+        };
+        let vol = std::sync::Arc::clone(self);
+        tokio::spawn(async move {
+            let got = vol.chunks.fill(id, fetch, || async {
+                match vol.uploads.pending(&id) {
+                    Some(data) => Ok(data.to_vec()),
+                    None => vol.get_chunk(&id).await,
+                }
+            });
+            if let Err(e) = got.await {
+                tracing::debug!(chunk = %id, error = %e, "read-ahead fetch failed");
+            }
+        });
+        true
+    }
+
+    /// A reader began `ino`: fetch the first chunks of the next few chunked files listed after
+    /// it in its directory (their first MiB) into the cache in the background, so a reader going through the
+    /// directory file by file finds them (only those whose inode is cached whole: it never
+    /// costs a namespace round trip).
+    pub fn read_ahead_next_files(self: &std::sync::Arc<Self>, ino: InodeId) {
+        for next in self.listings.next_chunked(ino, READ_AHEAD_FILES) {
+            let Some(inode) = self.meta_cache.cached_inode(next) else {
+                continue;
+            };
+            let Content::Chunks(chunks) = &inode.content else {
+                continue;
+            };
+            let head = READ_AHEAD_FILE_BYTES.min(inode.attr.size).max(1);
+            let fetching = (0..head.div_ceil(self.chunk_size()))
+                .filter_map(|i| chunks.get(i).copied())
+                .filter(|id| self.fetch_behind(*id))
+                .count();
+            if fetching > 0 {
+                self.files_read_ahead
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }

@@ -9,6 +9,7 @@ mod data;
 mod delegation;
 use delegation::Name;
 mod lease;
+mod listings;
 mod meta_cache;
 mod once;
 mod upload;
@@ -27,7 +28,7 @@ use mortar_proto::wire::{
 };
 use mortar_proto::{
     root_of, Attr, Content, DirEntry, FileKind, FsError, Inode, InodeId, StatFs, VolumeConfig,
-    VolumeNo,
+    VolumeNo, INLINE_MAX,
 };
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -57,6 +58,15 @@ pub struct Volume {
     config_hook: OnceLock<ConfigHook>,
     /// Namespace requests sent to bricks (reads and changes), for tests and metrics.
     meta_requests: AtomicU64,
+    /// What directories' listings said of their order and subdirectories, for reading ahead.
+    listings: listings::Listings,
+    /// Directories to list ahead of a reader (see [`Volume::start_lister`]); full: not now.
+    list_ahead: tokio::sync::mpsc::Sender<InodeId>,
+    list_ahead_rx: Mutex<Option<tokio::sync::mpsc::Receiver<InodeId>>>,
+    /// Files whose first chunks, and directories whose listings, were fetched ahead of a
+    /// reader going through a tree (for tests and metrics).
+    files_read_ahead: AtomicU64,
+    dirs_listed_ahead: AtomicU64,
     /// Directories delegated to this client, and the changes made beneath them not yet
     /// committed.
     deleg: delegation::Delegations,
@@ -137,6 +147,9 @@ pub const CHUNK_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Entries one whole listing brings at most: a directory with more is looked up by name.
 const LIST_WHOLE_ENTRIES: u32 = 1024;
+/// Directories waiting to be listed ahead of a reader, and listed at once, at most.
+const LIST_AHEAD_QUEUE: usize = 256;
+const LIST_AHEAD_PARALLEL: usize = 4;
 
 fn expect_attr(ok: MetaOk) -> Result<Attr, FsError> {
     match ok {
@@ -161,6 +174,7 @@ impl Volume {
 
     pub async fn with_pool(pool: Pool, seeds: &[String], volume: &str) -> Result<Volume, FsError> {
         let client_id = rand::random();
+        let (list_ahead, list_ahead_rx) = tokio::sync::mpsc::channel(LIST_AHEAD_QUEUE);
         let mut partial = Volume {
             pool,
             seeds: seeds.to_vec(),
@@ -180,6 +194,11 @@ impl Volume {
             inval_hook: OnceLock::new(),
             config_hook: OnceLock::new(),
             meta_requests: AtomicU64::new(0),
+            listings: listings::Listings::default(),
+            list_ahead,
+            list_ahead_rx: Mutex::new(Some(list_ahead_rx)),
+            files_read_ahead: AtomicU64::new(0),
+            dirs_listed_ahead: AtomicU64::new(0),
             deleg: delegation::Delegations::default(),
             uploads: upload::Uploads::default(),
             bye: Arc::default(),
@@ -287,6 +306,41 @@ impl Volume {
         tokio::spawn(watch::run(Arc::downgrade(self)));
         self.start_committer();
         self.start_uploader();
+        self.start_lister();
+    }
+
+    /// List directories ahead of a reader in the background, a few at a time (listings are
+    /// served from memory only under the watch's lease, so this starts with the watch).
+    fn start_lister(self: &Arc<Self>) {
+        let Some(rx) = self.list_ahead_rx.lock().expect("lister lock").take() else {
+            return;
+        };
+        let vol = Arc::downgrade(self);
+        let dirs =
+            futures::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|dir| (dir, rx)) },
+            );
+        tokio::spawn(dirs.for_each_concurrent(LIST_AHEAD_PARALLEL, move |dir| {
+            let vol = vol.clone();
+            async move {
+                if let Some(vol) = vol.upgrade() {
+                    if vol.meta_cache.should_list(dir) && vol.list_whole(dir, true).await.is_some()
+                    {
+                        vol.dirs_listed_ahead.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+
+    /// A reader looks in `dir`: list ahead the subdirectories it may go into next.
+    fn list_ahead_of(&self, subdirs: Vec<InodeId>) {
+        for dir in subdirs {
+            if self.list_ahead.try_send(dir).is_err() {
+                return;
+            }
+        }
     }
 
     /// Before going away (unmount): commit everything held, then tell the leader, so the
@@ -347,6 +401,15 @@ impl Volume {
 
     pub fn meta_requests(&self) -> u64 {
         self.meta_requests.load(Ordering::Relaxed)
+    }
+
+    /// Files whose first chunks were fetched ahead of a reader going through their directory,
+    /// and directories listed ahead of one.
+    pub fn read_ahead_counts(&self) -> (u64, u64) {
+        (
+            self.files_read_ahead.load(Ordering::Relaxed),
+            self.dirs_listed_ahead.load(Ordering::Relaxed),
+        )
     }
 
     /// Stop (or resume) committing changes held under delegations in the background: only
@@ -678,12 +741,13 @@ impl Volume {
             Name::Elsewhere => {}
         }
         if let Some(known) = self.meta_cache.name(parent, name) {
+            self.list_ahead_of(self.listings.looked_in(parent));
             return known.ok_or(FsError::NotFound);
         }
         // A first look into a directory brings the whole of it (a reader of a docroot then
         // pays one round trip a directory, not one a file).
         if self.meta_cache.should_list(parent) {
-            self.list_whole(parent).await;
+            self.list_whole(parent, false).await;
             if let Some(known) = self.meta_cache.name(parent, name) {
                 return known.ok_or(FsError::NotFound);
             }
@@ -718,8 +782,9 @@ impl Volume {
 
     /// Cache the entries of `dir` (a small one completely) and its small files whole, and
     /// return the entries when the answer held them all. Errors leave the cache as it was: the
-    /// lookup or listing that asked goes on without it.
-    async fn list_whole(&self, dir: InodeId) -> Option<Vec<DirEntry>> {
+    /// lookup or listing that asked goes on without it. `ahead`: no reader asked yet (listed
+    /// for a reader, its subdirectories are listed ahead of it).
+    async fn list_whole(&self, dir: InodeId, ahead: bool) -> Option<Vec<DirEntry>> {
         let ticket = self.meta_cache.ticket()?;
         let a = self
             .meta(Request::Query(Query::ListWhole {
@@ -732,6 +797,26 @@ impl Volume {
         };
         self.meta_cache
             .put_listing(ticket, a.stamp, dir, &entries, complete);
+        let files = entries.iter().filter(|e| e.attr.kind == FileKind::Regular);
+        let files = files
+            .map(|e| {
+                let chunked = match &e.whole {
+                    Some(i) => matches!(i.content, Content::Chunks(_)),
+                    None => e.attr.size > INLINE_MAX as u64,
+                };
+                (e.attr.ino, chunked)
+            })
+            .collect();
+        let subdirs: Vec<InodeId> = entries
+            .iter()
+            .filter(|e| e.attr.kind == FileKind::Directory)
+            .map(|e| e.attr.ino)
+            .take(listings::SUBDIRS_AHEAD)
+            .collect();
+        if !ahead {
+            self.list_ahead_of(subdirs.clone());
+        }
+        self.listings.listed(dir, files, subdirs, ahead);
         complete.then(|| {
             entries
                 .into_iter()
@@ -810,7 +895,7 @@ impl Volume {
         // first lookup does: a reader walking a docroot (find | xargs cat, a deploy check)
         // then opens and reads each file from memory instead of asking for it.
         if self.deleg.attr(ino).is_none() && self.meta_cache.should_list(ino) {
-            if let Some(all) = self.list_whole(ino).await {
+            if let Some(all) = self.list_whole(ino, false).await {
                 return Ok(all);
             }
         }

@@ -332,7 +332,8 @@ impl MetaCache {
         self.tally.record(self.cached_inode(ino))
     }
 
-    fn cached_inode(&self, ino: InodeId) -> Option<Inode> {
+    /// The whole inode if cached, not counted as a lookup (for fetching ahead).
+    pub fn cached_inode(&self, ino: InodeId) -> Option<Inode> {
         let mut c = self.lock();
         if !c.serving() {
             return None;

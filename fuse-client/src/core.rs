@@ -463,16 +463,17 @@ impl Core {
             }
             Arc::clone(&st.inode)
         };
-        // A read that starts where the last one ended is a stream: fetch the chunks after it
-        // ahead of the reader.
         // A read that starts the file or where the last one ended is a stream: whole chunks,
-        // and those after it fetched ahead of the reader. Others are random accesses.
+        // and those after it fetched ahead of the reader. Others are random accesses. A file's
+        // first read also fetches ahead for a reader going on to the directory's next files.
         let end = offset.saturating_add(size as u64);
         let access = match f.next_read.swap(end, Ordering::Relaxed) == offset {
             true => Access::Stream,
             false => Access::Random,
         };
-        if access == Access::Stream && offset > 0 {
+        if offset == 0 {
+            self.vol.read_ahead_next_files(f.ino);
+        } else if access == Access::Stream {
             self.vol.read_ahead(&inode, end);
         }
         self.vol

@@ -71,6 +71,19 @@ impl Collector for VolumeCounters {
             None,
             MetricType::Counter,
         )?)?;
+        let (files, dirs) = self.0.read_ahead_counts();
+        ConstCounter::new(files).encode(enc.encode_descriptor(
+            "files_read_ahead",
+            "Files whose first chunks were fetched ahead of a reader going through their directory",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(dirs).encode(enc.encode_descriptor(
+            "dirs_listed_ahead",
+            "Directories listed ahead of a reader going through a tree",
+            None,
+            MetricType::Counter,
+        )?)?;
         ConstCounter::new(self.0.delegated_changes()).encode(enc.encode_descriptor(
             "delegated_changes",
             "Namespace changes made from memory under directory delegations, committed in batches",

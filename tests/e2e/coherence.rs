@@ -671,7 +671,9 @@ async fn a_deploy_on_one_mount_is_served_whole_by_another() {
         "the wordpress package is missing: scripts/test.sh installs it"
     );
     let c = Cluster::start(3);
-    c.create_volume("www", CHUNK).await;
+    // The chunk size `volume create` gives: a deploy as users run it.
+    c.create_volume("www", mortar_tests::mortar_proto::DEFAULT_CHUNK_SIZE)
+        .await;
     let writer = c.mount("www", "writer", "").await;
     let reader = c.mount("www", "reader", "").await;
     // The reader has looked at the docroot before the deploy (a web server running).

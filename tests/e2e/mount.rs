@@ -3,7 +3,7 @@
 
 use mortar_tests::mortar_proto::tls::Role;
 use mortar_tests::web::{http_get, Nginx};
-use mortar_tests::{bin, is_mounted, Cluster};
+use mortar_tests::{bin, is_mounted, Cluster, Mount};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -711,17 +711,7 @@ async fn a_listing_brings_small_files_so_reading_them_asks_nothing_more() {
         .mount("www", "reader", &format!("metrics={metrics}"))
         .await;
     let count = |name: &str, labels: &str| sum(&scrape(&metrics), name, labels);
-    // Listings come whole only under the watch's lease: wait until the mount answers a
-    // lookup from memory (the kernel keeps no "no such name", so each probe reaches it).
-    let mut probe = 0;
-    mortar_tests::wait_for("the reader to hold a lease", mortar_tests::DEADLINE, || {
-        probe += 1;
-        let hits = count("mortar_mount_cache_hits_total", "cache=\"meta\"");
-        assert!(std::fs::metadata(r.path.join(format!("probe{probe}"))).is_err());
-        let now = count("mortar_mount_cache_hits_total", "cache=\"meta\"");
-        async move { (now > hits).then_some(()) }
-    })
-    .await;
+    leased(&r, &metrics).await;
     let mut asked = 0.0;
     for d in 0..dirs {
         let dir = r.path.join(format!("d{d}"));
@@ -737,5 +727,103 @@ async fn a_listing_brings_small_files_so_reading_them_asks_nothing_more() {
         asked < dirs as f64,
         "reading {} listed files asked the bricks {asked} times",
         dirs * files
+    );
+}
+
+/// Wait until mount `m` (metrics at `metrics`) answers a lookup from memory: listings come
+/// whole, and reads ahead happen, only under the watch's lease (the kernel keeps no "no such
+/// name", so each probe reaches the mount).
+async fn leased(m: &Mount, metrics: &str) {
+    use mortar_tests::metrics::{scrape, sum};
+    let hits = || {
+        sum(
+            &scrape(metrics),
+            "mortar_mount_cache_hits_total",
+            "cache=\"meta\"",
+        )
+    };
+    let mut probe = 0;
+    mortar_tests::wait_for("the mount to hold a lease", mortar_tests::DEADLINE, || {
+        probe += 1;
+        let before = hits();
+        assert!(std::fs::metadata(m.path.join(format!("probe{probe}"))).is_err());
+        let now = hits();
+        async move { (now > before).then_some(()) }
+    })
+    .await;
+}
+
+/// A reader going through a tree file by file, by path (no listing of its own), on a mount
+/// that has never seen it: the next files' first chunks are fetched ahead of it and the
+/// subdirectories of the directory it is in are listed ahead, and every byte it reads is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_going_through_a_tree_is_read_ahead_of() {
+    use mortar_tests::metrics::{scrape, sum};
+    let c = Cluster::start(3);
+    c.create_volume("www", mortar_tests::mortar_proto::DEFAULT_CHUNK_SIZE)
+        .await;
+    let w = c.mount("www", "writer", "").await;
+    let (dirs, large) = (4, 20);
+    let body = |d: usize, f: usize, n: usize| format!("{d}/{f} ").repeat(n);
+    // Each directory: a small (inline) file first, then files of one chunk each.
+    let mut files = Vec::new();
+    for d in 0..dirs {
+        let dir = format!("tree/s{d}");
+        std::fs::create_dir_all(w.path.join(&dir)).unwrap();
+        files.push((format!("{dir}/a.txt"), body(d, 0, 10)));
+        for f in 0..large {
+            files.push((format!("{dir}/f{f:02}"), body(d, f, 40_000)));
+        }
+    }
+    for (path, content) in &files {
+        std::fs::write(w.path.join(path), content).unwrap();
+    }
+    let sync = |p: &str| {
+        std::fs::File::open(w.path.join(p))
+            .unwrap()
+            .sync_all()
+            .unwrap()
+    };
+    for d in 0..dirs {
+        sync(&format!("tree/s{d}"));
+    }
+    sync("tree");
+
+    let metrics = format!("{}:9201", c.ip);
+    let r = c
+        .mount("www", "reader", &format!("metrics={metrics}"))
+        .await;
+    leased(&r, &metrics).await;
+    let root = r.path.clone();
+    let wrong = tokio::task::spawn_blocking(move || {
+        files
+            .into_iter()
+            .filter(|(path, content)| {
+                std::fs::read(root.join(path)).ok() != Some(content.clone().into_bytes())
+            })
+            .map(|(path, _)| path)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(wrong.is_empty(), "read wrong: {wrong:?}");
+    let m = scrape(&metrics);
+    let (files_ahead, dirs_ahead) = (
+        sum(&m, "mortar_mount_files_read_ahead_total", ""),
+        sum(&m, "mortar_mount_dirs_listed_ahead_total", ""),
+    );
+    eprintln!("files read ahead: {files_ahead}; directories listed ahead: {dirs_ahead}");
+    // Each directory's large files follow a small one, so each can be fetched ahead, once.
+    assert!(
+        files_ahead > 0.0 && files_ahead <= (dirs * large) as f64,
+        "{files_ahead} files read ahead of {}",
+        dirs * large
+    );
+    // The first look into `tree` lists its subdirectories ahead: at least the last ones are
+    // listed before the reader, twenty files later, gets to them (and the root's look, `tree`).
+    assert!(
+        dirs_ahead >= 1.0 && dirs_ahead <= (dirs + 1) as f64,
+        "{dirs_ahead} directories listed ahead of {}",
+        dirs + 1
     );
 }
