@@ -25,7 +25,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 /// Changes per commit at most, and bytes of changes per commit at most. Bytes are mostly
 /// small files' content: a smaller entry is replicated and applied sooner, so a writer held
-/// up behind a commit waits less (an rsync of WordPress: 1.2-1.5 s at 2 MiB, 1.6-2.0 s at 8).
+/// up behind a commit waits less (docs/benchmarks.md, "Reading ahead").
 pub(super) const BATCH_OPS: usize = 1024;
 const BATCH_BYTES: usize = 2 * 1024 * 1024;
 /// Held changes beyond which a change waits for a commit (memory stays bounded).
