@@ -273,20 +273,18 @@ impl Volume {
         }
     }
 
-    /// Fetch chunk `id` into the cache in the background unless it is there or on its way;
-    /// true if a fetch started.
+    /// Fetch chunk `id` into the cache in the background unless it is at hand (cached, on its
+    /// way, or waiting to be uploaded from here); true if a fetch started.
     fn fetch_behind(self: &std::sync::Arc<Self>, id: ChunkId) -> bool {
+        if self.uploads.pending(&id).is_some() {
+            return false;
+        }
         let Some(fetch) = self.chunks.claim(id) else {
             return false;
         };
         let vol = std::sync::Arc::clone(self);
         tokio::spawn(async move {
-            let got = vol.chunks.fill(id, fetch, || async {
-                match vol.uploads.pending(&id) {
-                    Some(data) => Ok(data.to_vec()),
-                    None => vol.get_chunk(&id).await,
-                }
-            });
+            let got = vol.chunks.fill(id, fetch, || vol.get_chunk(&id));
             if let Err(e) = got.await {
                 tracing::debug!(chunk = %id, error = %e, "read-ahead fetch failed");
             }
@@ -294,8 +292,8 @@ impl Volume {
         true
     }
 
-    /// A reader began `ino`: fetch the first chunks of the next few chunked files listed after
-    /// it in its directory (their first MiB) into the cache in the background, so a reader going through the
+    /// A reader began `ino`: fetch the first MiB of the next few chunked files listed after it
+    /// in its directory into the cache in the background, so a reader going through the
     /// directory file by file finds them (only those whose inode is cached whole: it never
     /// costs a namespace round trip).
     pub fn read_ahead_next_files(self: &std::sync::Arc<Self>, ino: InodeId) {
